@@ -1,0 +1,1 @@
+"""hf_posenc: swap the positional encoding of Hugging Face Transformers models."""
