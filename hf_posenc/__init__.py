@@ -1,1 +1,52 @@
-"""hf_posenc: swap the positional encoding of Hugging Face Transformers models."""
+"""hf_posenc: swap the positional encoding of Hugging Face Transformers models.
+
+RoPE (every stock scaling variant), NoPE, ALiBi, T5 relative bias and CoPE on Llama, Mistral, Qwen2,
+Qwen3, Phi, GPT-NeoX, GPT-2 and BERT, per instance and without copied model files. Importing the
+package registers two attention names (``hf_posenc_eager``/``hf_posenc_sdpa``) and the
+``hf_posenc_<type>`` model types with the Auto classes; it changes no stock model.
+
+Example:
+    >>> import hf_posenc
+    >>> model = hf_posenc.convert(model, hf_posenc.PosEncConfig(kind="alibi"))
+"""
+
+from . import _hf
+from .architectures import ARCHITECTURES, lora_target_modules
+from .config import (
+    KINDS,
+    ROPE_TYPES,
+    AlibiConfig,
+    CopeConfig,
+    NopeConfig,
+    PosEncConfig,
+    RopeConfig,
+    T5BiasConfig,
+)
+from .convert import convert, patch_config, posenc_of, revert, set_backend
+from .layout import rope_layout
+from .modeling import register_auto_classes
+from . import modeling_hf_posenc  # noqa: F401,E402  (the module the HfPosenc classes live in)
+
+__version__ = "0.1.0"
+
+_hf.register_attention()
+register_auto_classes()
+
+__all__ = [
+    "ARCHITECTURES",
+    "KINDS",
+    "ROPE_TYPES",
+    "AlibiConfig",
+    "CopeConfig",
+    "NopeConfig",
+    "PosEncConfig",
+    "RopeConfig",
+    "T5BiasConfig",
+    "convert",
+    "lora_target_modules",
+    "patch_config",
+    "posenc_of",
+    "revert",
+    "rope_layout",
+    "set_backend",
+]

@@ -1,0 +1,68 @@
+"""Every piece of knowledge about transformers internals that hf_posenc relies on lives here.
+
+Checked against transformers 5.23 (the range pinned in pyproject.toml). If a transformers upgrade
+breaks the plug-in, this is the one file to read.
+"""
+
+from __future__ import annotations
+
+import torch
+import transformers
+from transformers import AttentionInterface
+from transformers.masking_utils import AttentionMaskInterface, eager_mask, sdpa_mask
+
+from . import attention
+
+SUPPORTED_TRANSFORMERS = ">=5.23,<5.24"
+#: Stock attention backends that cannot take an additive bias or the full logits.
+FLASH_BACKENDS = ("flash_attention_2", "flash_attention_3", "flash_attention_4", "flex_attention", "paged|eager")
+
+_registered = False
+
+
+def register_attention() -> None:
+    """Register ``hf_posenc_eager`` / ``hf_posenc_sdpa`` and their mask functions (idempotent).
+
+    The mask function matters: for an attention name without one, ``create_causal_mask`` returns None
+    and padding would be silently ignored. This adds names only; no stock model changes.
+    """
+    global _registered
+    if _registered:
+        return
+    AttentionInterface.register(attention.EAGER, attention.posenc_eager_attention)
+    AttentionInterface.register(attention.SDPA, attention.posenc_sdpa_attention)
+    AttentionMaskInterface.register(attention.EAGER, eager_mask)
+    AttentionMaskInterface.register(attention.SDPA, sdpa_mask)
+    _registered = True
+
+
+def attn_implementation(model) -> str:
+    """The attention backend the model currently dispatches to."""
+    return model.config._attn_implementation or "eager"
+
+
+def set_attn_implementation(model, name: str) -> None:
+    """Switch a loaded model (and its sub-models) to the attention function ``name``."""
+    model.set_attn_implementation(name)
+
+
+def cache_past_length(cache, layer_idx: int):
+    """Tokens already in ``cache`` for ``layer_idx`` before this forward's update.
+
+    StaticCache keeps a live tensor counter that its ``update`` increments in place: clone it so the
+    attention function still sees the value from before the update.
+    """
+    if cache is None:
+        return 0
+    cache = getattr(cache, "self_attention_cache", cache)  # EncoderDecoderCache (GPT-2 with cross-attention)
+    past = cache.get_seq_length(layer_idx)
+    return past.clone() if isinstance(past, torch.Tensor) else past
+
+
+def base_model(model):
+    """The bare transformer inside a model with a head (``model.model``, ``model.transformer``, ...)."""
+    return model.base_model
+
+
+def transformers_version() -> str:
+    return transformers.__version__

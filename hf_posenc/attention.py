@@ -1,0 +1,167 @@
+"""The attention functions that apply the encodings, registered with transformers' ``AttentionInterface``.
+
+q/k/v reach an attention function after the projections and after the KV-cache update (transformers
+5.x), with ``module`` = the attention module: a converted layer carries its encoding as
+``module.posenc``. Query and key positions come from the cache length recorded by the pre-hook that
+``convert`` installs (``posenc_past``), never from ``key.shape`` alone, so that StaticCache (whose key
+buffer is longer than what it holds) and sliding-window caches give the same results as no cache.
+Positions are cache indices: a left-padded row counts its pads, which changes no relative distance
+between real tokens, and every encoding here is relative.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch.nn import functional as F
+
+from .encodings.base import PositionModule
+
+EAGER = "hf_posenc_eager"
+SDPA = "hf_posenc_sdpa"
+#: Our attention name for each stock backend that can express every encoding.
+BACKENDS = {"eager": EAGER, "sdpa": SDPA}
+
+
+def positions(past, q_len: int, kv_len: int, device) -> tuple[torch.Tensor, torch.Tensor]:
+    """Cache positions of the queries ``[q]`` and keys ``[kv]`` (int64).
+
+    Args:
+        past: Tokens in the cache before this forward (int, or a 0-d tensor for StaticCache).
+        q_len: Number of queries in this forward.
+        kv_len: Number of keys returned by the cache update.
+    """
+    q_pos = torch.arange(q_len, device=device) + past
+    live = int(past) + q_len
+    if kv_len > live:
+        # StaticCache buffer: slot j holds position j; slots past `live` are empty and masked.
+        k_pos = torch.arange(kv_len, device=device)
+    else:
+        # Dynamic cache (or a sliding window that keeps only the last kv_len keys, in order).
+        k_pos = torch.arange(kv_len, device=device) + (live - kv_len)
+    return q_pos, k_pos
+
+
+def allowed_keys(
+    attention_mask: torch.Tensor | None, q_pos: torch.Tensor, k_pos: torch.Tensor, causal: bool
+) -> torch.Tensor | None:
+    """Bool ``[B|1, 1, q, kv]``: which keys each query may attend (None: all).
+
+    Accepts transformers' sdpa masks (bool) and eager masks (0 / dtype-min floats). A missing mask on a
+    causal model means plain causality (transformers omits it when it could use ``is_causal``).
+    """
+    if attention_mask is None:
+        if not causal:
+            return None
+        return (k_pos[None, :] <= q_pos[:, None])[None, None]
+    if attention_mask.dtype == torch.bool:
+        return attention_mask
+    return attention_mask > torch.finfo(attention_mask.dtype).min / 2
+
+
+def _expand_kv(x: torch.Tensor, num_heads: int) -> torch.Tensor:
+    """Repeat grouped key/value heads ``[B, Hkv, n, D]`` to ``[B, H, n, D]`` (GQA)."""
+    groups = num_heads // x.shape[1]
+    return x if groups == 1 else x.repeat_interleave(groups, dim=1)
+
+
+def eager_attention(query, key, value, allowed, bias, scaling, dropout, training):
+    """Reference attention: explicit scores and probabilities (supports ``output_attentions``)."""
+    key, value = _expand_kv(key, query.shape[1]), _expand_kv(value, query.shape[1])
+    scores = torch.matmul(query, key.transpose(2, 3)) * scaling
+    if bias is not None:
+        # fp32 so that large distance biases (ALiBi at long range) keep their resolution in bf16 models.
+        scores = scores.float() + bias
+    if allowed is not None:
+        scores = scores.masked_fill(~allowed, torch.finfo(scores.dtype).min)
+    probs = torch.softmax(scores, dim=-1, dtype=torch.float32).to(query.dtype)
+    probs = F.dropout(probs, p=dropout, training=training)
+    return torch.matmul(probs, value), probs
+
+
+def sdpa_attention(query, key, value, allowed, bias, scaling, dropout, training, plain_causal):
+    """``F.scaled_dot_product_attention``, with the bias folded into a float mask when there is one."""
+    mask = allowed
+    if bias is not None:
+        bias = bias.to(query.dtype)
+        mask = bias if allowed is None else torch.where(allowed, bias, torch.finfo(query.dtype).min)
+    elif plain_causal:
+        mask = None  # the fast causal kernel (aligned top-left, so only valid for q == kv)
+    output = F.scaled_dot_product_attention(
+        query,
+        key,
+        value,
+        attn_mask=mask,
+        dropout_p=dropout if training else 0.0,
+        scale=scaling,
+        is_causal=plain_causal and bias is None,
+        enable_gqa=key.shape[1] != query.shape[1],
+    )
+    return output, None
+
+
+def posenc_attention(
+    module,
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    attention_mask: torch.Tensor | None,
+    scaling: float | None = None,
+    dropout: float = 0.0,
+    *,
+    backend: str,
+    posenc_past=0,
+    **kwargs,
+):
+    """Attention with the layer's positional encoding (``module.posenc``; none = NoPE layer).
+
+    Args:
+        module: The attention module.
+        query: ``[B, H, q, D]``; key, value: ``[B, Hkv, kv, D]`` (after the cache update).
+        attention_mask: transformers' 4D mask for ``backend`` (bool for sdpa, float for eager) or None.
+        scaling: Logit scale (default ``D ** -0.5``).
+        dropout: Attention dropout probability (training only).
+        backend: ``"eager"`` or ``"sdpa"``.
+        posenc_past: Tokens cached before this forward (set by the conversion pre-hook).
+
+    Returns:
+        ``(output [B, q, H, D], probabilities [B, H, q, kv] or None)``.
+    """
+    posenc: PositionModule | None = getattr(module, "posenc", None)
+    causal = getattr(module, "is_causal", True)
+    scaling = query.shape[-1] ** -0.5 if scaling is None else scaling
+    q_len, kv_len = query.shape[2], key.shape[2]
+    q_pos, k_pos = positions(posenc_past, q_len, kv_len, query.device)
+    # Stock fast path: no mask given and queries aligned with keys (prefill without a StaticCache).
+    plain_causal = causal and attention_mask is None and q_len == kv_len
+    allowed = None if (plain_causal and backend == "sdpa") else allowed_keys(attention_mask, q_pos, k_pos, causal)
+
+    bias = None
+    if posenc is not None:
+        if posenc.route == "rotate":
+            query, key = posenc.rotate(query, key, q_pos, k_pos)
+        elif posenc.route == "bias":
+            bias = posenc.bias(q_pos, k_pos, causal)
+        elif posenc.route == "attend":
+            if allowed is None and causal:
+                allowed = allowed_keys(None, q_pos, k_pos, causal)
+            key, value = _expand_kv(key, query.shape[1]), _expand_kv(value, query.shape[1])
+            output, weights = posenc.attend(query, key, value, allowed, scaling, return_weights=backend == "eager")
+            return output.transpose(1, 2).contiguous(), weights
+    training = module.training
+    if backend == "eager":
+        output, weights = eager_attention(query, key, value, allowed, bias, scaling, dropout, training)
+    else:
+        if bias is not None and allowed is None and causal:
+            allowed = allowed_keys(None, q_pos, k_pos, causal)
+        output, weights = sdpa_attention(query, key, value, allowed, bias, scaling, dropout, training, plain_causal)
+    return output.transpose(1, 2).contiguous(), weights
+
+
+def posenc_eager_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
+    """``hf_posenc_eager``: see :func:`posenc_attention`."""
+    return posenc_attention(module, query, key, value, attention_mask, scaling, dropout, backend="eager", **kwargs)
+
+
+def posenc_sdpa_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
+    """``hf_posenc_sdpa``: see :func:`posenc_attention`."""
+    return posenc_attention(module, query, key, value, attention_mask, scaling, dropout, backend="sdpa", **kwargs)

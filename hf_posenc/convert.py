@@ -1,0 +1,415 @@
+"""Convert a loaded model, or a config, to another positional encoding.
+
+Two routes, chosen per request:
+
+* **native**: the request is a RoPE variant that stock transformers expresses through
+  ``config.rope_parameters`` on an architecture with native RoPE. The config is rewritten and the
+  model's own rotary module rebuilt; the model stays a stock model and saves as a stock checkpoint.
+* **plug-in**: everything else. Per instance and reversible (:func:`revert`): the old encoding is
+  neutralised (native RoPE gets cos=1/sin=0 through a forward pre-hook on each attention module;
+  learned absolute embeddings are replaced by a zero module), each converted attention module gets an
+  ``attn.posenc`` module, and the model dispatches to ``hf_posenc_eager``/``hf_posenc_sdpa``. The
+  instance's class becomes a registered ``HfPosenc<Class>`` subclass (``model_type``
+  ``hf_posenc_<type>``) so that its checkpoint reloads converted — and stock transformers refuses it
+  instead of loading it silently with the old encoding.
+"""
+
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+from . import _hf, attention
+from .architectures import Architecture, _get, architecture_of, attention_modules, is_causal
+from .config import CONFIG_KEY, PosEncConfig, RopeConfig
+from .encodings import AlibiBias, CoPE, RotaryPosition, T5Bias
+from .encodings.base import PositionModule
+
+_STATE_ATTR = "_hf_posenc_state"
+DEFAULT_ROPE_THETA = 10000.0
+
+
+class ZeroPositionEmbedding(nn.Module):
+    """Stands in for a learned absolute position table: returns zeros, so nothing is added.
+
+    Args:
+        dim: Embedding width.
+    """
+
+    def __init__(self, dim: int):
+        super().__init__()
+        self.dim = dim
+
+    def forward(self, position_ids: torch.Tensor) -> torch.Tensor:
+        return torch.zeros(*position_ids.shape, self.dim, device=position_ids.device)
+
+    def extra_repr(self) -> str:
+        return f"dim={self.dim}"
+
+
+@dataclass
+class _State:
+    """What a conversion changed on one instance, so that :func:`revert` can undo it."""
+
+    posenc: PosEncConfig
+    native: bool
+    hooks: list = field(default_factory=list)
+    replaced: list = field(default_factory=list)  # (parent, attribute, original module)
+    rope_backup: dict | None = None  # config attributes before a native RoPE change
+    rotary: nn.Module | None = None
+    rotary_ndims: list = field(default_factory=list)
+    attn_implementation: str | None = None
+    classes: tuple | None = None  # (model class, config class) before the swap
+
+
+# ---------------------------------------------------------------------------------------------------
+# Inspection helpers
+# ---------------------------------------------------------------------------------------------------
+def num_layers(config) -> int:
+    return config.num_hidden_layers
+
+
+def num_heads(config) -> int:
+    return config.num_attention_heads
+
+
+def head_dim(config) -> int:
+    return getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+
+
+def current_rope_parameters(config, arch: Architecture) -> dict:
+    """The model's RoPE parameters (a default set for architectures without RoPE)."""
+    if arch.rope == "none":
+        return {"rope_type": "default", "rope_theta": DEFAULT_ROPE_THETA, "partial_rotary_factor": 1.0}
+    params = dict(config.rope_parameters)
+    params.setdefault("partial_rotary_factor", getattr(config, "partial_rotary_factor", None) or 1.0)
+    return params
+
+
+def posenc_of(model_or_config) -> PosEncConfig | None:
+    """The encoding recorded in a converted model or config (None if it was never converted)."""
+    config = getattr(model_or_config, "config", model_or_config)
+    data = getattr(config, CONFIG_KEY, None)
+    return PosEncConfig.from_dict(data) if data else None
+
+
+def _as_config(posenc_config) -> PosEncConfig:
+    if isinstance(posenc_config, PosEncConfig):
+        return posenc_config
+    if isinstance(posenc_config, dict):
+        return PosEncConfig.from_dict(posenc_config)
+    raise TypeError(f"posenc_config must be a PosEncConfig or a dict with a 'kind'; got {type(posenc_config).__name__}.")
+
+
+def resolved_rope_parameters(posenc: RopeConfig, config, arch: Architecture) -> dict:
+    """Stock ``rope_parameters`` for a RoPE request: unset theta/partial keep the model's values,
+    and the pre-extension length is recorded explicitly (``original_max_position_embeddings``) so
+    inference never has to guess it from ``max_position_embeddings``."""
+    current = current_rope_parameters(config, arch)
+    params = {
+        "rope_type": posenc.rope_type,
+        "rope_theta": posenc.rope_theta if posenc.rope_theta is not None else current["rope_theta"],
+        "partial_rotary_factor": (
+            posenc.partial_rotary_factor
+            if posenc.partial_rotary_factor is not None
+            else current.get("partial_rotary_factor", 1.0)
+        ),
+    }
+    params.update(posenc.scaling_parameters())
+    if posenc.rope_type in ("yarn", "llama3", "longrope"):
+        params.setdefault(
+            "original_max_position_embeddings",
+            current.get("original_max_position_embeddings") or config.max_position_embeddings,
+        )
+    return params
+
+
+def uses_native_rope(posenc: PosEncConfig, config, arch: Architecture) -> bool:
+    """Whether stock transformers can express this request on this architecture by itself."""
+    if not isinstance(posenc, RopeConfig) or arch.rope == "none" or posenc.layout != "half":
+        return False
+    if posenc.layers is not None and set(posenc.layers) != set(range(num_layers(config))):
+        return False
+    partial = resolved_rope_parameters(posenc, config, arch)["partial_rotary_factor"]
+    return arch.rope == "native_partial" or partial == 1.0
+
+
+def needs_attention_function(posenc: PosEncConfig, config, arch: Architecture) -> bool:
+    """NoPE needs no attention function of ours; every other plug-in encoding does."""
+    return posenc.kind != "nope" and not uses_native_rope(posenc, config, arch)
+
+
+def validate(posenc: PosEncConfig, config, attn_implementation: str | None = None) -> Architecture:
+    """Check that ``posenc`` can be applied to a model with this config (and backend).
+
+    Raises:
+        ValueError: Unsupported architecture, layer indices out of range, CoPE on an encoder, T5 bias
+            with an odd bucket count on an encoder, or a backend that cannot express the encoding.
+    """
+    arch = architecture_of(config)
+    n = num_layers(config)
+    if posenc.layers is not None and max(posenc.layers) >= n:
+        raise ValueError(f"PosEncConfig(kind={posenc.kind!r}): invalid layers={list(posenc.layers)}; "
+                         f"allowed: indices in [0, {n - 1}] for this {n}-layer model.")
+    causal = is_causal(arch, config)
+    if posenc.kind == "cope" and not causal:
+        raise ValueError(
+            f"CoPE is causal-only (positions count gates over past keys) and cannot be applied to the "
+            f"encoder {config.model_type!r}; allowed kinds on encoders: rope, nope, alibi, t5_bias."
+        )
+    if posenc.kind == "t5_bias" and not causal and posenc.num_buckets % 2:
+        raise ValueError(f"PosEncConfig(kind='t5_bias'): invalid num_buckets={posenc.num_buckets} on an encoder; "
+                         "allowed: an even number (half of the buckets per direction).")
+    backend = attn_implementation or getattr(config, "_attn_implementation", None) or "sdpa"
+    backend = backend.removeprefix("hf_posenc_")
+    if needs_attention_function(posenc, config, arch) and backend not in attention.BACKENDS:
+        raise ValueError(
+            f"attn_implementation={backend!r} cannot express kind={posenc.kind!r} (it needs an additive bias, "
+            f"the full logits or rotation at attention time); allowed: {sorted(attention.BACKENDS)}."
+        )
+    return arch
+
+
+# ---------------------------------------------------------------------------------------------------
+# Conversion
+# ---------------------------------------------------------------------------------------------------
+def convert(model: nn.Module, posenc_config, *, attn_implementation: str | None = None) -> nn.Module:
+    """Give a loaded model another positional encoding, in place.
+
+    Args:
+        model: A transformers model of a supported architecture (with or without a head).
+        posenc_config: A :class:`~hf_posenc.PosEncConfig` (or its dict).
+        attn_implementation: ``"eager"`` or ``"sdpa"``; default: the model's current backend
+            (flash attention is refused for encodings it cannot express).
+
+    Returns:
+        The same model object, converted. Its config records the encoding (``config.posenc``).
+
+    Raises:
+        ValueError: See :func:`validate`; also if the model was already converted (call :func:`revert`).
+    """
+    posenc = _as_config(posenc_config)
+    if getattr(model, _STATE_ATTR, None) is not None:
+        raise ValueError("This model was already converted by hf_posenc; call hf_posenc.revert(model) first.")
+    arch = validate(posenc, model.config, attn_implementation)
+    config = model.config
+    if uses_native_rope(posenc, config, arch):
+        return _convert_native(model, posenc, arch)
+    from .modeling import posenc_class
+
+    state = _State(posenc=posenc, native=False, classes=(type(model), type(config)))
+    model.__class__ = posenc_class(type(model))
+    config.__class__ = model.__class__.config_class
+    setattr(config, CONFIG_KEY, posenc.to_dict())
+    install(model, posenc, arch, state, attn_implementation)
+    return model
+
+
+def _convert_native(model, posenc: RopeConfig, arch: Architecture) -> nn.Module:
+    config = model.config
+    state = _State(posenc=posenc, native=True)
+    state.rope_backup = {
+        "rope_parameters": copy.deepcopy(config.rope_parameters),
+        "max_position_embeddings": config.max_position_embeddings,
+        CONFIG_KEY: getattr(config, CONFIG_KEY, None),
+    }
+    params = _write_native_rope(config, posenc, arch)
+    base = model.base_model
+    state.rotary = base.rotary_emb
+    device = next((b.device for b in base.rotary_emb.buffers()), None)
+    base.rotary_emb = type(state.rotary)(config=config).to(device)
+    for attn in attention_modules(model, arch):
+        if hasattr(attn, "rotary_ndims"):
+            state.rotary_ndims.append((attn, attn.rotary_ndims))
+            attn.rotary_ndims = int(head_dim(config) * params["partial_rotary_factor"])
+    setattr(model, _STATE_ATTR, state)
+    return model
+
+
+def _write_native_rope(config, posenc: RopeConfig, arch: Architecture) -> dict:
+    """Write a native RoPE request into a stock config (in place); returns the rope parameters."""
+    params = resolved_rope_parameters(posenc, config, arch)
+    if posenc.rope_type in ("linear", "yarn", "llama3") and posenc.factor:
+        # Record the extended context for inference; the pre-extension length stays in the rope params.
+        original = params.get("original_max_position_embeddings", config.max_position_embeddings)
+        config.max_position_embeddings = int(round(original * posenc.factor))
+    config.rope_parameters = params
+    config.validate_rope()
+    setattr(config, CONFIG_KEY, posenc.to_dict())
+    return params
+
+
+def make_position_module(posenc: PosEncConfig, config, arch: Architecture) -> PositionModule | None:
+    """The ``attn.posenc`` module of one converted layer (None for NoPE)."""
+    if posenc.kind == "rope":
+        params = resolved_rope_parameters(posenc, config, arch)
+        original = params.get("original_max_position_embeddings", config.max_position_embeddings)
+        return RotaryPosition(params, head_dim(config), original, posenc.layout)
+    if posenc.kind == "alibi":
+        return AlibiBias(num_heads(config), posenc.max_bias)
+    if posenc.kind == "t5_bias":
+        return T5Bias(num_heads(config), posenc.num_buckets, posenc.max_distance)
+    if posenc.kind == "cope":
+        return CoPE(head_dim(config), posenc.npos_max, posenc.block_size)
+    return None
+
+
+def install(model, posenc: PosEncConfig, arch: Architecture, state: _State | None = None,
+            attn_implementation: str | None = None) -> None:
+    """Apply the plug-in route to a model whose class is already the ``HfPosenc`` subclass.
+
+    Used by :func:`convert` and by the ``HfPosenc`` classes' ``__init__`` (checkpoint loading).
+    """
+    config = model.config
+    state = state or _State(posenc=posenc, native=False)
+    base = model.base_model
+    # 1. Neutralise learned absolute positions.
+    for path in arch.absolute:
+        parent_path, _, name = path.rpartition(".")
+        parent = _get(base, parent_path) if parent_path else base
+        old = getattr(parent, name)
+        state.replaced.append((parent, name, old))
+        setattr(parent, name, ZeroPositionEmbedding(old.embedding_dim))
+    if "embeddings.position_embeddings" in arch.absolute:
+        _extend_position_buffers(base.embeddings)
+    # 2. Attach the per-layer encodings and the pre-hook.
+    neutralise_rope = arch.rope != "none"
+    use_attention = needs_attention_function(posenc, config, arch)
+    for layer_idx, attn in enumerate(attention_modules(model, arch)):
+        if posenc.applies_to(layer_idx):
+            module = make_position_module(posenc, config, arch)
+            if module is not None:
+                attn.posenc = module.to(_device_of(attn))
+        hook = _make_pre_hook(arch, neutralise_rope, use_attention)
+        state.hooks.append(attn.register_forward_pre_hook(hook, with_kwargs=True))
+    # 3. Dispatch to our attention function.
+    if use_attention:
+        backend = (attn_implementation or _hf.attn_implementation(model)).removeprefix("hf_posenc_")
+        state.attn_implementation = _hf.attn_implementation(model)
+        _hf.set_attn_implementation(model, attention.BACKENDS[backend])
+    setattr(model, _STATE_ATTR, state)
+
+
+def _device_of(module: nn.Module):
+    tensor = next(module.parameters(), None)
+    return tensor.device if tensor is not None else torch.device("cpu")
+
+
+def _extend_position_buffers(embeddings: nn.Module, length: int = 1 << 16) -> None:
+    """BERT slices default ``position_ids``/``token_type_ids`` from buffers sized
+    ``max_position_embeddings``; without absolute positions the model can read longer inputs."""
+    device = embeddings.position_ids.device
+    if device.type == "meta" or embeddings.position_ids.shape[-1] >= length:
+        return
+    embeddings.position_ids = torch.arange(length, device=device).expand((1, -1))
+    if hasattr(embeddings, "token_type_ids"):
+        embeddings.token_type_ids = torch.zeros((1, length), dtype=torch.long, device=device)
+
+
+def _make_pre_hook(arch: Architecture, neutralise_rope: bool, use_attention: bool):
+    """Forward pre-hook of every attention module of a plug-in-converted model.
+
+    * Replaces native RoPE's ``(cos, sin)`` by ``(1, 0)``: the stock rotation becomes the identity.
+    * Records the cache length before the update (``posenc_past``) for the attention function.
+    * Refuses to run if someone switched the model back to a stock attention backend, which would
+      silently drop the encoding.
+    """
+
+    def hook(module, args, kwargs):
+        if neutralise_rope and kwargs.get("position_embeddings") is not None:
+            cos, sin = kwargs["position_embeddings"]
+            kwargs["position_embeddings"] = (torch.ones_like(cos), torch.zeros_like(sin))
+        if use_attention:
+            backend = module.config._attn_implementation
+            if backend not in (attention.EAGER, attention.SDPA):
+                raise RuntimeError(
+                    f"This hf_posenc model runs attn_implementation={backend!r}, which drops its positional "
+                    f"encoding; allowed: 'eager' or 'sdpa' (set with model.set_attn_implementation("
+                    f"'{attention.SDPA}') or hf_posenc.set_backend(model, 'sdpa'))."
+                )
+            layer_idx = getattr(module, "layer_idx", None)
+            kwargs["posenc_past"] = _hf.cache_past_length(kwargs.get(arch.cache_kwarg), layer_idx or 0)
+        return args, kwargs
+
+    return hook
+
+
+def set_backend(model, backend: str) -> None:
+    """Switch a converted model between ``"eager"`` (returns attention weights) and ``"sdpa"``.
+
+    Raises:
+        ValueError: Unknown backend (allowed: eager, sdpa).
+    """
+    if backend not in attention.BACKENDS:
+        raise ValueError(f"Unknown backend={backend!r}; allowed: {sorted(attention.BACKENDS)}.")
+    _hf.set_attn_implementation(model, attention.BACKENDS[backend])
+
+
+def revert(model: nn.Module) -> nn.Module:
+    """Undo :func:`convert` on this instance (hooks, modules, class, config, backend).
+
+    Learned position tables added by the conversion are dropped.
+    """
+    state: _State | None = getattr(model, _STATE_ATTR, None)
+    if state is None:
+        raise ValueError("This model was not converted by hf_posenc (nothing to revert).")
+    config = model.config
+    if state.native:
+        config.rope_parameters = state.rope_backup["rope_parameters"]
+        config.max_position_embeddings = state.rope_backup["max_position_embeddings"]
+        model.base_model.rotary_emb = state.rotary
+        for attn, ndims in state.rotary_ndims:
+            attn.rotary_ndims = ndims
+    else:
+        arch = architecture_of(config)
+        for handle in state.hooks:
+            handle.remove()
+        for parent, name, old in state.replaced:
+            setattr(parent, name, old)
+        for attn in attention_modules(model, arch):
+            if "posenc" in attn._modules:
+                del attn._modules["posenc"]
+        if state.attn_implementation is not None:
+            _hf.set_attn_implementation(model, state.attn_implementation)
+        if state.classes is not None:
+            model.__class__, config.__class__ = state.classes
+    if state.native and state.rope_backup[CONFIG_KEY] is not None:
+        setattr(config, CONFIG_KEY, state.rope_backup[CONFIG_KEY])
+    elif hasattr(config, CONFIG_KEY):
+        delattr(config, CONFIG_KEY)
+    delattr(model, _STATE_ATTR)
+    return model
+
+
+def patch_config(config, posenc_config):
+    """A copy of ``config`` that builds/loads converted models.
+
+    ``AutoModelForCausalLM.from_pretrained(base_path, config=patch_config(...))`` loads the base
+    weights into a converted model (new tables initialised and reported as missing), and
+    ``from_config(patched)`` builds one. Native RoPE variants give a stock config.
+
+    Raises:
+        ValueError: See :func:`validate`.
+    """
+    posenc = _as_config(posenc_config)
+    arch = validate(posenc, config)
+    patched = copy.deepcopy(config)
+    if uses_native_rope(posenc, config, arch):
+        _write_native_rope(patched, posenc, arch)
+    else:
+        from .modeling import posenc_config_class
+
+        patched.__class__ = posenc_config_class(type(config))
+        setattr(patched, CONFIG_KEY, posenc.to_dict())
+    return patched
+
+
+def replace(posenc: PosEncConfig, **changes) -> PosEncConfig:
+    """A copy of ``posenc`` with some fields changed (validated again)."""
+    return PosEncConfig(**{**posenc.to_dict(), **changes})
+
+
+__all__ = ["convert", "patch_config", "revert", "posenc_of", "set_backend", "replace"]

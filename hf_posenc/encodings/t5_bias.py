@@ -1,0 +1,78 @@
+"""T5 relative position bias (Raffel et al. 2020, https://arxiv.org/abs/1910.10683, section 2.1)."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+
+from .base import PositionModule
+
+
+def relative_position_bucket(
+    relative_position: torch.Tensor, bidirectional: bool, num_buckets: int = 32, max_distance: int = 128
+) -> torch.Tensor:
+    """Map signed distances ``key - query`` to bucket indices.
+
+    Half of the buckets (per direction when bidirectional) hold the exact distances 0..n/2-1; the rest
+    cover distances up to ``max_distance`` logarithmically; farther pairs share the last bucket. A
+    causal model only sees non-positive distances (keys in the past), which are folded to ``>= 0``.
+
+    Args:
+        relative_position: Integer tensor of ``key_position - query_position``.
+        bidirectional: Encoders: keys after the query get their own half of the buckets.
+        num_buckets: Total number of buckets.
+        max_distance: Distance from which every pair falls in the last bucket.
+
+    Returns:
+        Long tensor of the same shape with values in ``[0, num_buckets)``.
+    """
+    offset = torch.zeros_like(relative_position)
+    if bidirectional:
+        num_buckets //= 2
+        offset = (relative_position > 0).long() * num_buckets
+        distance = relative_position.abs()
+    else:
+        distance = (-relative_position).clamp(min=0)
+    exact = num_buckets // 2
+    is_small = distance < exact
+    # log-spaced buckets for exact <= distance < max_distance; clamp(min=1) only avoids log(0) in the
+    # entries that `is_small` discards.
+    log_ratio = torch.log(distance.clamp(min=1).float() / exact) / math.log(max_distance / exact)
+    large = exact + (log_ratio * (num_buckets - exact)).long()
+    large = large.clamp(max=num_buckets - 1)
+    return offset + torch.where(is_small, distance, large)
+
+
+class T5Bias(PositionModule):
+    """A learned scalar bias per (distance bucket, head), added to the attention scores.
+
+    Args:
+        num_heads: Number of query heads.
+        num_buckets: Number of distance buckets.
+        max_distance: See :func:`relative_position_bucket`.
+    """
+
+    route = "bias"
+
+    def __init__(self, num_heads: int, num_buckets: int = 32, max_distance: int = 128):
+        super().__init__()
+        self.num_heads = num_heads
+        self.num_buckets = num_buckets
+        self.max_distance = max_distance
+        # [num_buckets, H]; zero so that a freshly converted layer is exactly the NoPE model.
+        self.relative_attention_bias = nn.Parameter(torch.zeros(num_buckets, num_heads))
+
+    def reset_parameters(self) -> None:
+        with torch.no_grad():
+            self.relative_attention_bias.zero_()
+
+    def bias(self, q_pos: torch.Tensor, k_pos: torch.Tensor, causal: bool) -> torch.Tensor:
+        relative = k_pos[None, :] - q_pos[:, None]  # [q, kv]
+        buckets = relative_position_bucket(relative, not causal, self.num_buckets, self.max_distance)
+        values = nn.functional.embedding(buckets, self.relative_attention_bias)  # [q, kv, H]
+        return values.permute(2, 0, 1)[None]  # [1, H, q, kv]
+
+    def extra_repr(self) -> str:
+        return f"num_heads={self.num_heads}, num_buckets={self.num_buckets}, max_distance={self.max_distance}"

@@ -1,0 +1,121 @@
+"""Convert RoPE checkpoints between the GPT-NeoX (half-split) and GPT-J (interleaved) layouts.
+
+Both layouts rotate pairs of query/key dimensions by the same frequencies; they differ only in which
+dimensions form a pair (``i`` with ``i + d/2``, or ``2i`` with ``2i + 1``). Permuting the rows of the
+query and key projections of every head by a fixed permutation therefore moves a checkpoint from one
+layout to the other without changing a logit.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import torch
+
+from .architectures import Architecture, architecture_of, attention_modules
+from .config import ROPE_LAYOUTS, RopeConfig
+from .convert import _STATE_ATTR, current_rope_parameters, convert, head_dim, posenc_of, revert
+
+
+def layout_permutation(rotary_dim: int, head_dim_: int, source: str, target: str) -> torch.Tensor:
+    """Index ``p`` with ``new_rows = old_rows[p]`` taking one head from ``source`` to ``target`` layout.
+
+    Dimensions past ``rotary_dim`` (partial rotary) do not move.
+    """
+    half = rotary_dim // 2
+    if (source, target) == ("half", "interleaved"):
+        rotary = torch.stack((torch.arange(half), torch.arange(half) + half), dim=-1).flatten()
+    elif (source, target) == ("interleaved", "half"):
+        rotary = torch.cat((torch.arange(0, rotary_dim, 2), torch.arange(1, rotary_dim, 2)))
+    else:
+        rotary = torch.arange(rotary_dim)
+    return torch.cat((rotary, torch.arange(rotary_dim, head_dim_)))
+
+
+@torch.no_grad()
+def _permute_heads(tensor: torch.Tensor, dim: int, start: int, stop: int, perm: torch.Tensor) -> None:
+    """Permute, in place, each head's ``head_dim`` block of ``tensor[start:stop]`` along ``dim``."""
+    part = tensor.narrow(dim, start, stop - start)
+    d = perm.numel()
+    heads = part.unflatten(dim, (-1, d))
+    part.copy_(heads.index_select(dim + 1, perm.to(tensor.device)).flatten(dim, dim + 1))
+
+
+def _permute_attention(attn, arch: Architecture, config, perm: torch.Tensor) -> None:
+    d = perm.numel()
+    hidden_q = config.num_attention_heads * d
+    hidden_k = getattr(config, "num_key_value_heads", None) or config.num_attention_heads
+    hidden_k *= d
+    if arch.fused is None:
+        for name, rows in ((arch.q_proj, hidden_q), (arch.k_proj, hidden_k)):
+            proj = getattr(attn, name)
+            _permute_heads(proj.weight, 0, 0, rows, perm)
+            if proj.bias is not None:
+                _permute_heads(proj.bias, 0, 0, rows, perm)
+    elif arch.fused == "gpt2":
+        # Conv1D: weight [in, 3 * hidden] with columns (q, k, v), each [H, D].
+        proj = getattr(attn, arch.q_proj)
+        for start in (0, hidden_q):
+            _permute_heads(proj.weight, 1, start, start + hidden_q, perm)
+            _permute_heads(proj.bias, 0, start, start + hidden_q, perm)
+    elif arch.fused == "neox":
+        # Linear rows [H, (q, k, v), D]: permute the q and k blocks of every head.
+        proj = getattr(attn, arch.q_proj)
+        for tensor in (proj.weight, proj.bias):
+            if tensor is None:
+                continue
+            per_head = tensor.unflatten(0, (config.num_attention_heads, 3 * d))
+            for h in range(config.num_attention_heads):
+                _permute_heads(per_head[h], 0, 0, 2 * d, perm)
+    for name in arch.qk_norms:
+        norm = getattr(attn, name, None)
+        if norm is None:
+            continue
+        for tensor in (norm.weight, getattr(norm, "bias", None)):
+            if tensor is not None:
+                _permute_heads(tensor, 0, 0, d, perm)
+
+
+def rope_layout(model, layout: str):
+    """Convert a RoPE model, in place, to the ``"interleaved"`` (GPT-J) or ``"half"`` (GPT-NeoX) layout.
+
+    The query/key projection rows are permuted and the model's encoding switches to the target layout
+    (the interleaved layout runs through the plug-in; the half layout returns a native-RoPE model to
+    stock). Logits do not change.
+
+    Args:
+        model: A model with native RoPE, or converted with ``PosEncConfig(kind="rope")``.
+        layout: ``"interleaved"`` or ``"half"``.
+
+    Returns:
+        The same model.
+
+    Raises:
+        ValueError: Unknown layout, or the model does not use RoPE.
+    """
+    if layout not in ROPE_LAYOUTS:
+        raise ValueError(f"Unknown layout={layout!r}; allowed: {', '.join(ROPE_LAYOUTS)}.")
+    config = model.config
+    arch = architecture_of(config)
+    posenc = posenc_of(model) if getattr(model, _STATE_ATTR, None) is not None else None
+    if posenc is None:
+        if arch.rope == "none":
+            raise ValueError(f"rope_layout needs a RoPE model; {config.model_type!r} has learned absolute positions. "
+                             "Convert it first with PosEncConfig(kind='rope').")
+        params = current_rope_parameters(config, arch)
+        fields = {f.name for f in dataclasses.fields(RopeConfig)}
+        posenc = RopeConfig(**{k: v for k, v in params.items() if k in fields and k != "kind"})
+    elif not isinstance(posenc, RopeConfig):
+        raise ValueError(f"rope_layout needs a RoPE model; this one was converted to kind={posenc.kind!r}.")
+    if posenc.layout == layout:
+        return model
+    partial = posenc.partial_rotary_factor or current_rope_parameters(config, arch).get("partial_rotary_factor", 1.0)
+    rotary_dim = int(head_dim(config) * partial)
+    rotary_dim -= rotary_dim % 2
+    perm = layout_permutation(rotary_dim, head_dim(config), posenc.layout, layout)
+    for layer_idx, attn in enumerate(attention_modules(model, arch)):
+        if posenc.applies_to(layer_idx):
+            _permute_attention(attn, arch, config, perm)
+    if getattr(model, _STATE_ATTR, None) is not None:
+        revert(model)
+    return convert(model, dataclasses.replace(posenc, layout=layout))

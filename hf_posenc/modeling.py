@@ -1,0 +1,128 @@
+"""Registered ``HfPosenc*`` config/model classes, so converted checkpoints reload converted.
+
+For each supported architecture, ``hf_posenc_<type>`` is a ``model_type`` whose config class
+subclasses the stock config and whose model classes subclass the stock ones, with an ``__init__``
+that applies the recorded encoding after the stock one. The classes are made on demand from the
+stock classes (growth stays M encodings + N architectures, no copied model files). They are
+registered with the Auto classes when ``hf_posenc`` is imported (this adds names; stock models are
+untouched), and their ``__module__`` is the tiny remote-code stub ``hf_posenc.modeling_hf_posenc``,
+which ``save_pretrained`` copies next to the weights and names in ``auto_map``: with hf_posenc
+installed, ``from_pretrained(folder, trust_remote_code=True)`` works without importing it first.
+"""
+
+from __future__ import annotations
+
+import transformers
+from transformers import AutoConfig, AutoModel, AutoModelForCausalLM, AutoModelForMaskedLM
+from transformers.models.auto.configuration_auto import CONFIG_MAPPING
+from transformers.models.auto.modeling_auto import (
+    MODEL_FOR_CAUSAL_LM_MAPPING_NAMES,
+    MODEL_FOR_MASKED_LM_MAPPING_NAMES,
+    MODEL_MAPPING_NAMES,
+)
+
+from .architectures import ARCHITECTURES, MODEL_TYPE_PREFIX, architecture_of
+from .config import CONFIG_KEY, PosEncConfig
+from .encodings.base import PositionModule
+
+STUB_MODULE = "hf_posenc.modeling_hf_posenc"
+CLASS_PREFIX = "HfPosenc"
+_AUTO_CLASSES = (
+    (AutoModel, MODEL_MAPPING_NAMES),
+    (AutoModelForCausalLM, MODEL_FOR_CAUSAL_LM_MAPPING_NAMES),
+    (AutoModelForMaskedLM, MODEL_FOR_MASKED_LM_MAPPING_NAMES),
+)
+_classes: dict[str, type] = {}
+
+
+def posenc_config_class(base: type) -> type:
+    """``HfPosenc<Config>``: the stock config class with ``model_type = "hf_posenc_<type>"``."""
+    name = CLASS_PREFIX + base.__name__
+    if name not in _classes:
+        _classes[name] = type(
+            name,
+            (base,),
+            {
+                "model_type": MODEL_TYPE_PREFIX + base.model_type,
+                "__module__": STUB_MODULE,
+                "__doc__": f"{base.__name__} of a model converted by hf_posenc (encoding in `config.{CONFIG_KEY}`).",
+                "_auto_class": "AutoConfig",
+            },
+        )
+    return _classes[name]
+
+
+def _auto_class_name(base: type) -> str:
+    for auto, names in _AUTO_CLASSES:
+        if names.get(base.config_class.model_type) == base.__name__:
+            return auto.__name__
+    return "AutoModel"
+
+
+def posenc_class(base: type) -> type:
+    """``HfPosenc<Model>``: the stock model class whose ``__init__`` also applies ``config.posenc``."""
+    if base.__name__.startswith(CLASS_PREFIX):
+        return base
+    name = CLASS_PREFIX + base.__name__
+
+    if name not in _classes:
+
+        def __init__(self, config, *args, **kwargs):
+            base.__init__(self, config, *args, **kwargs)
+            from .convert import install
+
+            posenc_dict = getattr(config, CONFIG_KEY, None)
+            if not posenc_dict:
+                raise ValueError(
+                    f"{name} needs `config.{CONFIG_KEY}` (the encoding); this config has none. Build configs with "
+                    "hf_posenc.patch_config(config, PosEncConfig(...))."
+                )
+            install(self, PosEncConfig.from_dict(posenc_dict), architecture_of(config))
+
+        def _init_weights(self, module):
+            # New position tables must start as documented (zero = no-op), not as random Linear/Embedding.
+            if isinstance(module, PositionModule):
+                module.reset_parameters()
+            else:
+                base._init_weights(self, module)
+
+        _classes[name] = type(
+            name,
+            (base,),
+            {
+                "__init__": __init__,
+                "_init_weights": _init_weights,
+                "config_class": posenc_config_class(base.config_class),
+                "__module__": STUB_MODULE,
+                "__doc__": f"{base.__name__} with the positional encoding recorded in `config.{CONFIG_KEY}` (hf_posenc).",
+                "_auto_class": _auto_class_name(base),
+            },
+        )
+    return _classes[name]
+
+
+def class_by_name(name: str) -> type:
+    """Resolve ``HfPosenc<StockClass>`` names (used by the remote-code stub and by pickling)."""
+    if not name.startswith(CLASS_PREFIX):
+        raise AttributeError(name)
+    stock = getattr(transformers, name[len(CLASS_PREFIX):], None)
+    if stock is None:
+        raise AttributeError(f"{name}: transformers has no class {name[len(CLASS_PREFIX):]!r}")
+    if issubclass(stock, transformers.PreTrainedConfig):
+        return posenc_config_class(stock)
+    return posenc_class(stock)
+
+
+def register_auto_classes() -> None:
+    """Register every ``hf_posenc_<type>`` with AutoConfig and the Auto model classes (idempotent)."""
+    for model_type in ARCHITECTURES:
+        config_cls = posenc_config_class(CONFIG_MAPPING[model_type])
+        if config_cls.model_type not in CONFIG_MAPPING:
+            AutoConfig.register(config_cls.model_type, config_cls)
+        for auto, names in _AUTO_CLASSES:
+            stock_name = names.get(model_type)
+            if stock_name is None:
+                continue
+            model_cls = posenc_class(getattr(transformers, stock_name))
+            if config_cls not in auto._model_mapping._extra_content:
+                auto.register(config_cls, model_cls)
