@@ -1,0 +1,334 @@
+"""Pushing to the Hub through the loopback server: stock folders, cards, refs, and every failure case.
+
+The converted-model and adapter round trips (which need the core package) are in test_hub_posenc.py;
+this module only needs transformers, peft and huggingface_hub, so it pins the client/server contract.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+from pathlib import Path
+
+import huggingface_hub
+import pytest
+import torch
+import transformers
+from huggingface_hub import HfApi, ModelCard, hf_hub_download
+from huggingface_hub.errors import RepositoryNotFoundError
+
+from hf_posenc import cards, hub
+from hub_server import OTHER_TOKEN, PINNED_HUGGINGFACE_HUB, USER, WRITE_TOKEN, HubServer, hub_server, load_in_fresh_process  # noqa: F401
+
+INPUT_IDS = [[3, 14, 15, 9, 26, 5, 35, 8, 9, 7, 9, 3]]
+
+# The endpoints a first push of a full model makes, in order: create the repo, look at what it holds,
+# validate the card's YAML, ask which files go through LFS, get LFS upload URLs, upload, commit.
+FIRST_PUSH = ["create_repo", "model_info", "validate_yaml", "preupload", "lfs_batch", "lfs_upload", "commit"]
+
+
+def tiny_llama(hidden: int = 16, seed: int = 0) -> transformers.LlamaForCausalLM:
+    """A 1-layer Llama small enough that a push and a fresh-process load take seconds."""
+    config = transformers.LlamaConfig(
+        vocab_size=64,
+        hidden_size=hidden,
+        intermediate_size=2 * hidden,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        num_key_value_heads=1,
+        max_position_embeddings=64,
+    )
+    torch.manual_seed(seed)
+    return transformers.LlamaForCausalLM(config).eval()
+
+
+def logits_of(model) -> torch.Tensor:
+    with torch.no_grad():
+        return model(torch.tensor(INPUT_IDS)).logits
+
+
+@pytest.fixture
+def llama_folder(tmp_path: Path) -> Path:
+    folder = tmp_path / "tiny_llama"
+    tiny_llama().save_pretrained(folder)
+    return folder
+
+
+def test_client_version_is_the_one_the_server_was_written_against():
+    # The server answers what huggingface_hub 2.4.0 asks; a different client may ask differently.
+    assert huggingface_hub.__version__ == PINNED_HUGGINGFACE_HUB
+
+
+def test_unknown_routes_are_recorded_and_refused(hub_server):
+    import httpx2
+
+    response = httpx2.get(f"{hub_server.url}/api/whoami-v2")
+    assert response.status_code == 404
+    assert hub_server.endpoints() == ["unknown"]
+
+
+def test_stock_folder_round_trip_in_a_fresh_process(hub_server, llama_folder, tmp_path):
+    local = logits_of(transformers.AutoModelForCausalLM.from_pretrained(llama_folder))
+    result = hub.push_to_hub(llama_folder, "tiny-stock")  # bare name: the Hub puts it under the token's user
+
+    assert result.repo_id == f"{USER}/tiny-stock"
+    assert hub_server.endpoints() == FIRST_PUSH
+    remote = hub_server.files(result.repo_id)
+    assert set(remote) == {".gitattributes", "README.md", "config.json", "generation_config.json", "model.safetensors"}
+    assert remote["model.safetensors"] == (llama_folder / "model.safetensors").read_bytes()
+    assert hub_server.head(result.repo_id).oid == result.commit_oid
+    # One commit on top of the repo's initial one: card and weights went up together.
+    messages = [c.message for c in hub_server.history(result.repo_id)]
+    assert len(messages) == 2 and messages[1] == "initial commit" and messages[0].startswith("Upload model")
+
+    hub_server.clear_calls()
+    loaded = load_in_fresh_process(hub_server, [{"name": "stock", "repo": result.repo_id, "input_ids": INPUT_IDS}], tmp_path)
+    assert "error" not in loaded["stock"], loaded["stock"]
+    assert torch.equal(loaded["stock"]["logits"], local)
+    assert hub_server.endpoints() == ["model_info", "resolve"]
+
+
+def test_pushing_the_same_folder_again_makes_no_commit_and_uploads_nothing(hub_server, llama_folder):
+    first = hub.push_to_hub(llama_folder, f"{USER}/same")
+    hub_server.clear_calls()
+    second = hub.push_to_hub(llama_folder, f"{USER}/same")
+    assert second.commit_oid == first.commit_oid
+    assert len(hub_server.history(first.repo_id)) == 2
+    # Same model: the remote config is read to compare identities, nothing is uploaded or committed.
+    assert "lfs_upload" not in hub_server.endpoints() and "commit" not in hub_server.endpoints()
+    assert "resolve" in hub_server.endpoints()
+
+
+def test_card_of_a_pushed_model_parses_and_carries_real_numbers(hub_server, llama_folder, tmp_path):
+    # Real numbers: perplexity of the model itself at two lengths, written as a recipe writes its table.
+    model = transformers.AutoModelForCausalLM.from_pretrained(llama_folder)
+    torch.manual_seed(1)
+    rows = []
+    for length in (8, 32):
+        ids = torch.randint(0, 64, (1, length))
+        with torch.no_grad():
+            loss = model(ids, labels=ids).loss.item()
+        rows.append({"method": "stock", "length": length, "perplexity": math.exp(loss)})
+    table = tmp_path / "results.csv"
+    with table.open("w", newline="") as fh:
+        writer = csv.DictWriter(fh, fieldnames=["method", "length", "perplexity"])
+        writer.writeheader()
+        writer.writerows(rows)
+
+    result = hub.push_to_hub(
+        llama_folder, f"{USER}/with-card", results=table, base_model="HuggingFaceTB/SmolLM2-135M",
+        training={"steps": 0}, datasets=["wikitext"], license="apache-2.0",
+    )
+    readme = hf_hub_download(result.repo_id, "README.md", endpoint=hub_server.url, cache_dir=str(tmp_path / "c"))
+    card = ModelCard.load(readme)
+    meta = card.data.to_dict()
+    assert meta["base_model"] == "HuggingFaceTB/SmolLM2-135M"
+    assert meta["base_model_relation"] == "finetune"
+    assert meta["library_name"] == "transformers" and meta["pipeline_tag"] == "text-generation"
+    assert "hf_posenc" in meta["tags"] and meta["datasets"] == ["wikitext"] and meta["license"] == "apache-2.0"
+    # model-index round-trips to the exact numbers in the table, one metric per length.
+    got = {r.metric_config: r.metric_value for r in card.data.eval_results}
+    assert got == {f"length={r['length']}": pytest.approx(r["perplexity"], rel=0, abs=0) for r in rows}
+    for r in rows:
+        assert f"{r['perplexity']:.3f}" in card.text
+    assert "![Perplexity by evaluation length](ppl_by_length.png)" in card.text
+    assert hub_server.files(result.repo_id)[cards.PLOT_FILENAME].startswith(b"\x89PNG")
+    # A stock checkpoint: the card says plain transformers loads it, with no trust_remote_code.
+    assert f'from_pretrained("{result.repo_id}")' in card.text and "trust_remote_code" not in card.text
+
+
+def test_private_repo_needs_the_owner_token(hub_server, llama_folder, tmp_path):
+    result = hub.push_to_hub(llama_folder, f"{USER}/secret", private=True)
+    assert hub_server.repos[result.repo_id].private
+    for token in (False, OTHER_TOKEN):
+        with pytest.raises(RepositoryNotFoundError):
+            hf_hub_download(result.repo_id, "config.json", endpoint=hub_server.url, token=token, cache_dir=str(tmp_path / str(token)))
+    path = hf_hub_download(result.repo_id, "config.json", endpoint=hub_server.url, token=WRITE_TOKEN, cache_dir=str(tmp_path / "ok"))
+    assert Path(path).read_bytes() == (llama_folder / "config.json").read_bytes()
+
+
+def test_branch_and_pull_request_leave_main_alone(hub_server, llama_folder):
+    main = hub.push_to_hub(llama_folder, f"{USER}/refs")
+    branch = hub.push_to_hub(llama_folder, f"{USER}/refs", revision="dev", training={"steps": 1}, commit_message="dev card")
+    assert "create_branch" in hub_server.endpoints()
+    assert hub_server.head(main.repo_id, "dev").oid == branch.commit_oid
+    assert hub_server.head(main.repo_id, "dev").message == "dev card"
+    assert hub_server.head(main.repo_id).oid == main.commit_oid
+
+    pr = hub.push_to_hub(llama_folder, f"{USER}/refs", create_pr=True, training={"steps": 2})
+    assert pr.pr_url == f"{hub_server.url}/{main.repo_id}/discussions/1"
+    assert hub_server.head(main.repo_id, "refs/pr/1").oid == pr.commit_oid
+    assert hub_server.head(main.repo_id).oid == main.commit_oid
+    assert b"| steps | 2 |" in hub_server.files(main.repo_id, "refs/pr/1")["README.md"]
+
+
+def test_no_token_fails_before_any_request(hub_server, llama_folder, monkeypatch):
+    monkeypatch.delenv("HF_TOKEN")
+    with pytest.raises(hub.MissingTokenError, match="No Hugging Face token found.*HF_TOKEN.*hf auth login"):
+        hub.push_to_hub(llama_folder, f"{USER}/nothing")
+    assert hub_server.calls == []
+    # The CLI says the same and exits 1.
+    assert hub.main([str(llama_folder), f"{USER}/nothing"]) == 1
+
+
+def test_rejected_token_creates_nothing(hub_server, llama_folder):
+    with pytest.raises(hub.PushFailedError, match="rejected the token"):
+        hub.push_to_hub(llama_folder, f"{USER}/nothing", token="hf_not_a_token")
+    assert hub_server.repos == {}
+
+
+def test_network_failure_at_commit_leaves_no_partial_commit_and_retry_reuploads_nothing(hub_server, llama_folder):
+    hub.push_to_hub(llama_folder, f"{USER}/flaky")
+    before = hub_server.head(f"{USER}/flaky")
+    retrained = tiny_llama(seed=7)
+    hub_server.clear_calls()
+    hub_server.inject_fault("commit", mode="disconnect")
+    with pytest.raises(hub.PushFailedError, match="Network failure.*No commit was created"):
+        hub.push_to_hub(retrained, f"{USER}/flaky")
+    # The weights did reach the server (mid-upload), but the branch did not move.
+    assert "lfs_upload" in hub_server.endpoints()
+    assert hub_server.calls[-1].endpoint == "commit" and hub_server.calls[-1].status == 0
+    assert hub_server.head(f"{USER}/flaky") == before
+
+    hub_server.clear_calls()
+    result = hub.push_to_hub(retrained, f"{USER}/flaky")
+    assert "lfs_upload" not in hub_server.endpoints()  # the blob is already there
+    assert hub_server.head(f"{USER}/flaky").oid == result.commit_oid != before.oid
+
+
+def test_network_failure_during_lfs_upload_commits_nothing(hub_server, llama_folder, monkeypatch):
+    from huggingface_hub.utils import _http
+
+    # huggingface_hub retries an upload 5 times with 1-8 s sleeps; skip the sleeping, keep the retries.
+    monkeypatch.setattr(_http.time, "sleep", lambda seconds: None)
+    hub_server.inject_fault("lfs_upload", mode="disconnect", times=6)
+    with pytest.raises(hub.PushFailedError, match="Network failure"):
+        hub.push_to_hub(llama_folder, f"{USER}/dropped")
+    uploads = [c for c in hub_server.calls if c.endpoint == "lfs_upload"]
+    assert len(uploads) == 6 and all(c.status == 0 for c in uploads)
+    assert "commit" not in hub_server.endpoints()
+    assert set(hub_server.files(f"{USER}/dropped")) == {".gitattributes"}
+
+
+def test_repo_holding_another_model_is_refused_unless_overwrite(hub_server, llama_folder, tmp_path):
+    first = hub.push_to_hub(llama_folder, f"{USER}/taken")
+    other = tmp_path / "wider"
+    tiny_llama(hidden=32).save_pretrained(other)
+    (other / "notes.txt").write_text("x")
+    hub_server.clear_calls()
+    with pytest.raises(hub.RepoConflictError, match=r"(?s)already holds a different model:\n  - hidden_size: remote 16 != local 32.*overwrite=True"):
+        hub.push_to_hub(other, f"{USER}/taken")
+    assert "commit" not in hub_server.endpoints()
+    assert hub_server.head(first.repo_id).oid == first.commit_oid
+
+    # An adapter cannot silently land on a full-model repo either.
+    (tmp_path / "adapter").mkdir()
+    (tmp_path / "adapter" / "adapter_config.json").write_text(json.dumps({"peft_type": "LORA", "base_model_name_or_path": str(llama_folder)}))
+    with pytest.raises(hub.UnconvertedBaseError):
+        hub.push_to_hub(tmp_path / "adapter", f"{USER}/taken")
+
+    (llama_folder / "stale.txt").write_text("old")
+    result = hub.push_to_hub(other, f"{USER}/taken", overwrite=True)
+    files = hub_server.files(result.repo_id)
+    assert json.loads(files["config.json"])["hidden_size"] == 32
+    assert "notes.txt" in files and files["model.safetensors"] == (other / "model.safetensors").read_bytes()
+
+
+def test_adapter_on_an_unconverted_base_is_refused_before_any_request(hub_server, tmp_path):
+    from peft import LoraConfig, PeftModel, get_peft_model
+
+    base = tiny_llama()
+    peft_model = get_peft_model(base, LoraConfig(r=2, target_modules=["q_proj", "v_proj"]))
+    with pytest.raises(hub.UnconvertedBaseError, match="was not converted with hf_posenc.*convert the base"):
+        hub.push_to_hub(peft_model, f"{USER}/adapter")
+    assert hub_server.calls == []
+
+    # Same from a folder whose base_model_name_or_path is a local stock checkpoint.
+    base_dir, adapter_dir = tmp_path / "base", tmp_path / "adapter"
+    base.save_pretrained(base_dir)
+    peft_model.peft_config["default"].base_model_name_or_path = str(base_dir)
+    peft_model.save_pretrained(adapter_dir)
+    assert isinstance(peft_model, PeftModel)
+    with pytest.raises(hub.UnconvertedBaseError, match="has no 'posenc'"):
+        hub.push_to_hub(adapter_dir, f"{USER}/adapter")
+    assert hub_server.calls == []
+
+
+def test_stock_model_type_with_a_posenc_entry_is_refused(hub_server, llama_folder):
+    config = json.loads((llama_folder / "config.json").read_text())
+    config["posenc"] = {"kind": "alibi", "max_bias": 8.0}
+    (llama_folder / "config.json").write_text(json.dumps(config))
+    with pytest.raises(hub.NotLoadableError, match="stock transformers would load it WITHOUT that encoding"):
+        hub.push_to_hub(llama_folder, f"{USER}/unsafe")
+    config.update(model_type="hf_posenc_llama", auto_map={"AutoModelForCausalLM": "modeling_hf_posenc.Missing"})
+    (llama_folder / "config.json").write_text(json.dumps(config))
+    with pytest.raises(hub.NotLoadableError, match="modeling_hf_posenc.py is not in"):
+        hub.push_to_hub(llama_folder, f"{USER}/unsafe")
+    assert hub_server.calls == []
+
+
+def test_server_commit_is_atomic_when_an_lfs_object_is_missing(hub_server):
+    api = HfApi(endpoint=hub_server.url, token=WRITE_TOKEN)
+    api.create_repo(f"{USER}/raw")
+    before = hub_server.head(f"{USER}/raw")
+    payload = "\n".join(json.dumps(line) for line in [
+        {"key": "header", "value": {"summary": "half", "description": ""}},
+        {"key": "file", "value": {"path": "a.txt", "content": "aGk=", "encoding": "base64"}},
+        {"key": "lfsFile", "value": {"path": "w.safetensors", "algo": "sha256", "oid": "0" * 64, "size": 3}},
+    ])
+    import httpx2
+
+    response = httpx2.post(f"{hub_server.url}/api/models/{USER}/raw/commit/main", content=payload,
+                           headers={"Authorization": f"Bearer {WRITE_TOKEN}", "Content-Type": "application/x-ndjson"})
+    assert response.status_code == 400 and "was not uploaded" in response.json()["error"]
+    assert hub_server.head(f"{USER}/raw") == before and "a.txt" not in hub_server.files(f"{USER}/raw")
+
+
+def test_invalid_card_metadata_is_rejected_by_validate_yaml(hub_server, llama_folder, monkeypatch):
+    original = cards.render_card
+
+    def broken(info):
+        card = original(info)
+        card.data.base_model_relation = "conversion"  # not a value the Hub accepts
+        return card
+
+    monkeypatch.setattr(cards, "render_card", broken)
+    with pytest.raises(hub.PushFailedError, match="(?s)rejected the model card metadata.*base_model_relation"):
+        hub.push_to_hub(llama_folder, f"{USER}/badcard")
+    assert hub_server.endpoints() == ["create_repo", "model_info", "validate_yaml"]
+    assert set(hub_server.files(f"{USER}/badcard")) == {".gitattributes"}
+
+
+def test_comparison_report_renders_every_method_and_the_best(tmp_path):
+    rows = [
+        {"method": "rope", "length": 256, "perplexity": 5.33},
+        {"method": "rope", "length": 512, "perplexity": 18.2},
+        {"method": "yarn x2", "length": 256, "perplexity": 5.55, "passkey_accuracy": 0.9},
+        {"method": "yarn x2", "length": 512, "perplexity": 5.57, "passkey_accuracy": 1.0},
+    ]
+    path = tmp_path / "results.json"
+    path.write_text(json.dumps({"results": rows, "dataset_name": "stdlib sources", "protocol": "Non-overlapping windows."}))
+    summary = cards.load_results(path)
+    card = cards.render_report(summary, title="Context extension", base_model="HuggingFaceTB/SmolLM2-135M")
+    parsed = ModelCard(str(card))
+    assert parsed.data.base_model == "HuggingFaceTB/SmolLM2-135M"
+    assert "| rope | 5.330 | 18.200 |" in parsed.text
+    assert "| yarn x2 | 5.550 | 5.570 |" in parsed.text
+    assert "| rope | – | – |" in parsed.text  # passkey table: rope was not measured
+    assert "| Perplexity | 512 | yarn x2 |" in parsed.text and "| Perplexity | 256 | rope |" in parsed.text
+    assert "stdlib sources" in parsed.text and "Non-overlapping windows." in parsed.text
+    png = cards.plot_results(summary, tmp_path / "p.png")
+    assert png.read_bytes().startswith(b"\x89PNG")
+
+
+def test_results_rows_are_validated():
+    with pytest.raises(ValueError, match="row 0 has no 'length'"):
+        cards.records_from_rows([{"perplexity": 3}])
+    with pytest.raises(ValueError, match="row 0 has no metric; expected one of"):
+        cards.records_from_rows([{"length": 3, "loss": 1}])
+    with pytest.raises(ValueError, match="perplexity='inf' is not finite"):
+        cards.records_from_rows([{"length": 3, "perplexity": "inf"}])
+    with pytest.raises(ValueError, match="a model card reports one model's numbers"):
+        cards.render_card(cards.CardInfo(repo_id="a/b", results=cards.EvalSummary(cards.records_from_rows(
+            [{"method": "a", "length": 1, "perplexity": 2}, {"method": "b", "length": 1, "perplexity": 2}]))))
