@@ -97,7 +97,7 @@ class RotaryPosition(PositionModule):
             angles = angles.repeat_interleave(2, dim=-1)
         return angles.cos() * scaling, angles.sin() * scaling
 
-    def _apply(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    def _rotate_one(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
         # x: [B, H, n, head_dim]; cos/sin: [n, rotary_dim] fp32 (cast to x's dtype like stock RoPE).
         cos, sin = cos.to(x.dtype), sin.to(x.dtype)
         rotate = rotate_half if self.layout == "half" else rotate_interleaved
@@ -111,7 +111,7 @@ class RotaryPosition(PositionModule):
         seq_len = int(q_pos.max()) + 1
         q_cos, q_sin = self.cos_sin(q_pos, seq_len)
         k_cos, k_sin = self.cos_sin(k_pos, seq_len)
-        return self._apply(query, q_cos, q_sin), self._apply(key, k_cos, k_sin)
+        return self._rotate_one(query, q_cos, q_sin), self._rotate_one(key, k_cos, k_sin)
 
     def extra_repr(self) -> str:
         return f"rope_parameters={self.rope_parameters}, rotary_dim={self.rotary_dim}, layout={self.layout!r}"

@@ -1,0 +1,180 @@
+"""The comparison grid: one base model, every encoding, one fine-tuning budget each, one report.
+
+For each variant: load the base fresh -> convert to the variant's encoding -> (optionally) LoRA
+fine-tune under Accelerate -> merge -> evaluate by length -> save the variant's record. Finished
+variants are skipped on a re-run when their settings are unchanged (their record carries a
+fingerprint of everything that produced it), so an interrupted comparison resumes where it stopped.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import logging
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from .recipe_config import CompareConfig, VariantConfig
+from .typed_config import load_config
+
+logger = logging.getLogger(__name__)
+
+
+def _fingerprint(cfg: CompareConfig, variant: VariantConfig) -> str:
+    """Hash of every setting that changes a variant's record."""
+    payload = {
+        "variant": dataclasses.asdict(variant),
+        "train": dataclasses.asdict(cfg.variant_train(variant)) if variant.finetune else None,
+        "lora": dataclasses.asdict(cfg.lora) if variant.finetune else None,
+        "model": dataclasses.asdict(cfg.model),
+        "data": dataclasses.asdict(cfg.data),
+        "eval": dataclasses.asdict(cfg.eval),
+    }
+    return hashlib.sha256(json.dumps(payload, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def _setup_logging(out_dir: Path) -> logging.Handler:
+    handler = logging.FileHandler(out_dir / "compare.log")
+    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    root = logging.getLogger("hf_posenc")
+    root.addHandler(handler)
+    root.setLevel(logging.INFO)
+    return handler
+
+
+def finetune_in_process(model, tokenizer, texts, cfg: CompareConfig, variant: VariantConfig, workdir: Path,
+                        progress: bool) -> tuple[Any, dict]:
+    """LoRA fine-tune one converted model under a single-process Accelerator; return it merged."""
+    from accelerate import Accelerator
+    from accelerate.utils import set_seed
+
+    from .finetune import build_training_windows, train
+    from .lora import wrap_with_lora
+
+    train_cfg = cfg.variant_train(variant)
+    set_seed(train_cfg.seed)  # LoRA initialisation is random
+    accelerator = Accelerator(gradient_accumulation_steps=train_cfg.grad_accum, mixed_precision=train_cfg.mixed_precision)
+    peft_model = wrap_with_lora(model, cfg.lora)
+    windows = build_training_windows(texts, tokenizer, train_cfg, accelerator.num_processes, cfg.data)
+    stats = train(accelerator, peft_model, windows, train_cfg, workdir / "checkpoints", progress=progress,
+                  desc=f"finetune {variant.name}")
+    unwrapped = accelerator.unwrap_model(peft_model)
+    unwrapped.save_pretrained(str(workdir / "adapter"))
+    merged = unwrapped.merge_and_unload()
+    accelerator.free_memory()
+    stats["seq_len"] = train_cfg.seq_len
+    return merged, stats
+
+
+def run_variant(cfg: CompareConfig, variant: VariantConfig, source, tokenizer, eval_stream, get_train_texts,
+                out_dir: Path, progress: bool) -> dict[str, Any]:
+    """Produce one variant's record (see ``results.json`` in the module docs of ``report``)."""
+    from .evaluation import evaluate_context
+    from .models import load_model
+    from .variants import apply_posenc
+
+    workdir = out_dir / "variants" / variant.name
+    workdir.mkdir(parents=True, exist_ok=True)
+    model = apply_posenc(load_model(source, cfg.model.dtype), variant.posenc)
+    stats: dict[str, Any] = {"train_tokens": 0, "seconds": 0.0}
+    if variant.finetune:
+        model, stats = finetune_in_process(model, tokenizer, get_train_texts(), cfg, variant, workdir, progress)
+    started = time.time()
+    with torch.no_grad():
+        evaluation = evaluate_context(model, tokenizer, eval_stream, cfg.eval, progress=progress,
+                                      desc=f"evaluate {variant.name}")
+    return {
+        "name": variant.name,
+        "posenc": variant.posenc,
+        "finetuned": variant.finetune,
+        "train_tokens": int(stats["train_tokens"]),
+        "perplexity": evaluation["perplexity"],
+        "passkey": evaluation["passkey"],
+        "passkey_by_depth": evaluation["passkey_by_depth"],
+        "loss_by_position": evaluation["loss_by_position"],
+        "train": {k: v for k, v in stats.items() if k != "train_tokens"},
+        "eval_seconds": round(time.time() - started, 1),
+        "fingerprint": _fingerprint(cfg, variant),
+    }
+
+
+def run_compare(config_path: str | Path, out_dir: str | Path, overrides: list[str] | tuple[str, ...] = (),
+                progress: bool = True) -> dict[str, Path]:
+    """Run (or resume) the comparison described by a YAML config and write its report.
+
+    Args:
+        config_path: A :class:`~hf_posenc.extension.recipe_config.CompareConfig` YAML file
+            (e.g. ``recipes/configs/compare_quick.yaml``).
+        out_dir: Output folder: ``results.json``, ``results.csv``, ``results.md``, the two plots,
+            ``compare.log`` and ``variants/<name>.json`` (one finished record per variant).
+        overrides: ``key.sub=value`` changes to the config.
+        progress: Show progress bars.
+
+    Returns:
+        Paths of the written files (keys ``json``, ``csv``, ``markdown``, ``perplexity_plot``,
+        ``passkey_plot``).
+
+    Raises:
+        hf_posenc.extension.typed_config.ConfigError: invalid config (before anything runs).
+    """
+    from tqdm.auto import tqdm
+
+    from .data import concat_tokens, load_texts
+    from .models import load_tokenizer, resolve
+    from .report import write_report
+
+    cfg = load_config(CompareConfig, config_path, overrides)
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    handler = _setup_logging(out_dir)
+    try:
+        started = time.time()
+        (out_dir / "config.json").write_text(json.dumps(dataclasses.asdict(cfg), indent=2))
+        source = resolve(cfg.model, cfg.data.held_out_percent, progress=progress)
+        base_seconds = round(time.time() - started, 1)
+        tokenizer = load_tokenizer(source)
+        longest = max([*cfg.eval.lengths, *(cfg.eval.passkey.lengths or [])])
+        # Scored tokens, then passkey filler drawn from text after them.
+        eval_stream = concat_tokens(load_texts(cfg.data, cfg.data.eval_split), tokenizer,
+                                    max(cfg.eval.eval_tokens, cfg.eval.sliding_tokens) + 2 * longest)
+        train_texts: list[str] = []
+
+        def get_train_texts() -> list[str]:
+            if not train_texts:
+                train_texts.extend(load_texts(cfg.data, cfg.data.train_split))
+            return train_texts
+
+        records = []
+        bar = tqdm(cfg.variants, desc="variants", disable=not progress)
+        for variant in bar:
+            bar.set_postfix(variant=variant.name)
+            path = out_dir / "variants" / f"{variant.name}.json"
+            if path.is_file():
+                record = json.loads(path.read_text())
+                if record.get("fingerprint") == _fingerprint(cfg, variant):
+                    logger.info("variant %s already done: reusing %s", variant.name, path)
+                    records.append(record)
+                    continue
+                logger.info("variant %s changed since its last run: recomputing", variant.name)
+            record = run_variant(cfg, variant, source, tokenizer, eval_stream, get_train_texts, out_dir, progress)
+            path.write_text(json.dumps(record, indent=2))
+            logger.info("variant %s: %s", variant.name, json.dumps(record["perplexity"]))
+            records.append(record)
+        results = {
+            "base_model": source.label,
+            "train_length": cfg.base_length,
+            "variants": records,
+            "eval": dataclasses.asdict(cfg.eval),
+            "seconds": {"base_model": base_seconds, "total_this_run": round(time.time() - started, 1)},
+        }
+        build_info = Path(source.path) / "build_info.json"
+        if build_info.is_file():
+            results["base_model_build"] = json.loads(build_info.read_text())
+        return write_report(results, out_dir)
+    finally:
+        logging.getLogger("hf_posenc").removeHandler(handler)
+        handler.close()

@@ -1,0 +1,190 @@
+"""The comparison's outputs: ``results.json`` (schema checked), ``results.csv``, a Markdown table
+and plots (log-scale perplexity vs length; passkey accuracy heatmap)."""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+from pathlib import Path
+from typing import Any
+
+# Keys every variant record must have, with their types (``results.json`` is read by other tools:
+# the model-card generator and the Hub push).
+_VARIANT_KEYS = {
+    "name": str, "posenc": dict, "finetuned": bool, "train_tokens": int, "perplexity": dict, "passkey": dict,
+}
+PPL_MODES = ("non_overlapping", "sliding")
+
+
+def validate_results(results: dict[str, Any]) -> None:
+    """Raise ``ValueError`` naming the first field of ``results`` that breaks the documented schema."""
+    if not isinstance(results.get("base_model"), str):
+        raise ValueError("results.base_model must be a string")
+    if not isinstance(results.get("train_length"), int) or isinstance(results.get("train_length"), bool):
+        raise ValueError("results.train_length must be an integer")
+    variants = results.get("variants")
+    if not isinstance(variants, list) or not variants:
+        raise ValueError("results.variants must be a non-empty list")
+    for i, record in enumerate(variants):
+        for key, kind in _VARIANT_KEYS.items():
+            value = record.get(key)
+            if not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
+                raise ValueError(f"results.variants[{i}].{key} must be {kind.__name__}, got {value!r}")
+        for mode in PPL_MODES:
+            table = record["perplexity"].get(mode)
+            if not isinstance(table, dict) or not table:
+                raise ValueError(f"results.variants[{i}].perplexity.{mode} must be a non-empty mapping")
+            _check_length_map(table, f"results.variants[{i}].perplexity.{mode}")
+        _check_length_map(record["passkey"], f"results.variants[{i}].passkey")
+
+
+def _check_length_map(table: dict, where: str) -> None:
+    for key, value in table.items():
+        if not (isinstance(key, str) and key.isdigit()):
+            raise ValueError(f"{where}: keys must be lengths as strings, got {key!r}")
+        if not isinstance(value, float | int) or isinstance(value, bool):
+            raise ValueError(f"{where}.{key} must be a number, got {value!r}")
+
+
+def _lengths(results: dict[str, Any]) -> list[str]:
+    seen = {k for v in results["variants"] for k in v["perplexity"]["non_overlapping"]}
+    return sorted(seen, key=int)
+
+
+def _fmt(value: float | None) -> str:
+    if value is None:
+        return "-"
+    if not math.isfinite(value) or value >= 1e4:
+        return f"{value:.2e}"
+    return f"{value:.2f}"
+
+
+def markdown_table(results: dict[str, Any]) -> str:
+    """Perplexity (non-overlapping / sliding) and passkey accuracy by length, one row per variant."""
+    lengths = _lengths(results)
+    head = ["variant", "fine-tuned", "train tokens"]
+    head += [f"ppl@{n}" for n in lengths] + [f"slide@{n}" for n in lengths] + [f"passkey@{n}" for n in lengths]
+    rows = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for v in results["variants"]:
+        ppl, slide = v["perplexity"]["non_overlapping"], v["perplexity"]["sliding"]
+        cells = [v["name"], "yes" if v["finetuned"] else "no", f"{v['train_tokens']:,}"]
+        cells += [_fmt(ppl.get(n)) for n in lengths] + [_fmt(slide.get(n)) for n in lengths]
+        cells += [("-" if v["passkey"].get(n) is None else f"{v['passkey'][n]:.2f}") for n in lengths]
+        rows.append("| " + " | ".join(cells) + " |")
+    note = (f"\nBase model: `{results['base_model']}`, trained at L = {results['train_length']} tokens. "
+            "ppl = per-token perplexity in non-overlapping windows of that length; slide = sliding window "
+            "of that length with a fixed stride; passkey = retrieval accuracy over all depths.\n")
+    return "\n".join(rows) + "\n" + note
+
+
+def write_csv(results: dict[str, Any], path: Path) -> None:
+    """Long format: one row per (variant, metric, length)."""
+    with open(path, "w", newline="") as handle:
+        writer = csv.writer(handle)
+        writer.writerow(["variant", "finetuned", "train_tokens", "metric", "length", "value"])
+        for v in results["variants"]:
+            base = [v["name"], v["finetuned"], v["train_tokens"]]
+            for mode in PPL_MODES:
+                for n, value in v["perplexity"][mode].items():
+                    writer.writerow(base + [f"perplexity_{mode}", n, value])
+            for n, value in v["passkey"].items():
+                writer.writerow(base + ["passkey_accuracy", n, value])
+
+
+def plot_perplexity(results: dict[str, Any], path: Path) -> None:
+    """Perplexity vs evaluation length, both axes log-scale, training length marked."""
+    import matplotlib
+
+    matplotlib.use("Agg")  # files only; never needs a display
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2, figsize=(12, 4.5), sharey=True)
+    for ax, mode in zip(axes, PPL_MODES):
+        for v in results["variants"]:
+            table = v["perplexity"][mode]
+            xs = sorted(table, key=int)
+            ax.plot([int(x) for x in xs], [table[x] for x in xs], marker="o", label=v["name"])
+        ax.axvline(results["train_length"], color="grey", linestyle=":", label="train length L")
+        ax.set_xscale("log", base=2)
+        ax.set_yscale("log")
+        ax.set_xlabel("evaluation length (tokens)")
+        ax.set_title(f"perplexity, {mode.replace('_', '-')}")
+        ax.grid(True, which="both", alpha=0.3)
+    axes[0].set_ylabel("per-token perplexity (log)")
+    axes[1].legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1))
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def plot_passkey(results: dict[str, Any], path: Path) -> None:
+    """Heatmap of passkey accuracy: variants x lengths."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    lengths = sorted({k for v in results["variants"] for k in v["passkey"]}, key=int)
+    grid = [[v["passkey"].get(n, float("nan")) for n in lengths] for v in results["variants"]]
+    fig, ax = plt.subplots(figsize=(1.2 * len(lengths) + 3, 0.45 * len(grid) + 1.5))
+    image = ax.imshow(grid, vmin=0, vmax=1, cmap="viridis", aspect="auto")
+    ax.set_xticks(range(len(lengths)), lengths)
+    ax.set_yticks(range(len(grid)), [v["name"] for v in results["variants"]])
+    for i, row in enumerate(grid):
+        for j, value in enumerate(row):
+            if value == value:  # not NaN
+                ax.text(j, i, f"{value:.2f}", ha="center", va="center", color="white" if value < 0.6 else "black")
+    ax.set_xlabel("prompt length (tokens)")
+    ax.set_title("passkey retrieval accuracy")
+    fig.colorbar(image, ax=ax)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def write_report(results: dict[str, Any], out_dir: Path) -> dict[str, Path]:
+    """Validate and write every output file; return their paths."""
+    validate_results(results)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    paths = {
+        "json": out_dir / "results.json",
+        "csv": out_dir / "results.csv",
+        "markdown": out_dir / "results.md",
+        "perplexity_plot": out_dir / "perplexity_vs_length.png",
+        "passkey_plot": out_dir / "passkey_heatmap.png",
+    }
+    paths["json"].write_text(json.dumps(results, indent=2))
+    write_csv(results, paths["csv"])
+    paths["markdown"].write_text(markdown_table(results))
+    plot_perplexity(results, paths["perplexity_plot"])
+    plot_passkey(results, paths["passkey_plot"])
+    return paths
+
+
+README_BEGIN = "<!-- hf-posenc compare: begin (generated by recipes/compare.py --readme) -->"
+README_END = "<!-- hf-posenc compare: end -->"
+
+
+def update_readme(readme: Path, paths: dict[str, Path]) -> None:
+    """Replace the block between the compare markers of ``readme`` with the generated table and plots.
+
+    The README then shows what the command produced, never hand-typed numbers. Plot links are
+    relative to the README's folder.
+    """
+    import os
+
+    text = readme.read_text() if readme.is_file() else ""
+    rel = {k: os.path.relpath(p, readme.parent) for k, p in paths.items()}
+    block = "\n".join([
+        README_BEGIN, "", paths["markdown"].read_text().strip(), "",
+        f"![perplexity vs length]({rel['perplexity_plot']})", "",
+        f"![passkey accuracy]({rel['passkey_plot']})", "",
+        f"Full results: `{rel['json']}` (JSON), `{rel['csv']}` (CSV).", README_END,
+    ])
+    if README_BEGIN in text and README_END in text:
+        head, rest = text.split(README_BEGIN, 1)
+        text = head + block + rest.split(README_END, 1)[1]
+    else:
+        text = text.rstrip() + "\n\n" + block + "\n"
+    readme.write_text(text)

@@ -1,0 +1,188 @@
+"""Conversion on every architecture: parity with stock, cache invariants, padding, attention weights."""
+
+import copy
+
+import pytest
+import torch
+from tiny_models import DECODERS, KINDS, ROPE_DECODERS, input_ids, randomize_position_tables, tiny_model
+
+import hf_posenc
+from hf_posenc import PosEncConfig
+
+
+def stock_nope(arch: str, attn_implementation: str = "eager"):
+    """Independent NoPE reference built from stock transformers only: zero rotary frequencies give
+    cos=1/sin=0 (identity rotation); zeroed absolute tables add nothing."""
+    model = tiny_model(arch, attn_implementation)
+    with torch.no_grad():
+        rotary = getattr(model.base_model, "rotary_emb", None)
+        if rotary is not None:
+            rotary.inv_freq.zero_()
+        for name in ("wpe", "embeddings.position_embeddings"):
+            module = model.base_model
+            try:
+                for part in name.split("."):
+                    module = getattr(module, part)
+            except AttributeError:
+                continue
+            module.weight.zero_()
+    return model
+
+
+@pytest.mark.parametrize("arch", ROPE_DECODERS)
+def test_identity_rope_conversion_is_bitwise(arch):
+    stock = tiny_model(arch)
+    converted = hf_posenc.convert(tiny_model(arch), PosEncConfig(kind="rope"))
+    x = input_ids()
+    with torch.no_grad():
+        assert torch.equal(stock(x).logits, converted(x).logits)
+    assert type(converted).__name__ == type(stock).__name__  # native: still a stock class
+
+
+NOOP_CASES = [(arch, kind) for arch in DECODERS + ["bert"] for kind in ("nope", "t5_bias", "cope")
+              if not (arch == "bert" and kind == "cope")]  # CoPE is causal-only (refusal: test_config)
+
+
+@pytest.mark.parametrize("arch,kind", NOOP_CASES)
+def test_noop_encodings_equal_stock_nope(arch, kind):
+    reference = stock_nope(arch)
+    converted = hf_posenc.convert(tiny_model(arch), PosEncConfig(kind=kind))
+    x = input_ids()
+    with torch.no_grad():
+        expected = reference(x)[0]
+        got = converted(x)[0]
+    torch.testing.assert_close(got, expected, rtol=0, atol=1e-5)
+
+
+@pytest.mark.parametrize("backend", ["eager", "sdpa"])
+@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("arch", DECODERS)
+def test_generate_cache_invariants(arch, kind, backend):
+    model = hf_posenc.convert(tiny_model(arch, backend), PosEncConfig(kind=kind))
+    randomize_position_tables(model)
+    prompt = input_ids(1, 7)
+    kwargs = dict(max_new_tokens=16, do_sample=False, min_new_tokens=16)
+    with torch.no_grad():
+        no_cache = model.generate(prompt, use_cache=False, **kwargs)
+        dynamic = model.generate(prompt, **kwargs)
+        static = model.generate(prompt, cache_implementation="static", **kwargs)
+    assert torch.equal(dynamic, no_cache)
+    assert torch.equal(static, no_cache)
+
+
+@pytest.mark.parametrize("backend", ["eager", "sdpa"])
+@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("arch", DECODERS)
+def test_left_padded_batch_matches_rows_alone(arch, kind, backend):
+    model = hf_posenc.convert(tiny_model(arch, backend), PosEncConfig(kind=kind))
+    randomize_position_tables(model)
+    long_row, short_row = input_ids(1, 10, seed=1), input_ids(1, 6, seed=2)
+    pad = long_row.shape[1] - short_row.shape[1]
+    batch = torch.cat([long_row, torch.cat([torch.zeros(1, pad, dtype=torch.long), short_row], 1)])
+    mask = torch.ones_like(batch)
+    mask[1, :pad] = 0
+    with torch.no_grad():
+        padded = model(batch, attention_mask=mask).logits
+        alone_long = model(long_row).logits
+        alone_short = model(short_row).logits
+    torch.testing.assert_close(padded[0], alone_long[0], rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(padded[1, pad:], alone_short[0], rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("arch", ["llama", "gpt2"])
+def test_output_attentions_on_eager(arch, kind):
+    model = hf_posenc.convert(tiny_model(arch, "eager"), PosEncConfig(kind=kind))
+    x = input_ids(2, 9)
+    with torch.no_grad():
+        out = model(x, output_attentions=True)
+    assert len(out.attentions) == 2
+    for weights in out.attentions:
+        assert weights.shape == (2, 4, 9, 9)
+        torch.testing.assert_close(weights.sum(-1), torch.ones(2, 4, 9))
+        assert torch.all(weights.triu(1) == 0)  # causal
+
+
+@pytest.mark.parametrize("kind", ["alibi", "t5_bias", "cope", "rope"])
+def test_eager_and_sdpa_agree(kind):
+    eager = hf_posenc.convert(tiny_model("gpt2", "eager"), PosEncConfig(kind=kind))
+    sdpa = hf_posenc.convert(tiny_model("gpt2", "sdpa"), PosEncConfig(kind=kind))
+    randomize_position_tables(eager)
+    randomize_position_tables(sdpa)
+    x = input_ids()
+    with torch.no_grad():
+        torch.testing.assert_close(eager(x).logits, sdpa(x).logits, rtol=1e-4, atol=1e-5)
+
+
+def test_hybrid_layers_keep_nope_elsewhere():
+    """layers=[1]: layer 0 is NoPE (no module), layer 1 carries the encoding."""
+    model = hf_posenc.convert(tiny_model("llama"), PosEncConfig(kind="alibi", layers=[1]))
+    attn = [layer.self_attn for layer in model.model.layers]
+    assert not hasattr(attn[0], "posenc") and hasattr(attn[1], "posenc")
+    # Layer 0 alone must then match the stock NoPE model's layer 0 output.
+    reference = stock_nope("llama")
+    x = input_ids()
+    with torch.no_grad():
+        got = model(x, output_hidden_states=True).hidden_states[1]
+        expected = reference(x, output_hidden_states=True).hidden_states[1]
+    torch.testing.assert_close(got, expected, rtol=0, atol=1e-6)
+
+
+def test_hybrid_rope_layers_is_not_native_and_matches_native_when_full():
+    """RoPE on a subset of layers runs through the plug-in; on layer 1 it must equal stock RoPE there."""
+    stock = tiny_model("llama")
+    hybrid = hf_posenc.convert(tiny_model("llama"), PosEncConfig(kind="rope", layers=[0]))
+    assert type(hybrid).__name__.startswith("HfPosenc")
+    x = input_ids()
+    with torch.no_grad():
+        got = hybrid(x, output_hidden_states=True).hidden_states[1]
+        expected = stock(x, output_hidden_states=True).hidden_states[1]
+    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
+
+
+def test_revert_restores_stock_model():
+    stock = tiny_model("gpt2")
+    model = tiny_model("gpt2")
+    x = input_ids()
+    hf_posenc.convert(model, PosEncConfig(kind="alibi"))
+    hf_posenc.revert(model)
+    assert type(model) is type(stock) and not hasattr(model.config, "posenc")
+    with torch.no_grad():
+        assert torch.equal(model(x).logits, stock(x).logits)
+
+
+def test_conversion_is_per_instance():
+    a, b = tiny_model("llama"), tiny_model("llama")
+    hf_posenc.convert(a, PosEncConfig(kind="alibi"))
+    reference = tiny_model("llama")
+    x = input_ids()
+    with torch.no_grad():
+        assert torch.equal(b(x).logits, reference(x).logits)
+        assert not torch.equal(a(x).logits, reference(x).logits)
+
+
+def test_switching_to_stock_backend_is_refused():
+    model = hf_posenc.convert(tiny_model("llama", "sdpa"), PosEncConfig(kind="alibi"))
+    model.set_attn_implementation("sdpa")
+    with pytest.raises(RuntimeError, match="drops its positional encoding"):
+        model(input_ids())
+    hf_posenc.set_backend(model, "sdpa")
+    model(input_ids())
+
+
+def test_bert_accepts_inputs_longer_than_its_absolute_table():
+    model = hf_posenc.convert(tiny_model("bert"), PosEncConfig(kind="alibi"))
+    with torch.no_grad():
+        out = model(input_ids(1, 200)).last_hidden_state
+    assert out.shape == (1, 200, 32) and torch.isfinite(out).all()
+
+
+def test_bert_is_bidirectional_after_conversion():
+    """A change to the last token must reach the first position's output (encoder)."""
+    model = hf_posenc.convert(tiny_model("bert"), PosEncConfig(kind="t5_bias"))
+    randomize_position_tables(model)
+    x = input_ids(1, 8)
+    y = x.clone()
+    y[0, -1] = (y[0, -1] + 1) % 100 + 1
+    with torch.no_grad():
+        assert not torch.allclose(model(x).last_hidden_state[0, 0], model(y).last_hidden_state[0, 0])
