@@ -368,7 +368,8 @@ def render_card(info: CardInfo) -> ModelCard:
         template_path=str(template_dir() / TEMPLATES[kind]),
         info=info,
         encoding=describe_encoding(info.posenc),
-        posenc_json=json.dumps(info.posenc, indent=2, sort_keys=True) if info.posenc else None,
+        # Unset (None) fields mean "the model's own value"; listing them would bury the real settings.
+        posenc_json=json.dumps({k: v for k, v in info.posenc.items() if v is not None}, indent=2, sort_keys=True) if info.posenc else None,
         results_tables=_tables(results),
         plot_file=info.plot_file,
         training_rows=sorted((info.training or {}).items()),

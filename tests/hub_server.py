@@ -685,7 +685,8 @@ for spec in specs:
         model.eval()
         with torch.no_grad():
             logits = model(torch.tensor(spec["input_ids"])).logits
-        results[spec["name"]] = {"logits": logits, "class": type(model).__name__, "posenc": getattr(getattr(model, "config", None), "posenc", None)}
+        results[spec["name"]] = {"logits": logits, "class": type(model).__name__, "posenc": getattr(getattr(model, "config", None), "posenc", None),
+                                 "hf_posenc_imported": "hf_posenc" in sys.modules}
     except Exception as err:  # reported to the test, which decides whether it was expected
         results[spec["name"]] = {"error": f"{type(err).__name__}: {err}"}
 torch.save(results, out)
