@@ -32,6 +32,7 @@ from huggingface_hub import EvalResult, ModelCard, ModelCardData
 #: (https://huggingface.co/metrics) where one exists.
 METRICS: dict[str, tuple[str, str, bool]] = {
     "perplexity": ("perplexity", "Perplexity", True),
+    "perplexity_sliding": ("perplexity", "Perplexity (sliding window)", True),
     "bits_per_byte": ("bits_per_byte", "Bits per byte", True),
     "passkey_accuracy": ("accuracy", "Passkey accuracy", False),
 }
@@ -208,10 +209,12 @@ def load_results(path: str | Path, **summary_fields: Any) -> EvalSummary:
     text = path.read_text(encoding="utf-8")
     extra: dict[str, Any] = {}
     if path.suffix == ".csv":
-        rows: list[Mapping[str, Any]] = list(csv.DictReader(io.StringIO(text)))
+        rows: list[Mapping[str, Any]] = _widen(list(csv.DictReader(io.StringIO(text))))
     elif path.suffix == ".json":
         data = json.loads(text)
-        if isinstance(data, dict):
+        if isinstance(data, dict) and "variants" in data:
+            rows = comparison_rows(data)
+        elif isinstance(data, dict):
             rows = data.get("results", [])
             extra = {k: v for k, v in data.items() if k in EvalSummary.__dataclass_fields__ and k != "records"}
         else:
@@ -219,6 +222,62 @@ def load_results(path: str | Path, **summary_fields: Any) -> EvalSummary:
     else:
         raise ValueError(f"results file {path} must end in .csv or .json, not {path.suffix!r}")
     return EvalSummary(records_from_rows(rows), **{**extra, **summary_fields})
+
+
+# Metric names of the comparison recipe's long CSV (hf_posenc.extension.report.write_csv) -> ours.
+_RECIPE_METRICS = {
+    "perplexity_non_overlapping": "perplexity",
+    "perplexity_sliding": "perplexity_sliding",
+    "passkey_accuracy": "passkey_accuracy",
+}
+
+
+def comparison_rows(results: Mapping[str, Any]) -> list[dict[str, Any]]:
+    """Long-format rows from the comparison recipe's ``results.json``.
+
+    That file holds ``{"base_model", "train_length", "variants": [{"name", "perplexity":
+    {"non_overlapping": {length: ppl}, "sliding": {...}}, "passkey": {length: accuracy}}]}``
+    (schema: ``hf_posenc.extension.report.validate_results``); each variant becomes a method.
+    """
+    by_key: dict[tuple[str, int], dict[str, Any]] = {}
+    for variant in results["variants"]:
+        tables = {
+            "perplexity": variant.get("perplexity", {}).get("non_overlapping", {}),
+            "perplexity_sliding": variant.get("perplexity", {}).get("sliding", {}),
+            "passkey_accuracy": variant.get("passkey", {}),
+        }
+        for metric, table in tables.items():
+            for length, value in table.items():
+                row = by_key.setdefault((variant["name"], int(length)), {"method": variant["name"], "length": int(length)})
+                row[metric] = value
+    return list(by_key.values())
+
+
+def _widen(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Turn ``(variant, metric, length, value)`` rows (the recipe's CSV) into one row per (method, length)."""
+    if not rows or "metric" not in rows[0] or "value" not in rows[0]:
+        return rows
+    by_key: dict[tuple[str, str], dict[str, Any]] = {}
+    for i, row in enumerate(rows):
+        metric = _RECIPE_METRICS.get(row["metric"], row["metric"])
+        if metric not in METRICS:
+            raise ValueError(f"results row {i}: unknown metric {row['metric']!r}; expected one of {sorted(_RECIPE_METRICS)}")
+        method = row.get("variant") or row.get("method")
+        wide = by_key.setdefault((method, row["length"]), {"method": method, "length": row["length"]})
+        wide[metric] = row["value"]
+    return list(by_key.values())
+
+
+def select_method(summary: EvalSummary, method: str) -> EvalSummary:
+    """The summary restricted to one method's rows (the card of one variant of a comparison).
+
+    Raises:
+        ValueError: If ``method`` is not in the results (the message lists the methods present).
+    """
+    if method not in summary.methods():
+        raise ValueError(f"method {method!r} is not in the results; available: {summary.methods()}")
+    rows = [r for r in summary.records if r.method == method]
+    return EvalSummary(rows, summary.dataset_name, summary.dataset_type, summary.dataset_split, summary.dataset_is_hub_id, summary.protocol)
 
 
 def plot_results(summary: EvalSummary, path: str | Path, metric: str | None = None) -> Path:

@@ -128,6 +128,7 @@ def push_to_hub(
     commit_description: str | None = None,
     base_model: str | None = None,
     results: cards.EvalSummary | str | os.PathLike[str] | Sequence[Mapping[str, Any]] | None = None,
+    results_method: str | None = None,
     training: Mapping[str, Any] | None = None,
     datasets: Sequence[str] = (),
     license: str | None = None,
@@ -153,6 +154,8 @@ def push_to_hub(
             ``adapter_config.json``'s ``base_model_name_or_path`` so the adapter loads anywhere.
         results: Evaluation numbers for the card: an :class:`~hf_posenc.cards.EvalSummary`, a
             recipe's results file (CSV/JSON), or long-format rows (see :func:`cards.records_from_rows`).
+        results_method: The row of a comparison (a recipe variant) that is this model; required
+            when ``results`` holds several methods.
         training: Training budget shown in the card (steps, tokens, sequence length, ...).
         datasets: Hub dataset ids for the card metadata.
         license: License id for the card metadata.
@@ -181,6 +184,8 @@ def push_to_hub(
         raise ValueError(f"repo_id={repo_id!r} is not a Hub repo id; expected 'namespace/name' or 'name'")
     token = resolve_token(token)
     summary = _as_summary(results)
+    if summary is not None and results_method is not None:
+        summary = cards.select_method(summary, results_method)
     endpoint = (endpoint or constants.ENDPOINT).rstrip("/")
     api = HfApi(endpoint=endpoint, token=token)
 
@@ -506,6 +511,7 @@ def add_push_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentPars
     parser.add_argument("-m", "--commit-message", default=None)
     parser.add_argument("--base-model", default=None, help="Hub id of the base model (for adapters: the converted base)")
     parser.add_argument("--results", default=None, help="recipe results table (.csv or .json) for the card")
+    parser.add_argument("--results-method", default=None, help="the row (recipe variant) of --results that is this model")
     parser.add_argument("--dataset", action="append", default=[], help="Hub dataset id (repeatable)")
     parser.add_argument("--license", default=None)
     parser.add_argument("--overwrite", action="store_true", help="replace a repo that holds a different model")
@@ -525,6 +531,7 @@ def run_push(args: argparse.Namespace) -> int:
         commit_message=args.commit_message,
         base_model=args.base_model,
         results=args.results,
+        results_method=args.results_method,
         datasets=args.dataset,
         license=args.license,
         overwrite=args.overwrite,

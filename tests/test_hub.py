@@ -332,3 +332,47 @@ def test_results_rows_are_validated():
     with pytest.raises(ValueError, match="a model card reports one model's numbers"):
         cards.render_card(cards.CardInfo(repo_id="a/b", results=cards.EvalSummary(cards.records_from_rows(
             [{"method": "a", "length": 1, "perplexity": 2}, {"method": "b", "length": 1, "perplexity": 2}]))))
+
+
+def test_cli_push_with_the_comparison_recipes_results(hub_server, llama_folder, tmp_path, capsys):
+    # Real numbers in the comparison recipe's results.json layout: two variants of this tiny model,
+    # non-overlapping and sliding perplexity, at two lengths (sliding = stride half the window).
+    model = transformers.AutoModelForCausalLM.from_pretrained(llama_folder)
+    torch.manual_seed(2)
+    text = torch.randint(0, 64, (1, 64))
+
+    def ppl(window: int, stride: int) -> float:
+        losses = []
+        for start in range(0, 64 - window + 1, stride):
+            ids = text[:, start:start + window]
+            with torch.no_grad():
+                losses.append(model(ids, labels=ids).loss.item())
+        return math.exp(sum(losses) / len(losses))
+
+    variants = [
+        {"name": name, "posenc": {"kind": "rope"}, "finetuned": False, "train_tokens": 0,
+         "perplexity": {"non_overlapping": {str(n): ppl(n, n) for n in (16, 32)},
+                        "sliding": {str(n): ppl(n, n // 2) for n in (16, 32)}},
+         "passkey": {"16": 0.5}}
+        for name in ("this", "other")
+    ]
+    variants[1]["perplexity"]["non_overlapping"] = {"16": 99.0, "32": 98.0}
+    results = tmp_path / "results.json"
+    results.write_text(json.dumps({"base_model": "tiny", "train_length": 16, "variants": variants}))
+
+    code = hub.main([str(llama_folder), f"{USER}/cli", "--results", str(results), "--results-method", "this", "--private"])
+    assert code == 0
+    url = capsys.readouterr().out.strip()
+    assert url.startswith(f"{hub_server.url}/{USER}/cli/commit/") and hub_server.repos[f"{USER}/cli"].private
+    card = ModelCard(hub_server.files(f"{USER}/cli")["README.md"].decode())
+    want = variants[0]["perplexity"]
+    got = {(r.metric_name, r.metric_value) for r in card.data.eval_results}
+    assert got == {
+        *((f"Perplexity @ {n} tokens", want["non_overlapping"][n]) for n in ("16", "32")),
+        *((f"Perplexity (sliding window) @ {n} tokens", want["sliding"][n]) for n in ("16", "32")),
+        ("Passkey accuracy @ 16 tokens", 0.5),
+    }
+    assert f"| this | {want['non_overlapping']['16']:.3f} | {want['non_overlapping']['32']:.3f} |" in card.text
+    assert "99.000" not in card.text  # the other variant's numbers stay out of this model's card
+    assert hub.main([str(llama_folder), f"{USER}/cli2", "--results", str(results)]) == 1
+    assert "a model card reports one model's numbers" in capsys.readouterr().err
