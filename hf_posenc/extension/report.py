@@ -63,14 +63,15 @@ def _fmt(value: float | None) -> str:
 def markdown_table(results: dict[str, Any]) -> str:
     """Perplexity (non-overlapping / sliding) and passkey accuracy by length, one row per variant."""
     lengths = _lengths(results)
+    pk_lengths = sorted({k for v in results["variants"] for k in v["passkey"]}, key=int)
     head = ["variant", "fine-tuned", "train tokens"]
-    head += [f"ppl@{n}" for n in lengths] + [f"slide@{n}" for n in lengths] + [f"passkey@{n}" for n in lengths]
+    head += [f"ppl@{n}" for n in lengths] + [f"slide@{n}" for n in lengths] + [f"passkey@{n}" for n in pk_lengths]
     rows = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for v in results["variants"]:
         ppl, slide = v["perplexity"]["non_overlapping"], v["perplexity"]["sliding"]
         cells = [v["name"], "yes" if v["finetuned"] else "no", f"{v['train_tokens']:,}"]
         cells += [_fmt(ppl.get(n)) for n in lengths] + [_fmt(slide.get(n)) for n in lengths]
-        cells += [("-" if v["passkey"].get(n) is None else f"{v['passkey'][n]:.2f}") for n in lengths]
+        cells += [("-" if v["passkey"].get(n) is None else f"{v['passkey'][n]:.2f}") for n in pk_lengths]
         rows.append("| " + " | ".join(cells) + " |")
     note = (f"\nBase model: `{results['base_model']}`, trained at L = {results['train_length']} tokens. "
             "ppl = per-token perplexity in non-overlapping windows of that length; slide = sliding window "

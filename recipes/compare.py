@@ -1,0 +1,45 @@
+"""Run the whole context-extension comparison grid and write its report.
+
+    python recipes/compare.py recipes/configs/compare_quick.yaml --out runs/compare_quick [key.sub=value ...]
+    hf-posenc compare recipes/configs/compare_quick.yaml --out runs/compare_quick
+
+Re-running with the same --out resumes: finished variants are not recomputed. ``--readme FILE``
+also writes the generated table and plot into FILE between the compare markers.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from hf_posenc.extension.compare import run_compare  # noqa: E402
+from hf_posenc.extension.report import update_readme  # noqa: E402
+from hf_posenc.extension.typed_config import ConfigError  # noqa: E402
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("config")
+    parser.add_argument("--out", required=True, help="output folder (resumable)")
+    parser.add_argument("--readme", help="Markdown file whose compare section is replaced by the results")
+    parser.add_argument("--no-progress", action="store_true")
+    parser.add_argument("overrides", nargs="*", help="key.sub=value changes")
+    args = parser.parse_args(argv)
+    try:
+        paths = run_compare(args.config, args.out, args.overrides, progress=not args.no_progress)
+    except ConfigError as err:
+        sys.exit(f"config error: {err}")
+    print(paths["markdown"].read_text())
+    for key, path in paths.items():
+        print(f"{key}: {path}")
+    if args.readme:
+        update_readme(Path(args.readme), paths)
+        print(f"updated {args.readme}")
+    return paths
+
+
+if __name__ == "__main__":
+    main()

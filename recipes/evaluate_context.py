@@ -1,0 +1,59 @@
+"""Evaluate one model at several lengths: perplexity (non-overlapping and sliding), loss by
+position, passkey retrieval by length and depth.
+
+    python recipes/evaluate_context.py --config recipes/configs/evaluate_quick.yaml [key.sub=value ...]
+
+Also callable from Python: ``hf_posenc.extension.evaluation.evaluate_context(model, tokenizer, stream, cfg)``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from hf_posenc.extension.recipe_config import EvaluateConfig  # noqa: E402
+from hf_posenc.extension.typed_config import ConfigError, load_config  # noqa: E402
+
+
+def main(argv=None) -> dict:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--config", required=True)
+    parser.add_argument("overrides", nargs="*", help="key.sub=value changes")
+    args = parser.parse_args(argv)
+    try:
+        cfg = load_config(EvaluateConfig, args.config, args.overrides)
+    except ConfigError as err:
+        sys.exit(f"config error: {err}")
+
+    from hf_posenc.extension.data import concat_tokens, load_texts
+    from hf_posenc.extension.evaluation import evaluate_context
+    from hf_posenc.extension.lora import load_adapter
+    from hf_posenc.extension.models import load_model, load_tokenizer, resolve
+    from hf_posenc.extension.variants import apply_posenc
+
+    source = resolve(cfg.model, cfg.data.held_out_percent)
+    tokenizer = load_tokenizer(source)
+    model = load_model(source, cfg.model.dtype)
+    if cfg.posenc is not None:
+        model = apply_posenc(model, cfg.posenc)
+    if cfg.adapter:
+        model = load_adapter(model, cfg.adapter).merge_and_unload()
+    longest = max([*cfg.eval.lengths, *(cfg.eval.passkey.lengths or [])])
+    stream = concat_tokens(load_texts(cfg.data, cfg.data.eval_split), tokenizer,
+                           max(cfg.eval.eval_tokens, cfg.eval.sliding_tokens) + 2 * longest)
+    result = {"model": source.label, "posenc": cfg.posenc, "adapter": cfg.adapter,
+              **evaluate_context(model, tokenizer, stream, cfg.eval)}
+    out = Path(cfg.output)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(result, indent=2))
+    print(json.dumps(result["perplexity"], indent=2))
+    print(f"wrote {out}")
+    return result
+
+
+if __name__ == "__main__":
+    main()

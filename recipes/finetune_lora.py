@@ -1,0 +1,117 @@
+"""LoRA context-extension fine-tuning of a model with a swapped positional encoding.
+
+    accelerate launch [--config_file recipes/accelerate/X.yaml] recipes/finetune_lora.py \
+        --config recipes/configs/finetune_yarn_quick.yaml [key.sub=value ...]
+
+Steps: load base -> convert (``hf_posenc.convert``) -> PEFT LoRA -> datasets pipeline -> Accelerate
+loop (checkpoints every ``train.checkpoint_every`` steps; a restarted run resumes from the newest) ->
+save adapter + merged model + model card into ``output.dir``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from pathlib import Path
+
+# Runnable from a checkout without installing the package.
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from hf_posenc.extension.recipe_config import FinetuneConfig  # noqa: E402
+from hf_posenc.extension.typed_config import ConfigError, load_config  # noqa: E402
+
+logger = logging.getLogger("hf_posenc.recipes.finetune_lora")
+
+
+def parse_args(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--config", required=True, help="YAML file (see recipes/configs/)")
+    parser.add_argument("overrides", nargs="*", help="key.sub=value changes, e.g. train.steps=20")
+    return parser.parse_args(argv)
+
+
+def write_card(cfg: FinetuneConfig, out: Path, base_label: str, stats: dict) -> None:
+    """Model card for the adapter (rendered by hf_posenc.cards, the project's card templates)."""
+    from hf_posenc.cards import CardInfo, render_card
+
+    adapter = json.loads((out / "adapter" / "adapter_config.json").read_text())
+    info = CardInfo(
+        repo_id=out.name,
+        posenc=cfg.posenc,
+        original_encoding="rope",
+        adapter={k: adapter.get(k) for k in ("peft_type", "r", "lora_alpha", "target_modules", "modules_to_save")},
+        training={"base model": base_label, "steps": stats["steps"], "train tokens": stats["train_tokens"],
+                  "sequence length": cfg.train.seq_len, "learning rate": cfg.train.lr,
+                  "processes": stats["world_size"], "final loss": round(stats["final_loss"], 4)},
+    )
+    render_card(info).save(str(out / "adapter" / "README.md"))
+
+
+def main(argv=None) -> dict:
+    args = parse_args(argv)
+    # 0. Config: every key and value is checked here, before any model is loaded.
+    try:
+        cfg = load_config(FinetuneConfig, args.config, args.overrides)
+    except ConfigError as err:
+        sys.exit(f"config error: {err}")
+
+    from accelerate import Accelerator
+    from accelerate.utils import set_seed
+
+    from hf_posenc.extension.data import load_texts
+    from hf_posenc.extension.finetune import build_training_windows, train
+    from hf_posenc.extension.lora import wrap_with_lora
+    from hf_posenc.extension.models import load_model, load_tokenizer, resolve
+    from hf_posenc.extension.variants import apply_posenc
+
+    accelerator = Accelerator(gradient_accumulation_steps=cfg.train.grad_accum, mixed_precision=cfg.train.mixed_precision)
+    logging.basicConfig(level=logging.INFO if accelerator.is_main_process else logging.WARNING,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    out = Path(cfg.output.dir)
+    set_seed(cfg.train.seed)
+
+    # 1. Base model (the builtin one is pretrained once, by the main process, and cached).
+    with accelerator.main_process_first():
+        source = resolve(cfg.model, cfg.data.held_out_percent, progress=accelerator.is_main_process)
+    tokenizer = load_tokenizer(source)
+    model = load_model(source, cfg.model.dtype)
+
+    # 2. Convert to the requested encoding, 3. wrap with LoRA (+ position tables, + LongLoRA switch).
+    model = apply_posenc(model, cfg.posenc)
+    model = wrap_with_lora(model, cfg.lora)
+    if accelerator.is_main_process:
+        model.print_trainable_parameters()
+
+    # 4. Data: windows of train.seq_len tokens from the training split (same on every rank;
+    #    Accelerate's prepared dataloader gives each rank its own shard).
+    with accelerator.main_process_first():
+        texts = load_texts(cfg.data, cfg.data.train_split)
+    windows = build_training_windows(texts, tokenizer, cfg.train, accelerator.num_processes, cfg.data)
+
+    # 5. Train (resumes from output.dir/checkpoints when a checkpoint is there).
+    stats = train(accelerator, model, windows, cfg.train, out / "checkpoints", progress=True)
+
+    # 6. Save adapter, merged model and card (each rank also records its own statistics).
+    out.mkdir(parents=True, exist_ok=True)
+    (out / f"train_stats.rank{accelerator.process_index}.json").write_text(json.dumps(stats, indent=2))
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        unwrapped = accelerator.unwrap_model(model)
+        if cfg.output.save_adapter:
+            unwrapped.save_pretrained(str(out / "adapter"))
+            tokenizer.save_pretrained(str(out / "adapter"))
+            write_card(cfg, out, source.label, stats)
+        if cfg.output.save_merged:
+            merged = unwrapped.merge_and_unload()
+            merged.save_pretrained(str(out / "merged"))
+            tokenizer.save_pretrained(str(out / "merged"))
+        (out / "train_stats.json").write_text(json.dumps(stats, indent=2))
+        logger.info("done: %s", stats)
+    accelerator.end_training()
+    return stats
+
+
+if __name__ == "__main__":
+    main()
