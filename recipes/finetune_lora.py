@@ -70,7 +70,6 @@ def main(argv=None) -> dict:
     logging.basicConfig(level=logging.INFO if accelerator.is_main_process else logging.WARNING,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     out = Path(cfg.output.dir)
-    set_seed(cfg.train.seed)
 
     # 1. Base model (the builtin one is pretrained once, by the main process, and cached).
     with accelerator.main_process_first():
@@ -79,6 +78,9 @@ def main(argv=None) -> dict:
     model = load_model(source, cfg.model.dtype)
 
     # 2. Convert to the requested encoding, 3. wrap with LoRA (+ position tables, + LongLoRA switch).
+    # Seeded here, not earlier: building the base model (first run only) draws random numbers, and
+    # new position tables and LoRA weights must start the same whether or not it was cached.
+    set_seed(cfg.train.seed)
     model = apply_posenc(model, cfg.posenc)
     model = wrap_with_lora(model, cfg.lora)
     if accelerator.is_main_process:

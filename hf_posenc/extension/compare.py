@@ -50,13 +50,11 @@ def finetune_in_process(model, tokenizer, texts, cfg: CompareConfig, variant: Va
                         progress: bool) -> tuple[Any, dict]:
     """LoRA fine-tune one converted model under a single-process Accelerator; return it merged."""
     from accelerate import Accelerator
-    from accelerate.utils import set_seed
 
     from .finetune import build_training_windows, train
     from .lora import wrap_with_lora
 
     train_cfg = cfg.variant_train(variant)
-    set_seed(train_cfg.seed)  # LoRA initialisation is random
     accelerator = Accelerator(gradient_accumulation_steps=train_cfg.grad_accum, mixed_precision=train_cfg.mixed_precision)
     peft_model = wrap_with_lora(model, cfg.lora)
     windows = build_training_windows(texts, tokenizer, train_cfg, accelerator.num_processes, cfg.data)
@@ -73,13 +71,19 @@ def finetune_in_process(model, tokenizer, texts, cfg: CompareConfig, variant: Va
 def run_variant(cfg: CompareConfig, variant: VariantConfig, source, tokenizer, eval_stream, get_train_texts,
                 out_dir: Path, progress: bool) -> dict[str, Any]:
     """Produce one variant's record (see ``results.json`` in the module docs of ``report``)."""
+    from accelerate.utils import set_seed
+
     from .evaluation import evaluate_context
     from .models import load_model
     from .variants import apply_posenc
 
     workdir = out_dir / "variants" / variant.name
     workdir.mkdir(parents=True, exist_ok=True)
-    model = apply_posenc(load_model(source, cfg.model.dtype), variant.posenc)
+    model = load_model(source, cfg.model.dtype)
+    # New position tables and LoRA weights are random: seed per variant so a resumed comparison
+    # recomputes a variant exactly as a fresh one would.
+    set_seed(cfg.variant_train(variant).seed)
+    model = apply_posenc(model, variant.posenc)
     stats: dict[str, Any] = {"train_tokens": 0, "seconds": 0.0}
     if variant.finetune:
         model, stats = finetune_in_process(model, tokenizer, get_train_texts(), cfg, variant, workdir, progress)

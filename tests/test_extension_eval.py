@@ -1,0 +1,153 @@
+"""Evaluation: perplexity modes against transformers' own loss, metric modules, passkey prompts."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+from transformers import LlamaConfig, LlamaForCausalLM
+
+from hf_posenc.extension import evaluation
+from hf_posenc.extension.recipe_config import EvalConfig, PasskeyConfig
+from hf_posenc.extension.tokenizer import train_bpe_tokenizer
+
+TEXTS = ["def f(x):\n    return x + 1\n" * 40, "class A:\n    value = 12345\n" * 40]
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    return train_bpe_tokenizer(TEXTS, vocab_size=300)
+
+
+@pytest.fixture(scope="module")
+def model():
+    torch.manual_seed(0)
+    cfg = LlamaConfig(vocab_size=300, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                      num_attention_heads=2, num_key_value_heads=2, max_position_embeddings=32)
+    return LlamaForCausalLM(cfg).eval()
+
+
+@pytest.fixture(scope="module")
+def stream():
+    return torch.randint(0, 300, (256,), generator=torch.Generator().manual_seed(1))
+
+
+def test_non_overlapping_matches_transformers_loss(model, stream):
+    nll, pos = evaluation.non_overlapping(model, stream, 64)
+    assert len(nll) == 4 * 63 and pos[:63] == list(range(1, 64))
+    with torch.no_grad():
+        reference = [model(input_ids=w[None], labels=w[None]).loss.item() for w in stream.view(4, 64)]
+    assert np.mean(nll) == pytest.approx(np.mean(reference), rel=1e-5)
+
+
+def test_sliding_matches_the_masked_label_reference(model, stream):
+    """Reference: the transformers docs' recipe (labels of already-scored tokens set to -100)."""
+    length, stride = 64, 16
+    nll, pos = evaluation.sliding(model, stream, length, stride)
+    assert len(nll) == len(stream) - 1  # every token but the first scored exactly once
+    total, count, prev_end = 0.0, 0, 0
+    with torch.no_grad():
+        for begin in range(0, len(stream), stride):
+            end = min(begin + length, len(stream))
+            ids = stream[begin:end][None]
+            labels = ids.clone()
+            labels[:, : -(end - prev_end)] = -100
+            scored = int((labels[:, 1:] != -100).sum())
+            total += model(input_ids=ids, labels=labels).loss.item() * scored
+            count += scored
+            prev_end = end
+            if end == len(stream):
+                break
+    assert count == len(nll)
+    assert sum(nll) == pytest.approx(total, rel=1e-5)
+    assert min(pos) >= 1 and max(pos) == length - 1
+
+
+def test_sliding_with_stride_equal_to_length_is_non_overlapping(model, stream):
+    a, pa = evaluation.sliding(model, stream, 64, 64)
+    b, pb = evaluation.non_overlapping(model, stream, 64)
+    assert pa == pb and np.allclose(a, b, atol=1e-6)
+
+
+def test_token_perplexity_metric_against_numpy():
+    metric = evaluation.load_metric("token_perplexity")
+    rng = np.random.default_rng(0)
+    nll = rng.uniform(0, 5, 1000)
+    pos = rng.integers(0, 100, 1000)
+    out = metric.compute(predictions=nll.tolist(), references=pos.tolist(), bucket_size=32)
+    assert out["perplexity"] == pytest.approx(math.exp(nll.mean()), rel=1e-12)
+    for start in (0, 32, 64, 96):
+        mask = (pos >= start) & (pos < start + 32)
+        assert out["loss_by_bucket"][str(start)] == pytest.approx(nll[mask].mean(), rel=1e-12)
+    with pytest.raises(ValueError):
+        metric.compute(predictions=[], references=[])
+
+
+@pytest.mark.parametrize(
+    ("prediction", "correct"),
+    [(" 68220.", True), ("68220 is the key", True), ("6822", False), ("682201", False), ("x = 1; 68220", False),
+     ("", False), ("key: 068220", False)],
+)
+def test_passkey_metric_reads_the_first_number(prediction, correct):
+    metric = evaluation.load_metric("passkey_accuracy")
+    assert metric.compute(predictions=[prediction], references=["68220"])["accuracy"] == float(correct)
+
+
+@pytest.mark.parametrize("template", ["code", "text"])
+@pytest.mark.parametrize("depth", [0.0, 0.5, 1.0])
+def test_passkey_prompt_length_and_needle_depth(tokenizer, template, depth):
+    filler = torch.randint(0, 300, (1024,), generator=torch.Generator().manual_seed(3))
+    prompt = evaluation.passkey_prompt(tokenizer, filler, 500, depth, "48213", template)
+    assert len(prompt.input_ids) == 500
+    text = tokenizer.decode(prompt.input_ids)
+    assert text.count("48213") >= 2  # the needle states the key more than once
+    head, needle, question = evaluation._TEMPLATES[template]
+    assert text.endswith(question)
+    needle_ids = tokenizer(needle.format(key="48213"), add_special_tokens=False)["input_ids"]
+    n_head = len(tokenizer(head, add_special_tokens=False)["input_ids"])
+    room = 500 - n_head - len(needle_ids) - len(tokenizer(question, add_special_tokens=False)["input_ids"])
+    start = n_head + round(depth * room)
+    assert prompt.input_ids[start : start + len(needle_ids)].tolist() == needle_ids
+    with pytest.raises(ValueError, match="shorter than the prompt template"):
+        evaluation.passkey_prompt(tokenizer, filler, 10, depth, "48213", template)
+
+
+class _Oracle(torch.nn.Module):
+    """Stands in for a perfect model: 'generates' the key it finds in the prompt (tests the plumbing)."""
+
+    def __init__(self, tokenizer, wrong_after: int | None = None):
+        super().__init__()
+        self.weight = torch.nn.Parameter(torch.zeros(1))
+        self.tokenizer = tokenizer
+        self.wrong_after = wrong_after
+
+    def generate(self, input_ids, attention_mask, max_new_tokens, do_sample, pad_token_id):
+        text = self.tokenizer.decode(input_ids[0])
+        key = text.split("pass key is ")[1][:5]
+        if self.wrong_after is not None and input_ids.shape[1] > self.wrong_after:
+            key = "00000"
+        new = torch.tensor(self.tokenizer(" " + key + ".", add_special_tokens=False)["input_ids"])
+        return torch.cat([input_ids[0], new])[None]
+
+
+def test_passkey_accuracy_by_length_and_depth(tokenizer):
+    filler = torch.randint(0, 300, (2048,), generator=torch.Generator().manual_seed(3))
+    cfg = PasskeyConfig(depths=[0.2, 0.8], trials=2, template="text")
+    out = evaluation.passkey(_Oracle(tokenizer, wrong_after=500), tokenizer, filler, cfg, [400, 600])
+    assert out["passkey"] == {"400": 1.0, "600": 0.0}
+    assert out["passkey_by_depth"]["400"] == {"0.2": 1.0, "0.8": 1.0}
+
+
+def test_evaluate_context_buckets_average_to_the_mean(model, tokenizer):
+    stream = torch.randint(0, 300, (1200,), generator=torch.Generator().manual_seed(2))
+    cfg = EvalConfig(lengths=[32, 64], eval_tokens=256, sliding_stride=16, sliding_tokens=128, bucket_size=16,
+                     passkey=PasskeyConfig(lengths=[400], depths=[0.5], trials=1, max_new_tokens=2))
+    out = evaluation.evaluate_context(model, tokenizer, stream, cfg, progress=False)
+    assert set(out["perplexity"]["non_overlapping"]) == {"32", "64"} and set(out["passkey"]) == {"400"}
+    buckets = out["loss_by_position"]["64"]
+    # positions 1..63: bucket 0 holds 15 tokens, buckets 16/32/48 hold 16 each
+    weights = {"0": 15, "16": 16, "32": 16, "48": 16}
+    mean = sum(buckets[k] * w for k, w in weights.items()) / 63
+    assert math.exp(mean) == pytest.approx(out["perplexity"]["non_overlapping"]["64"], rel=1e-9)
