@@ -5,7 +5,7 @@ folder written by ``save_pretrained``, renders its card (:mod:`hf_posenc.cards`)
 folder plus the card with a single :meth:`huggingface_hub.HfApi.create_commit`
 (https://huggingface.co/docs/huggingface_hub/guides/upload#upload-files). The Hub applies a commit
 atomically, so a push that fails (network error, rejected token, invalid metadata) leaves the repo as
-it was. Before anything is uploaded the push checks what the issue list of user pain points asks for:
+it was. Before anything is uploaded the push checks:
 
 * a token is available (argument, ``HF_TOKEN``, or ``hf auth login``);
 * a full model will load with the same encoding elsewhere: either it is a stock checkpoint (native

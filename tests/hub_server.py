@@ -653,6 +653,22 @@ def hub_server(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> Iterator[HubS
         monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
         monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "hf_cache"))
         monkeypatch.setattr(constants, "HF_TOKEN_PATH", str(tmp_path / "no_token_file"))
+        # huggingface_hub's module-level functions (file_exists, model_info, ... used by peft) go
+        # through one HfApi built at import time with the endpoint of that moment: point it here too,
+        # or they would try the real Hub.
+        from huggingface_hub import hf_api
+
+        monkeypatch.setattr(hf_api.api, "endpoint", server.url)
+        # Any other host is a bug (there is no internet here, and a test must not depend on it):
+        # fail the lookup loudly instead of letting a library swallow a DNS error.
+        real_getaddrinfo = socket.getaddrinfo
+
+        def loopback_only(host, *args, **kwargs):
+            if host not in ("127.0.0.1", "localhost", "::1"):
+                raise OSError(f"test tried to reach {host!r}; only the loopback Hub is allowed")
+            return real_getaddrinfo(host, *args, **kwargs)
+
+        monkeypatch.setattr(socket, "getaddrinfo", loopback_only)
         yield server
 
 
@@ -668,6 +684,9 @@ import json, sys
 import torch
 import transformers
 specs, out = json.loads(sys.argv[1]), sys.argv[2]
+# One thread: CPU kernels may split reductions differently with another thread count, and the test
+# compares logits bit for bit with a reference computed single-threaded too.
+torch.set_num_threads(1)
 import huggingface_hub.constants as hc
 assert hc.ENDPOINT == __import__("os").environ["HF_ENDPOINT"], "HF_ENDPOINT was not honoured"
 results = {}
@@ -728,3 +747,20 @@ def load_in_fresh_process(server: HubServer, specs: list[dict[str, Any]], workdi
     )
     assert proc.returncode == 0, f"fresh-process load failed:\n{proc.stderr[-4000:]}"
     return torch.load(out, weights_only=False)
+
+
+def single_thread_logits(model: Any, input_ids: list[list[int]]) -> Any:
+    """Logits computed with one CPU thread, as :func:`load_in_fresh_process` computes them.
+
+    CPU kernels may split reductions differently with another thread count, so a bit-for-bit
+    comparison needs the same count on both sides.
+    """
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        with torch.no_grad():
+            return model(torch.tensor(input_ids)).logits
+    finally:
+        torch.set_num_threads(threads)

@@ -19,7 +19,7 @@ from huggingface_hub import HfApi, ModelCard, hf_hub_download
 from huggingface_hub.errors import RepositoryNotFoundError
 
 from hf_posenc import cards, hub
-from hub_server import OTHER_TOKEN, PINNED_HUGGINGFACE_HUB, USER, WRITE_TOKEN, HubServer, hub_server, load_in_fresh_process  # noqa: F401
+from hub_server import OTHER_TOKEN, PINNED_HUGGINGFACE_HUB, USER, WRITE_TOKEN, HubServer, hub_server, load_in_fresh_process, single_thread_logits  # noqa: F401
 
 INPUT_IDS = [[3, 14, 15, 9, 26, 5, 35, 8, 9, 7, 9, 3]]
 
@@ -44,8 +44,7 @@ def tiny_llama(hidden: int = 16, seed: int = 0) -> transformers.LlamaForCausalLM
 
 
 def logits_of(model) -> torch.Tensor:
-    with torch.no_grad():
-        return model(torch.tensor(INPUT_IDS)).logits
+    return single_thread_logits(model, INPUT_IDS)
 
 
 @pytest.fixture

@@ -17,7 +17,7 @@ from peft import LoraConfig, get_peft_model
 
 import hf_posenc
 from hf_posenc import hub
-from hub_server import USER, hub_server, load_in_fresh_process  # noqa: F401
+from hub_server import USER, hub_server, load_in_fresh_process, single_thread_logits  # noqa: F401
 from tiny_models import randomize_position_tables, tiny_model
 
 INPUT_IDS = [[5, 17, 42, 8, 99, 3, 61, 23, 7, 88, 14, 2, 35, 70]]
@@ -42,8 +42,7 @@ def converted(arch: str, params: dict, seed: int = 0):
 
 
 def logits_of(model) -> torch.Tensor:
-    with torch.no_grad():
-        return model(torch.tensor(INPUT_IDS)).logits
+    return single_thread_logits(model, INPUT_IDS)
 
 
 def test_every_encoding_round_trips_with_identical_logits(hub_server, tmp_path):
