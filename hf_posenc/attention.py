@@ -41,6 +41,13 @@ def positions(past, q_len: int, kv_len: int, device) -> tuple[torch.Tensor, torc
     return q_pos, k_pos
 
 
+def causal_diagonal(past, q_len: int, kv_len: int) -> int:
+    """``q_pos[0] - k_pos[0]`` of :func:`positions`: causal query row ``r`` may see key index ``j`` iff
+    ``j <= r + diagonal``."""
+    live = int(past) + q_len
+    return int(past) if kv_len > live else kv_len - q_len
+
+
 def allowed_keys(
     attention_mask: torch.Tensor | None, q_pos: torch.Tensor, k_pos: torch.Tensor, causal: bool
 ) -> torch.Tensor | None:
@@ -135,23 +142,38 @@ def posenc_attention(
     plain_causal = causal and attention_mask is None and q_len == kv_len
     allowed = None if (plain_causal and backend == "sdpa") else allowed_keys(attention_mask, q_pos, k_pos, causal)
 
-    bias = None
+    bias, bias_is_mask = None, False
     if posenc is not None:
         if posenc.route == "rotate":
             query, key = posenc.rotate(query, key, q_pos, k_pos)
         elif posenc.route == "bias":
-            bias = posenc.bias(q_pos, k_pos, causal)
+            if backend == "sdpa" and causal and query.dtype == torch.float32 and hasattr(posenc, "fold_into_head_dim"):
+                # Causal ALiBi rides in one extra head dimension: SDPA keeps its fast causal kernel and no
+                # [H, q, kv] bias exists (DESIGN §7; exact in fp32 only, hence the dtype condition).
+                head_dim = value.shape[-1]
+                query, key, value = posenc.fold_into_head_dim(query, key, value, k_pos, scaling)
+                output, _ = sdpa_attention(query, key, value, allowed, None, scaling, dropout, module.training,
+                                           plain_causal)
+                return output[..., :head_dim].transpose(1, 2).contiguous(), None
+            if backend == "sdpa" and allowed is None and causal:
+                # Plain causality: the bias carries the mask itself (saves a [B, H, q, kv] where-pass).
+                bias = posenc.bias(q_pos, k_pos, causal, future=torch.finfo(query.dtype).min)
+                bias_is_mask = True
+            else:
+                bias = posenc.bias(q_pos, k_pos, causal)
         elif posenc.route == "attend":
-            if allowed is None and causal:
-                allowed = allowed_keys(None, q_pos, k_pos, causal)
+            # Causal query row r sees keys j <= r + diagonal (both position ranges are consecutive). With
+            # no mask the encoding builds causality per block instead of a [q, kv] mask here.
+            diagonal = causal_diagonal(posenc_past, q_len, kv_len) if causal else None
             key, value = _expand_kv(key, query.shape[1]), _expand_kv(value, query.shape[1])
-            output, weights = posenc.attend(query, key, value, allowed, scaling, return_weights=backend == "eager")
+            output, weights = posenc.attend(query, key, value, allowed, scaling, return_weights=backend == "eager",
+                                            diagonal=diagonal)
             return output.transpose(1, 2).contiguous(), weights
     training = module.training
     if backend == "eager":
         output, weights = eager_attention(query, key, value, allowed, bias, scaling, dropout, training)
     else:
-        if bias is not None and allowed is None and causal:
+        if bias is not None and allowed is None and causal and not bias_is_mask:
             allowed = allowed_keys(None, q_pos, k_pos, causal)
         output, weights = sdpa_attention(query, key, value, allowed, bias, scaling, dropout, training, plain_causal)
     return output.transpose(1, 2).contiguous(), weights

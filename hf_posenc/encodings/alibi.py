@@ -35,6 +35,33 @@ def alibi_slopes(num_heads: int, max_bias: float = 8.0) -> torch.Tensor:
     return torch.tensor(slopes, dtype=torch.float32)
 
 
+def distance_diagonals(q_pos: torch.Tensor, k_pos: torch.Tensor) -> torch.Tensor:
+    """Every distance ``i - j`` of a ``[q, kv]`` score block, one per diagonal: ``[q + kv - 1]`` int64.
+
+    Entry ``t`` is the distance on diagonal ``i - j = t - (kv - 1)``, shifted by ``q_pos[0] - k_pos[0]``.
+    Both position ranges must be consecutive (``hf_posenc.attention.positions`` always gives that).
+    """
+    q_len, kv_len = q_pos.shape[0], k_pos.shape[0]
+    return torch.arange(q_len + kv_len - 1, device=q_pos.device) + (q_pos[0] - k_pos[-1])
+
+
+def toeplitz(diagonals: torch.Tensor, q_len: int, kv_len: int) -> torch.Tensor:
+    """Expand per-diagonal values ``[..., q + kv - 1]`` to ``[..., q, kv]`` with ``M[i, j] = d[i - j + kv - 1]``.
+
+    A relative bias depends on ``i - j`` only: computing it once per diagonal and expanding with one copy
+    replaces a ``[q, kv]`` distance tensor, a ``[q, kv]`` int64 bucket tensor and a gather per layer.
+    """
+    # unfold gives rows U[r, j] = w[r + j]; on the reversed values, with rows reversed, that is w[kv-1+i-j].
+    return diagonals.flip(-1).unfold(-1, kv_len, 1).flip(-2)
+
+
+def future_filled(diagonals: torch.Tensor, distances: torch.Tensor, future: float | None) -> torch.Tensor:
+    """Set the diagonals of keys after the query (``i - j < 0``) to ``future`` (a mask value), if given."""
+    if future is None:
+        return diagonals
+    return diagonals.masked_fill(distances < 0, future)
+
+
 class AlibiBias(PositionModule):
     """Per-head linear distance penalty ``-m_h * |i - j|`` added to the attention scores.
 
@@ -56,13 +83,45 @@ class AlibiBias(PositionModule):
     def slopes(self, device: torch.device) -> torch.Tensor:
         return alibi_slopes(self.num_heads, self.max_bias).to(device)
 
-    def bias(self, q_pos: torch.Tensor, k_pos: torch.Tensor, causal: bool) -> torch.Tensor:
-        # distance[i, j] = i - j, [q, kv]; masked (future) entries of a causal model are never read.
-        distance = (q_pos[:, None] - k_pos[None, :]).to(torch.float32)
+    def bias(self, q_pos: torch.Tensor, k_pos: torch.Tensor, causal: bool, future: float | None = None) -> torch.Tensor:
+        """``[1, H, q, kv]`` fp32 bias; with ``future`` (causal only), keys after the query get that value
+        so the bias doubles as the causal mask. Positions must be consecutive ranges."""
+        distances = distance_diagonals(q_pos, k_pos)  # [q + kv - 1]
+        magnitude = distances.to(torch.float32)
         if not causal:
-            distance = distance.abs()
-        # [1, H, q, kv]
-        return (-self.slopes(q_pos.device)[:, None, None] * distance)[None]
+            magnitude = magnitude.abs()
+        diagonals = -self.slopes(q_pos.device)[:, None] * magnitude  # [H, q + kv - 1]
+        if causal:
+            diagonals = future_filled(diagonals, distances, future)
+        return toeplitz(diagonals, q_pos.shape[0], k_pos.shape[0])[None]
+
+    def fold_into_head_dim(self, query, key, value, k_pos: torch.Tensor, scaling: float):
+        """Causal ALiBi as one extra head dimension, so attention stays on SDPA's fast causal kernel.
+
+        ``-m_h (i - j) = m_h j - m_h i``: the per-row constant ``m_h i`` cancels in the softmax, and the
+        per-key term ``m_h j`` rides in a dimension where the query holds 1 and the key ``m_h j / scaling``
+        (DESIGN §7). Keys are measured from the newest one (``j - j_last <= 0``) so the largest
+        magnitudes land on the far keys, whose weights are smallest. Exact in fp32 only: callers must
+        keep this to fp32 (at 4k keys the term reaches ~1e3, beyond bf16's resolution).
+
+        Args:
+            query: ``[B, H, q, D]``; key, value: ``[B, Hkv, kv, D]``.
+            k_pos: Key positions ``[kv]``.
+            scaling: The logit scale SDPA will apply.
+
+        Returns:
+            ``query, key, value`` with head dim ``D + 1`` and ``H`` heads each (the value's extra dimension
+            is zero, as SDPA's fast kernels want equal q/k/v head dims: slice it off the output).
+        """
+        heads = query.shape[1]
+        key = key.repeat_interleave(heads // key.shape[1], dim=1) if key.shape[1] != heads else key
+        value = value.repeat_interleave(heads // value.shape[1], dim=1) if value.shape[1] != heads else value
+        key_term = self.slopes(query.device)[:, None] * ((k_pos - k_pos[-1]).to(torch.float32) / scaling)
+        batch, q_len, kv_len = query.shape[0], query.shape[2], key.shape[2]
+        query = torch.cat((query, query.new_ones(batch, heads, q_len, 1)), dim=-1)
+        key = torch.cat((key, key_term[None, :, :, None].expand(batch, heads, kv_len, 1).to(key.dtype)), dim=-1)
+        value = torch.cat((value, value.new_zeros(batch, heads, kv_len, 1)), dim=-1)
+        return query, key, value
 
     def extra_repr(self) -> str:
         return f"num_heads={self.num_heads}, max_bias={self.max_bias}"

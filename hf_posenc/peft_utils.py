@@ -1,0 +1,102 @@
+"""PEFT helpers: LoRA configs for converted models and a safe adapter loader.
+
+PEFT itself does the work; this module only knows which modules matter for positional encodings:
+the attention projections of each architecture, the ``posenc`` tables a conversion adds (trained
+through ``modules_to_save``), and for LongLoRA (Chen et al. 2023, https://arxiv.org/abs/2309.12307)
+the embeddings and norms, which plain LoRA leaves frozen and which matter for context extension.
+"""
+
+from __future__ import annotations
+
+import os
+
+from peft import LoraConfig, PeftModel
+from peft.utils import load_peft_weights
+from torch import nn
+
+from .architectures import lora_target_modules
+
+POSENC_MODULE = "posenc"
+
+
+def has_position_tables(model: nn.Module) -> bool:
+    """Whether the model has learned position tables added by hf_posenc (``*.posenc`` with parameters)."""
+    return any(name.rsplit(".", 1)[-1] == POSENC_MODULE and any(True for _ in module.parameters())
+               for name, module in model.named_modules())
+
+
+def embedding_and_norm_modules(model: nn.Module) -> list[str]:
+    """Names (last component) of the input embeddings and all normalisation layers (LongLoRA's "+embed+norm")."""
+    names = set()
+    embeddings = model.get_input_embeddings()
+    for name, module in model.named_modules():
+        if module is embeddings or "norm" in type(module).__name__.lower():
+            names.add(name.rsplit(".", 1)[-1])
+    return sorted(names)
+
+
+def lora_config(model: nn.Module, r: int = 8, alpha: int = 16, dropout: float = 0.0, *,
+                train_position_tables: bool = True, longlora: bool = False,
+                target_modules: list[str] | None = None, **kwargs) -> LoraConfig:
+    """A ``LoraConfig`` for a (converted) model of a supported architecture.
+
+    Args:
+        model: The model the adapter is for.
+        r, alpha, dropout: LoRA rank, scaling numerator and dropout.
+        train_position_tables: Train (and save) the ``posenc`` tables through ``modules_to_save``.
+        longlora: Also train the embeddings and norms in full (LongLoRA).
+        target_modules: Override the architecture's attention projections.
+        **kwargs: Passed on to ``LoraConfig``.
+    """
+    modules_to_save = list(kwargs.pop("modules_to_save", None) or [])
+    if train_position_tables and has_position_tables(model):
+        modules_to_save.append(POSENC_MODULE)
+    if longlora:
+        modules_to_save += embedding_and_norm_modules(model)
+    return LoraConfig(
+        r=r,
+        lora_alpha=alpha,
+        lora_dropout=dropout,
+        target_modules=target_modules or lora_target_modules(model),
+        modules_to_save=sorted(set(modules_to_save)) or None,
+        **kwargs,
+    )
+
+
+def _position_keys(state_dict_keys) -> set[str]:
+    """Parameter names under a ``posenc`` module as ``"<layer>.<attention>.<param>"``, independent of
+    PEFT's prefixes and ``modules_to_save`` wrappers."""
+    out = set()
+    for key in state_dict_keys:
+        parts = key.split(".")
+        if POSENC_MODULE in parts:
+            i = parts.index(POSENC_MODULE)
+            layer = next((p for p in reversed(parts[:i]) if p.isdigit()), "")
+            out.add(f"{layer}.{parts[i - 1]}.{parts[-1]}")  # e.g. "0.self_attn.pos_emb"
+    return out
+
+
+def load_adapter(model: nn.Module, adapter_path: str | os.PathLike, **kwargs) -> PeftModel:
+    """``PeftModel.from_pretrained`` that refuses an adapter its base cannot hold.
+
+    PEFT silently drops adapter weights that have no module in the base; for position tables
+    trained in ``modules_to_save`` that gives a wrong model with no warning.
+
+    Raises:
+        ValueError: The adapter carries position tables that the base model lacks (convert the base
+            with the same ``PosEncConfig`` first), or of another kind.
+    """
+    weights = load_peft_weights(str(adapter_path), device="cpu")
+    adapter_tables = _position_keys(weights)
+    if adapter_tables:
+        base_tables = _position_keys(name for name, _ in model.named_parameters())
+        missing = sorted(adapter_tables - base_tables)
+        if missing:
+            found = (f"it has {sorted(base_tables)}" if base_tables else
+                     "it has no position tables (not converted?)")
+            raise ValueError(
+                f"The adapter at {adapter_path} trains position tables {missing} that the base model cannot hold: "
+                f"{found}. Convert the base with the adapter's encoding first: "
+                "hf_posenc.convert(base, PosEncConfig(...)) or load it from the converted checkpoint."
+            )
+    return PeftModel.from_pretrained(model, str(adapter_path), **kwargs)
