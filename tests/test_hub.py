@@ -356,8 +356,12 @@ def test_cli_push_with_the_comparison_recipes_results(hub_server, llama_folder, 
         for name in ("this", "other")
     ]
     variants[1]["perplexity"]["non_overlapping"] = {"16": 99.0, "32": 98.0}
+    data = {"base_model": "tiny", "train_length": 16, "variants": variants}
+    from hf_posenc.extension.report import validate_results
+
+    validate_results(data)  # the recipe's own schema check: this is the layout a recipe run writes
     results = tmp_path / "results.json"
-    results.write_text(json.dumps({"base_model": "tiny", "train_length": 16, "variants": variants}))
+    results.write_text(json.dumps(data))
 
     code = hub.main([str(llama_folder), f"{USER}/cli", "--results", str(results), "--results-method", "this", "--private"])
     assert code == 0
