@@ -32,6 +32,17 @@ __version__ = "0.1.0"
 _hf.register_attention()
 register_auto_classes()
 
+# Imported on first use: peft and huggingface_hub's upload stack are not needed to convert or load.
+_LAZY = {"push_to_hub": "hub", "load_adapter": "peft_utils", "lora_config": "peft_utils"}
+
+
+def __getattr__(name):
+    if name in _LAZY:
+        import importlib
+
+        return getattr(importlib.import_module(f".{_LAZY[name]}", __name__), name)
+    raise AttributeError(f"module 'hf_posenc' has no attribute {name!r}")
+
 __all__ = [
     "ARCHITECTURES",
     "KINDS",
@@ -43,9 +54,12 @@ __all__ = [
     "RopeConfig",
     "T5BiasConfig",
     "convert",
+    "load_adapter",
+    "lora_config",
     "lora_target_modules",
     "patch_config",
     "posenc_of",
+    "push_to_hub",
     "revert",
     "rope_layout",
     "set_backend",

@@ -1,0 +1,194 @@
+"""``hf-posenc`` command line: convert, info, compare, push.
+
+Examples::
+
+    hf-posenc convert ./my-llama --posenc alibi --out ./my-llama-alibi
+    hf-posenc convert model.gguf --posenc rope --param rope_type=yarn --param factor=4 --out ./yarn
+    hf-posenc info ./my-llama-alibi
+    hf-posenc compare recipes/configs/compare_quick.yaml --out runs/quick
+    hf-posenc push ./my-llama-alibi user/my-llama-alibi
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from pathlib import Path
+
+import yaml
+from tqdm.auto import tqdm
+
+from .config import KINDS, PosEncConfig
+
+logger = logging.getLogger("hf_posenc")
+
+
+def parse_params(pairs: list[str]) -> dict:
+    """``["factor=4", "layers=[0, 2]"]`` -> ``{"factor": 4, "layers": [0, 2]}`` (values parsed as YAML).
+
+    Raises:
+        ValueError: A pair without ``=``.
+    """
+    params = {}
+    for pair in pairs or []:
+        key, sep, value = pair.partition("=")
+        if not sep or not key:
+            raise ValueError(f"--param expects KEY=VALUE, got {pair!r}.")
+        params[key.strip()] = yaml.safe_load(value)
+    return params
+
+
+def load_model(source: str, dtype: str = "auto", attn_implementation: str | None = None):
+    """Load a model from a local folder, a Hub id, or a ``.gguf`` file, with its stock Auto class."""
+    import transformers
+    from transformers import AutoConfig
+
+    kwargs = {"dtype": dtype}
+    if attn_implementation:
+        kwargs["attn_implementation"] = attn_implementation
+    path = Path(source)
+    if path.suffix == ".gguf":
+        if not path.is_file():
+            raise FileNotFoundError(f"GGUF file not found: {source}")
+        location, kwargs["gguf_file"] = str(path.parent), path.name
+    else:
+        location = source
+    config = AutoConfig.from_pretrained(location, **({"gguf_file": kwargs["gguf_file"]} if "gguf_file" in kwargs else {}))
+    architectures = getattr(config, "architectures", None) or []
+    model_class = getattr(transformers, architectures[0], None) if architectures else None
+    if model_class is None:
+        model_class = transformers.AutoModelForCausalLM if config.is_decoder or "bert" not in config.model_type \
+            else transformers.AutoModel
+    return model_class.from_pretrained(location, **kwargs)
+
+
+def cmd_convert(args: argparse.Namespace) -> int:
+    from .convert import convert
+
+    posenc = PosEncConfig(kind=args.posenc, **parse_params(args.param))  # fails before any loading
+    out = Path(args.out)
+    if out.exists() and any(out.iterdir()) and not args.overwrite:
+        raise FileExistsError(f"--out {out} exists and is not empty; pass --overwrite to replace its files.")
+    with tqdm(total=3, desc="hf-posenc convert", unit="step") as bar:
+        bar.set_postfix_str(f"loading {args.model}")
+        model = load_model(args.model, args.dtype, args.attn_implementation)
+        bar.update()
+        bar.set_postfix_str(f"converting to {posenc.kind}")
+        convert(model, posenc)
+        bar.update()
+        bar.set_postfix_str(f"saving to {out}")
+        model.save_pretrained(out)
+        if args.tokenizer:
+            _save_tokenizer(args.model, out)
+        bar.update()
+    print(describe(out))
+    return 0
+
+
+def _save_tokenizer(source: str, out: Path) -> None:
+    from transformers import AutoTokenizer
+
+    path = Path(source)
+    try:
+        if path.suffix == ".gguf":
+            tokenizer = AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
+        else:
+            tokenizer = AutoTokenizer.from_pretrained(source)
+    except (OSError, ValueError) as error:  # a model without a tokenizer is still a valid conversion
+        logger.warning("No tokenizer saved (%s).", error)
+        return
+    tokenizer.save_pretrained(out)
+
+
+def describe(folder: str | Path) -> str:
+    """A human-readable summary of the encoding of a saved model or adapter folder."""
+    folder = Path(folder)
+    lines = [f"{folder}:"]
+    adapter = folder / "adapter_config.json"
+    if adapter.is_file():
+        data = json.loads(adapter.read_text())
+        lines.append(f"  PEFT adapter ({data.get('peft_type')}) for {data.get('base_model_name_or_path')}")
+        lines.append(f"  target_modules: {data.get('target_modules')}; modules_to_save: {data.get('modules_to_save')}")
+        return "\n".join(lines)
+    config_file = folder / "config.json"
+    if not config_file.is_file():
+        raise FileNotFoundError(f"{folder} has neither config.json nor adapter_config.json.")
+    config = json.loads(config_file.read_text())
+    model_type = config.get("model_type", "?")
+    posenc = config.get("posenc")
+    lines.append(f"  model_type: {model_type} ({', '.join(config.get('architectures') or [])})")
+    if model_type.startswith("hf_posenc_"):
+        lines.append(f"  encoding: {json.dumps(posenc)}")
+        lines.append("  loads with: import hf_posenc (or trust_remote_code=True with hf_posenc installed); "
+                     "stock transformers refuses it")
+    elif config.get("rope_parameters"):
+        lines.append(f"  encoding: RoPE {json.dumps(config['rope_parameters'])} (native)")
+        lines.append("  loads with: stock transformers (no plug-in needed)")
+    else:
+        lines.append("  encoding: the architecture's own (not converted by hf_posenc)")
+    lines.append(f"  max_position_embeddings: {config.get('max_position_embeddings', config.get('n_positions'))}")
+    return "\n".join(lines)
+
+
+def cmd_info(args: argparse.Namespace) -> int:
+    print(describe(args.folder))
+    return 0
+
+
+def cmd_compare(args: argparse.Namespace) -> int:
+    from .extension.compare import run_compare
+
+    run_compare(args.config, args.out, args.overrides)
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="hf-posenc", description="Swap the positional encoding of HF models.")
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    convert = sub.add_parser("convert", help="convert a model to another positional encoding and save it")
+    convert.add_argument("model", help="local folder, Hub id (online), or a .gguf file")
+    convert.add_argument("--posenc", required=True, choices=KINDS, help="the new encoding")
+    convert.add_argument("--param", action="append", default=[], metavar="KEY=VALUE",
+                         help="encoding parameter (repeatable), e.g. rope_type=yarn, factor=4, layers=[0,2]")
+    convert.add_argument("--out", required=True, help="output folder")
+    convert.add_argument("--dtype", default="auto", help="torch dtype to load in (auto, float32, bfloat16, ...)")
+    convert.add_argument("--attn-implementation", choices=["eager", "sdpa"], default=None)
+    convert.add_argument("--no-tokenizer", dest="tokenizer", action="store_false", help="do not copy the tokenizer")
+    convert.add_argument("--overwrite", action="store_true", help="allow a non-empty --out")
+    convert.set_defaults(func=cmd_convert)
+
+    info = sub.add_parser("info", help="print the encoding of a saved model or adapter")
+    info.add_argument("folder")
+    info.set_defaults(func=cmd_info)
+
+    compare = sub.add_parser("compare", help="run a context-extension comparison grid (recipes/compare.py)")
+    compare.add_argument("config", help="a compare YAML, e.g. recipes/configs/compare_quick.yaml")
+    compare.add_argument("--out", required=True, help="output folder (finished variants are reused)")
+    compare.add_argument("overrides", nargs="*", help="key.sub=value overrides")
+    compare.set_defaults(func=cmd_compare)
+
+    from .hub import add_push_arguments, run_push
+
+    push = sub.add_parser("push", help="push a converted model or adapter folder to the Hub with a model card")
+    add_push_arguments(push)
+    push.set_defaults(func=run_push)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    try:
+        return args.func(args)
+    except (ValueError, FileNotFoundError, FileExistsError) as error:
+        print(f"hf-posenc {args.command}: error: {error}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())
