@@ -1,0 +1,93 @@
+"""The comparison pipeline on a tiny model: files, results.json schema, resume, README update."""
+
+from __future__ import annotations
+
+import copy
+import csv
+import json
+from pathlib import Path
+
+import pytest
+
+from hf_posenc.extension.compare import run_compare
+from hf_posenc.extension.recipe_config import STANDARD_VARIANTS
+from hf_posenc.extension.report import README_BEGIN, README_END, update_readme, validate_results
+
+ROOT = Path(__file__).resolve().parents[1]
+TINY = ROOT / "recipes" / "configs" / "compare_tiny.yaml"
+
+
+@pytest.fixture(scope="module")
+def compared(tmp_path_factory):
+    """Run the tiny grid once for the module (the cache is shared with the other recipe tests)."""
+    mp = pytest.MonkeyPatch()
+    mp.setenv("HF_POSENC_CACHE", str(tmp_path_factory.getbasetemp() / "hf_posenc_cache"))
+    mp.setenv("HF_HUB_OFFLINE", "1")
+    out = tmp_path_factory.mktemp("compare")
+    paths = run_compare(TINY, out, progress=False)
+    yield out, paths
+    mp.undo()
+
+
+def test_outputs_and_schema(compared):
+    out, paths = compared
+    for key in ("json", "csv", "markdown", "perplexity_plot", "passkey_plot"):
+        assert paths[key].is_file() and paths[key].stat().st_size > 0
+    assert paths["perplexity_plot"].read_bytes()[:4] == b"\x89PNG"
+    results = json.loads(paths["json"].read_text())
+    validate_results(results)
+    assert isinstance(results["base_model"], str) and results["train_length"] == 32
+    assert [v["name"] for v in results["variants"]] == list(STANDARD_VARIANTS)
+    by_name = {v["name"]: v for v in results["variants"]}
+    assert by_name["rope"]["finetuned"] is False and by_name["rope"]["train_tokens"] == 0
+    assert by_name["rope_yarn"]["train_tokens"] == 2 * 1 * 64  # steps x batch x seq_len
+    assert by_name["cope"]["train_tokens"] == 2 * 2 * 32  # its own train section
+    for v in results["variants"]:
+        assert set(v["perplexity"]["non_overlapping"]) == set(v["perplexity"]["sliding"]) == {"32", "64"}
+        assert set(v["passkey"]) == {"256"} and 0.0 <= v["passkey"]["256"] <= 1.0
+    # rope and rope_dynamic at L are the same model (dynamic scaling is inactive up to L).
+    assert by_name["rope_dynamic"]["perplexity"]["non_overlapping"]["32"] == pytest.approx(
+        by_name["rope"]["perplexity"]["non_overlapping"]["32"], rel=1e-6)
+    rows = list(csv.DictReader(paths["csv"].open()))
+    assert len(rows) == 9 * (2 + 2 + 1)
+    table = paths["markdown"].read_text()
+    assert sum(line.startswith("| ") for line in table.splitlines()) == 10 and "ppl@64" in table and "passkey@256" in table
+
+
+def test_resume_reuses_finished_variants_and_redoes_changed_ones(compared, tmp_path):
+    out, paths = compared
+    records = {p.name: p.stat().st_mtime_ns for p in (out / "variants").glob("*.json")}
+    run_compare(TINY, out, overrides=["variants.6.train.steps=1"], progress=False)
+    after = {p.name: p.stat().st_mtime_ns for p in (out / "variants").glob("*.json")}
+    changed = sorted(name for name in records if after[name] != records[name])
+    assert changed == ["alibi.json"]
+    log = (out / "compare.log").read_text()
+    assert log.count("already done") >= 8 and "alibi changed since its last run" in log
+    assert json.loads((out / "variants" / "alibi.json").read_text())["train_tokens"] == 1 * 2 * 32
+
+
+def test_schema_violations_are_named(compared):
+    results = json.loads(compared[1]["json"].read_text())
+    broken = copy.deepcopy(results)
+    broken["variants"][0]["perplexity"].pop("sliding")
+    with pytest.raises(ValueError, match=r"variants\[0\].perplexity.sliding"):
+        validate_results(broken)
+    broken = copy.deepcopy(results)
+    broken["variants"][2]["train_tokens"] = True
+    with pytest.raises(ValueError, match=r"variants\[2\].train_tokens must be int"):
+        validate_results(broken)
+    broken = copy.deepcopy(results)
+    broken["variants"][1]["passkey"] = {"long": 1.0}
+    with pytest.raises(ValueError, match="keys must be lengths"):
+        validate_results(broken)
+
+
+def test_readme_block_is_replaced_not_appended(compared, tmp_path):
+    readme = tmp_path / "README.md"
+    readme.write_text(f"# Title\n\n{README_BEGIN}\nold\n{README_END}\n\nTail.\n")
+    update_readme(readme, compared[1])
+    update_readme(readme, compared[1])
+    text = readme.read_text()
+    assert text.count(README_BEGIN) == 1 and "old" not in text and text.endswith("Tail.\n")
+    assert compared[1]["markdown"].read_text().strip().splitlines()[0] in text
+    assert "perplexity_vs_length.png)" in text
