@@ -63,7 +63,6 @@ class _State:
     rotary_ndims: list = field(default_factory=list)
     attn_implementation: str | None = None
     classes: tuple | None = None  # (model class, config class) before the swap
-    base_class: type | None = None  # class of the inner base model before the swap
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -267,13 +266,6 @@ def install(model, posenc: PosEncConfig, arch: Architecture, state: _State | Non
     config = model.config
     state = state or _State(posenc=posenc, native=False)
     base = model.base_model
-    if base is not model:
-        # transformers initialises missing weights with the `_init_weights` of the nearest PreTrainedModel
-        # (here the inner base model): it must be ours too, or new position tables load as garbage.
-        from .modeling import posenc_class
-
-        state.base_class = type(base)
-        base.__class__ = posenc_class(type(base))
     # 1. Neutralise learned absolute positions.
     for path in arch.absolute:
         parent_path, _, name = path.rpartition(".")
@@ -384,8 +376,6 @@ def revert(model: nn.Module) -> nn.Module:
             _hf.set_attn_implementation(model, state.attn_implementation)
         if state.classes is not None:
             model.__class__, config.__class__ = state.classes
-        if state.base_class is not None:
-            model.base_model.__class__ = state.base_class
     if state.native and state.rope_backup[CONFIG_KEY] is not None:
         setattr(config, CONFIG_KEY, state.rope_backup[CONFIG_KEY])
     elif hasattr(config, CONFIG_KEY):

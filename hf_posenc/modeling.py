@@ -80,11 +80,21 @@ def posenc_class(base: type) -> type:
             install(self, PosEncConfig.from_dict(posenc_dict), architecture_of(config))
 
         def _init_weights(self, module):
-            # New position tables must start as documented (zero = no-op), not as random Linear/Embedding.
+            # New position tables must start as documented (zero = no-op), not as random values.
             if isinstance(module, PositionModule):
                 module.reset_parameters()
             else:
                 base._init_weights(self, module)
+
+        def _initialize_missing_keys(self, *args, **kwargs):
+            # transformers initialises missing weights with the `_init_weights` of the nearest
+            # PreTrainedModel, often the inner stock base model, which does not know our tables: reset
+            # every position table that the checkpoint did not provide.
+            base._initialize_missing_keys(self, *args, **kwargs)
+            for module in self.modules():
+                if isinstance(module, PositionModule) and not all(
+                        getattr(p, "_is_hf_initialized", False) for p in module.parameters(recurse=False)):
+                    module.reset_parameters()
 
         _classes[name] = type(
             name,
@@ -92,6 +102,7 @@ def posenc_class(base: type) -> type:
             {
                 "__init__": __init__,
                 "_init_weights": _init_weights,
+                "_initialize_missing_keys": _initialize_missing_keys,
                 "config_class": posenc_config_class(base.config_class),
                 "__module__": STUB_MODULE,
                 "__doc__": f"{base.__name__} with the positional encoding recorded in `config.{CONFIG_KEY}` (hf_posenc).",
