@@ -27,7 +27,7 @@ def main(argv=None):
     parser.add_argument("--readme", help="Markdown file whose compare section is replaced by the results")
     parser.add_argument("--no-progress", action="store_true")
     parser.add_argument("overrides", nargs="*", help="key.sub=value changes")
-    args = parser.parse_args(argv)
+    args = parser.parse_intermixed_args(argv)  # overrides may follow --out
     try:
         paths = run_compare(args.config, args.out, args.overrides, progress=not args.no_progress)
     except ConfigError as err:

@@ -23,7 +23,7 @@ def main(argv=None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config", required=True)
     parser.add_argument("overrides", nargs="*", help="key.sub=value changes")
-    args = parser.parse_args(argv)
+    args = parser.parse_intermixed_args(argv)  # overrides may follow --out
     try:
         cfg = load_config(EvaluateConfig, args.config, args.overrides)
     except ConfigError as err:

@@ -29,7 +29,7 @@ def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config", required=True, help="YAML file (see recipes/configs/)")
     parser.add_argument("overrides", nargs="*", help="key.sub=value changes, e.g. train.steps=20")
-    return parser.parse_args(argv)
+    return parser.parse_intermixed_args(argv)
 
 
 def write_card(cfg: FinetuneConfig, out: Path, base_label: str, stats: dict) -> None:

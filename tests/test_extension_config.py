@@ -79,6 +79,9 @@ def test_overrides_reach_nested_keys_and_list_items(tmp_path):
     assert cfg.variants[0].posenc == {"kind": "alibi"} and cfg.lora.target_modules is None
     with pytest.raises(ConfigError, match="unknown key 'stepz'"):
         load_config(CompareConfig, path, ["train.stepz=7"])
+    assert [v.name for v in load_config(CompareConfig, path, ["only=[a]"]).selected_variants()] == ["a"]
+    with pytest.raises(ConfigError, match=r"only: unknown variant\(s\) \['b'\]"):
+        load_config(CompareConfig, path, ["only=[b]"])
     with pytest.raises(ConfigError, match="is not of the form"):
         apply_overrides({}, ["train.steps"])
     with pytest.raises(ConfigError, match="not an index"):

@@ -153,7 +153,7 @@ def run_compare(config_path: str | Path, out_dir: str | Path, overrides: list[st
             return train_texts
 
         records = []
-        bar = tqdm(cfg.variants, desc="variants", disable=not progress)
+        bar = tqdm(cfg.selected_variants(), desc="variants", disable=not progress)
         for variant in bar:
             bar.set_postfix(variant=variant.name)
             path = out_dir / "variants" / f"{variant.name}.json"

@@ -207,7 +207,8 @@ def evaluate_context(model, tokenizer, stream: torch.Tensor, cfg: EvalConfig, pr
         result["perplexity"]["non_overlapping"][str(length)] = out["perplexity"]
         result["loss_by_position"][str(length)] = out["loss_by_bucket"]
         bar.update(1)
-        nll, pos = sliding(model, stream[: max(cfg.sliding_tokens, length)], length, cfg.sliding_stride)
+        # A stride longer than the window would leave tokens unscored: cap it (then = non-overlapping).
+        nll, pos = sliding(model, stream[: max(cfg.sliding_tokens, length)], length, min(cfg.sliding_stride, length))
         result["perplexity"]["sliding"][str(length)] = ppl_metric.compute(
             predictions=nll, references=pos, bucket_size=cfg.bucket_size
         )["perplexity"]

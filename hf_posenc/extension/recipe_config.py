@@ -233,9 +233,14 @@ class CompareConfig:
     lora: LoraSettings = field(default_factory=LoraSettings)
     train: TrainConfig = field(default_factory=TrainConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
+    #: Run only these variants (by name); ``null``: all. E.g. ``only=[rope,rope_yarn]`` on the command line.
+    only: list[str] | None = None
 
     def validate(self) -> None:
         names = [v.name for v in self.variants]
+        unknown = sorted(set(self.only or ()) - set(names))
+        if unknown:
+            raise ConfigError(f"only: unknown variant(s) {unknown}; allowed: {names}")
         if not names:
             raise ConfigError("variants: at least one variant is required")
         if len(set(names)) != len(names):
@@ -250,6 +255,9 @@ class CompareConfig:
 
         merged = {**asdict(self.train), **variant.train}
         return from_dict(TrainConfig, merged, where=f"variants.{variant.name}.train")
+
+    def selected_variants(self) -> list[VariantConfig]:
+        return [v for v in self.variants if self.only is None or v.name in self.only]
 
     @property
     def base_length(self) -> int:
