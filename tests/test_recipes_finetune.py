@@ -60,19 +60,64 @@ def _adapter(out: Path) -> dict[str, torch.Tensor]:
     return load_file(str(out / "adapter" / "adapter_model.safetensors"))
 
 
-def test_one_process_run_writes_adapter_merged_model_and_card_then_resumes_after_a_kill(tmp_path, cache_env):
-    # Uninterrupted reference run, under `accelerate launch` with one CPU process.
+@pytest.fixture(scope="module")
+def full_run(tmp_path_factory, cache_env):
+    """Uninterrupted reference run, under `accelerate launch` with one CPU process."""
+    tmp_path = tmp_path_factory.mktemp("finetune")
     full = tmp_path / "full"
     proc = _launch(_config(tmp_path, full), cache_env)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    stats = json.loads((full / "train_stats.json").read_text())
+    return full
+
+
+def test_one_process_run_writes_adapter_merged_model_and_card(full_run):
+    stats = json.loads((full_run / "train_stats.json").read_text())
     assert stats["world_size"] == 1 and stats["steps"] == 6 and stats["train_tokens"] == 6 * 2 * 32
-    weights = _adapter(full)
+    weights = _adapter(full_run)
     assert any(".posenc." in k for k in weights), "the new T5 bias table must be saved with the adapter"
     assert any("lora_A" in k for k in weights)
-    assert (full / "adapter" / "README.md").read_text().startswith("---")
-    assert (full / "merged" / "config.json").is_file() and (full / "merged" / "tokenizer.json").is_file()
+    assert (full_run / "adapter" / "README.md").read_text().startswith("---")
+    assert (full_run / "merged" / "config.json").is_file() and (full_run / "merged" / "tokenizer.json").is_file()
 
+
+def test_adapter_and_merged_model_evaluate_identically(full_run, tmp_path, cache_env, monkeypatch):
+    """base -> convert -> adapter (evaluate_context.py) must equal the saved merged checkpoint."""
+    for key in ("HF_POSENC_CACHE", "HF_HUB_OFFLINE"):
+        monkeypatch.setenv(key, cache_env[key])
+    sys.path.insert(0, str(ROOT / "recipes"))
+    import evaluate_context
+
+    common = {"data": {}, "eval": {"lengths": [32, 64], "eval_tokens": 256, "sliding_stride": 16,
+                                   "sliding_tokens": 128, "bucket_size": 16,
+                                   "passkey": {"lengths": [256], "depths": [0.5], "trials": 1, "max_new_tokens": 2}}}
+    via_adapter = tmp_path / "a.yaml"
+    via_adapter.write_text(yaml.safe_dump({**common, "model": TINY["model"], "adapter": str(full_run / "adapter"),
+                                           "posenc": {"kind": "t5_bias", "num_buckets": 8, "max_distance": 32},
+                                           "output": str(tmp_path / "a.json")}))
+    via_merged = tmp_path / "m.yaml"
+    via_merged.write_text(yaml.safe_dump({**common, "model": {"name_or_path": str(full_run / "merged")},
+                                          "output": str(tmp_path / "m.json")}))
+    a = evaluate_context.main(["--config", str(via_adapter)])
+    m = evaluate_context.main(["--config", str(via_merged)])
+    for mode in ("non_overlapping", "sliding"):
+        for n in ("32", "64"):
+            assert a["perplexity"][mode][n] == pytest.approx(m["perplexity"][mode][n], rel=1e-5)
+
+
+def test_adapter_with_position_tables_refuses_an_unconverted_base(full_run, cache_env, monkeypatch):
+    """PEFT alone would load it and silently drop the T5 tables (DESIGN §3)."""
+    from hf_posenc.extension.lora import load_adapter
+    from hf_posenc.extension.models import load_model, resolve
+    from hf_posenc.extension.recipe_config import ModelConfig, PretrainConfig
+
+    monkeypatch.setenv("HF_POSENC_CACHE", cache_env["HF_POSENC_CACHE"])
+    base = load_model(resolve(ModelConfig(builtin=PretrainConfig(**TINY["model"]["builtin"])), progress=False))
+    with pytest.raises(ValueError, match="has weights the model lacks"):
+        load_adapter(base, str(full_run / "adapter"))  # stock RoPE base: no posenc tables
+
+
+def test_resume_after_a_kill_ends_on_the_same_weights(full_run, tmp_path, cache_env):
+    weights = _adapter(full_run)
     # Same run killed (SIGKILL, nothing flushed) right after its step-4 checkpoint ...
     killed = tmp_path / "killed"
     config = _config(tmp_path, killed)
