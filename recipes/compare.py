@@ -36,7 +36,9 @@ def main(argv=None):
     for key, path in paths.items():
         print(f"{key}: {path}")
     if args.readme:
-        update_readme(Path(args.readme), paths)
+        # Run folders are git-ignored: copy the outputs next to the README so its links resolve.
+        readme = Path(args.readme)
+        update_readme(readme, paths, assets_dir=readme.parent / "results" / Path(args.out).name)
         print(f"updated {args.readme}")
     return paths
 

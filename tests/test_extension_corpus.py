@@ -52,3 +52,29 @@ def test_bpe_tokenizer_round_trips_and_compresses():
 def test_cache_dir_env_override(tmp_path, monkeypatch):
     monkeypatch.setenv(paths.CACHE_ENV, str(tmp_path / "c"))
     assert paths.cache_dir() == tmp_path / "c" and (tmp_path / "c").is_dir()
+
+
+def test_base_model_is_built_once_and_keyed_by_its_spec(tmp_path_factory, monkeypatch):
+    from pathlib import Path
+
+    import yaml
+
+    from hf_posenc.extension.base_model import base_model_dir, ensure_base_model
+    from hf_posenc.extension.recipe_config import PretrainConfig
+
+    monkeypatch.setenv(paths.CACHE_ENV, str(tmp_path_factory.getbasetemp() / "hf_posenc_cache"))
+    tiny = yaml.safe_load((Path(__file__).resolve().parents[1] / "recipes/configs/compare_tiny.yaml").read_text())
+    spec = PretrainConfig(**tiny["model"]["builtin"])
+    folder = ensure_base_model(spec, progress=False)
+    info = (folder / "build_info.json").stat().st_mtime_ns
+    assert ensure_base_model(spec, progress=False) == folder
+    assert (folder / "build_info.json").stat().st_mtime_ns == info  # reused, not rebuilt
+    assert base_model_dir(PretrainConfig(**{**tiny["model"]["builtin"], "steps": 7})) != folder
+    import json
+
+    built = json.loads((folder / "build_info.json").read_text())
+    assert built["train_tokens"] == spec.steps * spec.batch_size * spec.seq_len
+    from transformers import AutoConfig
+
+    config = AutoConfig.from_pretrained(folder)
+    assert config.max_position_embeddings == spec.seq_len and config.hidden_size == spec.hidden_size

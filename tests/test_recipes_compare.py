@@ -91,3 +91,6 @@ def test_readme_block_is_replaced_not_appended(compared, tmp_path):
     assert text.count(README_BEGIN) == 1 and "old" not in text and text.endswith("Tail.\n")
     assert compared[1]["markdown"].read_text().strip().splitlines()[0] in text
     assert "perplexity_vs_length.png)" in text
+    update_readme(readme, compared[1], assets_dir=tmp_path / "results" / "tiny")
+    assert "](results/tiny/perplexity_vs_length.png)" in readme.read_text()
+    assert (tmp_path / "results" / "tiny" / "results.json").read_bytes() == compared[1]["json"].read_bytes()
