@@ -283,8 +283,9 @@ def install(model, posenc: PosEncConfig, arch: Architecture, state: _State | Non
             module = make_position_module(posenc, config, arch)
             if module is not None:
                 attn.posenc = module.to(_device_of(attn))
-        hook = _make_pre_hook(arch, neutralise_rope, use_attention)
-        state.hooks.append(attn.register_forward_pre_hook(hook, with_kwargs=True))
+        if neutralise_rope or use_attention:  # e.g. NoPE on GPT-2 needs no hook at all
+            hook = _make_pre_hook(arch, neutralise_rope, use_attention)
+            state.hooks.append(attn.register_forward_pre_hook(hook, with_kwargs=True))
     # 3. Dispatch to our attention function.
     if use_attention:
         backend = (attn_implementation or _hf.attn_implementation(model)).removeprefix("hf_posenc_")

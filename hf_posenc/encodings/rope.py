@@ -78,6 +78,8 @@ class RotaryPosition(PositionModule):
         length_key = seq_len if rope_type in ("dynamic", "longrope") and seq_len > self.max_position_embeddings else 0
         key = (str(device), length_key)
         if key not in self._cache:
+            if len(self._cache) > 64:  # dynamic scaling makes one entry per length while generating
+                self._cache.clear()
             if rope_type == "default":
                 inv_freq = default_inv_freq(self.rope_parameters["rope_theta"], self.rotary_dim, device)
                 scaling = 1.0
