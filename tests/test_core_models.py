@@ -186,3 +186,24 @@ def test_bert_is_bidirectional_after_conversion():
     y[0, -1] = (y[0, -1] + 1) % 100 + 1
     with torch.no_grad():
         assert not torch.allclose(model(x).last_hidden_state[0, 0], model(y).last_hidden_state[0, 0])
+
+
+@pytest.mark.parametrize("backend", ["eager", "sdpa"])
+@pytest.mark.parametrize("kind", KINDS)
+def test_sliding_window_caches_match_no_cache(kind, backend):
+    """Mistral with a 6-token window, generating past it: the dynamic cache crops keys and the static
+    cache rolls them, so key positions must come from the cache length, not from slot indices."""
+    from transformers import AutoModelForCausalLM, MistralConfig
+
+    torch.manual_seed(0)
+    config = MistralConfig(vocab_size=101, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                           num_attention_heads=4, num_key_value_heads=2, sliding_window=6)
+    model = AutoModelForCausalLM.from_config(config, attn_implementation=backend).eval()
+    hf_posenc.convert(model, PosEncConfig(kind=kind, **({"layers": [1]} if kind == "rope" else {})))
+    randomize_position_tables(model)
+    prompt = input_ids(1, 5)
+    kwargs = dict(max_new_tokens=12, min_new_tokens=12, do_sample=False)
+    with torch.no_grad():
+        expected = model.generate(prompt, use_cache=False, **kwargs)
+        assert torch.equal(model.generate(prompt, **kwargs), expected)
+        assert torch.equal(model.generate(prompt, cache_implementation="static", **kwargs), expected)
