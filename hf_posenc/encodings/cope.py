@@ -41,6 +41,10 @@ from torch.nn import functional as F
 from .base import PositionModule
 
 _NEG = torch.finfo(torch.float32).min
+#: Query rows per tile of the fast path (at most the module's ``block_size``). Causal tiles stop at the
+#: diagonal, so smaller tiles skip more of the masked triangle; on CPU (1 core, T=2048, H=4, D=64)
+#: fwd+bwd took 2.6x / 1.65x / 1.36x / 1.2x stock eager attention at 512 / 256 / 128 / 64 rows.
+TILE_ROWS = 64
 
 
 def _causal_limit(stop: int, kv_len: int, diagonal: int | None) -> int:
@@ -224,7 +228,8 @@ def cope_attention(
             when ``diagonal`` is given).
         pos_emb: ``E``, ``[D, npos_max]``.
         scaling: Logit scale.
-        block_size: Query rows per block (bounds the ``[rows, kv]`` working set).
+        block_size: Upper bound on the query rows per block (bounds the ``[rows, kv]`` working set); the
+            fast path uses tiles of ``min(block_size, TILE_ROWS)`` rows.
         return_weights: Also return the ``[B, H, q, kv]`` probabilities (output_attentions). They carry
             no gradient.
         diagonal: Causal offset: query row ``r`` may only see keys ``j <= r + diagonal`` (``kv - q``
@@ -233,7 +238,8 @@ def cope_attention(
     Returns:
         ``(output [B, H, q, D] in the value dtype, weights fp32 or None)``.
     """
-    return _CopeAttention.apply(query, key, value, pos_emb, allowed, float(scaling), int(block_size),
+    rows = max(1, min(int(block_size), TILE_ROWS))
+    return _CopeAttention.apply(query, key, value, pos_emb, allowed, float(scaling), rows,
                                 None if diagonal is None else int(diagonal), bool(return_weights))
 
 
