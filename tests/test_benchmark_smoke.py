@@ -1,0 +1,88 @@
+"""A tiny run of ``benchmarks/attention.py``: the record schema, the ratios, the memory tracker, the baseline."""
+
+import importlib.util
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+@pytest.fixture(scope="module")
+def bench():
+    spec = importlib.util.spec_from_file_location("hf_posenc_benchmark", ROOT / "benchmarks" / "attention.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.fixture(scope="module")
+def run(bench, tmp_path_factory):
+    out = tmp_path_factory.mktemp("bench")
+    argv = ["--tiny", "--lengths", "24", "--reps", "1", "--decode-contexts", "8", "16", "--decode-steps", "1",
+            "--lora-length", "16", "--json", str(out / "r.json"), "--markdown", str(out / "r.md")]
+    bench.main(argv)
+    return json.loads((out / "r.json").read_text()), (out / "r.md").read_text()
+
+
+def test_records_follow_the_issue_schema(bench, run):
+    records, _ = run
+    types = {"encoding": str, "T": int, "mode": str, "time_s": float, "peak_mem_bytes": int,
+             "time_ratio_vs_sdpa": float, "peak_mem_ratio_vs_eager": float}
+    for r in records:
+        for key, kind in types.items():
+            assert isinstance(r[key], kind), (key, r)
+        assert r["mode"] in ("forward", "forward_backward", "decode", "lora_train")
+        assert r["time_s"] > 0 and r["peak_mem_bytes"] > 0
+    groups = {}
+    for r in records:
+        groups.setdefault((r["scope"], r["mode"], r["T"]), []).append(r)
+    # Every mode, both decode contexts, and every encoding in each group.
+    assert {(s, m) for s, m, _ in groups} == {("model", "forward"), ("model", "forward_backward"), ("model", "decode"),
+                                              ("model", "lora_train"), ("attention", "forward"),
+                                              ("attention", "forward_backward")}
+    assert {t for s, m, t in groups if m == "decode"} == {8, 16}
+    for (scope, mode, length), rows in groups.items():
+        assert sorted(r["encoding"] for r in rows) == sorted(bench.ENCODINGS)
+        by = {r["encoding"]: r for r in rows}
+        assert by["stock_sdpa"]["time_ratio_vs_sdpa"] == 1.0 and by["stock_eager"]["peak_mem_ratio_vs_eager"] == 1.0
+        for r in rows:  # the ratios are the medians divided by the same group's stock numbers
+            assert r["time_ratio_vs_sdpa"] == pytest.approx(r["time_s"] / by["stock_sdpa"]["time_s"], rel=1e-3)
+            assert r["peak_mem_ratio_vs_eager"] == pytest.approx(
+                r["peak_mem_bytes"] / by["stock_eager"]["peak_mem_bytes"], rel=1e-3)
+
+
+def test_markdown_has_a_row_per_encoding(bench, run):
+    _, table = run
+    for name in bench.ENCODINGS:
+        assert f"| {name} |" in table
+    assert "**model, forward+backward**" in table and "**model, decode" in table
+
+
+def test_peak_memory_tracker_counts_live_bytes(bench):
+    def step():
+        a = torch.empty(1 << 20, dtype=torch.uint8)
+        b = torch.empty(3 << 20, dtype=torch.uint8)
+        view = b[10:]  # a view adds no bytes
+        del a
+        c = torch.empty(1 << 20, dtype=torch.uint8)  # fits where a was: the peak stays 4 MiB
+        del b, c, view
+
+    assert bench.peak_memory(step) == 4 << 20
+
+
+def test_naive_baseline_computes_the_same_attention(bench):
+    """The benchmark's full-tensor baseline and the library's fast path must agree, or the comparison is void."""
+    torch.manual_seed(0)
+    fast = bench.CoPE(8, npos_max=5, block_size=3)
+    naive = bench.NaiveCoPE(8, npos_max=5)
+    with torch.no_grad():
+        fast.pos_emb.normal_()
+        naive.pos_emb.copy_(fast.pos_emb)
+    q, k, v = (torch.randn(2, 2, 11, 8) for _ in range(3))
+    with torch.no_grad():
+        expected, _ = naive.attend(q, k, v, None, 8 ** -0.5, diagonal=0)
+        got, _ = fast.attend(q, k, v, None, 8 ** -0.5, diagonal=0)
+    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
