@@ -151,3 +151,21 @@ def test_evaluate_context_buckets_average_to_the_mean(model, tokenizer):
     weights = {"0": 15, "16": 16, "32": 16, "48": 16}
     mean = sum(buckets[k] * w for k, w in weights.items()) / 63
     assert math.exp(mean) == pytest.approx(out["perplexity"]["non_overlapping"]["64"], rel=1e-9)
+
+
+def test_longlora_switch_keeps_tied_embeddings_tied():
+    """Training a tied input table through modules_to_save must not untie it from the head on merge."""
+    from hf_posenc.extension.lora import wrap_with_lora
+    from hf_posenc.extension.recipe_config import LoraSettings
+
+    torch.manual_seed(0)
+    tied = LlamaForCausalLM(LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                                        num_attention_heads=2, num_key_value_heads=2, tie_word_embeddings=True))
+    before = tied.model.embed_tokens.weight.detach().clone()
+    peft_model = wrap_with_lora(tied, LoraSettings(train_embeddings_and_norms=True))
+    x = torch.randint(0, 64, (1, 8))
+    peft_model(input_ids=x, labels=x).loss.backward()
+    torch.optim.SGD([p for p in peft_model.parameters() if p.requires_grad], lr=1.0).step()
+    merged = peft_model.merge_and_unload()
+    assert not torch.equal(merged.model.embed_tokens.weight, before)  # the table was trained ...
+    assert torch.equal(merged.model.embed_tokens.weight, merged.lm_head.weight)  # ... and is still the head

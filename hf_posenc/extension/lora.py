@@ -71,6 +71,9 @@ def lora_config_for(model, settings: LoraSettings):
         lora_dropout=settings.dropout,
         target_modules=targets,
         modules_to_save=to_save or None,
+        # With tied input/output embeddings, a trained copy of the input table must stay tied to the
+        # head, or merging silently unties them (SmolLM2 ties its embeddings).
+        ensure_weight_tying=settings.train_embeddings_and_norms and bool(getattr(model.config, "tie_word_embeddings", False)),
         task_type="CAUSAL_LM",
     )
 
