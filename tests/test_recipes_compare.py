@@ -94,3 +94,25 @@ def test_readme_block_is_replaced_not_appended(compared, tmp_path):
     update_readme(readme, compared[1], assets_dir=tmp_path / "results" / "tiny")
     assert "](results/tiny/perplexity_vs_length.png)" in readme.read_text()
     assert (tmp_path / "results" / "tiny" / "results.json").read_bytes() == compared[1]["json"].read_bytes()
+
+
+def test_direction_checks_follow_the_numbers():
+    from hf_posenc.extension.report import direction_checks
+
+    def variant(name, ppl):
+        table = {str(n): x for n, x in ppl.items()}
+        return {"name": name, "posenc": {"kind": "rope"}, "finetuned": False, "train_tokens": 0,
+                "perplexity": {"non_overlapping": table, "sliding": table}, "passkey": {"8": 0.0}}
+
+    results = {"base_model": "m", "train_length": 8, "variants": [
+        variant("rope", {8: 10.0, 16: 12.0, 32: 14.0, 64: 15.0}),
+        variant("rope_linear", {8: 11.0, 32: 14.0}),
+        variant("rope_yarn", {8: 10.0, 32: 12.5}),
+        variant("alibi", {8: 12.0, 64: 18.1}),
+    ]}
+    checks = {c["name"].split(":")[0]: c for c in direction_checks(results)}
+    assert checks["unscaled RoPE"]["value"] == pytest.approx(1.5) and checks["unscaled RoPE"]["passed"]
+    assert checks["best of fine-tuned PI / YaRN"]["value"] == pytest.approx(1.25)
+    assert checks["ALiBi"]["passed"] is False  # 18.1 / 12 > 1.5
+    results["variants"][0]["perplexity"]["non_overlapping"]["32"] = 16.0  # no longer growing
+    assert not direction_checks(results)[0]["passed"]

@@ -79,6 +79,44 @@ def markdown_table(results: dict[str, Any]) -> str:
     return "\n".join(rows) + "\n" + note
 
 
+def direction_checks(results: dict[str, Any]) -> list[dict[str, Any]]:
+    """The literature's expected directions, computed from the results (DESIGN §5).
+
+    Each check has ``name``, ``value`` (the measured ratio), ``threshold`` and ``passed``; checks
+    whose variants or lengths are missing are left out. Results that disagree are reported, not hidden.
+    """
+    L = results["train_length"]
+    ppl = {v["name"]: {int(k): x for k, x in v["perplexity"]["non_overlapping"].items()} for v in results["variants"]}
+    checks = []
+    rope = ppl.get("rope", {})
+    if L in rope and 8 * L in rope:
+        longer = [rope[n] for n in sorted(rope) if n >= L]
+        growing = all(b > a for a, b in zip(longer, longer[1:]))
+        ratio = rope[8 * L] / rope[L]
+        checks.append({"name": "unscaled RoPE: ppl@8L / ppl@L >= 1.5 and growing with length",
+                       "value": ratio, "threshold": 1.5, "passed": ratio >= 1.5 and growing})
+    extended = [ppl[n][4 * L] for n in ("rope_linear", "rope_yarn") if 4 * L in ppl.get(n, {})]
+    if extended and L in rope:
+        ratio = min(extended) / rope[L]
+        checks.append({"name": "best of fine-tuned PI / YaRN: ppl@4L / base ppl@L <= 1.3",
+                       "value": ratio, "threshold": 1.3, "passed": ratio <= 1.3})
+    alibi = ppl.get("alibi", {})
+    if L in alibi and 8 * L in alibi:
+        ratio = alibi[8 * L] / alibi[L]
+        checks.append({"name": "ALiBi: ppl@8L / its ppl@L <= 1.5", "value": ratio, "threshold": 1.5,
+                       "passed": ratio <= 1.5})
+    return checks
+
+
+def checks_markdown(results: dict[str, Any]) -> str:
+    checks = direction_checks(results)
+    if not checks:
+        return ""
+    rows = ["| expected direction (literature) | measured | holds |", "|---|---|---|"]
+    rows += [f"| {c['name']} | {c['value']:.2f} | {'yes' if c['passed'] else '**no**'} |" for c in checks]
+    return "\n".join(rows) + "\n"
+
+
 def write_csv(results: dict[str, Any], path: Path) -> None:
     """Long format: one row per (variant, metric, length)."""
     with open(path, "w", newline="") as handle:
@@ -157,7 +195,9 @@ def write_report(results: dict[str, Any], out_dir: Path) -> dict[str, Path]:
     }
     paths["json"].write_text(json.dumps(results, indent=2))
     write_csv(results, paths["csv"])
-    paths["markdown"].write_text(markdown_table(results))
+    results["direction_checks"] = direction_checks(results)
+    checks = checks_markdown(results)
+    paths["markdown"].write_text(markdown_table(results) + ("\n" + checks if checks else ""))
     plot_perplexity(results, paths["perplexity_plot"])
     plot_passkey(results, paths["passkey_plot"])
     return paths
