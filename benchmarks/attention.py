@@ -4,6 +4,7 @@ Usage::
 
     python benchmarks/attention.py --quick --json results.json --markdown results.md
     python benchmarks/attention.py                      # full: T in 512, 1024, 2048, 4096
+    python benchmarks/attention.py --from-json results.json --markdown table.md   # tables only
 
 What is measured (``mode``), for ``stock_sdpa``, ``stock_eager``, ``rope``, ``rope_yarn``, ``nope``,
 ``alibi``, ``t5_bias``, ``cope`` and ``cope_naive`` (the paper's formulation with full ``[B, H, T, T]``
@@ -437,11 +438,48 @@ def markdown(records: list[dict]) -> str:
     return "\n".join(lines)
 
 
+def targets(records: list[dict]) -> str:
+    """Issue 5's targets checked against the model-scope records that are present (one line each)."""
+    by = {(r["encoding"], r["T"], r["mode"]): r for r in records if r["scope"] == "model"}
+    lines = ["| target | measured | met |", "|---|---|---|"]
+
+    def add(name, value, limit, fmt="{:.2f}"):
+        if value is not None:
+            lines.append(f"| {name} (<= {limit:.3g}) | {fmt.format(value)} | {'yes' if value <= limit else 'no'} |")
+
+    def ratio(enc, length, mode, key="time_ratio_vs_sdpa"):
+        r = by.get((enc, length, mode))
+        return r[key] if r else None
+
+    lengths = sorted({t for (_, t, m) in by if m == "forward"})
+    for enc in ("rope", "rope_yarn", "nope"):
+        worst = [ratio(enc, t, m) for t in lengths for m in ("forward", "forward_backward") if ratio(enc, t, m)]
+        add(f"{enc} vs stock, worst of fwd/fwd+bwd over T", max(worst) if worst else None, 1.03)
+    for enc in ("alibi", "t5_bias"):
+        add(f"{enc} forward vs sdpa, T=2048", ratio(enc, 2048, "forward"), 1.3)
+        add(f"{enc} fwd+bwd vs sdpa, T=2048", ratio(enc, 2048, "forward_backward"), 1.4)
+    cope, eager, naive = (by.get((e, 2048, "forward_backward")) for e in ("cope", "stock_eager", "cope_naive"))
+    if cope and eager:
+        add("cope fwd+bwd time / stock eager, T=2048", cope["time_s"] / eager["time_s"], 2.0)
+        add("cope fwd+bwd peak memory / stock eager, T=2048", cope["peak_mem_bytes"] / eager["peak_mem_bytes"], 1.0)
+    if cope and naive:
+        add("cope / cope_naive peak memory, T=2048", cope["peak_mem_bytes"] / naive["peak_mem_bytes"], 1 / 3)
+        add("cope / cope_naive time, T=2048", cope["time_s"] / naive["time_s"], 1.0)
+    short, long = by.get(("cope", 1024, "decode")), by.get(("cope", 4096, "decode"))
+    if short and long:
+        add("cope decode per token, 4k / 1k context", long["time_s"] / short["time_s"], 5.0)
+    for (enc, length, mode), r in sorted(by.items()):
+        if mode == "lora_train" and enc not in ("stock_sdpa", "stock_eager", "cope_naive"):
+            add(f"{enc} LoRA time per token vs sdpa, T={length}", r["time_ratio_vs_sdpa"], 2.0 if enc == "cope" else 1.1)
+    return "\n".join(lines)
+
+
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--quick", action="store_true", help="T in {512, 2048}, fewer repetitions")
     parser.add_argument("--json", type=Path, help="write the records here")
     parser.add_argument("--markdown", type=Path, help="write the README tables here")
+    parser.add_argument("--from-json", type=Path, help="only print/write the tables of an earlier --json file")
     parser.add_argument("--lengths", type=int, nargs="+", help="override the sequence lengths")
     parser.add_argument("--reps", type=int, help="timed repetitions per measurement (median)")
     parser.add_argument("--batch", type=int, default=1)
@@ -466,11 +504,11 @@ def parse_args(argv=None):
 def main(argv=None) -> list[dict]:
     args = parse_args(argv)
     started = time.perf_counter()
-    records = benchmark(args)
+    records = json.loads(args.from_json.read_text()) if args.from_json else benchmark(args)
     log(f"done in {time.perf_counter() - started:.0f} s")
-    if args.json:
+    if args.json and not args.from_json:
         args.json.write_text(json.dumps(records, indent=1))
-    table = markdown(records)
+    table = markdown(records) + "\n**Issue 5 targets (model scope)**\n\n" + targets(records)
     if args.markdown:
         args.markdown.write_text(table + "\n")
     print(table)
