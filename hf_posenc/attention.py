@@ -106,6 +106,51 @@ def sdpa_attention(query, key, value, allowed, bias, scaling, dropout, training,
     return output, None
 
 
+#: Query rows per SDPA call of :func:`causal_bias_sdpa`.
+BIAS_TILE_ROWS = 128
+
+
+def causal_bias_sdpa(query, key, value, posenc, allowed, q_pos, k_pos, scaling, dropout, training, diagonal):
+    """Causal attention with a relative bias on SDPA, one call per tile of query rows.
+
+    A float mask takes SDPA off its causal kernel, so one call over ``[q, kv]`` pays for the masked upper
+    triangle too. Tiles of rows stop at the diagonal (row ``r`` sees keys ``j <= r + diagonal``), which
+    halves that work, and each tile's bias is expanded from the per-diagonal values (``bias_diagonals``)
+    for that tile only: no ``[B, H, q, kv]`` bias exists at any time.
+
+    Args:
+        query: ``[B, H, q, D]``; key, value: ``[B, Hkv, kv, D]``.
+        posenc: A bias module with ``bias_diagonals`` (ALiBi, T5).
+        allowed: Bool ``[B|1, 1, q, kv]`` or None (plain causality).
+        diagonal: See :func:`causal_diagonal`.
+
+    Returns:
+        ``[B, H, q, D]``.
+    """
+    from .encodings.alibi import distance_diagonals, future_filled, toeplitz
+
+    fill = torch.finfo(query.dtype).min
+    diagonals = posenc.bias_diagonals(q_pos, k_pos, True).to(query.dtype)  # [H, q + kv - 1]
+    if allowed is None:  # future keys carry the mask value
+        diagonals = future_filled(diagonals, distance_diagonals(q_pos, k_pos), fill)
+    q_len, kv_len = query.shape[2], key.shape[2]
+    outputs = []
+    for start in range(0, q_len, BIAS_TILE_ROWS):
+        stop = min(start + BIAS_TILE_ROWS, q_len)
+        limit = max(1, min(kv_len, stop + diagonal))  # keys some row of the tile may see
+        # Entry t of `diagonals` is diagonal i - j = t - (kv - 1): the tile needs i - j from
+        # start - (limit - 1) to stop - 1.
+        first = start - limit + kv_len
+        bias = toeplitz(diagonals[:, first:first + (stop - start) + limit - 1], stop - start, limit)
+        mask = bias[None]  # [1, H, qb, limit]
+        if allowed is not None:
+            mask = torch.where(allowed[:, :, start:stop, :limit], mask, fill)
+        outputs.append(F.scaled_dot_product_attention(
+            query[:, :, start:stop], key[:, :, :limit], value[:, :, :limit], attn_mask=mask,
+            dropout_p=dropout if training else 0.0, scale=scaling, enable_gqa=key.shape[1] != query.shape[1]))
+    return torch.cat(outputs, dim=2) if len(outputs) > 1 else outputs[0]
+
+
 def posenc_attention(
     module,
     query: torch.Tensor,
@@ -155,6 +200,10 @@ def posenc_attention(
                 output, _ = sdpa_attention(query, key, value, allowed, None, scaling, dropout, module.training,
                                            plain_causal)
                 return output[..., :head_dim].transpose(1, 2).contiguous(), None
+            if backend == "sdpa" and causal and hasattr(posenc, "bias_diagonals"):
+                output = causal_bias_sdpa(query, key, value, posenc, allowed, q_pos, k_pos, scaling, dropout,
+                                          module.training, causal_diagonal(posenc_past, q_len, kv_len))
+                return output.transpose(1, 2).contiguous(), None
             if backend == "sdpa" and allowed is None and causal:
                 # Plain causality: the bias carries the mask itself (saves a [B, H, q, kv] where-pass).
                 bias = posenc.bias(q_pos, k_pos, causal, future=torch.finfo(query.dtype).min)

@@ -69,16 +69,19 @@ class T5Bias(PositionModule):
         with torch.no_grad():
             self.relative_attention_bias.zero_()
 
-    def bias(self, q_pos: torch.Tensor, k_pos: torch.Tensor, causal: bool, future: float | None = None) -> torch.Tensor:
-        """``[1, H, q, kv]`` bias; with ``future`` (causal only), keys after the query get that value so the
-        bias doubles as the causal mask. Positions must be consecutive ranges."""
+    def bias_diagonals(self, q_pos: torch.Tensor, k_pos: torch.Tensor, causal: bool,
+                       future: float | None = None) -> torch.Tensor:
+        """The bias once per diagonal, ``[H, q + kv - 1]`` (see ``alibi.toeplitz``); with ``future`` (causal
+        only), keys after the query get that value. Positions must be consecutive ranges."""
         distances = distance_diagonals(q_pos, k_pos)  # i - j per diagonal, [q + kv - 1]
         # Buckets of key - query, once per diagonal instead of once per (query, key) pair.
         buckets = relative_position_bucket(-distances, not causal, self.num_buckets, self.max_distance)
         diagonals = self.relative_attention_bias[buckets].t()  # [H, q + kv - 1]
-        if causal:
-            diagonals = future_filled(diagonals, distances, future)
-        return toeplitz(diagonals, q_pos.shape[0], k_pos.shape[0])[None]
+        return future_filled(diagonals, distances, future) if causal else diagonals
+
+    def bias(self, q_pos: torch.Tensor, k_pos: torch.Tensor, causal: bool, future: float | None = None) -> torch.Tensor:
+        """``[1, H, q, kv]`` bias (``future``: see :meth:`bias_diagonals`)."""
+        return toeplitz(self.bias_diagonals(q_pos, k_pos, causal, future), q_pos.shape[0], k_pos.shape[0])[None]
 
     def extra_repr(self) -> str:
         return f"num_heads={self.num_heads}, num_buckets={self.num_buckets}, max_distance={self.max_distance}"
