@@ -77,13 +77,13 @@ def _block_forward(q, k_rev, mask, pos_emb, scaling):
         scaling: Logit scale.
 
     Returns:
-        ``scores`` (masked logits incl. the position term) and, for backward, ``gates``, ``frac``
-        (``p - floor p``), ``slope`` (``z[floor p + 1] - z[floor p]``, 0 where clamped) — all
-        ``[B, H, qb, kb]`` fp32 — and ``bounds`` ``[B, H, qb, npos_max - 1]`` (the first key of each
-        run ``floor p >= n``, ``n = 1..npos_max-1``).
+        ``scores`` (masked logits incl. the position term, ``[B, H, qb, kb]``) and, for backward, ``gates``
+        (``[B, H, qb, kb]``), ``frac`` (``p - floor p``) and ``slope`` (``z[floor p + 1] - z[floor p]``) on
+        the first ``width`` keys (``[B, H, qb, width]``), and ``bounds`` ``[B, H, qb, npos_max - 1]`` (the
+        first key of each run ``floor p >= n``, ``n = 1..npos_max-1``). From key ``width`` on, every row's
+        position is clamped at the top: the term is the constant ``z[npos_max - 1]`` with no slope.
     """
     npos_max = pos_emb.shape[-1]
-    kb = k_rev.shape[-2]
     qk = torch.matmul(q, k_rev.transpose(-1, -2)).mul_(scaling)  # [B, H, qb, kb]
     gates = torch.sigmoid(qk)
     if mask is not None:
@@ -94,18 +94,24 @@ def _block_forward(q, k_rev, mask, pos_emb, scaling):
     slopes = F.pad(z.diff(dim=-1), (0, 1))  # [B, H, qb, npos_max]
     levels = torch.arange(1, npos_max, device=q.device, dtype=torch.float32)
     bounds = torch.searchsorted(positions, levels.expand(*positions.shape[:-1], npos_max - 1).contiguous())
+    # Positions reach the clamp after about 2 * npos_max keys when gates are near 0.5: only the keys
+    # before the last row's clamp point need the step functions; the rest get the top score directly.
+    width = int(bounds[..., -1].max()) if bounds.numel() else 0
+    positions = positions[..., :width]
     # Step functions as cumulative sums of their jumps: channel 0 = z[floor p], 1 = slope, 2 = floor p.
-    jumps = positions.new_zeros(3, *positions.shape[:-1], kb + 1)
+    jumps = positions.new_zeros(3, *positions.shape[:-1], width + 1)
     jumps[0, ..., 0] = z[..., 0]
     jumps[1, ..., 0] = slopes[..., 0]
     steps = torch.stack((z.diff(dim=-1), slopes.diff(dim=-1), torch.ones_like(slopes[..., 1:])))
     jumps.scatter_add_(-1, bounds.expand(3, *bounds.shape), steps)
-    step_fns = jumps[..., :kb].cumsum(-1)  # [3, B, H, qb, kb]
+    step_fns = jumps[..., :width].cumsum(-1)  # [3, B, H, qb, width]
     # Measuring frac from the rebuilt floor (not floor(p)) keeps the pieces consistent with each other
     # even if rounding ever broke monotonicity: linear interpolation is continuous across a run edge.
     frac = positions - step_fns[2]
     slope = step_fns[1]
-    scores = qk.add_(step_fns[0]).addcmul_(frac, slope)
+    scores = qk
+    scores[..., :width].add_(step_fns[0]).addcmul_(frac, slope)
+    scores[..., width:].add_(z[..., -1:])
     if mask is not None:
         scores = scores.masked_fill_(~mask, _NEG)
     return scores, gates, frac, slope, bounds
@@ -194,14 +200,20 @@ class _CopeAttention(torch.autograd.Function):
             del probs, scores
             # Position term e = Z + frac * slope, linear in z on each run floor p = n:
             # dz_n gets (1 - frac) * dS from run n and frac * dS from run n - 1.
-            runs = _run_sums(torch.stack((d_scores, d_scores * frac)), bounds)  # [2, B, H, qb, npos_max]
+            width = frac.shape[-1]
+            head = d_scores[..., :width]
+            runs = _run_sums(torch.stack((head, head * frac)), bounds)  # [2, B, H, qb, npos_max]
             grad_z = runs[0] - runs[1]
             grad_z[..., 1:] += runs[1][..., :-1]
-            # dp = dS * slope; p_j sums the gates of keys 0..j (reversed order), so dg_m = sum_{j >= m} dp_j.
-            d_pos = d_scores * slope
+            grad_z[..., -1] += d_scores[..., width:].sum(-1)  # clamped keys: the top score, weight 1
+            # dp = dS * slope; p_j sums the gates of keys 0..j (reversed order), so dg_m = sum_{j >= m} dp_j,
+            # which is zero from `width` on (no slope there).
+            d_pos = head * slope
             d_gates = d_pos.sum(-1, keepdim=True) - d_pos.cumsum(-1) + d_pos
             # Masked gates are 0, so gates * (1 - gates) also zeroes their gradient.
-            d_qk = d_scores.addcmul_(d_gates, gates * (1 - gates)).mul_(scaling)
+            g = gates[..., :width]
+            head.addcmul_(d_gates, g * (1 - g))
+            d_qk = d_scores.mul_(scaling)
             grad_q[:, :, start:stop] = torch.matmul(d_qk, k_rev[:, :, keys]) + torch.matmul(grad_z, e32.t())
             grad_k_rev[:, :, keys] += torch.matmul(d_qk.transpose(-1, -2), q)
             grad_e += q.reshape(-1, q.shape[-1]).t() @ grad_z.reshape(-1, grad_z.shape[-1])
