@@ -90,7 +90,7 @@ def main(argv=None) -> dict:
     #    Accelerate's prepared dataloader gives each rank its own shard).
     with accelerator.main_process_first():
         texts = load_texts(cfg.data, cfg.data.train_split)
-    windows = build_training_windows(texts, tokenizer, cfg.train, accelerator.num_processes, cfg.data)
+    windows = build_training_windows(texts, tokenizer, cfg.train, accelerator.num_processes)
 
     # 5. Train (resumes from output.dir/checkpoints when a checkpoint is there).
     stats = train(accelerator, model, windows, cfg.train, out / "checkpoints", progress=True)

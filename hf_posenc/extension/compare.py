@@ -12,6 +12,7 @@ import dataclasses
 import hashlib
 import json
 import logging
+import shutil
 import time
 from pathlib import Path
 from typing import Any
@@ -57,7 +58,7 @@ def finetune_in_process(model, tokenizer, texts, cfg: CompareConfig, variant: Va
     train_cfg = cfg.variant_train(variant)
     accelerator = Accelerator(gradient_accumulation_steps=train_cfg.grad_accum, mixed_precision=train_cfg.mixed_precision)
     peft_model = wrap_with_lora(model, cfg.lora)
-    windows = build_training_windows(texts, tokenizer, train_cfg, accelerator.num_processes, cfg.data)
+    windows = build_training_windows(texts, tokenizer, train_cfg, accelerator.num_processes)
     stats = train(accelerator, peft_model, windows, train_cfg, workdir / "checkpoints", progress=progress,
                   desc=f"finetune {variant.name}")
     unwrapped = accelerator.unwrap_model(peft_model)
@@ -79,6 +80,12 @@ def run_variant(cfg: CompareConfig, variant: VariantConfig, source, tokenizer, e
 
     workdir = out_dir / "variants" / variant.name
     workdir.mkdir(parents=True, exist_ok=True)
+    # Mid-run checkpoints (train.checkpoint_every) let an interrupted fine-tune resume, but only
+    # if they were written under the same settings.
+    stamp, fingerprint = workdir / "fingerprint", _fingerprint(cfg, variant)
+    if stamp.is_file() and stamp.read_text() != fingerprint:
+        shutil.rmtree(workdir / "checkpoints", ignore_errors=True)
+    stamp.write_text(fingerprint)
     model = load_model(source, cfg.model.dtype)
     # New position tables and LoRA weights are random: seed per variant so a resumed comparison
     # recomputes a variant exactly as a fresh one would.
@@ -102,7 +109,7 @@ def run_variant(cfg: CompareConfig, variant: VariantConfig, source, tokenizer, e
         "loss_by_position": evaluation["loss_by_position"],
         "train": {k: v for k, v in stats.items() if k != "train_tokens"},
         "eval_seconds": round(time.time() - started, 1),
-        "fingerprint": _fingerprint(cfg, variant),
+        "fingerprint": fingerprint,
     }
 
 

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import torch
 
-from .recipe_config import DataConfig, TrainConfig
+from .recipe_config import TrainConfig
 
 logger = logging.getLogger(__name__)
 
@@ -157,7 +157,6 @@ def windows_needed(cfg: TrainConfig, num_processes: int) -> int:
     return cfg.steps * cfg.batch_size * cfg.grad_accum * num_processes
 
 
-def build_training_windows(texts: list[str], tokenizer, cfg: TrainConfig, num_processes: int, data: DataConfig):
+def build_training_windows(texts: list[str], tokenizer, cfg: TrainConfig, num_processes: int) -> torch.Tensor:
     """Windows for a run: enough for every process, identical on every process (seeded)."""
-    del data  # the split is already chosen by the caller; kept for a stable signature
     return training_windows(texts, tokenizer, cfg.seq_len, windows_needed(cfg, num_processes), cfg.seed)
