@@ -139,3 +139,17 @@ def test_backward_keeps_no_quadratic_tensor():
     assert saved and max(saved) < 96 * 96
     out.sum().backward()
     assert all(t.grad is not None for t in (q, k, v, e))
+
+
+def test_torch_compile_gives_the_same_values_and_gradients():
+    q, k, v, e = make_inputs(batch=1, heads=2, q_len=40, kv_len=40)
+
+    def run(q, k, v, e):
+        return cope_attention(q, k, v, None, e, 8 ** -0.5, 16, diagonal=0)[0]
+
+    expected = run(q, k, v, e)
+    grads = torch.autograd.grad(expected.sum(), (q, k, v, e))
+    got = torch.compile(run, backend="aot_eager")(q, k, v, e)
+    torch.testing.assert_close(got, expected)
+    for a, b in zip(torch.autograd.grad(got.sum(), (q, k, v, e)), grads):
+        torch.testing.assert_close(a, b)
