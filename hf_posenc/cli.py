@@ -58,9 +58,11 @@ def load_model(source: str, dtype: str = "auto", attn_implementation: str | None
     config = AutoConfig.from_pretrained(location, **({"gguf_file": kwargs["gguf_file"]} if "gguf_file" in kwargs else {}))
     architectures = getattr(config, "architectures", None) or []
     model_class = getattr(transformers, architectures[0], None) if architectures else None
-    if model_class is None:
-        model_class = transformers.AutoModelForCausalLM if config.is_decoder or "bert" not in config.model_type \
-            else transformers.AutoModel
+    if model_class is None:  # e.g. GGUF configs name no architecture: a causal LM if the type has one
+        from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+
+        causal = config.model_type in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES and getattr(config, "is_decoder", True)
+        model_class = transformers.AutoModelForCausalLM if causal else transformers.AutoModel
     return model_class.from_pretrained(location, **kwargs)
 
 
@@ -140,7 +142,10 @@ def cmd_info(args: argparse.Namespace) -> int:
 def cmd_compare(args: argparse.Namespace) -> int:
     from .extension.compare import run_compare
 
-    run_compare(args.config, args.out, args.overrides)
+    paths = run_compare(args.config, args.out, args.overrides)
+    print(paths["markdown"].read_text())
+    for key, path in paths.items():
+        print(f"{key}: {path}")
     return 0
 
 
