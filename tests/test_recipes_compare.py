@@ -31,7 +31,7 @@ def compared(tmp_path_factory):
 
 def test_outputs_and_schema(compared):
     out, paths = compared
-    for key in ("json", "csv", "markdown", "perplexity_plot", "passkey_plot"):
+    for key in ("json", "csv", "markdown", "perplexity_plot", "passkey_plot", "position_plot"):
         assert paths[key].is_file() and paths[key].stat().st_size > 0
     assert paths["perplexity_plot"].read_bytes()[:4] == b"\x89PNG"
     results = json.loads(paths["json"].read_text())

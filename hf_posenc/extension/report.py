@@ -182,6 +182,37 @@ def plot_passkey(results: dict[str, Any], path: Path) -> None:
     plt.close(fig)
 
 
+def plot_loss_by_position(results: dict[str, Any], path: Path) -> bool:
+    """Mean loss per position bucket at the longest length (where a model stops using context).
+
+    Returns False (and writes nothing) when the records carry no ``loss_by_position``.
+    """
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    tables = [(v["name"], v.get("loss_by_position") or {}) for v in results["variants"]]
+    tables = [(name, t[max(t, key=int)]) for name, t in tables if t]
+    if not tables:
+        return False
+    longest = max(int(max(v.get("loss_by_position") or {"0": 0}, key=int)) for v in results["variants"])
+    fig, ax = plt.subplots(figsize=(9, 4.5))
+    for name, buckets in tables:
+        xs = sorted(buckets, key=int)
+        ax.plot([int(x) for x in xs], [buckets[x] for x in xs], marker=".", label=name)
+    ax.axvline(results["train_length"], color="grey", linestyle=":", label="train length L")
+    ax.set_xlabel(f"position in a window of {longest} tokens (bucket start)")
+    ax.set_ylabel("mean loss (nats/token)")
+    ax.set_title("loss by position")
+    ax.grid(True, alpha=0.3)
+    ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1))
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return True
+
+
 def write_report(results: dict[str, Any], out_dir: Path) -> dict[str, Path]:
     """Validate and write every output file; return their paths."""
     validate_results(results)
@@ -200,6 +231,9 @@ def write_report(results: dict[str, Any], out_dir: Path) -> dict[str, Path]:
     paths["markdown"].write_text(markdown_table(results) + ("\n" + checks if checks else ""))
     plot_perplexity(results, paths["perplexity_plot"])
     plot_passkey(results, paths["passkey_plot"])
+    position_plot = out_dir / "loss_by_position.png"
+    if plot_loss_by_position(results, position_plot):
+        paths["position_plot"] = position_plot
     return paths
 
 
@@ -232,6 +266,7 @@ def update_readme(readme: Path, paths: dict[str, Path], assets_dir: Path | None 
         README_BEGIN, "", paths["markdown"].read_text().strip(), "",
         f"![perplexity vs length]({rel['perplexity_plot']})", "",
         f"![passkey accuracy]({rel['passkey_plot']})", "",
+        *([f"![loss by position]({rel['position_plot']})", ""] if "position_plot" in rel else []),
         f"Full results: [`{rel['json']}`]({rel['json']}) (JSON), [`{rel['csv']}`]({rel['csv']}) (CSV).", README_END,
     ])
     if README_BEGIN in text and README_END in text:
