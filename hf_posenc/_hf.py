@@ -66,3 +66,12 @@ def base_model(model):
 
 def transformers_version() -> str:
     return transformers.__version__
+
+
+def forget_gguf_quantizer(model) -> None:
+    """A model loaded from a GGUF file holds plain dequantized tensors, but transformers keeps its GGUF
+    quantizer attached, which refuses ``save_pretrained`` and training. Detach it (no weight changes)."""
+    quantizer = getattr(model, "hf_quantizer", None)
+    method = getattr(getattr(quantizer, "quantization_config", None), "quant_method", None)
+    if quantizer is not None and getattr(method, "value", method) == "gguf":
+        quantizer.remove_quantization_config(model)

@@ -63,7 +63,12 @@ def load_model(source: str, dtype: str = "auto", attn_implementation: str | None
 
         causal = config.model_type in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES and getattr(config, "is_decoder", True)
         model_class = transformers.AutoModelForCausalLM if causal else transformers.AutoModel
-    return model_class.from_pretrained(location, **kwargs)
+    model = model_class.from_pretrained(location, **kwargs)
+    if "gguf_file" in kwargs:
+        from ._hf import forget_gguf_quantizer
+
+        forget_gguf_quantizer(model)
+    return model
 
 
 def cmd_convert(args: argparse.Namespace) -> int:

