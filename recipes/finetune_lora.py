@@ -32,7 +32,15 @@ def parse_args(argv=None):
     return parser.parse_intermixed_args(argv)
 
 
-def write_card(cfg: FinetuneConfig, out: Path, base_label: str, stats: dict) -> None:
+def base_encoding(config) -> str | None:
+    """How the base model encoded positions before conversion, for the card's first line."""
+    rope = getattr(config, "rope_parameters", None)
+    if isinstance(rope, dict) and rope.get("rope_theta"):
+        return f"rope (theta {rope['rope_theta']:g})"
+    return "learned absolute positions" if getattr(config, "model_type", "") in ("gpt2", "bert") else None
+
+
+def write_card(cfg: FinetuneConfig, out: Path, base_label: str, stats: dict, original: str | None) -> None:
     """Model card for the adapter (rendered by hf_posenc.cards, the project's card templates)."""
     from hf_posenc.cards import CardInfo, render_card
 
@@ -40,7 +48,7 @@ def write_card(cfg: FinetuneConfig, out: Path, base_label: str, stats: dict) -> 
     info = CardInfo(
         repo_id=out.name,
         posenc=cfg.posenc,
-        original_encoding="rope",
+        original_encoding=original,
         adapter={k: adapter.get(k) for k in ("peft_type", "r", "lora_alpha", "target_modules", "modules_to_save")},
         training={"base model": base_label, "steps": stats["steps"], "train tokens": stats["train_tokens"],
                   "sequence length": cfg.train.seq_len, "learning rate": cfg.train.lr,
@@ -76,6 +84,7 @@ def main(argv=None) -> dict:
         source = resolve(cfg.model, cfg.data.held_out_percent, progress=accelerator.is_main_process)
     tokenizer = load_tokenizer(source)
     model = load_model(source, cfg.model.dtype)
+    original = base_encoding(model.config)  # read before conversion rewrites the config
 
     # 2. Convert to the requested encoding, 3. wrap with LoRA (+ position tables, + LongLoRA switch).
     # Seeded here, not earlier: building the base model (first run only) draws random numbers, and
@@ -104,7 +113,7 @@ def main(argv=None) -> dict:
         if cfg.output.save_adapter:
             unwrapped.save_pretrained(str(out / "adapter"))
             tokenizer.save_pretrained(str(out / "adapter"))
-            write_card(cfg, out, source.label, stats)
+            write_card(cfg, out, source.label, stats, original)
         if cfg.output.save_merged:
             merged = unwrapped.merge_and_unload()
             merged.save_pretrained(str(out / "merged"))

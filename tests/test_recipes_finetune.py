@@ -154,3 +154,28 @@ def test_two_processes_share_gradients(tmp_path, cache_env):
     # ... yet both ended with identical weights: gradients were all-reduced every step.
     assert ranks[0]["param_checksum"] == ranks[1]["param_checksum"]
     assert ranks[0]["train_tokens"] == 6 * 2 * 32 * 2
+
+
+def test_merged_yarn_checkpoint_keeps_its_scaling_for_inference(tmp_path, cache_env, monkeypatch):
+    """DESIGN §5 pain point: the training-time RoPE scaling must be recorded in the saved model."""
+    for key in ("HF_POSENC_CACHE", "HF_HUB_OFFLINE"):
+        monkeypatch.setenv(key, cache_env[key])
+    sys.path.insert(0, str(ROOT / "recipes"))
+    import finetune_lora
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    out = tmp_path / "yarn"
+    config = _config(tmp_path, out, steps=2, checkpoint_every=0, seq_len=64)
+    data = yaml.safe_load(config.read_text())
+    data["posenc"] = {"kind": "rope", "rope_type": "yarn", "factor": 2.0, "original_max_position_embeddings": 32}
+    config.write_text(yaml.safe_dump(data))
+    finetune_lora.main(["--config", str(config)])
+    saved = AutoConfig.from_pretrained(out / "merged")
+    assert saved.rope_parameters["rope_type"] == "yarn" and saved.rope_parameters["factor"] == 2.0
+    assert saved.rope_parameters["original_max_position_embeddings"] == 32
+    assert saved.max_position_embeddings == 64
+    # Plain transformers reloads it with the scaled frequencies: they differ from unscaled RoPE's.
+    reloaded = AutoModelForCausalLM.from_pretrained(out / "merged")
+    base = AutoModelForCausalLM.from_pretrained(out / "merged", rope_parameters={"rope_type": "default",
+                                                "rope_theta": saved.rope_parameters["rope_theta"]})
+    assert not torch.allclose(reloaded.model.rotary_emb.inv_freq, base.model.rotary_emb.inv_freq)
