@@ -151,6 +151,15 @@ def cmd_compare(args: argparse.Namespace) -> int:
     print(paths["markdown"].read_text())
     for key, path in paths.items():
         print(f"{key}: {path}")
+    if args.readme:
+        from pathlib import Path
+
+        from .extension.report import default_assets_dir, update_readme
+
+        readme = Path(args.readme)
+        assets = Path(args.readme_assets) if args.readme_assets else default_assets_dir(readme, Path(args.out))
+        update_readme(readme, paths, assets_dir=assets)
+        print(f"updated {readme} (outputs copied to {assets})")
     return 0
 
 
@@ -178,6 +187,9 @@ def build_parser() -> argparse.ArgumentParser:
     compare = sub.add_parser("compare", help="run a context-extension comparison grid (recipes/compare.py)")
     compare.add_argument("config", help="a compare YAML, e.g. recipes/configs/compare_quick.yaml")
     compare.add_argument("--out", required=True, help="output folder (finished variants are reused)")
+    compare.add_argument("--readme", help="Markdown file whose compare section is replaced by the results")
+    compare.add_argument("--readme-assets", help="where --readme copies the outputs (default: recipes/results/<out name> "
+                                                  "beside a root README, else results/<out name> next to it)")
     compare.add_argument("overrides", nargs="*", help="key.sub=value overrides")
     compare.set_defaults(func=cmd_compare)
 

@@ -16,7 +16,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from hf_posenc.extension.compare import run_compare  # noqa: E402
-from hf_posenc.extension.report import update_readme  # noqa: E402
+from hf_posenc.extension.report import default_assets_dir, update_readme  # noqa: E402
 from hf_posenc.extension.typed_config import ConfigError  # noqa: E402
 
 
@@ -38,7 +38,7 @@ def main(argv=None):
     if args.readme:
         # Run folders are git-ignored: copy the outputs next to the README so its links resolve.
         readme = Path(args.readme)
-        update_readme(readme, paths, assets_dir=readme.parent / "results" / Path(args.out).name)
+        update_readme(readme, paths, assets_dir=default_assets_dir(readme, Path(args.out)))
         print(f"updated {args.readme}")
     return paths
 

@@ -116,3 +116,13 @@ def test_direction_checks_follow_the_numbers():
     assert checks["ALiBi"]["passed"] is False  # 18.1 / 12 > 1.5
     results["variants"][0]["perplexity"]["non_overlapping"]["32"] = 16.0  # no longer growing
     assert not direction_checks(results)[0]["passed"]
+
+
+def test_default_assets_dir(tmp_path):
+    from hf_posenc.extension.report import default_assets_dir
+
+    (tmp_path / "recipes").mkdir()
+    out = Path("runs/compare_quick")
+    assert default_assets_dir(tmp_path / "README.md", out) == tmp_path / "recipes" / "results" / "compare_quick"
+    assert default_assets_dir(tmp_path / "recipes" / "README.md", out) == tmp_path / "recipes" / "results" / "compare_quick"
+    assert default_assets_dir(tmp_path / "docs" / "README.md", out) == tmp_path / "docs" / "results" / "compare_quick"

@@ -275,3 +275,11 @@ def update_readme(readme: Path, paths: dict[str, Path], assets_dir: Path | None 
     else:
         text = text.rstrip() + "\n\n" + block + "\n"
     readme.write_text(text)
+
+
+def default_assets_dir(readme: Path, out_dir: Path) -> Path:
+    """Where ``--readme`` copies a run's outputs: beside the recipes when the README is at a
+    checkout's root (so the root and ``recipes/`` READMEs share one copy), else next to the README."""
+    recipes = readme.parent / "recipes"
+    base = recipes if recipes.is_dir() and readme.parent.resolve() != recipes.resolve() else readme.parent
+    return base / "results" / out_dir.name
