@@ -126,3 +126,21 @@ def test_default_assets_dir(tmp_path):
     assert default_assets_dir(tmp_path / "README.md", out) == tmp_path / "recipes" / "results" / "compare_quick"
     assert default_assets_dir(tmp_path / "recipes" / "README.md", out) == tmp_path / "recipes" / "results" / "compare_quick"
     assert default_assets_dir(tmp_path / "docs" / "README.md", out) == tmp_path / "docs" / "results" / "compare_quick"
+
+
+def test_cli_compare_resumes_prints_the_table_and_fills_a_readme(compared, tmp_path, capsys, monkeypatch):
+    from hf_posenc import cli
+
+    out, paths = compared
+    monkeypatch.setenv("HF_POSENC_CACHE", str(Path(out).parent / "hf_posenc_cache"))
+    readme = tmp_path / "README.md"
+    readme.write_text(f"{README_BEGIN}\n{README_END}\n")
+    # (Another test may have left a variant computed under other settings: settle the folder first.)
+    assert cli.main(["compare", str(TINY), "--out", str(out)]) == 0
+    capsys.readouterr()
+    before = {p.name: p.stat().st_mtime_ns for p in (out / "variants").glob("*.json")}
+    assert cli.main(["compare", str(TINY), "--out", str(out), "--readme", str(readme)]) == 0
+    printed = capsys.readouterr().out
+    assert "| rope_yarn | yes |" in printed and f"perplexity_plot: {out}" in printed
+    assert {p.name: p.stat().st_mtime_ns for p in (out / "variants").glob("*.json")} == before  # all reused
+    assert "](results/" in readme.read_text() and (tmp_path / "results" / out.name / "results.json").is_file()
