@@ -53,6 +53,9 @@ def lora_config(model: nn.Module, r: int = 8, alpha: int = 16, dropout: float = 
         modules_to_save.append(POSENC_MODULE)
     if longlora:
         modules_to_save += embedding_and_norm_modules(model)
+        # A trained copy of a tied input table must stay tied to the head, or merging silently unties
+        # them (SmolLM2 ties its embeddings).
+        kwargs.setdefault("ensure_weight_tying", bool(getattr(model.config, "tie_word_embeddings", False)))
     return LoraConfig(
         r=r,
         lora_alpha=alpha,

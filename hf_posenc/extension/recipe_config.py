@@ -77,7 +77,7 @@ class LoraSettings:
     r: int = 8
     alpha: int = 16
     dropout: float = 0.0
-    #: ``null``: the attention projections listed for the architecture in ``lora.TARGETS``.
+    #: ``null``: the attention projections of the architecture (``hf_posenc.architectures``).
     target_modules: list[str] | None = None
     #: Extra fully trained modules. The encoding's own position tables (``posenc``) are added
     #: automatically whenever the converted model has trainable ones.
