@@ -141,3 +141,18 @@ def test_rope_on_gpt2_is_relative():
     q1, k1 = attn.rotate(q, k, pos, pos)
     q2, k2 = attn.rotate(q, k, pos + 7, pos + 7)
     torch.testing.assert_close(q1 @ k1.transpose(-1, -2), q2 @ k2.transpose(-1, -2), rtol=1e-5, atol=1e-5)
+
+
+def test_dynamic_rope_at_attention_time_keeps_cache_consistent_past_the_context():
+    """Plug-in RoPE rotates cached keys at attention time, so dynamic NTK scaling applies one scale to all
+    keys: generating past max_position_embeddings (128) with a cache equals recomputing without one
+    (stock dynamic RoPE caches keys rotated under older scales)."""
+    model = hf_posenc.convert(tiny_model("gpt2"), PosEncConfig(kind="rope", rope_type="dynamic", factor=2.0))
+    prompt = input_ids(1, 120)
+    kwargs = dict(max_new_tokens=20, min_new_tokens=20, do_sample=False)
+    with torch.no_grad():
+        assert torch.equal(model.generate(prompt, **kwargs), model.generate(prompt, use_cache=False, **kwargs))
+    module = model.transformer.h[0].attn.posenc
+    short, _ = module.frequencies(100, torch.device("cpu"))
+    long, _ = module.frequencies(200, torch.device("cpu"))
+    assert not torch.equal(short, long)  # the scale did change on the way
