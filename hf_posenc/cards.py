@@ -20,6 +20,7 @@ import csv
 import io
 import json
 import math
+import sys
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -51,17 +52,20 @@ PLOT_FILENAME = "ppl_by_length.png"
 def template_dir() -> Path:
     """Folder holding the card templates.
 
-    The templates live in the repository's ``model_cards/`` folder; an installed package may carry
-    them as ``hf_posenc/model_cards``. The first that exists wins.
+    The templates live in the repository's ``model_cards/`` folder (editable installs); a wheel
+    installs them under ``<prefix>/share/hf_posenc/model_cards`` (pyproject ``data-files``). The first
+    that exists wins.
 
     Raises:
-        FileNotFoundError: If neither folder exists (a broken install).
+        FileNotFoundError: If no folder holds them (a broken install).
     """
     here = Path(__file__).resolve().parent
-    for candidate in (here / "model_cards", here.parent / "model_cards"):
+    candidates = (here / "model_cards", here.parent / "model_cards",
+                  Path(sys.prefix) / "share" / "hf_posenc" / "model_cards")
+    for candidate in candidates:
         if (candidate / TEMPLATES["model"]).is_file():
             return candidate
-    raise FileNotFoundError(f"hf_posenc card templates not found in {here / 'model_cards'} or {here.parent / 'model_cards'}")
+    raise FileNotFoundError(f"hf_posenc card templates not found in any of {[str(c) for c in candidates]}")
 
 
 @dataclass(frozen=True)
