@@ -109,3 +109,23 @@ def test_cli_convert_info_and_errors(tmp_path, capsys):
     assert "exists and is not empty" in capsys.readouterr().err
     with pytest.raises(SystemExit):
         main(["convert", str(tmp_path / "base"), "--posenc", "xpos", "--out", str(tmp_path / "x")])
+
+
+def test_cli_compare_takes_overrides_before_or_after_options(monkeypatch, tmp_path):
+    import hf_posenc.extension.compare as compare_module
+    from hf_posenc.cli import main
+
+    calls = []
+
+    def fake_run_compare(config, out, overrides):
+        calls.append(list(overrides))
+        table = tmp_path / "results.md"
+        table.write_text("table")
+        return {"markdown": table}
+
+    monkeypatch.setattr(compare_module, "run_compare", fake_run_compare)
+    assert main(["compare", "c.yaml", "a.b=1", "--out", str(tmp_path)]) == 0
+    assert main(["compare", "c.yaml", "--out", str(tmp_path), "a.b=1", "only=[rope]"]) == 0
+    assert calls == [["a.b=1"], ["a.b=1", "only=[rope]"]]
+    with pytest.raises(SystemExit):
+        main(["compare", "c.yaml", "--out", str(tmp_path), "--bogus"])
