@@ -29,6 +29,7 @@ from . import modeling_hf_posenc  # noqa: F401,E402  (the module the HfPosenc cl
 
 __version__ = "0.1.0"
 
+_hf.check_transformers_version()
 _hf.register_attention()
 register_auto_classes()
 

@@ -6,6 +6,8 @@ breaks the plug-in, this is the one file to read.
 
 from __future__ import annotations
 
+import warnings
+
 import torch
 import transformers
 from transformers import AttentionInterface
@@ -13,9 +15,8 @@ from transformers.masking_utils import AttentionMaskInterface, eager_mask, sdpa_
 
 from . import attention
 
+#: The transformers range these internals were checked against (pinned in pyproject.toml too).
 SUPPORTED_TRANSFORMERS = ">=5.23,<5.24"
-#: Stock attention backends that cannot take an additive bias or the full logits.
-FLASH_BACKENDS = ("flash_attention_2", "flash_attention_3", "flash_attention_4", "flex_attention", "paged|eager")
 
 _registered = False
 
@@ -59,13 +60,17 @@ def cache_past_length(cache, layer_idx: int):
     return past.clone() if isinstance(past, torch.Tensor) else past
 
 
-def base_model(model):
-    """The bare transformer inside a model with a head (``model.model``, ``model.transformer``, ...)."""
-    return model.base_model
+def check_transformers_version() -> None:
+    """Warn (once, at import) when the installed transformers is outside the checked range."""
+    from packaging.specifiers import SpecifierSet
+    from packaging.version import Version
 
-
-def transformers_version() -> str:
-    return transformers.__version__
+    if Version(transformers.__version__) not in SpecifierSet(SUPPORTED_TRANSFORMERS):
+        warnings.warn(
+            f"hf_posenc was checked against transformers{SUPPORTED_TRANSFORMERS}; found {transformers.__version__}. "
+            "Conversions may fail or behave differently: run the test suite before relying on them.",
+            stacklevel=3,
+        )
 
 
 def forget_gguf_quantizer(model) -> None:

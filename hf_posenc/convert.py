@@ -408,9 +408,4 @@ def patch_config(config, posenc_config):
     return patched
 
 
-def replace(posenc: PosEncConfig, **changes) -> PosEncConfig:
-    """A copy of ``posenc`` with some fields changed (validated again)."""
-    return PosEncConfig(**{**posenc.to_dict(), **changes})
-
-
-__all__ = ["convert", "patch_config", "revert", "posenc_of", "set_backend", "replace"]
+__all__ = ["convert", "patch_config", "revert", "posenc_of", "set_backend"]
