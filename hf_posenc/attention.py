@@ -22,30 +22,31 @@ SDPA = "hf_posenc_sdpa"
 BACKENDS = {"eager": EAGER, "sdpa": SDPA}
 
 
-def positions(past, q_len: int, kv_len: int, device) -> tuple[torch.Tensor, torch.Tensor]:
-    """Cache positions of the queries ``[q]`` and keys ``[kv]`` (int64).
+def key_offset(past, q_len: int, kv_len: int) -> int:
+    """Cache position of the first key returned by the cache update.
 
     Args:
         past: Tokens in the cache before this forward (int, or a 0-d tensor for StaticCache).
         q_len: Number of queries in this forward.
         kv_len: Number of keys returned by the cache update.
     """
-    q_pos = torch.arange(q_len, device=device) + past
     live = int(past) + q_len
-    if kv_len > live:
-        # StaticCache buffer: slot j holds position j; slots past `live` are empty and masked.
-        k_pos = torch.arange(kv_len, device=device)
-    else:
-        # Dynamic cache (or a sliding window that keeps only the last kv_len keys, in order).
-        k_pos = torch.arange(kv_len, device=device) + (live - kv_len)
+    # A StaticCache buffer is longer than what it holds (slot j holds position j, slots past `live` are
+    # empty and masked); a dynamic or sliding-window cache returns the last kv_len keys, in order.
+    return 0 if kv_len > live else live - kv_len
+
+
+def positions(past, q_len: int, kv_len: int, device) -> tuple[torch.Tensor, torch.Tensor]:
+    """Cache positions of the queries ``[q]`` and keys ``[kv]`` (int64); arguments as :func:`key_offset`."""
+    q_pos = torch.arange(q_len, device=device) + past
+    k_pos = torch.arange(kv_len, device=device) + key_offset(past, q_len, kv_len)
     return q_pos, k_pos
 
 
 def causal_diagonal(past, q_len: int, kv_len: int) -> int:
     """``q_pos[0] - k_pos[0]`` of :func:`positions`: causal query row ``r`` may see key index ``j`` iff
     ``j <= r + diagonal``."""
-    live = int(past) + q_len
-    return int(past) if kv_len > live else kv_len - q_len
+    return int(past) - key_offset(past, q_len, kv_len)
 
 
 def allowed_keys(
@@ -187,7 +188,7 @@ def posenc_attention(
     plain_causal = causal and attention_mask is None and q_len == kv_len
     allowed = None if (plain_causal and backend == "sdpa") else allowed_keys(attention_mask, q_pos, k_pos, causal)
 
-    bias, bias_is_mask = None, False
+    bias = None
     if posenc is not None:
         if posenc.route == "rotate":
             query, key = posenc.rotate(query, key, q_pos, k_pos)
@@ -206,12 +207,8 @@ def posenc_attention(
                 output = causal_bias_sdpa(query, key, value, posenc, allowed, q_pos, k_pos, scaling, dropout,
                                           module.training, causal_diagonal(posenc_past, q_len, kv_len))
                 return output.transpose(1, 2).contiguous(), None
-            if backend == "sdpa" and allowed is None and causal:
-                # Plain causality: the bias carries the mask itself (saves a [B, H, q, kv] where-pass).
-                bias = posenc.bias(q_pos, k_pos, causal, future=torch.finfo(query.dtype).min)
-                bias_is_mask = True
-            else:
-                bias = posenc.bias(q_pos, k_pos, causal)
+            # Left: the eager backend (explicit weights) and bidirectional (encoder) biases.
+            bias = posenc.bias(q_pos, k_pos, causal)
         elif posenc.route == "attend":
             # Causal query row r sees keys j <= r + diagonal (both position ranges are consecutive). With
             # no mask the encoding builds causality per block instead of a [q, kv] mask here.
@@ -224,8 +221,6 @@ def posenc_attention(
     if backend == "eager":
         output, weights = eager_attention(query, key, value, allowed, bias, scaling, dropout, training)
     else:
-        if bias is not None and allowed is None and causal and not bias_is_mask:
-            allowed = allowed_keys(None, q_pos, k_pos, causal)
         output, weights = sdpa_attention(query, key, value, allowed, bias, scaling, dropout, training, plain_causal)
     return output.transpose(1, 2).contiguous(), weights
 

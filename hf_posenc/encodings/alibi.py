@@ -55,10 +55,8 @@ def toeplitz(diagonals: torch.Tensor, q_len: int, kv_len: int) -> torch.Tensor:
     return diagonals.flip(-1).unfold(-1, kv_len, 1).flip(-2)
 
 
-def future_filled(diagonals: torch.Tensor, distances: torch.Tensor, future: float | None) -> torch.Tensor:
-    """Set the diagonals of keys after the query (``i - j < 0``) to ``future`` (a mask value), if given."""
-    if future is None:
-        return diagonals
+def future_filled(diagonals: torch.Tensor, distances: torch.Tensor, future: float) -> torch.Tensor:
+    """Set the diagonals of keys after the query (``i - j < 0``) to ``future`` (a mask value)."""
     return diagonals.masked_fill(distances < 0, future)
 
 
@@ -83,20 +81,18 @@ class AlibiBias(PositionModule):
     def slopes(self, device: torch.device) -> torch.Tensor:
         return alibi_slopes(self.num_heads, self.max_bias).to(device)
 
-    def bias_diagonals(self, q_pos: torch.Tensor, k_pos: torch.Tensor, causal: bool,
-                       future: float | None = None) -> torch.Tensor:
-        """The bias once per diagonal, ``[H, q + kv - 1]`` fp32 (see :func:`toeplitz`); with ``future``
-        (causal only), keys after the query get that value. Positions must be consecutive ranges."""
+    def bias_diagonals(self, q_pos: torch.Tensor, k_pos: torch.Tensor, causal: bool) -> torch.Tensor:
+        """The bias once per diagonal, ``[H, q + kv - 1]`` fp32 (see :func:`toeplitz`). Positions must be
+        consecutive ranges."""
         distances = distance_diagonals(q_pos, k_pos)  # [q + kv - 1]
         magnitude = distances.to(torch.float32)
         if not causal:
             magnitude = magnitude.abs()
-        diagonals = -self.slopes(q_pos.device)[:, None] * magnitude  # [H, q + kv - 1]
-        return future_filled(diagonals, distances, future) if causal else diagonals
+        return -self.slopes(q_pos.device)[:, None] * magnitude  # [H, q + kv - 1]
 
-    def bias(self, q_pos: torch.Tensor, k_pos: torch.Tensor, causal: bool, future: float | None = None) -> torch.Tensor:
-        """``[1, H, q, kv]`` fp32 bias (``future``: see :meth:`bias_diagonals`)."""
-        return toeplitz(self.bias_diagonals(q_pos, k_pos, causal, future), q_pos.shape[0], k_pos.shape[0])[None]
+    def bias(self, q_pos: torch.Tensor, k_pos: torch.Tensor, causal: bool) -> torch.Tensor:
+        """``[1, H, q, kv]`` fp32 bias."""
+        return toeplitz(self.bias_diagonals(q_pos, k_pos, causal), q_pos.shape[0], k_pos.shape[0])[None]
 
     def fold_into_head_dim(self, query, key, value, k_pos: torch.Tensor, scaling: float):
         """Causal ALiBi as one extra head dimension, so attention stays on SDPA's fast causal kernel.

@@ -7,7 +7,7 @@ import math
 import torch
 from torch import nn
 
-from .alibi import distance_diagonals, future_filled, toeplitz
+from .alibi import distance_diagonals, toeplitz
 from .base import PositionModule
 
 
@@ -69,19 +69,17 @@ class T5Bias(PositionModule):
         with torch.no_grad():
             self.relative_attention_bias.zero_()
 
-    def bias_diagonals(self, q_pos: torch.Tensor, k_pos: torch.Tensor, causal: bool,
-                       future: float | None = None) -> torch.Tensor:
-        """The bias once per diagonal, ``[H, q + kv - 1]`` (see ``alibi.toeplitz``); with ``future`` (causal
-        only), keys after the query get that value. Positions must be consecutive ranges."""
+    def bias_diagonals(self, q_pos: torch.Tensor, k_pos: torch.Tensor, causal: bool) -> torch.Tensor:
+        """The bias once per diagonal, ``[H, q + kv - 1]`` (see ``alibi.toeplitz``). Positions must be
+        consecutive ranges."""
         distances = distance_diagonals(q_pos, k_pos)  # i - j per diagonal, [q + kv - 1]
         # Buckets of key - query, once per diagonal instead of once per (query, key) pair.
         buckets = relative_position_bucket(-distances, not causal, self.num_buckets, self.max_distance)
-        diagonals = self.relative_attention_bias[buckets].t()  # [H, q + kv - 1]
-        return future_filled(diagonals, distances, future) if causal else diagonals
+        return self.relative_attention_bias[buckets].t()  # [H, q + kv - 1]
 
-    def bias(self, q_pos: torch.Tensor, k_pos: torch.Tensor, causal: bool, future: float | None = None) -> torch.Tensor:
-        """``[1, H, q, kv]`` bias (``future``: see :meth:`bias_diagonals`)."""
-        return toeplitz(self.bias_diagonals(q_pos, k_pos, causal, future), q_pos.shape[0], k_pos.shape[0])[None]
+    def bias(self, q_pos: torch.Tensor, k_pos: torch.Tensor, causal: bool) -> torch.Tensor:
+        """``[1, H, q, kv]`` bias."""
+        return toeplitz(self.bias_diagonals(q_pos, k_pos, causal), q_pos.shape[0], k_pos.shape[0])[None]
 
     def extra_repr(self) -> str:
         return f"num_heads={self.num_heads}, num_buckets={self.num_buckets}, max_distance={self.max_distance}"
