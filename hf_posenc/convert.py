@@ -278,13 +278,13 @@ def install(model, posenc: PosEncConfig, arch: Architecture, state: _State | Non
     # 2. Attach the per-layer encodings and the pre-hook.
     neutralise_rope = arch.rope != "none"
     use_attention = needs_attention_function(posenc, config, arch)
+    hook = _make_pre_hook(arch, neutralise_rope, use_attention)
     for layer_idx, attn in enumerate(attention_modules(model, arch)):
         if posenc.applies_to(layer_idx):
             module = make_position_module(posenc, config, arch)
             if module is not None:
                 attn.posenc = module.to(_device_of(attn))
         if neutralise_rope or use_attention:  # e.g. NoPE on GPT-2 needs no hook at all
-            hook = _make_pre_hook(arch, neutralise_rope, use_attention)
             state.hooks.append(attn.register_forward_pre_hook(hook, with_kwargs=True))
     # 3. Dispatch to our attention function.
     if use_attention:
@@ -319,10 +319,15 @@ def _make_pre_hook(arch: Architecture, neutralise_rope: bool, use_attention: boo
       silently drop the encoding.
     """
 
+    # Every layer of a forward receives the same (cos, sin): build the identity pair once per forward.
+    identity = {"source": None, "pair": None}
+
     def hook(module, args, kwargs):
         if neutralise_rope and kwargs.get("position_embeddings") is not None:
             cos, sin = kwargs["position_embeddings"]
-            kwargs["position_embeddings"] = (torch.ones_like(cos), torch.zeros_like(sin))
+            if identity["source"] is not cos:
+                identity["source"], identity["pair"] = cos, (torch.ones_like(cos), torch.zeros_like(sin))
+            kwargs["position_embeddings"] = identity["pair"]
         if use_attention:
             backend = module.config._attn_implementation
             if backend not in (attention.EAGER, attention.SDPA):
