@@ -14,6 +14,7 @@ from __future__ import annotations
 import torch
 from torch.nn import functional as F
 
+from . import cpu_attention
 from .encodings.base import PositionModule
 
 EAGER = "hf_posenc_eager"
@@ -107,10 +108,6 @@ def sdpa_attention(query, key, value, allowed, bias, scaling, dropout, training,
     return output, None
 
 
-#: Query rows per SDPA call of :func:`causal_bias_sdpa`.
-BIAS_TILE_ROWS = 128
-
-
 def causal_bias_sdpa(query, key, value, posenc, allowed, q_pos, k_pos, scaling, dropout, training, diagonal):
     """Causal attention with a relative bias on SDPA, one call per tile of query rows.
 
@@ -119,35 +116,41 @@ def causal_bias_sdpa(query, key, value, posenc, allowed, q_pos, k_pos, scaling, 
     halves that work, and each tile's bias is expanded from the per-diagonal values (``bias_diagonals``)
     for that tile only: no ``[B, H, q, kv]`` bias exists at any time.
 
+    On CPU the tiles run in :class:`hf_posenc.cpu_attention.TiledBiasAttention`: the fused kernel even when
+    the bias is learned (T5: its gradient comes from the band where it varies), and with denormals flushed
+    for ALiBi (``posenc.flush_denormals``).
+
     Args:
         query: ``[B, H, q, D]``; key, value: ``[B, Hkv, kv, D]``.
-        posenc: A bias module with ``bias_diagonals`` (ALiBi, T5).
+        posenc: A bias module with ``bias_diagonals`` (ALiBi) or ``banded_diagonals`` (T5).
         allowed: Bool ``[B|1, 1, q, kv]`` or None (plain causality).
         diagonal: See :func:`causal_diagonal`.
 
     Returns:
         ``[B, H, q, D]``.
     """
-    from .encodings.alibi import distance_diagonals, future_filled, toeplitz
+    from .encodings.alibi import distance_diagonals, future_filled
 
+    q_len, kv_len = query.shape[2], key.shape[2]
+    if hasattr(posenc, "banded_diagonals"):
+        diagonals, band = posenc.banded_diagonals(q_pos, k_pos, query.dtype)  # [H, q + kv - 1], zero past the band
+    else:
+        diagonals, band = posenc.bias_diagonals(q_pos, k_pos, True), q_len + kv_len
+    diagonals = diagonals.to(query.dtype)
+    if cpu_attention.available(query) and not (training and dropout > 0):
+        key, value = _expand_kv(key, query.shape[1]), _expand_kv(value, query.shape[1])
+        return cpu_attention.TiledBiasAttention.apply(query, key, value, diagonals, allowed, diagonal, band,
+                                                      scaling, getattr(posenc, "flush_denormals", False))
     fill = torch.finfo(query.dtype).min
-    diagonals = posenc.bias_diagonals(q_pos, k_pos, True).to(query.dtype)  # [H, q + kv - 1]
     if allowed is None:  # future keys carry the mask value
         diagonals = future_filled(diagonals, distance_diagonals(q_pos, k_pos), fill)
-    q_len, kv_len = query.shape[2], key.shape[2]
     outputs = []
-    for start in range(0, q_len, BIAS_TILE_ROWS):
-        stop = min(start + BIAS_TILE_ROWS, q_len)
-        limit = max(1, min(kv_len, stop + diagonal))  # keys some row of the tile may see
-        # Entry t of `diagonals` is diagonal i - j = t - (kv - 1): the tile needs i - j from
-        # start - (limit - 1) to stop - 1.
-        first = start - limit + kv_len
-        bias = toeplitz(diagonals[:, first:first + (stop - start) + limit - 1], stop - start, limit)
-        mask = bias[None]  # [1, H, qb, limit]
+    for rows, limit in cpu_attention.tiles(q_len, kv_len, diagonal):
+        mask = cpu_attention.diagonal_block(diagonals, rows, slice(0, limit), kv_len)[None]  # [1, H, qb, limit]
         if allowed is not None:
-            mask = torch.where(allowed[:, :, start:stop, :limit], mask, fill)
+            mask = torch.where(allowed[:, :, rows, :limit], mask, fill)
         outputs.append(F.scaled_dot_product_attention(
-            query[:, :, start:stop], key[:, :, :limit], value[:, :, :limit], attn_mask=mask,
+            query[:, :, rows], key[:, :, :limit], value[:, :, :limit], attn_mask=mask,
             dropout_p=dropout if training else 0.0, scale=scaling, enable_gqa=key.shape[1] != query.shape[1]))
     return torch.cat(outputs, dim=2) if len(outputs) > 1 else outputs[0]
 
@@ -200,8 +203,13 @@ def posenc_attention(
                 # one-token decode steps: padding the whole cache costs more than a [H, 1, kv] bias row.
                 head_dim = value.shape[-1]
                 query, key, value = posenc.fold_into_head_dim(query, key, value, k_pos, scaling)
-                output, _ = sdpa_attention(query, key, value, allowed, None, scaling, dropout, module.training,
-                                           plain_causal)
+                if cpu_attention.available(query) and not (module.training and dropout > 0):
+                    # The far keys' weights are denormals: flushing them keeps the fused kernels fast.
+                    output = cpu_attention.flash_attention(query, key, value, allowed, plain_causal, scaling,
+                                                           flush_denormals=True)
+                else:
+                    output, _ = sdpa_attention(query, key, value, allowed, None, scaling, dropout,
+                                               module.training, plain_causal)
                 return output[..., :head_dim].transpose(1, 2).contiguous(), None
             if backend == "sdpa" and causal and hasattr(posenc, "bias_diagonals"):
                 output = causal_bias_sdpa(query, key, value, posenc, allowed, q_pos, k_pos, scaling, dropout,

@@ -51,8 +51,10 @@ def toeplitz(diagonals: torch.Tensor, q_len: int, kv_len: int) -> torch.Tensor:
     A relative bias depends on ``i - j`` only: computing it once per diagonal and expanding with one copy
     replaces a ``[q, kv]`` distance tensor, a ``[q, kv]`` int64 bucket tensor and a gather per layer.
     """
-    # unfold gives rows U[r, j] = w[r + j]; on the reversed values, with rows reversed, that is w[kv-1+i-j].
-    return diagonals.flip(-1).unfold(-1, kv_len, 1).flip(-2)
+    # unfold of the reversed values gives rows U[s, j] = d[q + kv - 2 - s - j]; row s = q - 1 - i is M[i].
+    # index_select writes a row-major result: SDPA copies a mask with any other layout on every call.
+    rows = torch.arange(q_len - 1, -1, -1, device=diagonals.device)
+    return diagonals.flip(-1).unfold(-1, kv_len, 1).index_select(-2, rows)  # [..., q, kv]
 
 
 def future_filled(diagonals: torch.Tensor, distances: torch.Tensor, future: float) -> torch.Tensor:
@@ -72,6 +74,9 @@ class AlibiBias(PositionModule):
     """
 
     route = "bias"
+    #: Far keys' logits make ``exp`` return denormal floats, which x86 computes slowly: CPU attention flushes
+    #: them to zero (``hf_posenc.cpu_attention``).
+    flush_denormals = True
 
     def __init__(self, num_heads: int, max_bias: float = 8.0):
         super().__init__()

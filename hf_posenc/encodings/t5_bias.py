@@ -77,6 +77,35 @@ class T5Bias(PositionModule):
         buckets = relative_position_bucket(-distances, not causal, self.num_buckets, self.max_distance)
         return self.relative_attention_bias[buckets].t()  # [H, q + kv - 1]
 
+    def band_width(self) -> int:
+        """Causal distances from this one on all fall in the last bucket (one shared bias value per head)."""
+        # CPU explicitly: the module may live on the meta device while a checkpoint loads.
+        distances = torch.arange(self.max_distance + 1, device="cpu")
+        buckets = relative_position_bucket(-distances, False, self.num_buckets, self.max_distance)
+        # Buckets grow with the distance and reach the last one at max_distance at the latest.
+        return int((buckets < self.num_buckets - 1).sum())
+
+    def banded_diagonals(
+        self, q_pos: torch.Tensor, k_pos: torch.Tensor, dtype: torch.dtype = torch.float32
+    ) -> tuple[torch.Tensor, int]:
+        """The causal bias per diagonal relative to the far bucket, and the band it is confined to.
+
+        Causal softmax ignores a per-row constant, and every key a causal query sees is at distance
+        ``>= 0``: subtracting the last bucket's value changes no attention weight, and leaves a bias that is
+        exactly zero (with no gradient path) at every distance ``>= band_width()``. Attention can then take
+        the gradient of the table from that band alone (``hf_posenc.cpu_attention.TiledBiasAttention``).
+
+        Args:
+            q_pos, k_pos: Consecutive query and key positions.
+            dtype: Precision of the subtraction (at least fp32 is used, so a bf16 table loses nothing more).
+
+        Returns:
+            ``([H, q + kv - 1] diagonals as in bias_diagonals, band width)``.
+        """
+        dtype = torch.promote_types(dtype, torch.float32)
+        diagonals = self.bias_diagonals(q_pos, k_pos, True).to(dtype)  # [H, q + kv - 1]
+        return diagonals - self.relative_attention_bias[-1].to(dtype)[:, None], self.band_width()
+
     def bias(self, q_pos: torch.Tensor, k_pos: torch.Tensor, causal: bool) -> torch.Tensor:
         """``[1, H, q, kv]`` bias."""
         return toeplitz(self.bias_diagonals(q_pos, k_pos, causal), q_pos.shape[0], k_pos.shape[0])[None]

@@ -1,0 +1,314 @@
+"""SDPA's fused CPU flash-attention kernel, called directly where ``F.scaled_dot_product_attention`` falls short.
+
+Two bias encodings need more from the kernel than the public function gives on CPU:
+
+* **T5's learned table needs the gradient of its bias.** SDPA runs a float mask that requires grad on its
+  unfused math path (``[B, H, q, kv]`` scores and probabilities kept for backward). Here the mask is passed
+  detached, so q/k/v get the fused forward and backward, and the bias gets its gradient from a separate,
+  cheap computation on the band of diagonals where a T5 bias varies at all (:class:`TiledBiasAttention`).
+  That computation needs the kernel's log-sum-exp, which only the ATen op returns.
+* **ALiBi's far keys underflow into denormals.** Their logits sit ~90-100 below the row maximum, where
+  ``exp`` returns denormal floats that x86 multiplies ~100x more slowly; the fused backward suffers most.
+  Its kernels run forward and backward with denormals flushed to zero (the dropped values are below
+  1.2e-38 against a softmax sum of at least 1, so no fp32 result changes), and the caller's setting comes
+  back afterwards.
+
+Both call ``torch.ops.aten._scaled_dot_product_flash_attention_for_cpu`` (and its backward), the op
+``F.scaled_dot_product_attention`` itself dispatches to on CPU; :func:`available` says whether this torch
+build has it. Tensor layout throughout: ``[B, H, n, D]``, equal query and key/value head counts.
+"""
+
+from __future__ import annotations
+
+import itertools
+from contextlib import contextmanager
+
+import torch
+from torch.nn import functional as F
+
+from .encodings.alibi import toeplitz
+
+
+def available(query: torch.Tensor) -> bool:
+    """Whether the fused CPU kernel can take ``query`` (and this torch has the op)."""
+    return (query.device.type == "cpu" and query.dtype in (torch.float32, torch.bfloat16, torch.float16)
+            and hasattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu"))
+
+
+def _flush_enabled() -> bool:
+    # torch has no getter for the flag: with flush-to-zero on, a product in the denormal range becomes 0.
+    return bool(torch.tensor(1e-30) * torch.tensor(1e-10) == 0)
+
+
+@contextmanager
+def denormals_flushed():
+    """Flush denormal floats to zero on this thread inside the block; the previous setting comes back after."""
+    if _flush_enabled() or not torch.set_flush_denormal(True):  # already on, or a CPU without the flag
+        yield
+        return
+    try:
+        yield
+    finally:
+        torch.set_flush_denormal(False)
+
+
+def _float_mask(mask: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor | None:
+    """Bool masks become additive ones, as ``F.scaled_dot_product_attention`` converts them."""
+    if mask is None or mask.dtype != torch.bool:
+        return mask
+    return torch.zeros(mask.shape, dtype=dtype, device=mask.device).masked_fill_(~mask, float("-inf"))
+
+
+def flash_attention_lse(query, key, value, mask, causal: bool, scale: float):
+    """The fused kernel with its row log-sum-exp; differentiable in q/k/v (not in ``mask``, nor the lse).
+
+    Args:
+        query: ``[B, H, q, D]``; key, value: ``[B, H, kv, D]``.
+        mask: Additive float ``[B|1, H|1, q, kv]`` or bool (True = attend) or None.
+        causal: Top-left aligned causality (only meaningful for ``q == kv``).
+        scale: Logit scale.
+
+    Returns:
+        ``(output [B, H, q, D], logsumexp [B, H, q] fp32)``.
+    """
+    return torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
+        query, key, value, 0.0, causal, attn_mask=_float_mask(mask, query.dtype), scale=scale)
+
+
+class _FlushedFlashAttention(torch.autograd.Function):
+    """The fused kernel, forward and backward, with denormals flushed (see the module docstring)."""
+
+    @staticmethod
+    def forward(ctx, query, key, value, mask, causal, scale):
+        with denormals_flushed():
+            output, lse = flash_attention_lse(query, key, value, mask, causal, scale)
+        ctx.save_for_backward(query, key, value, output, lse, mask)
+        ctx.causal, ctx.scale = causal, scale
+        return output
+
+    @staticmethod
+    def backward(ctx, grad):
+        query, key, value, output, lse, mask = ctx.saved_tensors
+        with denormals_flushed():
+            grads = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward(
+                grad, query, key, value, output, lse, 0.0, ctx.causal, attn_mask=mask, scale=ctx.scale)
+        return *grads, None, None, None
+
+
+def flash_attention(query, key, value, mask, causal: bool, scale: float, flush_denormals: bool = False):
+    """Fused CPU attention, optionally with denormals flushed to zero in forward and backward.
+
+    Arguments as :func:`flash_attention_lse`; ``mask`` must not require grad. Returns ``[B, H, q, D]``.
+    """
+    if not flush_denormals:
+        return flash_attention_lse(query, key, value, mask, causal, scale)[0]
+    return _FlushedFlashAttention.apply(query, key, value, _float_mask(mask, query.dtype), causal, scale)
+
+
+#: Query rows per kernel call of :class:`TiledBiasAttention`.
+TILE_ROWS = 128
+
+
+def tiles(q_len: int, kv_len: int, diagonal: int):
+    """``(rows, limit)`` per tile of :data:`TILE_ROWS` causal query rows: row ``r`` sees keys ``j < limit``
+    at most (``j <= r + diagonal``)."""
+    for start in range(0, q_len, TILE_ROWS):
+        rows = slice(start, min(start + TILE_ROWS, q_len))
+        yield rows, max(1, min(kv_len, rows.stop + diagonal))
+
+
+def diagonal_block(diagonals: torch.Tensor, rows: slice, keys: slice, kv_len: int) -> torch.Tensor:
+    """Block ``[H, rows, keys]`` of ``M[i, j] = diagonals[:, i - j + kv_len - 1]`` (``[H, q + kv - 1]``)."""
+    # The block needs i - j from rows.start - (keys.stop - 1) to rows.stop - 1 - keys.start.
+    first = rows.start - keys.stop + kv_len
+    count = (rows.stop - rows.start) + (keys.stop - keys.start) - 1
+    return toeplitz(diagonals[:, first:first + count], rows.stop - rows.start, keys.stop - keys.start)
+
+
+def diagonal_sums(block: torch.Tensor) -> torch.Tensor:
+    """Sum of each diagonal of ``[..., r, c]``: ``[..., r + c - 1]``, entry ``t`` for ``i - j = t - (c - 1)``.
+
+    The adjoint of ``toeplitz``, hence the gradient of the per-diagonal values it expanded.
+    """
+    r, c = block.shape[-2:]
+    # Row i of the column-flipped block, padded to c + r and read with rows of c + r - 1, starts i places
+    # further right: column i + (c - 1 - j) of the skewed view is diagonal t = i - j + c - 1.
+    padded = F.pad(block.flip(-1), (0, r)).flatten(-2)[..., : r * (c + r - 1)]
+    return padded.unflatten(-1, (r, c + r - 1)).sum(-2)
+
+
+class TiledBiasAttention(torch.autograd.Function):
+    """Causal attention with a relative bias, on the fused CPU kernel, one call per tile of query rows.
+
+    Each tile of rows stops at its last visible key, and its bias is a strided view of the per-diagonal
+    values: keys are handed to the kernel in reverse order (attention does not depend on key order), which
+    turns the Toeplitz block ``M[i, j] = d[i - j + kv - 1]`` into ``d[i + j' + kv - limit]``, a view with
+    unit strides that the kernel reads in place. No ``[B, H, q, kv]`` bias exists, nor a copy per tile.
+
+    The bias reaches the kernel as a detached mask, which keeps the fused backward for q/k/v. Its own
+    gradient ``dS = P * (dO v^T - rowsum(dO * O))``, ``P = exp(S - lse)``, comes from the keys of the band
+    only (:func:`band_bias_gradient`). The caller guarantees the bias has no gradient path at distances
+    ``>= band`` (the T5 bias relative to its far bucket is exactly zero there).
+
+    Args (``apply``, positional):
+        query: ``[B, H, q, D]``; key, value: ``[B, H, kv, D]`` (heads already expanded).
+        diagonals: ``[H, q + kv - 1]``, entry ``t`` the bias of ``i - j = t - (kv - 1)`` (local indices).
+        allowed: Bool ``[B|1, 1, q, kv]`` or None (plain causality from ``diagonal``).
+        diagonal: Row ``r`` may see key ``j`` iff ``j <= r + diagonal``.
+        band: Distances with a bias gradient (ignored when ``diagonals`` needs none).
+        scale: Logit scale.
+        flush: Run the kernels with denormals flushed (ALiBi).
+
+    Returns:
+        ``[B, H, q, D]``.
+    """
+
+    @staticmethod
+    def forward(ctx, query, key, value, diagonals, allowed, diagonal, band, scale, flush):
+        fill = torch.finfo(query.dtype).min
+        q_len, kv_len = query.shape[2], key.shape[2]
+        # Row-major (a T5 table gather comes transposed): the tile views need unit strides along the keys.
+        masked = diagonals.detach().contiguous()
+        if allowed is None:  # keys after the query: entries with i - j + diagonal < 0
+            masked = masked.clone() if masked.data_ptr() == diagonals.data_ptr() else masked
+            masked[:, : max(0, kv_len - 1 - diagonal)] = fill
+        key, value = key.flip(2), value.flip(2)  # [B, H, kv, D], newest key first
+        allowed = None if allowed is None else allowed.flip(-1)
+        output = query.new_empty(query.shape)
+        lse = query.new_empty(query.shape[:3], dtype=torch.float32)
+        with denormals_flushed() if flush else _nothing():
+            for rows, limit in tiles(q_len, kv_len, diagonal):
+                keys = slice(kv_len - limit, kv_len)  # the first `limit` keys, reversed
+                output[:, :, rows], lse[:, :, rows] = flash_attention_lse(
+                    query[:, :, rows], key[:, :, keys], value[:, :, keys],
+                    _tile_mask(masked, allowed, rows, limit, kv_len, fill), False, scale)
+        ctx.save_for_backward(query, key, value, output, lse, masked, allowed)
+        ctx.diagonal, ctx.band, ctx.scale, ctx.flush, ctx.fill = diagonal, band, scale, flush, fill
+        return output
+
+    @staticmethod
+    def backward(ctx, grad):
+        query, key, value, output, lse, masked, allowed = ctx.saved_tensors  # key, value, allowed reversed
+        q_len, kv_len = query.shape[2], key.shape[2]
+        grad_q, grad_k, grad_v = torch.empty_like(query), torch.zeros_like(key), torch.zeros_like(value)
+        with denormals_flushed() if ctx.flush else _nothing():
+            for rows, limit in tiles(q_len, kv_len, ctx.diagonal):
+                keys = slice(kv_len - limit, kv_len)
+                d_q, d_k, d_v = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward(
+                    grad[:, :, rows], query[:, :, rows], key[:, :, keys], value[:, :, keys], output[:, :, rows],
+                    lse[:, :, rows], 0.0, False, attn_mask=_tile_mask(masked, allowed, rows, limit, kv_len, ctx.fill),
+                    scale=ctx.scale)
+                grad_q[:, :, rows] = d_q
+                grad_k[:, :, keys] += d_k
+                grad_v[:, :, keys] += d_v
+        key, value, grad_k, grad_v = key.flip(2), value.flip(2), grad_k.flip(2), grad_v.flip(2)
+        grad_diagonals = None
+        if ctx.needs_input_grad[3]:
+            allowed = None if allowed is None else allowed.flip(-1)
+            grad_diagonals = band_bias_gradient(grad, query, key, value, output, lse, masked, allowed,
+                                                ctx.diagonal, ctx.band, ctx.scale, ctx.fill).to(masked.dtype)
+        return grad_q, grad_k, grad_v, grad_diagonals, None, None, None, None, None
+
+
+@contextmanager
+def _nothing():
+    yield
+
+
+def _tile_mask(masked, allowed_reversed, rows: slice, limit: int, kv_len: int, fill: float) -> torch.Tensor:
+    """Additive mask of one tile against the reversed keys, ``[B|1, H, qb, limit]`` (a view when no
+    ``allowed``): bias on visible keys, ``fill`` elsewhere."""
+    # Reversed key j' is key j = limit - 1 - j' of the tile: M[r, j] = d[r - j + kv - 1] = d[r + j' + kv - limit].
+    first = rows.start + kv_len - limit
+    mask = masked[:, first:first + (rows.stop - rows.start) + limit - 1].unfold(-1, limit, 1)[None]
+    if allowed_reversed is not None:
+        mask = torch.where(allowed_reversed[:, :, rows, kv_len - limit:], mask, fill)
+    return mask
+
+
+#: Query rows per block of :func:`band_bias_gradient`: a block covers ``BAND_ROWS + band - 1`` keys, of
+#: which each row needs ``band``; smaller blocks waste less but make smaller matrix products.
+BAND_ROWS = 32
+
+
+def band_bias_gradient(grad, query, key, value, output, lse, diagonals, allowed, diagonal: int, band: int,
+                       scale: float, fill: float) -> torch.Tensor:
+    """Gradient of the per-diagonal bias values from the keys within ``band`` of each query.
+
+    ``dS = P * (dO v^T - rowsum(dO * O))`` with ``P = exp(S - lse)``, for blocks of :data:`BAND_ROWS` rows
+    and the ``BAND_ROWS + band - 1`` keys that reach into their band, all blocks in one batched product:
+    block ``m`` is rows ``mc .. mc + c - 1`` and keys from ``mc + diagonal - band + 1``, so its bias is the
+    same Toeplitz block for every ``m`` (relative positions repeat) and its diagonal sums land at the same
+    offset. Keys outside the cache are padding and masked.
+
+    Args:
+        grad, query, output: ``[B, H, q, D]``; key, value: ``[B, H, kv, D]``; lse: ``[B, H, q]`` fp32.
+        diagonals: The mask's per-diagonal values ``[H, q + kv - 1]`` (``fill`` on future keys when
+            ``allowed`` is None).
+        allowed: Bool ``[B|1, 1, q, kv]`` or None.
+        diagonal, band, scale, fill: As in :class:`TiledBiasAttention`.
+
+    Returns:
+        ``[H, q + kv - 1]`` fp32.
+    """
+    f32 = torch.float32
+    q_len, kv_len = query.shape[2], key.shape[2]
+    c = min(BAND_ROWS, q_len)
+    width = c + band - 1  # keys per block
+    blocks = -(-q_len // c)
+    rows_pad = blocks * c - q_len
+    lead = band - 1 - diagonal  # keys to add before key 0 so that block m starts at padded key m * c
+    # Padded keys: `lead` before the cache (negative when the band starts inside it), enough after.
+    trail = max(0, (blocks - 1) * c + width - lead - kv_len)
+
+    def pad_keys(x):  # [B, H, kv, D] -> [B, H, n, D] with key j at padded index j + lead
+        x = F.pad(x, (0, 0, max(0, lead), trail))
+        return x[:, :, -lead:] if lead < 0 else x
+
+    def blocks_of_rows(x, value=0.0):  # [B, H, q, ...] -> [B, H, blocks, c, ...]
+        x = F.pad(x, (0, 0) * (x.dim() - 3) + (0, rows_pad), value=value)
+        return x.unflatten(2, (blocks, c))
+
+    q_blocks = blocks_of_rows(query.to(f32))  # [B, H, m, c, D]
+    g_blocks = blocks_of_rows(grad.to(f32))
+    keys, values = pad_keys(key.to(f32)).contiguous(), pad_keys(value.to(f32)).contiguous()
+
+    def band_products(rows, keys):  # [B, H, m, c, D] x padded keys -> [B, H, m, c, width]
+        # Block m's keys are a strided window [m * c, m * c + width) of the padded keys; bmm reads the
+        # overlapping windows in place (a copy of them costs more than the product).
+        out = rows.new_empty(*rows.shape[:-1], width)
+        for b, h in itertools.product(range(rows.shape[0]), range(rows.shape[1])):
+            windows = keys[b, h].as_strided((blocks, width, keys.shape[-1]), (c * keys.shape[-1], keys.shape[-1], 1))
+            torch.bmm(rows[b, h], windows.transpose(1, 2), out=out[b, h])
+        return out
+
+    # The bias block: M[r, u] = diagonals[r - u + kv - diagonal - c + width - 1], same for every block.
+    first = kv_len - diagonal - c
+    padded = F.pad(diagonals.to(f32), (c + width, c + width), value=fill)
+    bias = toeplitz(padded[:, first + c + width:first + 2 * (c + width) - 1], c, width)  # [H, c, width]
+    key_index = (torch.arange(blocks, device=query.device)[:, None] * c
+                 + torch.arange(width, device=query.device) - lead)  # [m, width]
+    keep = ((key_index >= 0) & (key_index < kv_len)).to(f32)[:, None]  # [m, 1, width]: keys in the cache
+    if allowed is not None:
+        allowed = pad_keys(allowed.transpose(-1, -2)).transpose(-1, -2)  # key j at padded index j + lead
+        windows = allowed.unfold(3, width, 1)  # [B|1, 1, q, keys, width]: one window per start key
+        index = torch.arange(q_len, device=query.device)
+        windows = windows[:, :, index, (index // c) * c]  # [B|1, 1, q, width]: each row's block
+        keep = blocks_of_rows(windows, value=False).to(f32) * keep  # [B|1, 1, m, c, width]
+    lse_blocks = blocks_of_rows(lse[..., None])  # [B, H, m, c, 1] (padded rows have dO = 0)
+    # P = exp(q k^T * scale + bias - lse), [B, H, m, c, width], in place to spare temporaries. Clamping at
+    # -87 keeps exp off its slow paths (huge negative inputs such as masked keys, 10x; denormal outputs,
+    # 50x); the threshold then zeroes those weights, as flushing denormals would: below 1.7e-38 against a
+    # row sum of 1, no fp32 result can see them. The upper clamp only keeps the masked keys of fully masked
+    # rows (lse = fill) finite until `keep` zeroes them.
+    logits = band_products(q_blocks, keys).mul_(scale).add_(bias[:, None]).sub_(lse_blocks)
+    probs = F.threshold(logits.clamp_(min=-87.0, max=80.0).exp_(), 1.7e-38, 0.0).mul_(keep)
+    row = (g_blocks * blocks_of_rows(output.to(f32))).sum(-1, keepdim=True)  # rowsum(dO * O), [B, H, m, c, 1]
+    d_logits = band_products(g_blocks, values).sub_(row).mul_(probs)
+    sums = diagonal_sums(d_logits.sum((0, 2)))  # [H, c + width - 1], entry t_local = r - u + width - 1
+    # Global diagonal of entry (r, u): t = t_local + kv - diagonal - c; keep what falls inside.
+    out = torch.zeros(diagonals.shape, dtype=f32, device=diagonals.device)
+    lo, hi = max(0, first), min(out.shape[-1], first + sums.shape[-1])
+    if hi > lo:
+        out[:, lo:hi] = sums[:, lo - first:hi - first]
+    return out
