@@ -24,6 +24,7 @@ import itertools
 from contextlib import contextmanager
 
 import torch
+from torch.autograd.function import once_differentiable
 from torch.nn import functional as F
 
 from .encodings.alibi import toeplitz
@@ -87,6 +88,7 @@ class _FlushedFlashAttention(torch.autograd.Function):
         return output
 
     @staticmethod
+    @once_differentiable
     def backward(ctx, grad):
         query, key, value, output, lse, mask = ctx.saved_tensors
         with denormals_flushed():
@@ -187,6 +189,7 @@ class TiledBiasAttention(torch.autograd.Function):
         return output
 
     @staticmethod
+    @once_differentiable
     def backward(ctx, grad):
         query, key, value, output, lse, masked, allowed = ctx.saved_tensors  # key, value, allowed reversed
         q_len, kv_len = query.shape[2], key.shape[2]
@@ -231,6 +234,7 @@ def _tile_mask(masked, allowed_reversed, rows: slice, limit: int, kv_len: int, f
 BAND_ROWS = 32
 
 
+@torch.no_grad()
 def band_bias_gradient(grad, query, key, value, output, lse, diagonals, allowed, diagonal: int, band: int,
                        scale: float, fill: float) -> torch.Tensor:
     """Gradient of the per-diagonal bias values from the keys within ``band`` of each query.
@@ -266,20 +270,25 @@ def band_bias_gradient(grad, query, key, value, output, lse, diagonals, allowed,
         return x[:, :, -lead:] if lead < 0 else x
 
     def blocks_of_rows(x, value=0.0):  # [B, H, q, ...] -> [B, H, blocks, c, ...]
-        x = F.pad(x, (0, 0) * (x.dim() - 3) + (0, rows_pad), value=value)
+        if rows_pad:
+            x = F.pad(x, (0, 0) * (x.dim() - 3) + (0, rows_pad), value=value)
         return x.unflatten(2, (blocks, c))
 
     q_blocks = blocks_of_rows(query.to(f32))  # [B, H, m, c, D]
     g_blocks = blocks_of_rows(grad.to(f32))
     keys, values = pad_keys(key.to(f32)).contiguous(), pad_keys(value.to(f32)).contiguous()
 
-    def band_products(rows, keys):  # [B, H, m, c, D] x padded keys -> [B, H, m, c, width]
+    def band_products(rows, keys, add, alpha=1.0):
+        """``add + alpha * rows @ windows^T``: ``[B, H, m, c, D]`` rows, ``add`` broadcastable to one
+        head's ``[m, c, width]``: ``[H, c, width]`` (per head) or ``[B, H, ...]``."""
         # Block m's keys are a strided window [m * c, m * c + width) of the padded keys; bmm reads the
-        # overlapping windows in place (a copy of them costs more than the product).
+        # overlapping windows in place (a copy of them costs more than the product). baddbmm fuses the
+        # scale and the addition into the product.
         out = rows.new_empty(*rows.shape[:-1], width)
         for b, h in itertools.product(range(rows.shape[0]), range(rows.shape[1])):
             windows = keys[b, h].as_strided((blocks, width, keys.shape[-1]), (c * keys.shape[-1], keys.shape[-1], 1))
-            torch.bmm(rows[b, h], windows.transpose(1, 2), out=out[b, h])
+            term = add[h] if add.dim() == 3 else add[b, h]
+            torch.baddbmm(term, rows[b, h], windows.transpose(1, 2), alpha=alpha, out=out[b, h])
         return out
 
     # The bias block: M[r, u] = diagonals[r - u + kv - diagonal - c + width - 1], same for every block.
@@ -297,18 +306,20 @@ def band_bias_gradient(grad, query, key, value, output, lse, diagonals, allowed,
         keep = blocks_of_rows(windows, value=False).to(f32) * keep  # [B|1, 1, m, c, width]
     lse_blocks = blocks_of_rows(lse[..., None])  # [B, H, m, c, 1] (padded rows have dO = 0)
     # P = exp(q k^T * scale + bias - lse), [B, H, m, c, width], in place to spare temporaries. Clamping at
-    # -87 keeps exp off its slow paths (huge negative inputs such as masked keys, 10x; denormal outputs,
-    # 50x); the threshold then zeroes those weights, as flushing denormals would: below 1.7e-38 against a
-    # row sum of 1, no fp32 result can see them. The upper clamp only keeps the masked keys of fully masked
+    # -87 keeps exp off its slow paths (huge negative inputs such as future keys, 10x; denormal outputs,
+    # 50x): weights below 1.7e-38 read as 1.7e-38, which no fp32 sum they enter (a row sums to 1) can
+    # resolve; future keys' ones are dropped below. The upper clamp keeps the masked keys of fully masked
     # rows (lse = fill) finite until `keep` zeroes them.
-    logits = band_products(q_blocks, keys).mul_(scale).add_(bias[:, None]).sub_(lse_blocks)
-    probs = F.threshold(logits.clamp_(min=-87.0, max=80.0).exp_(), 1.7e-38, 0.0).mul_(keep)
+    logits = band_products(q_blocks, keys, bias, scale).sub_(lse_blocks)
+    probs = logits.clamp_(min=-87.0, max=80.0).exp_().mul_(keep)
     row = (g_blocks * blocks_of_rows(output.to(f32))).sum(-1, keepdim=True)  # rowsum(dO * O), [B, H, m, c, 1]
-    d_logits = band_products(g_blocks, values).sub_(row).mul_(probs)
+    d_logits = band_products(g_blocks, values, -row).mul_(probs)
     sums = diagonal_sums(d_logits.sum((0, 2)))  # [H, c + width - 1], entry t_local = r - u + width - 1
     # Global diagonal of entry (r, u): t = t_local + kv - diagonal - c; keep what falls inside.
     out = torch.zeros(diagonals.shape, dtype=f32, device=diagonals.device)
     lo, hi = max(0, first), min(out.shape[-1], first + sums.shape[-1])
     if hi > lo:
         out[:, lo:hi] = sums[:, lo - first:hi - first]
+    if allowed is None:  # future keys (i - j + diagonal < 0) have no gradient
+        out[:, : max(0, kv_len - 1 - diagonal)] = 0
     return out
