@@ -32,9 +32,7 @@ memory the step needs. Memory is measured in a separate, untimed run (tracking s
 CPU settings: by default the benchmark runs torch on one thread. On a shared machine an OpenMP
 worker that the OS has descheduled makes every parallel op wait for it (a 2 MB fill measured 0.17 ms
 on 1 thread and 12 ms on 2 threads under load here), which swamps ratios; ``--threads N`` on a quiet
-machine. ``--flush-denormal`` sets ``torch.set_flush_denormal(True)``: large negative logits (ALiBi's
-far keys above all) make ``exp`` produce denormals, which x86 computes ~100x slower; off by default
-because it is a process-wide setting users must choose themselves.
+machine.
 
 On Llama, ``rope`` and ``rope_yarn`` take hf_posenc's native route (stock ``rope_parameters``), so the
 model scope shows that conversion costs nothing; the attention scope runs the plug-in's own rotation
@@ -357,8 +355,6 @@ def log(message: str) -> None:
 
 def benchmark(args) -> list[dict]:
     torch.set_num_threads(args.threads)
-    if args.flush_denormal:
-        torch.set_flush_denormal(True)
     encodings = args.encodings
     records: list[dict] = []
     config = model_config(args.tiny)
@@ -489,7 +485,6 @@ def parse_args(argv=None):
     parser.add_argument("--decode-steps", type=int, help="generated tokens per decode measurement")
     parser.add_argument("--lora-length", type=int, default=512, help="LoRA training length (0: skip)")
     parser.add_argument("--threads", type=int, default=1, help="torch threads (see the module docstring)")
-    parser.add_argument("--flush-denormal", action="store_true", help="torch.set_flush_denormal(True)")
     parser.add_argument("--tiny", action="store_true", help="a 2-layer d=32 model (smoke tests)")
     args = parser.parse_args(argv)
     if args.lengths is None:

@@ -137,7 +137,9 @@ def causal_bias_sdpa(query, key, value, posenc, allowed, q_pos, k_pos, scaling, 
     else:
         diagonals, band = posenc.bias_diagonals(q_pos, k_pos, True), q_len + kv_len
     diagonals = diagonals.to(query.dtype)
-    if cpu_attention.available(query) and not (training and dropout > 0):
+    # One-token decode steps skip it: reversing the whole cache for one row costs more than that row's
+    # contiguous bias (and there is no gradient to take).
+    if cpu_attention.available(query) and not (training and dropout > 0) and q_len > 1:
         key, value = _expand_kv(key, query.shape[1]), _expand_kv(value, query.shape[1])
         return cpu_attention.TiledBiasAttention.apply(query, key, value, diagonals, allowed, diagonal, band,
                                                       scaling, getattr(posenc, "flush_denormals", False))

@@ -9,7 +9,7 @@ Two bias encodings need more from the kernel than the public function gives on C
   That computation needs the kernel's log-sum-exp, which only the ATen op returns.
 * **ALiBi's far keys underflow into denormals.** Their logits sit ~90-100 below the row maximum, where
   ``exp`` returns denormal floats that x86 multiplies ~100x more slowly; the fused backward suffers most.
-  Its kernels run forward and backward with denormals flushed to zero (the dropped values are below
+  ALiBi's kernels run forward and backward with denormals flushed to zero (the dropped values are below
   1.2e-38 against a softmax sum of at least 1, so no fp32 result changes), and the caller's setting comes
   back afterwards.
 
