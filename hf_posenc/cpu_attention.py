@@ -149,8 +149,8 @@ class TiledBiasAttention(torch.autograd.Function):
 
     The bias reaches the kernel as a detached mask, which keeps the fused backward for q/k/v. Its own
     gradient ``dS = P * (dO v^T - rowsum(dO * O))``, ``P = exp(S - lse)``, comes from the keys of the band
-    only (:func:`band_bias_gradient`). The caller guarantees the bias has no gradient path at distances
-    ``>= band`` (the T5 bias relative to its far bucket is exactly zero there).
+    only (:func:`band_bias_gradient`). The caller guarantees that whatever gradient reaches the bias at
+    distances ``>= band`` cancels (the T5 bias relative to its far bucket is ``b_last - b_last`` there).
 
     Args (``apply``, positional):
         query: ``[B, H, q, D]``; key, value: ``[B, H, kv, D]`` (heads already expanded).

@@ -92,8 +92,9 @@ class T5Bias(PositionModule):
 
         Causal softmax ignores a per-row constant, and every key a causal query sees is at distance
         ``>= 0``: subtracting the last bucket's value changes no attention weight, and leaves a bias that is
-        exactly zero (with no gradient path) at every distance ``>= band_width()``. Attention can then take
-        the gradient of the table from that band alone (``hf_posenc.cpu_attention.TiledBiasAttention``).
+        exactly zero at every distance ``>= band_width()`` (``b_last - b_last``: whatever gradient reaches it
+        cancels). Attention can then take the gradient of the table from that band alone
+        (``hf_posenc.cpu_attention.TiledBiasAttention``).
 
         Args:
             q_pos, k_pos: Consecutive query and key positions.
