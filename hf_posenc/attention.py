@@ -139,7 +139,7 @@ def causal_bias_sdpa(query, key, value, posenc, allowed, q_pos, k_pos, scaling, 
     diagonals = diagonals.to(query.dtype)
     # One-token decode steps skip it: reversing the whole cache for one row costs more than that row's
     # contiguous bias (and there is no gradient to take).
-    if cpu_attention.available(query) and not (training and dropout > 0) and q_len > 1:
+    if cpu_attention.available(query, dropout if training else 0.0) and q_len > 1:
         key, value = _expand_kv(key, query.shape[1]), _expand_kv(value, query.shape[1])
         return cpu_attention.TiledBiasAttention.apply(query, key, value, diagonals, allowed, diagonal, band,
                                                       scaling, getattr(posenc, "flush_denormals", False))
@@ -205,7 +205,7 @@ def posenc_attention(
                 # one-token decode steps: padding the whole cache costs more than a [H, 1, kv] bias row.
                 head_dim = value.shape[-1]
                 query, key, value = posenc.fold_into_head_dim(query, key, value, k_pos, scaling)
-                if cpu_attention.available(query) and not (module.training and dropout > 0):
+                if cpu_attention.available(query, dropout if module.training else 0.0):
                     # The far keys' weights are denormals: flushing them keeps the fused kernels fast.
                     output = cpu_attention.flash_attention(query, key, value, allowed, plain_causal, scaling,
                                                            flush_denormals=True)

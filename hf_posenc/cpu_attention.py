@@ -21,7 +21,7 @@ build has it. Tensor layout throughout: ``[B, H, n, D]``, equal query and key/va
 from __future__ import annotations
 
 import itertools
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 
 import torch
 from torch.autograd.function import once_differentiable
@@ -30,10 +30,11 @@ from torch.nn import functional as F
 from .encodings.alibi import toeplitz
 
 
-def available(query: torch.Tensor) -> bool:
-    """Whether the fused CPU kernel can take ``query`` (and this torch has the op)."""
+def available(query: torch.Tensor, dropout_p: float = 0.0) -> bool:
+    """Whether the fused CPU kernel can take ``query`` (and this torch has the op); the paths here run
+    without attention dropout, so a positive ``dropout_p`` leaves them to SDPA."""
     return (query.device.type == "cpu" and query.dtype in (torch.float32, torch.bfloat16, torch.float16)
-            and hasattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu"))
+            and dropout_p == 0 and hasattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu"))
 
 
 def _flush_enabled() -> bool:
@@ -178,7 +179,7 @@ class TiledBiasAttention(torch.autograd.Function):
         allowed = None if allowed is None else allowed.flip(-1)
         output = query.new_empty(query.shape)
         lse = query.new_empty(query.shape[:3], dtype=torch.float32)
-        with denormals_flushed() if flush else _nothing():
+        with denormals_flushed() if flush else nullcontext():
             for rows, limit in tiles(q_len, kv_len, diagonal):
                 keys = slice(kv_len - limit, kv_len)  # the first `limit` keys, reversed
                 output[:, :, rows], lse[:, :, rows] = flash_attention_lse(
@@ -194,7 +195,7 @@ class TiledBiasAttention(torch.autograd.Function):
         query, key, value, output, lse, masked, allowed = ctx.saved_tensors  # key, value, allowed reversed
         q_len, kv_len = query.shape[2], key.shape[2]
         grad_q, grad_k, grad_v = torch.empty_like(query), torch.zeros_like(key), torch.zeros_like(value)
-        with denormals_flushed() if ctx.flush else _nothing():
+        with denormals_flushed() if ctx.flush else nullcontext():
             for rows, limit in tiles(q_len, kv_len, ctx.diagonal):
                 keys = slice(kv_len - limit, kv_len)
                 d_q, d_k, d_v = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward(
@@ -211,11 +212,6 @@ class TiledBiasAttention(torch.autograd.Function):
             grad_diagonals = band_bias_gradient(grad, query, key, value, output, lse, masked, allowed,
                                                 ctx.diagonal, ctx.band, ctx.scale, ctx.fill).to(masked.dtype)
         return grad_q, grad_k, grad_v, grad_diagonals, None, None, None, None, None
-
-
-@contextmanager
-def _nothing():
-    yield
 
 
 def _tile_mask(masked, allowed_reversed, rows: slice, limit: int, kv_len: int, fill: float) -> torch.Tensor:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import math
 
 import torch
@@ -46,6 +47,16 @@ def relative_position_bucket(
     return offset + torch.where(is_small, distance, large)
 
 
+@functools.lru_cache(maxsize=None)
+def _causal_band_width(num_buckets: int, max_distance: int) -> int:
+    """See :meth:`T5Bias.band_width` (cached: every layer asks on every forward)."""
+    # CPU explicitly: the module may live on the meta device while a checkpoint loads.
+    distances = torch.arange(max_distance + 1, device="cpu")
+    buckets = relative_position_bucket(-distances, False, num_buckets, max_distance)
+    # Buckets grow with the distance and reach the last one at max_distance at the latest.
+    return int((buckets < num_buckets - 1).sum())
+
+
 class T5Bias(PositionModule):
     """A learned scalar bias per (distance bucket, head), added to the attention scores.
 
@@ -79,11 +90,7 @@ class T5Bias(PositionModule):
 
     def band_width(self) -> int:
         """Causal distances from this one on all fall in the last bucket (one shared bias value per head)."""
-        # CPU explicitly: the module may live on the meta device while a checkpoint loads.
-        distances = torch.arange(self.max_distance + 1, device="cpu")
-        buckets = relative_position_bucket(-distances, False, self.num_buckets, self.max_distance)
-        # Buckets grow with the distance and reach the last one at max_distance at the latest.
-        return int((buckets < self.num_buckets - 1).sum())
+        return _causal_band_width(self.num_buckets, self.max_distance)
 
     def banded_diagonals(
         self, q_pos: torch.Tensor, k_pos: torch.Tensor, dtype: torch.dtype = torch.float32
