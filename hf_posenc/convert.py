@@ -278,8 +278,11 @@ def install(model, posenc: PosEncConfig, arch: Architecture, state: _State | Non
     # 2. Attach the per-layer encodings and the pre-hook.
     neutralise_rope = arch.rope != "none"
     use_attention = needs_attention_function(posenc, config, arch)
-    hook = _make_pre_hook(arch, neutralise_rope, use_attention)
-    for layer_idx, attn in enumerate(attention_modules(model, arch)):
+    modules = attention_modules(model, arch)
+    # Fails here, at conversion, if this transformers release renamed the cache argument.
+    cache_argument = _hf.cache_argument(modules[0]) if use_attention else None
+    hook = _make_pre_hook(neutralise_rope, use_attention, cache_argument)
+    for layer_idx, attn in enumerate(modules):
         if posenc.applies_to(layer_idx):
             module = make_position_module(posenc, config, arch)
             if module is not None:
@@ -310,7 +313,7 @@ def _extend_position_buffers(embeddings: nn.Module, length: int = 1 << 16) -> No
         embeddings.token_type_ids = torch.zeros((1, length), dtype=torch.long, device=device)
 
 
-def _make_pre_hook(arch: Architecture, neutralise_rope: bool, use_attention: bool):
+def _make_pre_hook(neutralise_rope: bool, use_attention: bool, cache_argument: tuple[str, int | None] | None):
     """Forward pre-hook of every attention module of a plug-in-converted model.
 
     * Replaces native RoPE's ``(cos, sin)`` by ``(1, 0)``: the stock rotation becomes the identity.
@@ -337,7 +340,8 @@ def _make_pre_hook(arch: Architecture, neutralise_rope: bool, use_attention: boo
                     f"'{attention.SDPA}') or hf_posenc.set_backend(model, 'sdpa'))."
                 )
             layer_idx = getattr(module, "layer_idx", None)
-            kwargs["posenc_past"] = _hf.cache_past_length(kwargs.get(arch.cache_kwarg), layer_idx or 0)
+            cache = _hf.find_cache(args, kwargs, cache_argument)
+            kwargs["posenc_past"] = _hf.cache_past_length(cache, layer_idx or 0)
         return args, kwargs
 
     return hook
