@@ -59,6 +59,12 @@ def _auto_class_name(base: type) -> str:
     return "AutoModel"
 
 
+def _loaded(module: PositionModule) -> bool:
+    """Whether ``from_pretrained`` filled every parameter of this position module from the checkpoint."""
+    params = list(module.parameters(recurse=False))
+    return bool(params) and all(getattr(p, "_is_hf_initialized", False) for p in params)
+
+
 def posenc_class(base: type) -> type:
     """``HfPosenc<Model>``: the stock model class whose ``__init__`` also applies ``config.posenc``."""
     if base.__name__.startswith(CLASS_PREFIX):
@@ -80,9 +86,12 @@ def posenc_class(base: type) -> type:
             install(self, PosEncConfig.from_dict(posenc_dict), architecture_of(config))
 
         def _init_weights(self, module):
-            # New position tables must start as documented (zero = no-op), not as random values.
+            # New position tables must start as documented (zero = no-op), not as random values; tables
+            # that the checkpoint provided are kept (transformers < 5.2x flags loaded parameters but
+            # not their modules, so a module-level skip does not protect them).
             if isinstance(module, PositionModule):
-                module.reset_parameters()
+                if not _loaded(module):
+                    module.reset_parameters()
             else:
                 base._init_weights(self, module)
 
@@ -92,8 +101,7 @@ def posenc_class(base: type) -> type:
             # every position table that the checkpoint did not provide.
             base._initialize_missing_keys(self, *args, **kwargs)
             for module in self.modules():
-                if isinstance(module, PositionModule) and not all(
-                        getattr(p, "_is_hf_initialized", False) for p in module.parameters(recurse=False)):
+                if isinstance(module, PositionModule) and not _loaded(module):
                     module.reset_parameters()
 
         _classes[name] = type(

@@ -50,15 +50,13 @@ def _setup_logging(out_dir: Path) -> logging.Handler:
 def finetune_in_process(model, tokenizer, texts, cfg: CompareConfig, variant: VariantConfig, workdir: Path,
                         progress: bool) -> tuple[Any, dict]:
     """LoRA fine-tune one converted model under a single-process Accelerator; return it merged."""
-    from accelerate import Accelerator
-
-    from .finetune import build_training_windows, train
+    from .finetune import build_training_windows, make_accelerator, train
     from .lora import wrap_with_lora
 
     train_cfg = cfg.variant_train(variant)
-    accelerator = Accelerator(gradient_accumulation_steps=train_cfg.grad_accum, mixed_precision=train_cfg.mixed_precision)
+    accelerator = make_accelerator(train_cfg)
     peft_model = wrap_with_lora(model, cfg.lora)
-    windows = build_training_windows(texts, tokenizer, train_cfg, accelerator.num_processes)
+    windows = build_training_windows(texts, tokenizer, train_cfg)
     stats = train(accelerator, peft_model, windows, train_cfg, workdir / "checkpoints", progress=progress,
                   desc=f"finetune {variant.name}")
     unwrapped = accelerator.unwrap_model(peft_model)
