@@ -112,6 +112,11 @@ def posenc_class(base: type) -> type:
     return _classes[name]
 
 
+def stock_class(cls: type) -> type:
+    """The stock transformers class an ``HfPosenc`` class was made from (``cls`` itself if stock)."""
+    return next(c for c in cls.__mro__ if not c.__name__.startswith(CLASS_PREFIX))
+
+
 def class_by_name(name: str) -> type:
     """Resolve ``HfPosenc<StockClass>`` names (used by the remote-code stub and by pickling)."""
     if not name.startswith(CLASS_PREFIX):
