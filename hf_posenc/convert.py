@@ -523,8 +523,15 @@ def patch_config(config, posenc_config):
     ``from_config(patched)`` builds one. Native RoPE variants give a stock config.
 
     Raises:
+        TypeError: ``config`` is a model, not a config.
         ValueError: See :func:`validate`.
     """
+    if isinstance(config, nn.Module):
+        raise TypeError(
+            f"patch_config expects a config (a transformers PreTrainedConfig), got the model "
+            f"{type(config).__name__}: pass model.config to patch a config for from_pretrained/from_config, "
+            "or use hf_posenc.convert(model, ...) to convert a loaded model."
+        )
     posenc = _as_config(posenc_config)
     arch = validate(posenc, config)
     patched = copy.deepcopy(config)
