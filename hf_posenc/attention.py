@@ -201,7 +201,8 @@ def posenc_attention(
             if (backend == "sdpa" and causal and query.dtype == torch.float32 and q_len > 1
                     and hasattr(posenc, "fold_into_head_dim")):
                 # Causal ALiBi rides in one extra head dimension: SDPA keeps its fast causal kernel and no
-                # [H, q, kv] bias exists (DESIGN §7; exact in fp32 only, hence the dtype condition). Not for
+                # [H, q, kv] bias exists (softmax ignores ALiBi's per-row constant, so m_h * j is a key term;
+                # exact in fp32 only, hence the dtype condition). Not for
                 # one-token decode steps: padding the whole cache costs more than a [H, 1, kv] bias row.
                 head_dim = value.shape[-1]
                 query, key, value = posenc.fold_into_head_dim(query, key, value, k_pos, scaling)

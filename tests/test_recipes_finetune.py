@@ -48,7 +48,7 @@ def _launch(config: Path, env: dict, processes: int = 1, **extra_env) -> subproc
     if processes == 1:
         cmd = [sys.executable, "-m", "accelerate.commands.launch", "--num_processes", "1", "--cpu"]
     else:
-        # DESIGN §9: --multi_gpu + ACCELERATE_USE_CPU=1 is what gives a real 2-process gloo group on CPU.
+        # --multi_gpu + ACCELERATE_USE_CPU=1 is what gives a real 2-process gloo group on CPU.
         cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", str(processes),
                "--main_process_port", "29517"]
         extra_env["ACCELERATE_USE_CPU"] = "1"
@@ -105,7 +105,7 @@ def test_adapter_and_merged_model_evaluate_identically(full_run, tmp_path, cache
 
 
 def test_adapter_with_position_tables_refuses_an_unconverted_base(full_run, cache_env, monkeypatch):
-    """PEFT alone would load it and silently drop the T5 tables (DESIGN §3)."""
+    """PEFT alone would load it and silently drop the T5 tables (it ignores adapter weights with no module)."""
     from hf_posenc.extension.lora import load_adapter
     from hf_posenc.extension.models import load_model, resolve
     from hf_posenc.extension.recipe_config import ModelConfig, PretrainConfig
@@ -174,7 +174,7 @@ def test_a_launch_that_gets_fewer_processes_than_asked_warns(tmp_path, cache_env
 
 
 def test_merged_yarn_checkpoint_keeps_its_scaling_for_inference(tmp_path, cache_env, monkeypatch):
-    """DESIGN §5 pain point: the training-time RoPE scaling must be recorded in the saved model."""
+    """A known context-extension pain point: the training-time RoPE scaling must be recorded in the saved model."""
     for key in ("HF_POSENC_CACHE", "HF_HUB_OFFLINE"):
         monkeypatch.setenv(key, cache_env[key])
     sys.path.insert(0, str(ROOT / "recipes"))
