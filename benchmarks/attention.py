@@ -328,8 +328,9 @@ def add_ratios(records: list[dict]) -> None:
     for r in records:
         sdpa = index.get((r["scope"], r["mode"], r["T"], "stock_sdpa"))
         eager = index.get((r["scope"], r["mode"], r["T"], "stock_eager"))
-        r["time_ratio_vs_sdpa"] = round(r["time_s"] / sdpa["time_s"], 4) if sdpa else None
-        r["peak_mem_ratio_vs_eager"] = (round(r["peak_mem_bytes"] / eager["peak_mem_bytes"], 4)
+        # Four significant digits, not four decimals: a small memory ratio (0.012969) must not become 0.013.
+        r["time_ratio_vs_sdpa"] = float(f"{r['time_s'] / sdpa['time_s']:.4g}") if sdpa else None
+        r["peak_mem_ratio_vs_eager"] = (float(f"{r['peak_mem_bytes'] / eager['peak_mem_bytes']:.4g}")
                                         if eager and eager["peak_mem_bytes"] else None)
 
 
