@@ -162,12 +162,13 @@ def cmd_info(args: argparse.Namespace) -> int:
 
 
 def cmd_compare(args: argparse.Namespace) -> int:
-    from .extension.compare import run_compare
+    from .extension.compare import run_compare, timing_summary
 
     paths = run_compare(args.config, args.out, args.overrides)
     print(paths["markdown"].read_text())
     for key, path in paths.items():
         print(f"{key}: {path}")
+    print(timing_summary(paths))
     if args.readme:
         from pathlib import Path
 

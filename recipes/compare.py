@@ -15,7 +15,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from hf_posenc.extension.compare import run_compare  # noqa: E402
+from hf_posenc.extension.compare import run_compare, timing_summary  # noqa: E402
 from hf_posenc.extension.report import default_assets_dir, update_readme  # noqa: E402
 from hf_posenc.extension.typed_config import ConfigError  # noqa: E402
 
@@ -35,6 +35,7 @@ def main(argv=None):
     print(paths["markdown"].read_text())
     for key, path in paths.items():
         print(f"{key}: {path}")
+    print(timing_summary(paths))
     if args.readme:
         # Run folders are git-ignored: copy the outputs next to the README so its links resolve.
         readme = Path(args.readme)
