@@ -178,6 +178,7 @@ class _CopeAttention(torch.autograd.Function):
         ctx.save_for_backward(query, key, value, pos_emb, output, stats)
         ctx.allowed = allowed  # a bool mask shared by every layer; saved by reference
         ctx.config = (scaling, block_size, diagonal)
+        ctx.device_type = query.device.type
         # The weights are differentiable (attribution methods take gradients through them); without this a
         # caller that only uses the output would hand backward a [B, H, q, kv] tensor of zeros.
         ctx.set_materialize_grads(False)
@@ -185,8 +186,7 @@ class _CopeAttention(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_output, grad_weights):
-        with torch.autocast(grad_output.device.type if grad_output is not None else grad_weights.device.type,
-                            enabled=False):
+        with torch.autocast(ctx.device_type, enabled=False):
             return _CopeAttention._backward(ctx, grad_output, grad_weights)
 
     @staticmethod
