@@ -36,16 +36,33 @@ DEFAULT_ROPE_THETA = 10000.0
 class ZeroPositionEmbedding(nn.Module):
     """Stands in for a learned absolute position table: returns zeros, so nothing is added.
 
+    The zeros come in the dtype of the table it replaced and follow ``model.to(dtype)`` / ``.half()``
+    (an empty, non-persistent buffer carries the dtype): fp32 zeros added to bf16/fp16 token embeddings
+    would promote the hidden states to fp32 and break the next LayerNorm. The replaced table is kept
+    unregistered (no weights in checkpoints) but follows the same dtype/device moves, so that
+    :func:`revert` puts back a table that matches the model.
+
     Args:
-        dim: Embedding width.
+        original: The replaced ``nn.Embedding``.
     """
 
-    def __init__(self, dim: int):
+    def __init__(self, original: nn.Embedding):
         super().__init__()
-        self.dim = dim
+        self.dim = original.embedding_dim
+        self.__dict__["_original"] = original  # not a submodule: not saved, not in parameters()
+        # No elements: nothing to save or initialise (meta-device loads leave it empty either way).
+        self.register_buffer("dtype_carrier", torch.empty(0, dtype=original.weight.dtype), persistent=False)
+
+    def _apply(self, fn, recurse=True):
+        original = self.__dict__["_original"]
+        # A table built on the meta device (checkpoint loading) holds nothing to move.
+        if not any(t.is_meta for t in original.parameters()):
+            original._apply(fn, recurse)
+        return super()._apply(fn, recurse)
 
     def forward(self, position_ids: torch.Tensor) -> torch.Tensor:
-        return torch.zeros(*position_ids.shape, self.dim, device=position_ids.device)
+        # [*position_ids.shape, dim]
+        return torch.zeros(*position_ids.shape, self.dim, dtype=self.dtype_carrier.dtype, device=position_ids.device)
 
     def extra_repr(self) -> str:
         return f"dim={self.dim}"
@@ -295,7 +312,7 @@ def install(model, posenc: PosEncConfig, arch: Architecture, state: _State | Non
         parent = _get(base, parent_path) if parent_path else base
         old = getattr(parent, name)
         state.replaced.append((parent, name, old))
-        setattr(parent, name, ZeroPositionEmbedding(old.embedding_dim))
+        setattr(parent, name, ZeroPositionEmbedding(old))
     if "embeddings.position_embeddings" in arch.absolute:
         _extend_position_buffers(base.embeddings, state)
     # 2. Attach the per-layer encodings and the pre-hook.
