@@ -119,6 +119,8 @@ def _load_average() -> list[float] | None:
 
 def timing_summary(paths: dict[str, Path]) -> str:
     """One line on how long a finished comparison took and under what machine load (for the CLI)."""
+    if "json" not in paths:  # nothing recorded (e.g. a report written by other means)
+        return "finished"
     results = json.loads(Path(paths["json"]).read_text())
     seconds, machine = results["seconds"], results.get("machine", {})
     total = seconds["total_this_run"]
