@@ -1,5 +1,7 @@
-"""Evaluate one model at several lengths: perplexity (non-overlapping and sliding), loss by
-position, passkey retrieval by length and depth.
+"""Evaluate one model at several lengths: perplexity, loss by position, passkey retrieval.
+
+Perplexity is measured in non-overlapping windows and with a sliding window; passkey retrieval by
+length and depth.
 
     python recipes/evaluate_context.py --config recipes/configs/evaluate_quick.yaml [key.sub=value ...]
 
@@ -17,16 +19,17 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from hf_posenc.extension.recipe_config import EvaluateConfig  # noqa: E402
 from hf_posenc.extension.typed_config import ConfigError, load_config  # noqa: E402
+from hf_posenc.presets import resolve_config  # noqa: E402
 
 
 def main(argv=None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--config", required=True)
+    parser.add_argument("--config", required=True, help="YAML file, or a shipped evaluate preset name")
     parser.add_argument("overrides", nargs="*", help="key.sub=value changes")
     args = parser.parse_intermixed_args(argv)  # overrides may follow --out
     try:
-        cfg = load_config(EvaluateConfig, args.config, args.overrides)
-    except ConfigError as err:
+        cfg = load_config(EvaluateConfig, resolve_config(args.config, "evaluate"), args.overrides)
+    except (ConfigError, FileNotFoundError) as err:
         sys.exit(f"config error: {err}")
 
     from hf_posenc.extension.data import concat_tokens, load_texts
