@@ -95,4 +95,23 @@ assert len(cfg.variants) == 9, cfg.variants
 reused=$(grep -c "already done: reusing" d/compare.log)
 [ "$reused" = 9 ] || { echo "wheel_smoke: the copied tiny preset reused $reused of 9 variants" >&2; exit 1; }
 timing "copied quick/tiny; the copies load and run"
+
+# The packaged recipe script under accelerate: a 2-step ALiBi LoRA run on compare_tiny's base (its model
+# section is copied, so the base cached above is reused). The finetune presets run the same script, and
+# its model card needs the wheel's card templates.
+"$bin/python" -c "
+import yaml
+model = yaml.safe_load(open('compare_tiny.yaml'))['model']
+yaml.safe_dump({'model': model, 'posenc': {'kind': 'alibi'}, 'lora': {'r': 2, 'alpha': 4},
+                'train': {'seq_len': 32, 'steps': 2, 'batch_size': 2, 'warmup_steps': 1},
+                'output': {'dir': 'runs/finetune_tiny'}}, open('finetune_tiny.yaml', 'w'))
+"
+# Through the venv's interpreter: over the system site, a bare `accelerate` may be the system's script, which
+# launches the recipe with the system Python (and whatever hf_posenc that one imports).
+"$bin/python" -m accelerate.commands.accelerate_cli launch --num_processes 1 "$("$bin/hf-posenc" recipes path finetune_lora)" \
+    --config finetune_tiny.yaml > finetune.txt 2>&1 || { cat finetune.txt >&2; exit 1; }
+for file in adapter/adapter_config.json adapter/README.md merged/config.json; do
+    [ -f "runs/finetune_tiny/$file" ] || { echo "wheel_smoke: finetune_lora wrote no $file" >&2; exit 1; }
+done
+timing "ran the packaged finetune_lora.py under accelerate launch"
 echo "wheel_smoke: OK in $((SECONDS - started)) s"

@@ -13,7 +13,12 @@ import argparse
 import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+# Runnable from a checkout without installing the package. Installed (hf_posenc/_recipes) or copied out
+# with `hf-posenc recipes cp`, the folder above holds no package, and putting it on sys.path would make
+# hf_posenc's own modules (config, hub, ...) importable as top-level names.
+_CHECKOUT = Path(__file__).resolve().parents[1]
+if (_CHECKOUT / "hf_posenc" / "__init__.py").is_file():
+    sys.path.insert(0, str(_CHECKOUT))
 
 from hf_posenc.extension.compare import run_compare  # noqa: E402
 from hf_posenc.extension.report import default_assets_dir, update_readme  # noqa: E402

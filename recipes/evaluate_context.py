@@ -15,7 +15,12 @@ import json
 import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+# Runnable from a checkout without installing the package. Installed (hf_posenc/_recipes) or copied out
+# with `hf-posenc recipes cp`, the folder above holds no package, and putting it on sys.path would make
+# hf_posenc's own modules (config, hub, ...) importable as top-level names.
+_CHECKOUT = Path(__file__).resolve().parents[1]
+if (_CHECKOUT / "hf_posenc" / "__init__.py").is_file():
+    sys.path.insert(0, str(_CHECKOUT))
 
 from hf_posenc.extension.recipe_config import EvaluateConfig  # noqa: E402
 from hf_posenc.extension.typed_config import ConfigError, load_config  # noqa: E402

@@ -7,9 +7,13 @@ package from the checkout.
 
 from __future__ import annotations
 
+import ast
 import fnmatch
 import importlib.util
+import os
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -184,3 +188,33 @@ def test_recipe_scripts_take_preset_names(tmp_path, monkeypatch):
         with pytest.raises(SystemExit, match=rf"{preset}\.yaml.*unknown key 'bogus'"):
             module.main(["--config", preset, "bogus=1"])
     assert not any(tmp_path.iterdir())  # stopped at the config: nothing written
+
+
+
+def test_recipe_scripts_add_only_a_checkout_to_sys_path(tmp_path):
+    # Installed, a script sits in hf_posenc/_recipes: the folder above it is the package itself, whose
+    # modules (config.py, hub.py, ...) must not become top-level imports. In a checkout it is the repo root.
+    scripts = ["compare.py", "evaluate_context.py", "finetune_lora.py"]
+    packaged = tmp_path / "site" / "hf_posenc" / "_recipes"
+    packaged.mkdir(parents=True)
+    for script in scripts:
+        shutil.copy(RECIPES / script, packaged / script)
+    # One interpreter per layout (hf_posenc imports once): each script's top level runs, not its main().
+    probe = ("import runpy, sys\n"
+             "for path in sys.argv[1:]:\n"
+             "    before = list(sys.path)\n"
+             "    runpy.run_path(path, run_name='probe')\n"
+             "    print(repr(sys.path))\n"
+             "    sys.path[:] = before\n")
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    # The installed layout imports hf_posenc from the checkout through PYTHONPATH, as a wheel would from site-packages.
+    for folder, folder_above, run_env, expected in ((packaged, packaged.parent, {**env, "PYTHONPATH": str(ROOT)}, False),
+                                                    (RECIPES, ROOT, env, True)):
+        out = subprocess.run([sys.executable, "-c", probe, *(str(folder / s) for s in scripts)], cwd=tmp_path,
+                             env=run_env, capture_output=True, text=True, timeout=300)
+        assert out.returncode == 0, out.stderr
+        printed = [line for line in out.stdout.splitlines() if line.startswith("[")]
+        assert len(printed) == len(scripts), out.stdout
+        for script, line in zip(scripts, printed):
+            sys_path = [str(Path(p).resolve()) for p in ast.literal_eval(line) if p]
+            assert (str(folder_above.resolve()) in sys_path) is expected, (folder / script, sys_path)
