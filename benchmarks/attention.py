@@ -60,6 +60,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import hf_posenc  # noqa: E402
 from hf_posenc import PosEncConfig  # noqa: E402
+from hf_posenc._hf import cache_kwargs  # noqa: E402
 from hf_posenc.attention import posenc_sdpa_attention  # noqa: E402
 from hf_posenc.encodings import AlibiBias, CoPE, RotaryPosition, T5Bias  # noqa: E402
 
@@ -280,18 +281,18 @@ def decode_measure(model, context: int, steps: int, vocab: int) -> tuple[float, 
     ids = tokens(1, context, vocab)
     with torch.no_grad():
         cache = DynamicCache(config=model.config)
-        out = model(ids, past_key_values=cache, use_cache=True)
+        out = model(ids, **cache_kwargs(model, cache), use_cache=True)
         next_id = out.logits[:, -1:].argmax(-1)
         for _ in range(2):  # warm-up steps: first calls pay one-off costs
-            out = model(next_id, past_key_values=cache, use_cache=True)
+            out = model(next_id, **cache_kwargs(model, cache), use_cache=True)
             next_id = out.logits[:, -1:].argmax(-1)
         times = []
         for _ in range(steps):
             start = time.perf_counter()
-            out = model(next_id, past_key_values=cache, use_cache=True)
+            out = model(next_id, **cache_kwargs(model, cache), use_cache=True)
             next_id = out.logits[:, -1:].argmax(-1)
             times.append(time.perf_counter() - start)
-        peak = peak_memory(lambda: model(next_id, past_key_values=cache, use_cache=True))
+        peak = peak_memory(lambda: model(next_id, **cache_kwargs(model, cache), use_cache=True))
     return statistics.median(times), peak
 
 
@@ -327,8 +328,9 @@ def add_ratios(records: list[dict]) -> None:
     for r in records:
         sdpa = index.get((r["scope"], r["mode"], r["T"], "stock_sdpa"))
         eager = index.get((r["scope"], r["mode"], r["T"], "stock_eager"))
-        r["time_ratio_vs_sdpa"] = round(r["time_s"] / sdpa["time_s"], 4) if sdpa else None
-        r["peak_mem_ratio_vs_eager"] = (round(r["peak_mem_bytes"] / eager["peak_mem_bytes"], 4)
+        # Four significant digits, not four decimals: a small memory ratio (0.012969) must not become 0.013.
+        r["time_ratio_vs_sdpa"] = float(f"{r['time_s'] / sdpa['time_s']:.4g}") if sdpa else None
+        r["peak_mem_ratio_vs_eager"] = (float(f"{r['peak_mem_bytes'] / eager['peak_mem_bytes']:.4g}")
                                         if eager and eager["peak_mem_bytes"] else None)
 
 

@@ -1,22 +1,27 @@
 """Every piece of knowledge about transformers internals that hf_posenc relies on lives here.
 
-Checked against transformers 5.23 (the range pinned in pyproject.toml). If a transformers upgrade
+Checked against every transformers release from 5.1 to 5.24 (CI runs the suite on the lower bounds
+of pyproject.toml and on the newest releases). Where releases differ, this module detects the feature
+(which argument name a forward takes) instead of comparing version numbers. If a transformers upgrade
 breaks the plug-in, this is the one file to read.
 """
 
 from __future__ import annotations
 
+import inspect
 import warnings
 
 import torch
 import transformers
 from transformers import AttentionInterface
+from transformers.cache_utils import Cache
 from transformers.masking_utils import AttentionMaskInterface, eager_mask, sdpa_mask
 
 from . import attention
 
-#: The transformers range these internals were checked against (pinned in pyproject.toml too).
-SUPPORTED_TRANSFORMERS = ">=5.23,<5.24"
+#: The transformers range these internals were checked against (the same string as in pyproject.toml;
+#: a test keeps them equal). 5.1 is the floor: see the comment in pyproject.toml.
+SUPPORTED_TRANSFORMERS = ">=5.1,<6"
 
 _registered = False
 
@@ -45,6 +50,63 @@ def attn_implementation(model) -> str:
 def set_attn_implementation(model, name: str) -> None:
     """Switch a loaded model (and its sub-models) to the attention function ``name``."""
     model.set_attn_implementation(name)
+
+
+#: Names the attention modules' forward has used for the KV cache, newest first: ``cache`` (transformers
+#: 5.24+, where ``past_key_values`` is a deprecated alias until 5.40), ``past_key_values`` (5.0-5.23),
+#: ``layer_past`` (GPT-NeoX and other older-style modules).
+CACHE_ARGUMENTS = ("cache", "past_key_values", "layer_past", "past_key_value")
+
+
+def cache_argument(module) -> tuple[str, int | None]:
+    """The cache argument of an attention module's ``forward``: its name and positional index.
+
+    Detected from the signature (``inspect.signature`` follows transformers' ``deprecate_kwarg``
+    wrapper to the real parameters) rather than assumed from a version number: a release that renames
+    the argument makes this raise at conversion time instead of silently reading no cache, which would
+    give every generated token the positions of a prompt without history.
+
+    Raises:
+        RuntimeError: The forward takes none of :data:`CACHE_ARGUMENTS`.
+    """
+    parameters = list(inspect.signature(module.forward).parameters)
+    for name in CACHE_ARGUMENTS:
+        if name in parameters:
+            return name, parameters.index(name)
+    raise RuntimeError(
+        f"{type(module).__name__}.forward (transformers {transformers.__version__}) takes none of the cache "
+        f"arguments hf_posenc knows {list(CACHE_ARGUMENTS)}; its parameters are {parameters}. hf_posenc cannot "
+        "find the KV cache of this release: please report it with the transformers version."
+    )
+
+
+def find_cache(args: tuple, kwargs: dict, argument: tuple[str, int | None]):
+    """The cache passed to an attention module's forward (None if none), as seen by a forward pre-hook.
+
+    Looks under the detected name, then positionally, then under the other known names (a caller may
+    still pass a deprecated alias that the module's ``deprecate_kwarg`` wrapper renames after the hook).
+    """
+    name, index = argument
+    if kwargs.get(name) is not None:
+        return kwargs[name]
+    # args excludes `self`; the signature of a bound method does too.
+    if index is not None and index < len(args) and isinstance(args[index], Cache):
+        return args[index]
+    for key, value in kwargs.items():
+        if isinstance(value, Cache):
+            if key in CACHE_ARGUMENTS:
+                return value
+            raise RuntimeError(f"hf_posenc found the KV cache under the unknown argument {key!r} (known: "
+                               f"{list(CACHE_ARGUMENTS)}); positions would be wrong. Please report it with the "
+                               f"transformers version ({transformers.__version__}).")
+    return None
+
+
+def cache_kwargs(model, cache) -> dict:
+    """``{name: cache}`` for calling ``model(...)`` with a KV cache under the name its forward takes
+    (``cache`` from transformers 5.24, ``past_key_values`` before), so callers raise no FutureWarning."""
+    name, _ = cache_argument(model)
+    return {name: cache}
 
 
 def cache_past_length(cache, layer_idx: int):

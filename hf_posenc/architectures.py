@@ -19,7 +19,6 @@ class Architecture:
         rope: ``"native"`` (full-head RoPE), ``"native_partial"`` (RoPE honouring
             ``partial_rotary_factor``) or ``"none"``.
         absolute: Paths (from the base model) of learned absolute position embeddings to neutralise.
-        cache_kwarg: Name of the cache argument of the attention module's forward.
         causal: True for decoders, False for encoders (None: ``config.is_decoder`` decides).
         q_proj, k_proj: Names of the query/key projections in the attention module; for fused
             projections, the fused module name and ``fused`` says the row layout.
@@ -33,7 +32,6 @@ class Architecture:
     attention: str
     rope: str
     absolute: tuple[str, ...] = ()
-    cache_kwarg: str = "past_key_values"
     causal: bool | None = True
     q_proj: str = "q_proj"
     k_proj: str = "k_proj"
@@ -54,7 +52,7 @@ ARCHITECTURES: dict[str, Architecture] = {
             qk_norms=("q_layernorm", "k_layernorm"), lora_targets=("q_proj", "k_proj", "v_proj", "dense"),
         ),
         Architecture(
-            "gpt_neox", layers="layers", attention="attention", rope="native_partial", cache_kwarg="layer_past",
+            "gpt_neox", layers="layers", attention="attention", rope="native_partial",
             q_proj="query_key_value", k_proj="query_key_value", fused="neox",
             lora_targets=("query_key_value", "dense"),
         ),

@@ -67,6 +67,20 @@ def allowed_keys(
     return attention_mask > torch.finfo(attention_mask.dtype).min / 2
 
 
+def compute_dtype(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor) -> torch.dtype:
+    """The precision attention runs in: autocast's when it is on for the tensors' device, else the
+    common dtype of q/k/v.
+
+    Under autocast q/k/v arrive mixed (the projections give the autocast dtype, a stock rotation by
+    fp32 cos/sin promotes q/k back to fp32); stock SDPA and eager's matmuls then run in the autocast
+    dtype, and the fused CPU kernels refuse mixed inputs outright.
+    """
+    device = query.device.type
+    if torch.is_autocast_enabled(device):
+        return torch.get_autocast_dtype(device)
+    return torch.promote_types(torch.promote_types(query.dtype, key.dtype), value.dtype)
+
+
 def _expand_kv(x: torch.Tensor, num_heads: int) -> torch.Tensor:
     """Repeat grouped key/value heads ``[B, Hkv, n, D]`` to ``[B, H, n, D]`` (GQA)."""
     groups = num_heads // x.shape[1]
@@ -136,13 +150,16 @@ def causal_bias_sdpa(query, key, value, posenc, allowed, q_pos, k_pos, scaling, 
         diagonals, band = posenc.banded_diagonals(q_pos, k_pos, query.dtype)  # [H, q + kv - 1], zero past the band
     else:
         diagonals, band = posenc.bias_diagonals(q_pos, k_pos, True), q_len + kv_len
-    diagonals = diagonals.to(query.dtype)
     # One-token decode steps skip it: reversing the whole cache for one row costs more than that row's
     # contiguous bias (and there is no gradient to take).
     if cpu_attention.available(query, dropout if training else 0.0) and q_len > 1:
         key, value = _expand_kv(key, query.shape[1]), _expand_kv(value, query.shape[1])
+        # The fused kernel adds an fp32 mask to its fp32 logits whatever the q/k/v dtype: the bias keeps
+        # its full resolution in bf16/fp16 models (ALiBi's -m * d at large distances).
+        diagonals = diagonals.float()
         return cpu_attention.TiledBiasAttention.apply(query, key, value, diagonals, allowed, diagonal, band,
                                                       scaling, getattr(posenc, "flush_denormals", False))
+    diagonals = diagonals.to(query.dtype)  # SDPA (other devices) wants the mask in the query dtype
     fill = torch.finfo(query.dtype).min
     if allowed is None:  # future keys carry the mask value
         diagonals = future_filled(diagonals, distance_diagonals(q_pos, k_pos), fill)
@@ -189,19 +206,23 @@ def posenc_attention(
     scaling = query.shape[-1] ** -0.5 if scaling is None else scaling
     q_len, kv_len = query.shape[2], key.shape[2]
     q_pos, k_pos = positions(posenc_past, q_len, kv_len, query.device)
+    dtype = compute_dtype(query, key, value)
+    if posenc is not None and posenc.route == "rotate":
+        # Before the cast, as stock RoPE does: under autocast q/k still hold fp32 here.
+        query, key = posenc.rotate(query, key, q_pos, k_pos)
+    query, key, value = query.to(dtype), key.to(dtype), value.to(dtype)
     # Stock fast path: no mask given and queries aligned with keys (prefill without a StaticCache).
     plain_causal = causal and attention_mask is None and q_len == kv_len
     allowed = None if (plain_causal and backend == "sdpa") else allowed_keys(attention_mask, q_pos, k_pos, causal)
 
     bias = None
     if posenc is not None:
-        if posenc.route == "rotate":
-            query, key = posenc.rotate(query, key, q_pos, k_pos)
-        elif posenc.route == "bias":
+        if posenc.route == "bias":
             if (backend == "sdpa" and causal and query.dtype == torch.float32 and q_len > 1
                     and hasattr(posenc, "fold_into_head_dim")):
                 # Causal ALiBi rides in one extra head dimension: SDPA keeps its fast causal kernel and no
-                # [H, q, kv] bias exists (DESIGN §7; exact in fp32 only, hence the dtype condition). Not for
+                # [H, q, kv] bias exists (softmax ignores ALiBi's per-row constant, so m_h * j is a key term;
+                # exact in fp32 only, hence the dtype condition). Not for
                 # one-token decode steps: padding the whole cache costs more than a [H, 1, kv] bias row.
                 head_dim = value.shape[-1]
                 query, key, value = posenc.fold_into_head_dim(query, key, value, k_pos, scaling)

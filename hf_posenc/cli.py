@@ -43,6 +43,23 @@ def parse_params(pairs: list[str]) -> dict:
     return params
 
 
+def check_source(source: str) -> None:
+    """Refuse a MODEL that names a local file or folder that does not exist, in our words: transformers
+    would try it as a Hub id and report an invalid repo id.
+
+    Raises:
+        FileNotFoundError: A missing ``.gguf`` file, or a path that cannot be a Hub id and does not exist.
+    """
+    from .hub import missing_local_folder
+
+    if Path(source).suffix == ".gguf":
+        if not Path(source).is_file():
+            raise FileNotFoundError(f"GGUF file not found: {source}")
+    elif missing_local_folder(source):
+        raise FileNotFoundError(f"MODEL {source!r}: no such folder (MODEL is a local folder, a .gguf file, "
+                                "or a Hub id 'namespace/name').")
+
+
 def load_model(source: str, dtype: str = "auto", attn_implementation: str | None = None):
     """Load a model from a local folder, a Hub id, or a ``.gguf`` file, with its stock Auto class."""
     import transformers
@@ -51,10 +68,9 @@ def load_model(source: str, dtype: str = "auto", attn_implementation: str | None
     kwargs = {"dtype": dtype}
     if attn_implementation:
         kwargs["attn_implementation"] = attn_implementation
+    check_source(source)
     path = Path(source)
     if path.suffix == ".gguf":
-        if not path.is_file():
-            raise FileNotFoundError(f"GGUF file not found: {source}")
         location, kwargs["gguf_file"] = str(path.parent), path.name
     else:
         location = source
@@ -78,6 +94,7 @@ def cmd_convert(args: argparse.Namespace) -> int:
     from .convert import convert
 
     posenc = PosEncConfig(kind=args.posenc, **parse_params(args.param))  # fails before any loading
+    check_source(args.model)
     out = Path(args.out)
     if out.exists() and any(out.iterdir()) and not args.overwrite:
         raise FileExistsError(f"--out {out} exists and is not empty; pass --overwrite to replace its files.")
@@ -148,12 +165,13 @@ def cmd_info(args: argparse.Namespace) -> int:
 
 
 def cmd_compare(args: argparse.Namespace) -> int:
-    from .extension.compare import run_compare
+    from .extension.compare import run_compare, timing_summary
 
     paths = run_compare(args.config, args.out, args.overrides)
     print(paths["markdown"].read_text())
     for key, path in paths.items():
         print(f"{key}: {path}")
+    print(timing_summary(paths))
     if args.readme:
         from pathlib import Path
 
@@ -191,7 +209,7 @@ def cmd_recipes(args: argparse.Namespace) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="hf-posenc", description="Swap the positional encoding of HF models.")
-    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging, and tracebacks on errors")
     sub = parser.add_subparsers(dest="command", required=True)
 
     convert = sub.add_parser("convert", help="convert a model to another positional encoding and save it")
@@ -248,9 +266,15 @@ def main(argv: list[str] | None = None) -> int:
     elif extra:
         parser.error(f"unrecognized arguments: {' '.join(extra)}")
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    from .hub import HubPushError
+
     try:
         return args.func(args)
-    except (ValueError, FileNotFoundError, FileExistsError) as error:
+    # User errors (bad arguments, missing files, Hub refusals) are one message each, as the Python API
+    # raises them; --verbose shows the traceback as well.
+    except (ValueError, OSError, HubPushError) as error:
+        if args.verbose:
+            raise
         print(f"hf-posenc {args.command}: error: {error}", file=sys.stderr)
         return 2
 

@@ -29,22 +29,40 @@ from .encodings import AlibiBias, CoPE, RotaryPosition, T5Bias
 from .encodings.base import PositionModule
 
 _STATE_ATTR = "_hf_posenc_state"
+_ORIGIN_ATTR = "_hf_posenc_origin"
 DEFAULT_ROPE_THETA = 10000.0
 
 
 class ZeroPositionEmbedding(nn.Module):
     """Stands in for a learned absolute position table: returns zeros, so nothing is added.
 
+    The zeros come in the dtype of the table it replaced and follow ``model.to(dtype)`` / ``.half()``
+    (an empty, non-persistent buffer carries the dtype): fp32 zeros added to bf16/fp16 token embeddings
+    would promote the hidden states to fp32 and break the next LayerNorm. The replaced table is kept
+    unregistered (no weights in checkpoints) but follows the same dtype/device moves, so that
+    :func:`revert` puts back a table that matches the model.
+
     Args:
-        dim: Embedding width.
+        original: The replaced ``nn.Embedding``.
     """
 
-    def __init__(self, dim: int):
+    def __init__(self, original: nn.Embedding):
         super().__init__()
-        self.dim = dim
+        self.dim = original.embedding_dim
+        self.__dict__["_original"] = original  # not a submodule: not saved, not in parameters()
+        # No elements: nothing to save or initialise (meta-device loads leave it empty either way).
+        self.register_buffer("dtype_carrier", torch.empty(0, dtype=original.weight.dtype), persistent=False)
+
+    def _apply(self, fn, recurse=True):
+        original = self.__dict__["_original"]
+        # A table built on the meta device (checkpoint loading) holds nothing to move.
+        if not any(t.is_meta for t in original.parameters()):
+            original._apply(fn, recurse)
+        return super()._apply(fn, recurse)
 
     def forward(self, position_ids: torch.Tensor) -> torch.Tensor:
-        return torch.zeros(*position_ids.shape, self.dim, device=position_ids.device)
+        # [*position_ids.shape, dim]
+        return torch.zeros(*position_ids.shape, self.dim, dtype=self.dtype_carrier.dtype, device=position_ids.device)
 
     def extra_repr(self) -> str:
         return f"dim={self.dim}"
@@ -63,6 +81,24 @@ class _State:
     rotary_ndims: list = field(default_factory=list)
     attn_implementation: str | None = None
     classes: tuple | None = None  # (model class, config class) before the swap
+    buffers: list = field(default_factory=list)  # (module, buffer name, original tensor)
+
+
+@dataclass
+class _Origin:
+    """The model as it was before the first hf_posenc change since it was built or last reverted.
+
+    :func:`revert` restores exactly this. For a model built by an ``HfPosenc`` class (a converted
+    checkpoint, or ``patch_config`` + ``from_config``) there is no unconverted original in memory: its
+    origin is the stock class and stock config of the same architecture with the weights as loaded.
+    """
+
+    model_class: type
+    config_class: type
+    config: dict  # deep copy of the config's __dict__
+    attn_implementation: str
+    permutations: list = field(default_factory=list)  # (attention module, row permutation) by rope_layout
+    loaded: bool = False
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -195,6 +231,7 @@ def convert(model: nn.Module, posenc_config, *, attn_implementation: str | None 
     if getattr(model, _STATE_ATTR, None) is not None:
         raise ValueError("This model was already converted by hf_posenc; call hf_posenc.revert(model) first.")
     arch = validate(posenc, model.config, attn_implementation)
+    remember_origin(model)
     config = model.config
     if uses_native_rope(posenc, config, arch):
         return _convert_native(model, posenc, arch)
@@ -264,7 +301,10 @@ def install(model, posenc: PosEncConfig, arch: Architecture, state: _State | Non
     Used by :func:`convert` and by the ``HfPosenc`` classes' ``__init__`` (checkpoint loading).
     """
     config = model.config
-    state = state or _State(posenc=posenc, native=False)
+    if state is None:  # built by an HfPosenc class: undoing the conversion returns to the stock classes
+        from .modeling import stock_class
+
+        state = _State(posenc=posenc, native=False, classes=(stock_class(type(model)), stock_class(type(config))))
     base = model.base_model
     # 1. Neutralise learned absolute positions.
     for path in arch.absolute:
@@ -272,14 +312,17 @@ def install(model, posenc: PosEncConfig, arch: Architecture, state: _State | Non
         parent = _get(base, parent_path) if parent_path else base
         old = getattr(parent, name)
         state.replaced.append((parent, name, old))
-        setattr(parent, name, ZeroPositionEmbedding(old.embedding_dim))
+        setattr(parent, name, ZeroPositionEmbedding(old))
     if "embeddings.position_embeddings" in arch.absolute:
-        _extend_position_buffers(base.embeddings)
+        _extend_position_buffers(base.embeddings, state)
     # 2. Attach the per-layer encodings and the pre-hook.
     neutralise_rope = arch.rope != "none"
     use_attention = needs_attention_function(posenc, config, arch)
-    hook = _make_pre_hook(arch, neutralise_rope, use_attention)
-    for layer_idx, attn in enumerate(attention_modules(model, arch)):
+    modules = attention_modules(model, arch)
+    # Fails here, at conversion, if this transformers release renamed the cache argument.
+    cache_argument = _hf.cache_argument(modules[0]) if use_attention else None
+    hook = _make_pre_hook(neutralise_rope, use_attention, cache_argument)
+    for layer_idx, attn in enumerate(modules):
         if posenc.applies_to(layer_idx):
             module = make_position_module(posenc, config, arch)
             if module is not None:
@@ -299,18 +342,22 @@ def _device_of(module: nn.Module):
     return tensor.device if tensor is not None else torch.device("cpu")
 
 
-def _extend_position_buffers(embeddings: nn.Module, length: int = 1 << 16) -> None:
+def _extend_position_buffers(embeddings: nn.Module, state: _State, length: int = 1 << 16) -> None:
     """BERT slices default ``position_ids``/``token_type_ids`` from buffers sized
-    ``max_position_embeddings``; without absolute positions the model can read longer inputs."""
+    ``max_position_embeddings``; without absolute positions the model can read longer inputs.
+    The original buffers go into ``state`` for :func:`revert`."""
     device = embeddings.position_ids.device
     if device.type == "meta" or embeddings.position_ids.shape[-1] >= length:
         return
+    for name in ("position_ids", "token_type_ids"):
+        if hasattr(embeddings, name):
+            state.buffers.append((embeddings, name, getattr(embeddings, name)))
     embeddings.position_ids = torch.arange(length, device=device).expand((1, -1))
     if hasattr(embeddings, "token_type_ids"):
         embeddings.token_type_ids = torch.zeros((1, length), dtype=torch.long, device=device)
 
 
-def _make_pre_hook(arch: Architecture, neutralise_rope: bool, use_attention: bool):
+def _make_pre_hook(neutralise_rope: bool, use_attention: bool, cache_argument: tuple[str, int | None] | None):
     """Forward pre-hook of every attention module of a plug-in-converted model.
 
     * Replaces native RoPE's ``(cos, sin)`` by ``(1, 0)``: the stock rotation becomes the identity.
@@ -337,7 +384,8 @@ def _make_pre_hook(arch: Architecture, neutralise_rope: bool, use_attention: boo
                     f"'{attention.SDPA}') or hf_posenc.set_backend(model, 'sdpa'))."
                 )
             layer_idx = getattr(module, "layer_idx", None)
-            kwargs["posenc_past"] = _hf.cache_past_length(kwargs.get(arch.cache_kwarg), layer_idx or 0)
+            cache = _hf.find_cache(args, kwargs, cache_argument)
+            kwargs["posenc_past"] = _hf.cache_past_length(cache, layer_idx or 0)
         return args, kwargs
 
     return hook
@@ -354,14 +402,109 @@ def set_backend(model, backend: str) -> None:
     _hf.set_attn_implementation(model, attention.BACKENDS[backend])
 
 
-def revert(model: nn.Module) -> nn.Module:
-    """Undo :func:`convert` on this instance (hooks, modules, class, config, backend).
+def remember_origin(model: nn.Module) -> _Origin:
+    """Record, once, what :func:`revert` must restore (called before the first change of a model)."""
+    origin = getattr(model, _ORIGIN_ATTR, None)
+    if origin is not None:
+        return origin
+    config = model.config
+    snapshot = copy.deepcopy(config.__dict__)
+    state = getattr(model, _STATE_ATTR, None)
+    if state is None:
+        origin = _Origin(type(model), type(config), snapshot, _hf.attn_implementation(model))
+    else:  # built converted: the stock classes and config of the same architecture, same weights
+        from .modeling import CLASS_PREFIX, stock_class
 
-    Learned position tables added by the conversion are dropped.
+        snapshot.pop(CONFIG_KEY, None)
+        _forget_own_auto_map(snapshot)
+        if snapshot.get("architectures"):
+            snapshot["architectures"] = [name.removeprefix(CLASS_PREFIX) for name in snapshot["architectures"]]
+        backend = state.attn_implementation or _hf.attn_implementation(model)
+        origin = _Origin(stock_class(type(model)), stock_class(type(config)), snapshot, backend, loaded=True)
+    setattr(model, _ORIGIN_ATTR, origin)
+    return origin
+
+
+def _forget_own_auto_map(config_dict: dict) -> None:
+    """Drop the ``auto_map`` entries naming our remote-code stub (``save_pretrained`` and checkpoint
+    loading put them on the config), so a reverted model saves as a plain stock checkpoint."""
+    from .modeling import STUB_MODULE
+
+    auto_map = config_dict.get("auto_map")
+    if not isinstance(auto_map, dict):
+        return
+    stub = STUB_MODULE.rpartition(".")[2] + "."
+    kept = {key: value for key, value in auto_map.items()
+            if not any(str(v).rpartition("--")[2].startswith(stub) for v in (value if isinstance(value, (list, tuple)) else [value]))}
+    if kept:
+        config_dict["auto_map"] = kept
+    else:
+        del config_dict["auto_map"]
+
+
+def revert(model: nn.Module) -> nn.Module:
+    """Restore the model as it was before hf_posenc changed it, whatever sequence of :func:`convert`
+    and :func:`~hf_posenc.rope_layout` calls led here.
+
+    Restored exactly: the weights (``rope_layout``'s row permutations are undone; position tables
+    added by a conversion are dropped), buffers, the model and config classes, every config
+    attribute and the attention backend.
+
+    A model built converted (loaded from a converted checkpoint, or ``from_config`` of a
+    :func:`patch_config` config) has no unconverted original in memory: it reverts to the stock class
+    and config of its architecture (``config.posenc`` and the ``auto_map`` of the plug-in removed)
+    with the weights as loaded, minus the position tables; ``save_pretrained`` then writes a stock
+    checkpoint.
+
+    Args:
+        model: A model changed by :func:`convert` or :func:`~hf_posenc.rope_layout`, or built converted.
+
+    Returns:
+        The same model object.
+
+    Raises:
+        ValueError: The model was not changed by hf_posenc; or it was built converted on an
+            architecture with learned absolute positions, whose tables the conversion dropped, so the
+            checkpoint does not contain them (nothing is changed then).
     """
     state: _State | None = getattr(model, _STATE_ATTR, None)
-    if state is None:
-        raise ValueError("This model was not converted by hf_posenc (nothing to revert).")
+    if state is None and getattr(model, _ORIGIN_ATTR, None) is None:
+        raise ValueError(
+            "This model was not converted by hf_posenc (nothing to revert). A checkpoint converted to a native "
+            "RoPE variant loads as a stock model: to get the original encoding back, load the original checkpoint."
+        )
+    origin = getattr(model, _ORIGIN_ATTR, None)
+    built_converted = origin.loaded if origin is not None else state is not None
+    if built_converted and architecture_of(model.config).absolute:
+        paths = ", ".join(architecture_of(model.config).absolute)
+        raise ValueError(
+            f"Cannot revert this {type(model).__name__}: it was built converted (from a converted checkpoint or a "
+            f"patched config), and the conversion removed its learned absolute position table ({paths}), so there "
+            "are no original weights to restore. Load the original stock checkpoint instead."
+        )
+    origin = remember_origin(model)
+    if state is not None:
+        undo_conversion(model)
+    if origin.permutations:
+        from .layout import _permute_attention
+
+        arch = architecture_of(model.config)
+        for attn, perm in reversed(origin.permutations):
+            _permute_attention(attn, arch, model.config, torch.argsort(perm))
+    config = model.config
+    model.__class__, config.__class__ = origin.model_class, origin.config_class
+    config.__dict__.clear()
+    config.__dict__.update(origin.config)
+    _hf.set_attn_implementation(model, origin.attn_implementation)
+    delattr(model, _ORIGIN_ATTR)
+    return model
+
+
+def undo_conversion(model: nn.Module) -> nn.Module:
+    """Undo the current conversion only (hooks, modules, buffers, class, config, backend), keeping
+    row permutations and the recorded origin: the step :func:`~hf_posenc.rope_layout` needs between
+    two conversions. Users call :func:`revert`."""
+    state: _State = getattr(model, _STATE_ATTR)
     config = model.config
     if state.native:
         config.rope_parameters = state.rope_backup["rope_parameters"]
@@ -375,6 +518,8 @@ def revert(model: nn.Module) -> nn.Module:
             handle.remove()
         for parent, name, old in state.replaced:
             setattr(parent, name, old)
+        for module, name, tensor in state.buffers:
+            setattr(module, name, tensor)
         for attn in attention_modules(model, arch):
             if "posenc" in attn._modules:
                 del attn._modules["posenc"]
@@ -382,6 +527,7 @@ def revert(model: nn.Module) -> nn.Module:
             _hf.set_attn_implementation(model, state.attn_implementation)
         if state.classes is not None:
             model.__class__, config.__class__ = state.classes
+            _forget_own_auto_map(config.__dict__)
     if state.native and state.rope_backup[CONFIG_KEY] is not None:
         setattr(config, CONFIG_KEY, state.rope_backup[CONFIG_KEY])
     elif hasattr(config, CONFIG_KEY):
@@ -398,8 +544,15 @@ def patch_config(config, posenc_config):
     ``from_config(patched)`` builds one. Native RoPE variants give a stock config.
 
     Raises:
+        TypeError: ``config`` is a model, not a config.
         ValueError: See :func:`validate`.
     """
+    if isinstance(config, nn.Module):
+        raise TypeError(
+            f"patch_config expects a config (a transformers PreTrainedConfig), got the model "
+            f"{type(config).__name__}: pass model.config to patch a config for from_pretrained/from_config, "
+            "or use hf_posenc.convert(model, ...) to convert a loaded model."
+        )
     posenc = _as_config(posenc_config)
     arch = validate(posenc, config)
     patched = copy.deepcopy(config)

@@ -54,6 +54,13 @@ def denormals_flushed():
         torch.set_flush_denormal(False)
 
 
+def autocast_off(device_type: str = "cpu"):
+    """Autocast disabled inside the block: the kernels here take q/k/v in one dtype and keep masks,
+    log-sum-exps and bias gradients in fp32 on purpose (``out=`` buffers included), which autocast would
+    recast; a backward called inside the caller's autocast block would hit it too."""
+    return torch.autocast(device_type, enabled=False)
+
+
 def _float_mask(mask: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor | None:
     """Bool masks become additive ones, as ``F.scaled_dot_product_attention`` converts them."""
     if mask is None or mask.dtype != torch.bool:
@@ -82,7 +89,7 @@ class _FlushedFlashAttention(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, query, key, value, mask, causal, scale):
-        with denormals_flushed():
+        with denormals_flushed(), autocast_off():
             output, lse = flash_attention_lse(query, key, value, mask, causal, scale)
         ctx.save_for_backward(query, key, value, output, lse, mask)
         ctx.causal, ctx.scale = causal, scale
@@ -92,7 +99,7 @@ class _FlushedFlashAttention(torch.autograd.Function):
     @once_differentiable
     def backward(ctx, grad):
         query, key, value, output, lse, mask = ctx.saved_tensors
-        with denormals_flushed():
+        with denormals_flushed(), autocast_off():
             grads = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward(
                 grad, query, key, value, output, lse, 0.0, ctx.causal, attn_mask=mask, scale=ctx.scale)
         return *grads, None, None, None
@@ -155,7 +162,8 @@ class TiledBiasAttention(torch.autograd.Function):
 
     Args (``apply``, positional):
         query: ``[B, H, q, D]``; key, value: ``[B, H, kv, D]`` (heads already expanded).
-        diagonals: ``[H, q + kv - 1]``, entry ``t`` the bias of ``i - j = t - (kv - 1)`` (local indices).
+        diagonals: ``[H, q + kv - 1]``, entry ``t`` the bias of ``i - j = t - (kv - 1)`` (local indices);
+            fp32 even for bf16/fp16 q/k/v (the kernel adds an fp32 mask to fp32 logits).
         allowed: Bool ``[B|1, 1, q, kv]`` or None (plain causality from ``diagonal``).
         diagonal: Row ``r`` may see key ``j`` iff ``j <= r + diagonal``.
         band: Distances with a bias gradient (ignored when ``diagonals`` needs none).
@@ -168,7 +176,7 @@ class TiledBiasAttention(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, query, key, value, diagonals, allowed, diagonal, band, scale, flush):
-        fill = torch.finfo(query.dtype).min
+        fill = torch.finfo(diagonals.dtype).min  # the mask's own dtype: fp32 whatever q/k/v are
         q_len, kv_len = query.shape[2], key.shape[2]
         # Row-major (a T5 table gather comes transposed): the tile views need unit strides along the keys.
         masked = diagonals.detach().contiguous()
@@ -179,7 +187,7 @@ class TiledBiasAttention(torch.autograd.Function):
         allowed = None if allowed is None else allowed.flip(-1)
         output = query.new_empty(query.shape)
         lse = query.new_empty(query.shape[:3], dtype=torch.float32)
-        with denormals_flushed() if flush else nullcontext():
+        with denormals_flushed() if flush else nullcontext(), autocast_off():
             for rows, limit in tiles(q_len, kv_len, diagonal):
                 keys = slice(kv_len - limit, kv_len)  # the first `limit` keys, reversed
                 output[:, :, rows], lse[:, :, rows] = flash_attention_lse(
@@ -195,7 +203,7 @@ class TiledBiasAttention(torch.autograd.Function):
         query, key, value, output, lse, masked, allowed = ctx.saved_tensors  # key, value, allowed reversed
         q_len, kv_len = query.shape[2], key.shape[2]
         grad_q, grad_k, grad_v = torch.empty_like(query), torch.zeros_like(key), torch.zeros_like(value)
-        with denormals_flushed() if ctx.flush else nullcontext():
+        with denormals_flushed() if ctx.flush else nullcontext(), autocast_off():
             for rows, limit in tiles(q_len, kv_len, ctx.diagonal):
                 keys = slice(kv_len - limit, kv_len)
                 d_q, d_k, d_v = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward(
@@ -209,8 +217,9 @@ class TiledBiasAttention(torch.autograd.Function):
         grad_diagonals = None
         if ctx.needs_input_grad[3]:
             allowed = None if allowed is None else allowed.flip(-1)
-            grad_diagonals = band_bias_gradient(grad, query, key, value, output, lse, masked, allowed,
-                                                ctx.diagonal, ctx.band, ctx.scale, ctx.fill).to(masked.dtype)
+            with autocast_off():  # fp32 products with out= buffers
+                grad_diagonals = band_bias_gradient(grad, query, key, value, output, lse, masked, allowed,
+                                                    ctx.diagonal, ctx.band, ctx.scale, ctx.fill).to(masked.dtype)
         return grad_q, grad_k, grad_v, grad_diagonals, None, None, None, None, None
 
 

@@ -23,11 +23,13 @@ the card rather than dropped, which ``PeftModel.push_to_hub`` would do.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import re
 import tempfile
-from collections.abc import Mapping, Sequence
+import threading
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -45,6 +47,18 @@ _SKIP_DIRS = {".git", ".cache", "__pycache__", ".ipynb_checkpoints"}
 # different model and needs overwrite=True. Weights may change freely (a new fine-tune of the same model).
 _MODEL_IDENTITY_KEYS = ("model_type", "architectures", "posenc", "hidden_size", "num_hidden_layers", "num_attention_heads", "vocab_size")
 _ADAPTER_IDENTITY_KEYS = ("peft_type", "base_model_name_or_path", "target_modules", "r", "modules_to_save")
+
+
+_REPO_ID = re.compile(r"(?:\w[\w.-]*/)?\w[\w.-]*")
+
+
+def missing_local_folder(source: str | os.PathLike) -> bool:
+    """Whether ``source`` can only mean a local path (it is no Hub repo id) and nothing exists there.
+
+    Loaders that take "a folder or a Hub id" otherwise report such a path as an invalid repo id.
+    """
+    text = os.fspath(source)
+    return not Path(text).expanduser().exists() and not _REPO_ID.fullmatch(text)
 
 
 class HubPushError(RuntimeError):
@@ -254,14 +268,15 @@ def push_to_hub(
                 paths.append(rel)
             operations += [CommitOperationDelete(p) for p in stale if p not in paths]
             message = commit_message or f"Upload {'LoRA adapter' if kind == 'adapter' else 'model'} ({cards.describe_encoding(info.posenc)}) with hf_posenc"
-            commit = api.create_commit(
-                repo_id,
-                operations,
-                commit_message=message,
-                commit_description=commit_description,
-                revision=revision,
-                create_pr=create_pr,
-            )
+            with _commit_urls_parsed_against(endpoint):
+                commit = api.create_commit(
+                    repo_id,
+                    operations,
+                    commit_message=message,
+                    commit_description=commit_description,
+                    revision=revision,
+                    create_pr=create_pr,
+                )
         except HubPushError:
             raise
         except Exception as err:
@@ -279,6 +294,46 @@ def push_to_hub(
 
 
 # --------------------------------------------------------------------------------------- helpers
+# huggingface_hub 1.x parses the commit URL a commit answer carries (CommitInfo.__post_init__ ->
+# RepoUrl(url)) against the process-wide constants.ENDPOINT, not against the HfApi's endpoint; 2.x
+# passes the HfApi's endpoint along (CommitInfo._endpoint). So on 1.x a push with endpoint= other than
+# HF_ENDPOINT makes its commit on the server and then raises "Unable to retrieve user and repo ID from
+# the passed HF ID", which would be reported as a failed push although the commit exists.
+_ENDPOINT_SWAP = threading.Lock()
+
+
+def _commit_info_takes_an_endpoint() -> bool:
+    """Whether this huggingface_hub builds a commit's repo URL with the HfApi's own endpoint (2.x)."""
+    import dataclasses
+
+    from huggingface_hub import CommitInfo
+
+    return any(f.name == "_endpoint" for f in dataclasses.fields(CommitInfo))
+
+
+@contextlib.contextmanager
+def _commit_urls_parsed_against(endpoint: str) -> Iterator[None]:
+    """Make the client parse the commit URLs ``endpoint`` answers with, on every supported release.
+
+    Feature-detected: a client whose ``CommitInfo`` takes an endpoint needs nothing. An older one reads
+    ``constants.ENDPOINT`` while building the result, so it is set to ``endpoint`` for the duration of
+    the commit (under a lock, restored afterwards). Every request of the commit goes to ``endpoint``
+    anyway; only code on another thread that reads ``constants.ENDPOINT`` meanwhile would see it.
+    """
+    from huggingface_hub import constants
+
+    if _commit_info_takes_an_endpoint() or constants.ENDPOINT.rstrip("/") == endpoint:
+        yield
+        return
+    with _ENDPOINT_SWAP:
+        saved = constants.ENDPOINT
+        constants.ENDPOINT = endpoint
+        try:
+            yield
+        finally:
+            constants.ENDPOINT = saved
+
+
 def _as_summary(results: Any) -> cards.EvalSummary | None:
     if results is None or isinstance(results, cards.EvalSummary):
         return results
@@ -547,7 +602,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         return run_push(args)
-    except (HubPushError, ValueError) as err:
+    except (HubPushError, ValueError, OSError) as err:
         print(f"error: {err}", file=__import__("sys").stderr)
         return 1
 

@@ -14,7 +14,7 @@ import torch
 
 from .architectures import Architecture, architecture_of, attention_modules
 from .config import ROPE_LAYOUTS, RopeConfig
-from .convert import _STATE_ATTR, current_rope_parameters, convert, head_dim, posenc_of, revert
+from .convert import _STATE_ATTR, convert, current_rope_parameters, head_dim, posenc_of, remember_origin, undo_conversion
 
 
 def layout_permutation(rotary_dim: int, head_dim_: int, source: str, target: str) -> torch.Tensor:
@@ -113,9 +113,12 @@ def rope_layout(model, layout: str):
     rotary_dim = int(head_dim(config) * partial)
     rotary_dim -= rotary_dim % 2
     perm = layout_permutation(rotary_dim, head_dim(config), posenc.layout, layout)
+    # hf_posenc.revert undoes the permutations too (in reverse order), back to the original rows.
+    origin = remember_origin(model)
     for layer_idx, attn in enumerate(attention_modules(model, arch)):
         if posenc.applies_to(layer_idx):
             _permute_attention(attn, arch, config, perm)
+            origin.permutations.append((attn, perm))
     if getattr(model, _STATE_ATTR, None) is not None:
-        revert(model)
+        undo_conversion(model)
     return convert(model, dataclasses.replace(posenc, layout=layout))

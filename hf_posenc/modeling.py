@@ -12,6 +12,9 @@ installed, ``from_pretrained(folder, trust_remote_code=True)`` works without imp
 
 from __future__ import annotations
 
+import contextlib
+import logging
+
 import transformers
 from transformers import AutoConfig, AutoModel, AutoModelForCausalLM, AutoModelForMaskedLM
 from transformers.models.auto.configuration_auto import CONFIG_MAPPING
@@ -35,15 +38,45 @@ _AUTO_CLASSES = (
 _classes: dict[str, type] = {}
 
 
+@contextlib.contextmanager
+def _stock_checkpoint_expected(stock_type: str, own_type: str):
+    """Drop transformers' "You are using a model of type `llama` to instantiate a model of type
+    `hf_posenc_llama` ... can yield errors" warning, and only that one, while it is in effect."""
+
+    # transformers >= 5.2x quotes the types in backticks, 5.1 does not.
+    quoted = (f"of type `{stock_type}` to instantiate a model of type `{own_type}`",
+              f"of type {stock_type} to instantiate a model of type {own_type}")
+
+    def expected(record: logging.LogRecord) -> bool:
+        message = record.getMessage()
+        return not any(text in message for text in quoted)
+
+    logger = logging.getLogger(transformers.configuration_utils.__name__)
+    logger.addFilter(expected)
+    try:
+        yield
+    finally:
+        logger.removeFilter(expected)
+
+
 def posenc_config_class(base: type) -> type:
     """``HfPosenc<Config>``: the stock config class with ``model_type = "hf_posenc_<type>"``."""
     name = CLASS_PREFIX + base.__name__
     if name not in _classes:
+
+        @classmethod
+        def from_pretrained(cls, *args, **kwargs):
+            # Reading the stock checkpoint a model was converted from is expected (PEFT's save does, to
+            # compare vocabulary sizes): the subclass reads its parent's model_type by design.
+            with _stock_checkpoint_expected(base.model_type, cls.model_type):
+                return base.from_pretrained.__func__(cls, *args, **kwargs)
+
         _classes[name] = type(
             name,
             (base,),
             {
                 "model_type": MODEL_TYPE_PREFIX + base.model_type,
+                "from_pretrained": from_pretrained,
                 "__module__": STUB_MODULE,
                 "__doc__": f"{base.__name__} of a model converted by hf_posenc (encoding in `config.{CONFIG_KEY}`).",
                 "_auto_class": "AutoConfig",
@@ -57,6 +90,12 @@ def _auto_class_name(base: type) -> str:
         if names.get(base.config_class.model_type) == base.__name__:
             return auto.__name__
     return "AutoModel"
+
+
+def _loaded(module: PositionModule) -> bool:
+    """Whether ``from_pretrained`` filled every parameter of this position module from the checkpoint."""
+    params = list(module.parameters(recurse=False))
+    return bool(params) and all(getattr(p, "_is_hf_initialized", False) for p in params)
 
 
 def posenc_class(base: type) -> type:
@@ -73,16 +112,23 @@ def posenc_class(base: type) -> type:
 
             posenc_dict = getattr(config, CONFIG_KEY, None)
             if not posenc_dict:
+                source = getattr(config, "_name_or_path", "") or "this config"
                 raise ValueError(
-                    f"{name} needs `config.{CONFIG_KEY}` (the encoding); this config has none. Build configs with "
-                    "hf_posenc.patch_config(config, PosEncConfig(...))."
+                    f"{name} needs `config.{CONFIG_KEY}` (the encoding), and {source} has none: it is a stock "
+                    "checkpoint, not a converted one. To load a PEFT adapter trained on a model converted in "
+                    "memory (e.g. with AutoPeftModelForCausalLM), load that base, convert it with the adapter's "
+                    "encoding and call hf_posenc.load_adapter(base, adapter_dir). To build a converted model, "
+                    "pass config=hf_posenc.patch_config(config, PosEncConfig(...))."
                 )
             install(self, PosEncConfig.from_dict(posenc_dict), architecture_of(config))
 
         def _init_weights(self, module):
-            # New position tables must start as documented (zero = no-op), not as random values.
+            # New position tables must start as documented (zero = no-op), not as random values; tables
+            # that the checkpoint provided are kept (transformers < 5.2x flags loaded parameters but
+            # not their modules, so a module-level skip does not protect them).
             if isinstance(module, PositionModule):
-                module.reset_parameters()
+                if not _loaded(module):
+                    module.reset_parameters()
             else:
                 base._init_weights(self, module)
 
@@ -92,8 +138,7 @@ def posenc_class(base: type) -> type:
             # every position table that the checkpoint did not provide.
             base._initialize_missing_keys(self, *args, **kwargs)
             for module in self.modules():
-                if isinstance(module, PositionModule) and not all(
-                        getattr(p, "_is_hf_initialized", False) for p in module.parameters(recurse=False)):
+                if isinstance(module, PositionModule) and not _loaded(module):
                     module.reset_parameters()
 
         _classes[name] = type(
@@ -110,6 +155,11 @@ def posenc_class(base: type) -> type:
             },
         )
     return _classes[name]
+
+
+def stock_class(cls: type) -> type:
+    """The stock transformers class an ``HfPosenc`` class was made from (``cls`` itself if stock)."""
+    return next(c for c in cls.__mro__ if not c.__name__.startswith(CLASS_PREFIX))
 
 
 def class_by_name(name: str) -> type:

@@ -8,6 +8,8 @@ the embeddings and norms, which plain LoRA leaves frozen and which matter for co
 
 from __future__ import annotations
 
+import dataclasses
+import difflib
 import os
 
 from peft import LoraConfig, PeftModel
@@ -17,6 +19,9 @@ from torch import nn
 from .architectures import lora_target_modules
 
 POSENC_MODULE = "posenc"
+_OWN_ARGUMENTS = ("r", "alpha", "dropout", "train_position_tables", "longlora", "target_modules", "modules_to_save")
+# LoraConfig fields that lora_config sets from its own arguments, and the usual other names of its arguments.
+_ALIASES = {"lora_alpha": "alpha", "lora_dropout": "dropout", "rank": "r", "lora_r": "r", "lora_rank": "r"}
 
 
 def has_position_tables(model: nn.Module) -> bool:
@@ -46,8 +51,12 @@ def lora_config(model: nn.Module, r: int = 8, alpha: int = 16, dropout: float = 
         train_position_tables: Train (and save) the ``posenc`` tables through ``modules_to_save``.
         longlora: Also train the embeddings and norms in full (LongLoRA).
         target_modules: Override the architecture's attention projections.
-        **kwargs: Passed on to ``LoraConfig``.
+        **kwargs: Other ``peft.LoraConfig`` fields (``modules_to_save``, ``bias``, ``use_rslora``, ...).
+
+    Raises:
+        TypeError: A keyword argument that is neither one of the above nor a ``LoraConfig`` field.
     """
+    _check_lora_kwargs(kwargs)
     modules_to_save = list(kwargs.pop("modules_to_save", None) or [])
     if train_position_tables and has_position_tables(model):
         modules_to_save.append(POSENC_MODULE)
@@ -64,6 +73,21 @@ def lora_config(model: nn.Module, r: int = 8, alpha: int = 16, dropout: float = 
         modules_to_save=sorted(set(modules_to_save)) or None,
         **kwargs,
     )
+
+
+def _check_lora_kwargs(kwargs: dict) -> None:
+    """Name :func:`lora_config` and its arguments in the error, not ``LoraConfig.__init__``."""
+    fields = {f.name for f in dataclasses.fields(LoraConfig) if f.init}
+    for key in kwargs:
+        if key in fields and key not in _ALIASES:
+            continue
+        hint = _ALIASES.get(key) or next(iter(difflib.get_close_matches(key, _OWN_ARGUMENTS, n=1)), None)
+        raise TypeError(
+            f"hf_posenc.lora_config() got an unexpected keyword argument {key!r}"
+            + (f" (did you mean {hint}=?)" if hint else "")
+            + f"; allowed: {', '.join(_OWN_ARGUMENTS)}, or any other peft.LoraConfig field "
+            "(e.g. bias, use_rslora, use_dora, layers_to_transform, rank_pattern)."
+        )
 
 
 def _position_keys(state_dict_keys) -> set[str]:
@@ -86,9 +110,18 @@ def load_adapter(model: nn.Module, adapter_path: str | os.PathLike, **kwargs) ->
     trained in ``modules_to_save`` that gives a wrong model with no warning.
 
     Raises:
+        FileNotFoundError: ``adapter_path`` is a path that does not exist, or a folder without an adapter.
         ValueError: The adapter carries position tables that the base model lacks (convert the base
             with the same ``PosEncConfig`` first), or of another kind.
     """
+    from .hub import missing_local_folder
+
+    if missing_local_folder(adapter_path):
+        raise FileNotFoundError(f"load_adapter: the adapter folder {os.fspath(adapter_path)!r} does not exist "
+                                "(pass a folder written by PeftModel.save_pretrained, or a Hub repo id).")
+    if os.path.isdir(adapter_path) and not os.path.isfile(os.path.join(adapter_path, "adapter_config.json")):
+        raise FileNotFoundError(f"load_adapter: {os.fspath(adapter_path)!r} has no adapter_config.json; "
+                                "pass a folder written by PeftModel.save_pretrained.")
     weights = load_peft_weights(str(adapter_path), device="cpu")
     adapter_tables = _position_keys(weights)
     if adapter_tables:

@@ -20,7 +20,7 @@ _CHECKOUT = Path(__file__).resolve().parents[1]
 if (_CHECKOUT / "hf_posenc" / "__init__.py").is_file():
     sys.path.insert(0, str(_CHECKOUT))
 
-from hf_posenc.extension.compare import run_compare  # noqa: E402
+from hf_posenc.extension.compare import run_compare, timing_summary  # noqa: E402
 from hf_posenc.extension.report import default_assets_dir, update_readme  # noqa: E402
 from hf_posenc.extension.typed_config import ConfigError  # noqa: E402
 
@@ -40,6 +40,7 @@ def main(argv=None):
     print(paths["markdown"].read_text())
     for key, path in paths.items():
         print(f"{key}: {path}")
+    print(timing_summary(paths))
     if args.readme:
         # Run folders are git-ignored: copy the outputs next to the README so its links resolve.
         readme = Path(args.readme)

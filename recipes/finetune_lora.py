@@ -70,16 +70,18 @@ def main(argv=None) -> dict:
     except (ConfigError, FileNotFoundError) as err:
         sys.exit(f"config error: {err}")
 
-    from accelerate import Accelerator
     from accelerate.utils import set_seed
 
     from hf_posenc.extension.data import load_texts
-    from hf_posenc.extension.finetune import build_training_windows, train
+    from hf_posenc.extension.finetune import build_training_windows, make_accelerator, train
     from hf_posenc.extension.lora import wrap_with_lora
     from hf_posenc.extension.models import load_model, load_tokenizer, resolve
     from hf_posenc.extension.variants import apply_posenc
 
-    accelerator = Accelerator(gradient_accumulation_steps=cfg.train.grad_accum, mixed_precision=cfg.train.mixed_precision)
+    try:
+        accelerator = make_accelerator(cfg.train)
+    except ValueError as err:
+        sys.exit(f"config error: {err}")
     logging.basicConfig(level=logging.INFO if accelerator.is_main_process else logging.WARNING,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     out = Path(cfg.output.dir)
@@ -101,10 +103,10 @@ def main(argv=None) -> dict:
         model.print_trainable_parameters()
 
     # 4. Data: windows of train.seq_len tokens from the training split (same on every rank;
-    #    Accelerate's prepared dataloader gives each rank its own shard).
+    #    Accelerate's prepared dataloader splits each global batch across the ranks).
     with accelerator.main_process_first():
         texts = load_texts(cfg.data, cfg.data.train_split)
-    windows = build_training_windows(texts, tokenizer, cfg.train, accelerator.num_processes)
+    windows = build_training_windows(texts, tokenizer, cfg.train)
 
     # 5. Train (resumes from output.dir/checkpoints when a checkpoint is there).
     stats = train(accelerator, model, windows, cfg.train, out / "checkpoints", progress=True)

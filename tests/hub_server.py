@@ -6,8 +6,11 @@ HTTP API that ``huggingface_hub`` uses to push a folder and that ``transformers`
 load one back. The endpoint list was read from the installed ``huggingface_hub`` source
 (``hf_api.create_repo``, ``HfApi._validate_yaml``, ``_commit_api._fetch_upload_modes`` and
 ``_send_commit``, ``lfs.post_lfs_batch_info`` and ``lfs_upload``, ``file_download.get_hf_file_metadata``)
-for the version pinned in :data:`PINNED_HUGGINGFACE_HUB`; see
-https://huggingface.co/docs/hub/api for the public description of the same routes.
+of every release in :data:`CHECKED_HUGGINGFACE_HUB` (the project's floor and its newest release), and
+it answers what either client generation sends; see https://huggingface.co/docs/hub/api for the
+public description of the same routes. Where the generations differ, the server accepts both forms
+(``create_repo``: 1.x sends ``"private": bool``, 2.x sends ``"visibility": "private"|"public"``), and
+what a test must expect from the client itself is derived in one place, :class:`ClientGeneration`.
 
 What is served (anything else answers 404 and is recorded as ``"unknown"`` so a test notices):
 
@@ -54,14 +57,17 @@ import time
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, ClassVar, Iterator
 from urllib.parse import parse_qs, quote, unquote, urlsplit
 
 import pytest
 
-#: The ``huggingface_hub`` version whose client code this server was written against. The tests
-#: assert it so that an upgrade fails loudly and someone re-reads the client before trusting this.
-PINNED_HUGGINGFACE_HUB = "2.4.0"
+#: The ``huggingface_hub`` releases whose client code this server was read from and whose test runs
+#: it passed: the project's floor (1.3.0, the lowest transformers 5.1 allows) and the newest release.
+#: Any release of the same major versions is expected to speak the same subset; a new major version
+#: fails ``test_client_version_is_in_the_range_the_server_was_checked_against`` until someone re-reads
+#: the client and adds it here.
+CHECKED_HUGGINGFACE_HUB = ("1.3.0", "2.4.0")
 
 #: Token -> user name. ``WRITE_TOKEN`` may write to its user's namespace; ``OTHER_TOKEN`` is a
 #: valid token of a different user (used to prove private repos and namespaces are enforced).
@@ -76,6 +82,58 @@ _LFS_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".h5", ".gguf",
 _LFS_MIN_SIZE = 10 * 1024 * 1024
 
 _GITATTRIBUTES = b"".join(f"*{suffix} filter=lfs diff=lfs merge=lfs -text\n".encode() for suffix in _LFS_SUFFIXES)
+
+#: The endpoints that only read. A load (transformers, peft) must touch nothing else; which of them it
+#: touches depends on the transformers release (5.23 resolves the revision through model_info first,
+#: 5.1 goes straight to resolve), so tests check the set, not the sequence.
+READ_ENDPOINTS = frozenset({"model_info", "resolve"})
+
+
+@dataclass(frozen=True)
+class ClientGeneration:
+    """What the installed ``huggingface_hub`` does that a test must know and that differs across releases.
+
+    Tests assert what ends up on the server (files, commits, refusals). The few that must count the
+    client's own requests take the count from here, so this is the one place that knows the client.
+
+    Attributes:
+        version: ``huggingface_hub.__version__``.
+        retries_dropped_connections: Whether a request whose connection the server closes without an
+            answer is retried. The client sees that as httpx's ``RemoteProtocolError``: 1.x retries
+            only ``TimeoutException`` and ``NetworkError`` (``utils/_http._DEFAULT_RETRY_ON_EXCEPTIONS``),
+            so it raises at once; 2.x (on ``httpx2``) added ``RemoteProtocolError`` to that tuple.
+        max_retries: Retries ``http_backoff`` makes after the first attempt (its default, used for LFS uploads).
+    """
+
+    version: str
+    retries_dropped_connections: bool
+    max_retries: int
+
+    #: Upload attempts per dropped LFS upload, as measured on the checked releases; ``installed()``
+    #: reads the policy from the client itself and the version test compares it with these.
+    KNOWN_DROPPED_UPLOAD_ATTEMPTS: ClassVar[dict[str, int]] = {"1.3.0": 1, "2.4.0": 6}
+
+    @classmethod
+    def installed(cls) -> "ClientGeneration":
+        """The generation of the imported ``huggingface_hub``, read from its retry policy rather than
+        its version number, so a release inside a major version that changes the policy is followed."""
+        import inspect
+
+        import huggingface_hub
+        from huggingface_hub.utils import _http
+
+        retried = _http._DEFAULT_RETRY_ON_EXCEPTIONS
+        return cls(
+            version=huggingface_hub.__version__,
+            retries_dropped_connections=any(exc.__name__ == "RemoteProtocolError" for exc in retried),
+            max_retries=inspect.signature(_http.http_backoff).parameters["max_retries"].default,
+        )
+
+    @property
+    def dropped_upload_attempts(self) -> int:
+        """How many times one LFS upload is sent when the server drops every attempt."""
+        return 1 + self.max_retries if self.retries_dropped_connections else 1
+
 
 _REPO = r"(?P<repo>[A-Za-z0-9][\w.-]*/[\w.-]+)"
 _ROUTES: list[tuple[str, str, re.Pattern[str]]] = [
@@ -360,7 +418,9 @@ class HubServer:
             # Same status and wording as the Hub, which create_repo(exist_ok=True) relies on.
             # create_repo(exist_ok=True) reads "url" from this 409 answer, as the Hub sends it.
             raise _HubError(409, "You already created this model repo", extra={"url": url})
-        repo = Repo(repo_id, private=payload.get("visibility") == "private")
+        # huggingface_hub 2.x sends "visibility"; 1.x sends "private" (a bool). The Hub takes either.
+        private = payload["visibility"] == "private" if "visibility" in payload else bool(payload.get("private"))
+        repo = Repo(repo_id, private=private)
         # Like the Hub, a new repo has one commit holding .gitattributes.
         sha = self._store_blob(_GITATTRIBUTES)
         tree = {".gitattributes": StoredFile(sha, len(_GITATTRIBUTES), False, git_blob_oid(_GITATTRIBUTES))}
@@ -670,6 +730,23 @@ def hub_server(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> Iterator[HubS
 
         monkeypatch.setattr(socket, "getaddrinfo", loopback_only)
         yield server
+
+
+# What a push that uploads weights needs: create the repo, read what it holds (hf_posenc's identity
+# check), validate the card's YAML, ask which files go through LFS, get LFS upload URLs, upload, commit.
+UPLOADING_PUSH = {"create_repo", "model_info", "validate_yaml", "preupload", "lfs_batch", "lfs_upload", "commit"}
+UPLOAD_ENDPOINTS = {"preupload", "lfs_batch", "lfs_upload"}
+
+
+def assert_one_atomic_push(server: HubServer) -> None:
+    """The order that matters in a push, whatever the client release: the repo exists before anything
+    else, the card is validated before any upload (a rejected card uploads nothing), every upload
+    precedes the commit, and the commit is the last request and happens exactly once."""
+    names = [call.endpoint for call in server.calls]
+    assert set(names) == UPLOADING_PUSH, names
+    assert names[0] == "create_repo" and names[-1] == "commit" and names.count("commit") == 1, names
+    assert max(names.index(n) for n in ("create_repo", "model_info", "validate_yaml")) < min(names.index(n) for n in UPLOAD_ENDPOINTS), names
+    assert all(call.status == 200 for call in server.calls), server.calls
 
 
 def quote_rev(rev: str) -> str:

@@ -153,3 +153,43 @@ def test_torch_compile_gives_the_same_values_and_gradients():
     torch.testing.assert_close(got, expected)
     for a, b in zip(torch.autograd.grad(got.sum(), (q, k, v, e)), grads):
         torch.testing.assert_close(a, b)
+
+
+@pytest.mark.parametrize("use_output", [True, False])
+def test_returned_weights_carry_the_naive_gradient(use_output):
+    """Attribution methods differentiate the attention weights: a loss on the weights (and the output, or
+    the weights alone) gives the naive reference's gradients for q, k, v and E."""
+    q, k, v, e = make_inputs(q_len=21, kv_len=21, npos=5)
+    allowed = causal(21, 21)
+    scaling = q.shape[-1] ** -0.5
+    got, got_w = cope_attention(q, k, v, None, e, scaling, 8, return_weights=True, diagonal=0)
+    expected, expected_w = naive_cope(q, k, v, allowed, e, scaling)
+    generator = torch.Generator().manual_seed(9)
+    upstream_w = torch.randn(got_w.shape, generator=generator)
+    upstream = torch.randn(got.shape, generator=generator) if use_output else torch.zeros(got.shape)
+    inputs = (q, k, v, e)
+    # Without the output in the loss, backward gets no output gradient at all (None), only the weights'.
+    loss = (got_w * upstream_w).sum() + ((got * upstream).sum() if use_output else 0)
+    mine = torch.autograd.grad(loss, inputs, allow_unused=True)
+    ref = torch.autograd.grad((expected_w * upstream_w.double()).sum() + (expected * upstream.double()).sum(),
+                              inputs)
+    for name, a, b in zip("qkvE", mine, ref):
+        if name == "v" and not use_output:  # the weights do not depend on v
+            assert a is None or not a.any()
+            continue
+        assert_close_to_scale(a, b, f"grad {name}")
+
+
+def test_model_attention_weights_are_differentiable():
+    """Eager backend, output_attentions: the weights of a converted model backpropagate to its projections."""
+    from tiny_models import input_ids, randomize_position_tables, tiny_model
+
+    import hf_posenc
+
+    model = hf_posenc.convert(tiny_model("llama"), hf_posenc.PosEncConfig(kind="cope"))
+    randomize_position_tables(model)
+    attentions = model(input_ids(1, 9), output_attentions=True).attentions
+    assert attentions[-1].requires_grad
+    attentions[-1][..., 0].sum().backward()  # attribution to the first token
+    layer = model.model.layers[-1].self_attn
+    assert layer.q_proj.weight.grad.abs().sum() > 0 and layer.posenc.pos_emb.grad.abs().sum() > 0

@@ -78,3 +78,81 @@ def test_base_model_is_built_once_and_keyed_by_its_spec(tmp_path_factory, monkey
 
     config = AutoConfig.from_pretrained(folder)
     assert config.max_position_embeddings == spec.seq_len and config.hidden_size == spec.hidden_size
+
+
+def test_stopped_base_pretraining_resumes_to_identical_weights(tmp_path, tmp_path_factory, monkeypatch):
+    """A build stopped after a checkpoint continues from it and ends on the weights of an uninterrupted
+    build, bit for bit (same batches, same optimizer state, one thread so the sums round alike)."""
+    import json
+
+    import torch
+    from safetensors.torch import load_file
+
+    from hf_posenc.extension import base_model
+    from hf_posenc.extension.recipe_config import PretrainConfig
+
+    monkeypatch.setenv(paths.CACHE_ENV, str(tmp_path_factory.getbasetemp() / "hf_posenc_cache"))  # shared corpus
+    monkeypatch.setattr(base_model, "CHECKPOINT_EVERY", 4)
+    monkeypatch.setenv(base_model.THREADS_ENV, "1")
+    from hf_posenc.extension import tokenizer as tokenizer_module
+
+    real_train = tokenizer_module.train_bpe_tokenizer  # a small tokenizer sample keeps the test fast
+    monkeypatch.setattr(tokenizer_module, "train_bpe_tokenizer",
+                        lambda texts, size: real_train(texts, size, max_chars=200_000))
+    spec = PretrainConfig(vocab_size=300, hidden_size=16, num_layers=1, num_heads=2, intermediate_size=32,
+                          seq_len=32, batch_size=2, steps=11, warmup_steps=2)
+    uninterrupted = tmp_path / "a"
+    base_model.pretrain(spec, uninterrupted, progress=False)
+
+    stopped = tmp_path / "b"
+    real_lr = base_model._lr_at
+
+    def stop_at_step_9(step, s):
+        if step == 9:
+            raise KeyboardInterrupt  # as a user's Ctrl-C or a session stop would
+        return real_lr(step, s)
+
+    monkeypatch.setattr(base_model, "_lr_at", stop_at_step_9)
+    with pytest.raises(KeyboardInterrupt):
+        base_model.pretrain(spec, stopped, progress=False)
+    assert (stopped / "checkpoint.pt").is_file() and not (stopped / "model.safetensors").exists()
+    monkeypatch.setattr(base_model, "_lr_at", real_lr)
+    info = base_model.pretrain(spec, stopped, progress=False)
+
+    assert info["resumed_from_step"] == 8
+    assert not (stopped / "checkpoint.pt").exists()
+    a, b = load_file(uninterrupted / "model.safetensors"), load_file(stopped / "model.safetensors")
+    assert a.keys() == b.keys() and all(torch.equal(a[name], b[name]) for name in a)
+    assert json.loads((uninterrupted / "build_info.json").read_text())["resumed_from_step"] == 0
+
+
+def test_thread_chooser_keeps_the_faster_count_and_measures_again(monkeypatch):
+    import torch
+
+    from hf_posenc.extension import base_model
+
+    monkeypatch.delenv(base_model.THREADS_ENV, raising=False)
+    monkeypatch.setattr(base_model, "PROBE_EVERY", 10)
+    monkeypatch.setattr(base_model.os, "sched_getaffinity", lambda pid: {0, 1}, raising=False)
+    before = torch.get_num_threads()
+    try:
+        chooser = base_model.ThreadChooser()
+        assert chooser.candidates == [1, 2]
+        slow = {1: 0.5, 2: 2.0}  # a busy machine: two threads wait for each other
+        used = []
+        for step in range(20):
+            threads = chooser.threads_for(step)
+            assert torch.get_num_threads() == threads
+            used.append(threads)
+            chooser.record(step, threads, slow[threads])
+            if step == 9:
+                slow = {1: 0.5, 2: 0.3}  # the other jobs ended
+        # step 0 untimed, steps 1-3 with 1 thread, 4-6 with 2, then the faster (1) until the next round
+        # at step 16 (6 + 10): 16-18 with 1, 19 with 2.
+        assert used[:10] == [2, 1, 1, 1, 2, 2, 2, 1, 1, 1]
+        assert used[16:] == [1, 1, 1, 2]
+        assert chooser.chosen == 1 and chooser.history[0]["seconds_per_step"] == {"1": 0.5, "2": 2.0}
+        monkeypatch.setenv(base_model.THREADS_ENV, "3")
+        assert base_model.ThreadChooser().candidates == [3]
+    finally:
+        torch.set_num_threads(before)

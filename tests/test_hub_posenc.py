@@ -17,7 +17,7 @@ from peft import LoraConfig, get_peft_model
 
 import hf_posenc
 from hf_posenc import hub
-from hub_server import USER, hub_server, load_in_fresh_process, single_thread_logits  # noqa: F401
+from hub_server import READ_ENDPOINTS, USER, assert_one_atomic_push, hub_server, load_in_fresh_process, single_thread_logits  # noqa: F401
 from tiny_models import randomize_position_tables, tiny_model
 
 INPUT_IDS = [[5, 17, 42, 8, 99, 3, 61, 23, 7, 88, 14, 2, 35, 70]]
@@ -73,7 +73,8 @@ def test_every_encoding_round_trips_with_identical_logits(hub_server, tmp_path):
 
     hub_server.clear_calls()
     loaded = load_in_fresh_process(hub_server, specs, tmp_path)
-    assert set(hub_server.endpoints()) == {"model_info", "resolve"}
+    # Loads only read (which read endpoints, and in which order, is the loading library's business).
+    assert "resolve" in hub_server.endpoints() and set(hub_server.endpoints()) <= READ_ENDPOINTS, hub_server.endpoints()
     for name in ENCODINGS:
         assert "error" not in loaded[name], (name, loaded[name])
         assert torch.equal(loaded[name]["logits"], local[name]), name
@@ -108,7 +109,7 @@ def test_adapter_with_position_tables_round_trips_onto_the_converted_base(hub_se
 
     hub_server.clear_calls()
     result = hub.push_to_hub(peft_model, f"{USER}/cope-lora", base_model=base_repo, training={"steps": 10, "seq_len": 14})
-    assert hub_server.endpoints() == ["create_repo", "model_info", "validate_yaml", "preupload", "lfs_batch", "lfs_upload", "commit"]
+    assert_one_atomic_push(hub_server)
     files = hub_server.files(result.repo_id)
     adapter_config = json.loads(files["adapter_config.json"])
     assert adapter_config["base_model_name_or_path"] == base_repo  # rewritten from the local path

@@ -5,6 +5,7 @@ from __future__ import annotations
 import copy
 import csv
 import json
+import re
 from pathlib import Path
 
 import pytest
@@ -142,5 +143,8 @@ def test_cli_compare_resumes_prints_the_table_and_fills_a_readme(compared, tmp_p
     assert cli.main(["compare", str(TINY), "--out", str(out), "--readme", str(readme)]) == 0
     printed = capsys.readouterr().out
     assert "| rope_yarn | yes |" in printed and f"perplexity_plot: {out}" in printed
+    assert re.search(r"finished in \d+ min \d+ s \(base model \d+ s; \d+ CPUs, load average \[", printed)
+    machine = json.loads((out / "results.json").read_text())["machine"]
+    assert machine["torch_threads"] >= 1 and len(machine["load_average_end"]) == 3
     assert {p.name: p.stat().st_mtime_ns for p in (out / "variants").glob("*.json")} == before  # all reused
     assert "](results/" in readme.read_text() and (tmp_path / "results" / out.name / "results.json").is_file()

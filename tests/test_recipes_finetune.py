@@ -48,7 +48,7 @@ def _launch(config: Path, env: dict, processes: int = 1, **extra_env) -> subproc
     if processes == 1:
         cmd = [sys.executable, "-m", "accelerate.commands.launch", "--num_processes", "1", "--cpu"]
     else:
-        # DESIGN §9: --multi_gpu + ACCELERATE_USE_CPU=1 is what gives a real 2-process gloo group on CPU.
+        # --multi_gpu + ACCELERATE_USE_CPU=1 is what gives a real 2-process gloo group on CPU.
         cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", str(processes),
                "--main_process_port", "29517"]
         extra_env["ACCELERATE_USE_CPU"] = "1"
@@ -105,7 +105,7 @@ def test_adapter_and_merged_model_evaluate_identically(full_run, tmp_path, cache
 
 
 def test_adapter_with_position_tables_refuses_an_unconverted_base(full_run, cache_env, monkeypatch):
-    """PEFT alone would load it and silently drop the T5 tables (DESIGN §3)."""
+    """PEFT alone would load it and silently drop the T5 tables (it ignores adapter weights with no module)."""
     from hf_posenc.extension.lora import load_adapter
     from hf_posenc.extension.models import load_model, resolve
     from hf_posenc.extension.recipe_config import ModelConfig, PretrainConfig
@@ -143,7 +143,7 @@ def test_resume_after_a_kill_ends_on_the_same_weights(full_run, tmp_path, cache_
 
 
 @pytest.mark.slow
-def test_two_processes_share_gradients(tmp_path, cache_env):
+def test_two_processes_share_gradients_and_train_the_one_process_budget(tmp_path, cache_env, full_run):
     out = tmp_path / "ddp"
     proc = _launch(_config(tmp_path, out, checkpoint_every=0), cache_env, processes=2)
     assert proc.returncode == 0, proc.stderr[-3000:]
@@ -153,11 +153,28 @@ def test_two_processes_share_gradients(tmp_path, cache_env):
     assert ranks[0]["data_checksum"] != ranks[1]["data_checksum"]
     # ... yet both ended with identical weights: gradients were all-reduced every step.
     assert ranks[0]["param_checksum"] == ranks[1]["param_checksum"]
-    assert ranks[0]["train_tokens"] == 6 * 2 * 32 * 2
+    # train.batch_size is global: the two ranks split each batch of 2, so the run trains the tokens, and
+    # ends on the weights (up to the order of the float sums), of the one-process run.
+    assert ranks[0]["train_tokens"] == 6 * 2 * 32
+    one, two = _adapter(full_run), _adapter(out)
+    for key in one:
+        torch.testing.assert_close(two[key], one[key], rtol=1e-3, atol=1e-5, msg=key)
+
+
+@pytest.mark.slow
+def test_a_launch_that_gets_fewer_processes_than_asked_warns(tmp_path, cache_env):
+    out = tmp_path / "cpu2"
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--num_processes", "2", "--cpu", "--num_machines", "1",
+           "--mixed_precision", "no", "--dynamo_backend", "no", "recipes/finetune_lora.py",
+           "--config", str(_config(tmp_path, out, checkpoint_every=0, steps=1))]
+    proc = _run(cmd, cache_env)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "accelerate launch asked for 2 processes, but this run has 1" in proc.stderr
+    assert json.loads((out / "train_stats.json").read_text())["world_size"] == 1
 
 
 def test_merged_yarn_checkpoint_keeps_its_scaling_for_inference(tmp_path, cache_env, monkeypatch):
-    """DESIGN §5 pain point: the training-time RoPE scaling must be recorded in the saved model."""
+    """A known context-extension pain point: the training-time RoPE scaling must be recorded in the saved model."""
     for key in ("HF_POSENC_CACHE", "HF_HUB_OFFLINE"):
         monkeypatch.setenv(key, cache_env[key])
     sys.path.insert(0, str(ROOT / "recipes"))

@@ -141,6 +141,14 @@ class _CopeAttention(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, query, key, value, pos_emb, allowed, scaling, block_size, diagonal, return_weights):
+        # Gates, cumsum and positions must stay fp32 (DESIGN §4): autocast would run the block matmuls in
+        # bf16/fp16, which also cannot hold the fp32 mask fill.
+        with torch.autocast(query.device.type, enabled=False):
+            return _CopeAttention._forward(ctx, query, key, value, pos_emb, allowed, scaling, block_size, diagonal,
+                                           return_weights)
+
+    @staticmethod
+    def _forward(ctx, query, key, value, pos_emb, allowed, scaling, block_size, diagonal, return_weights):
         batch, heads, q_len, _ = query.shape
         kv_len = key.shape[-2]
         e32 = pos_emb.float()
@@ -170,18 +178,32 @@ class _CopeAttention(torch.autograd.Function):
         ctx.save_for_backward(query, key, value, pos_emb, output, stats)
         ctx.allowed = allowed  # a bool mask shared by every layer; saved by reference
         ctx.config = (scaling, block_size, diagonal)
-        if return_weights:
-            ctx.mark_non_differentiable(weights)
+        ctx.device_type = query.device.type
+        # The weights are differentiable (attribution methods take gradients through them); without this a
+        # caller that only uses the output would hand backward a [B, H, q, kv] tensor of zeros.
+        ctx.set_materialize_grads(False)
         return output, weights
 
     @staticmethod
-    def backward(ctx, grad_output, _grad_weights):
+    def backward(ctx, grad_output, grad_weights):
+        with torch.autocast(ctx.device_type, enabled=False):
+            return _CopeAttention._backward(ctx, grad_output, grad_weights)
+
+    @staticmethod
+    def _backward(ctx, grad_output, grad_weights):
+        """Gradients from ``dO`` and, when the weights were used, ``dW`` (``[B, H, q, kv]`` or None).
+
+        With ``dP = dO v^T + dW`` the softmax backward is ``dS = P * (dP - rowsum(P * dP))``, and
+        ``rowsum(P * dO v^T) = dO . O``: the weights add ``dW`` to ``dP`` and ``rowsum(P * dW)`` to the row term.
+        """
         query, key, value, pos_emb, output, stats = ctx.saved_tensors
         scaling, block_size, diagonal = ctx.config
         allowed = ctx.allowed
         q_len, kv_len = query.shape[-2], key.shape[-2]
         e32 = pos_emb.float()
         k_rev, v_rev = key.float().flip(-2), value.float().flip(-2)
+        if grad_output is None:  # only the weights were used
+            grad_output = output.new_zeros(output.shape, dtype=torch.float32)
         grad_output = grad_output.float()
         # delta_i = sum_j P_ij dP_ij = dO_i . O_i (the softmax backward's row term), [B, H, q, 1].
         delta = (grad_output * output.float()).sum(-1, keepdim=True)
@@ -199,8 +221,13 @@ class _CopeAttention(torch.autograd.Function):
             scores, gates, frac, slope, bounds = _block_forward(q, k_rev[:, :, keys], mask, e32, scaling)
             probs = scores.sub_(stats[0, :, :, start:stop, None]).exp_().div_(stats[1, :, :, start:stop, None])
             grad_v_rev[:, :, keys] += torch.matmul(probs.transpose(-1, -2), d_out)
-            d_probs = torch.matmul(d_out, v_rev[:, :, keys].transpose(-1, -2))
-            d_scores = d_probs.sub_(delta[:, :, start:stop]).mul_(probs)  # softmax backward, [B, H, qb, kb]
+            d_probs = torch.matmul(d_out, v_rev[:, :, keys].transpose(-1, -2))  # [B, H, qb, kb]
+            row_term = delta[:, :, start:stop]
+            if grad_weights is not None:  # the block's dW in reversed key order (keys >= limit have none)
+                d_weights = grad_weights[:, :, start:stop, :limit].flip(-1).float()
+                d_probs.add_(d_weights)
+                row_term = row_term + (d_weights * probs).sum(-1, keepdim=True)
+            d_scores = d_probs.sub_(row_term).mul_(probs)  # softmax backward, [B, H, qb, kb]
             del probs, scores
             # Position term e = Z + frac * slope, linear in z on each run floor p = n:
             # dz_n gets (1 - frac) * dS from run n and frac * dS from run n - 1.
@@ -246,13 +273,14 @@ def cope_attention(
         scaling: Logit scale.
         block_size: Upper bound on the query rows per block (bounds the ``[rows, kv]`` working set); the
             fast path uses tiles of ``min(block_size, TILE_ROWS)`` rows.
-        return_weights: Also return the ``[B, H, q, kv]`` probabilities (output_attentions). They carry
-            no gradient.
+        return_weights: Also return the ``[B, H, q, kv]`` probabilities (output_attentions), fp32 and
+            differentiable like the output.
         diagonal: Causal offset: query row ``r`` may only see keys ``j <= r + diagonal`` (``kv - q``
             for a dynamic cache). Lets blocks skip keys no row of theirs can see; None: read all keys.
 
     Returns:
-        ``(output [B, H, q, D] in the value dtype, weights fp32 or None)``.
+        ``(output [B, H, q, D] in the value dtype, weights fp32 or None)``. Gates, positions and softmax run
+        in fp32 whatever the input dtype and autocast state.
     """
     rows = max(1, min(int(block_size), TILE_ROWS))
     return _CopeAttention.apply(query, key, value, pos_emb, allowed, float(scaling), rows,

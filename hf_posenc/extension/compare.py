@@ -12,6 +12,7 @@ import dataclasses
 import hashlib
 import json
 import logging
+import os
 import shutil
 import time
 from pathlib import Path
@@ -51,15 +52,13 @@ def _setup_logging(out_dir: Path) -> logging.Handler:
 def finetune_in_process(model, tokenizer, texts, cfg: CompareConfig, variant: VariantConfig, workdir: Path,
                         progress: bool) -> tuple[Any, dict]:
     """LoRA fine-tune one converted model under a single-process Accelerator; return it merged."""
-    from accelerate import Accelerator
-
-    from .finetune import build_training_windows, train
+    from .finetune import build_training_windows, make_accelerator, train
     from .lora import wrap_with_lora
 
     train_cfg = cfg.variant_train(variant)
-    accelerator = Accelerator(gradient_accumulation_steps=train_cfg.grad_accum, mixed_precision=train_cfg.mixed_precision)
+    accelerator = make_accelerator(train_cfg)
     peft_model = wrap_with_lora(model, cfg.lora)
-    windows = build_training_windows(texts, tokenizer, train_cfg, accelerator.num_processes)
+    windows = build_training_windows(texts, tokenizer, train_cfg)
     stats = train(accelerator, peft_model, windows, train_cfg, workdir / "checkpoints", progress=progress,
                   desc=f"finetune {variant.name}")
     unwrapped = accelerator.unwrap_model(peft_model)
@@ -114,6 +113,21 @@ def run_variant(cfg: CompareConfig, variant: VariantConfig, source, tokenizer, e
     }
 
 
+def _load_average() -> list[float] | None:
+    """1/5/15-minute load averages (None where the OS has none)."""
+    return [round(x, 2) for x in os.getloadavg()] if hasattr(os, "getloadavg") else None
+
+
+def timing_summary(paths: dict[str, Path]) -> str:
+    """One line on how long a finished comparison took and under what machine load (for the CLI)."""
+    results = json.loads(Path(paths["json"]).read_text())
+    seconds, machine = results["seconds"], results.get("machine", {})
+    total = seconds["total_this_run"]
+    return (f"finished in {int(total // 60)} min {total % 60:.0f} s (base model {seconds['base_model']:.0f} s; "
+            f"{machine.get('cpus')} CPUs, load average {machine.get('load_average_start')} at the start, "
+            f"{machine.get('load_average_end')} at the end)")
+
+
 def run_compare(config_path: str | Path, out_dir: str | Path, overrides: list[str] | tuple[str, ...] = (),
                 progress: bool = True) -> dict[str, Path]:
     """Run (or resume) the comparison described by a YAML config and write its report.
@@ -147,6 +161,7 @@ def run_compare(config_path: str | Path, out_dir: str | Path, overrides: list[st
     handler = _setup_logging(out_dir)
     try:
         started = time.time()
+        load_at_start = _load_average()
         (out_dir / "config.json").write_text(json.dumps(dataclasses.asdict(cfg), indent=2))
         source = resolve(cfg.model, cfg.data.held_out_percent, progress=progress)
         base_seconds = round(time.time() - started, 1)
@@ -184,6 +199,9 @@ def run_compare(config_path: str | Path, out_dir: str | Path, overrides: list[st
             "variants": records,
             "eval": dataclasses.asdict(cfg.eval),
             "seconds": {"base_model": base_seconds, "total_this_run": round(time.time() - started, 1)},
+            # What the timings were measured under: a shared machine can be several times slower.
+            "machine": {"cpus": os.cpu_count(), "torch_threads": torch.get_num_threads(),
+                        "load_average_start": load_at_start, "load_average_end": _load_average()},
         }
         build_info = Path(source.path) / "build_info.json"
         if build_info.is_file():

@@ -1,7 +1,9 @@
 """The Accelerate training loop shared by ``recipes/finetune_lora.py`` and the comparison.
 
 Accelerate owns devices, mixed precision, gradient accumulation, distribution (DDP/FSDP/DeepSpeed
-from the launch config) and checkpointing. A run saves ``save_state`` checkpoints every
+from the launch config) and checkpointing. ``train.batch_size`` is the *global* batch: Accelerate
+splits each batch across the processes (``split_batches``), so a config trains on the same tokens,
+with the same optimizer steps, whether it runs on one process or on eight. A run saves ``save_state`` checkpoints every
 ``train.checkpoint_every`` optimizer steps; a restarted run loads the newest complete one, skips the
 batches it already consumed and continues, so no optimizer step is lost or repeated.
 """
@@ -14,6 +16,7 @@ import os
 import random
 import signal
 import time
+import warnings
 from pathlib import Path
 
 import torch
@@ -62,14 +65,74 @@ def _save_checkpoint(accelerator, ckpt_root: Path, step: int) -> None:
     accelerator.wait_for_everyone()
 
 
+def make_accelerator(cfg: TrainConfig):
+    """The ``Accelerator`` of a training run: global batches split across processes, checked.
+
+    Raises:
+        ValueError: ``train.batch_size`` is not a multiple of the number of processes.
+    """
+    from accelerate import Accelerator
+    from accelerate.utils import DataLoaderConfiguration
+
+    accelerator = Accelerator(gradient_accumulation_steps=cfg.grad_accum, mixed_precision=cfg.mixed_precision,
+                              dataloader_config=DataLoaderConfiguration(split_batches=True))
+    if cfg.batch_size % accelerator.num_processes:
+        raise ValueError(
+            f"train.batch_size={cfg.batch_size} is the global batch and must split evenly over the "
+            f"{accelerator.num_processes} processes of this launch; allowed: multiples of {accelerator.num_processes}."
+        )
+    requested = requested_processes()
+    if requested is not None and requested != accelerator.num_processes:
+        message = (
+            f"accelerate launch asked for {requested} processes, but this run has {accelerator.num_processes} "
+            f"(distributed type {accelerator.distributed_type}). On a CPU-only machine a multi-process run needs "
+            "`ACCELERATE_USE_CPU=1 accelerate launch --multi_gpu --num_processes N ...`; `--cpu --num_processes N` "
+            "starts one process. The token budget is global, so the results are the same; only the speed differs."
+        )
+        logger.warning(message)
+        warnings.warn(message, stacklevel=2)
+    return accelerator
+
+
+def requested_processes() -> int | None:
+    """How many processes the ``accelerate launch`` that started this one asked for (None: unknown).
+
+    Accelerate's single-process launcher does not tell its child what it was asked, so the launcher's
+    command line is read (``--num_processes N``, or ``num_processes`` in its ``--config_file``).
+    """
+    try:
+        import psutil
+
+        parent = psutil.Process().parent()
+        # `accelerate launch` is the parent of a single process and of each torch.distributed worker.
+        argv = parent.cmdline() if parent is not None else []
+    except Exception:  # no psutil, no permission: nothing to compare with
+        return None
+    launcher = " ".join(argv)  # `accelerate launch ...` or `python -m accelerate.commands.launch ...`
+    if "accelerate" not in launcher or "launch" not in launcher:
+        return None
+    for index, part in enumerate(argv):
+        if part.startswith("--num_processes="):
+            return int(part.split("=", 1)[1])
+        if part == "--num_processes" and index + 1 < len(argv):
+            return int(argv[index + 1])
+    if "--config_file" in argv:
+        import yaml
+
+        config = yaml.safe_load(Path(argv[argv.index("--config_file") + 1]).read_text()) or {}
+        return config.get("num_processes")
+    return None
+
+
 def train(accelerator, model, windows: torch.Tensor, cfg: TrainConfig, ckpt_root: Path | None,
           progress: bool = True, desc: str = "finetune") -> dict:
     """Train ``model`` (a PEFT model) for ``cfg.steps`` optimizer steps on ``windows``.
 
     Args:
-        accelerator: The ``accelerate.Accelerator`` (built with ``cfg.grad_accum``).
+        accelerator: The ``accelerate.Accelerator`` of :func:`make_accelerator`.
         model: The model whose trainable parameters are optimised.
-        windows: ``[N, seq_len]`` token windows; each process reads its own shard.
+        windows: ``[N, seq_len]`` token windows, the same on every process; each global batch of
+            ``cfg.batch_size`` windows is split across the processes.
         cfg: Steps, batch size, learning rate, checkpointing.
         ckpt_root: Where ``save_state`` checkpoints go (``None``: no checkpoints, no resume).
         progress: Show a progress bar on the main process.
@@ -137,7 +200,7 @@ def train(accelerator, model, windows: torch.Tensor, cfg: TrainConfig, ckpt_root
     bar.close()
     if step < cfg.steps:
         raise RuntimeError(f"ran out of training windows after {step} of {cfg.steps} steps")
-    tokens_per_step = cfg.batch_size * cfg.grad_accum * windows.shape[1] * accelerator.num_processes
+    tokens_per_step = cfg.batch_size * cfg.grad_accum * windows.shape[1]  # global batch: all processes
     return {
         "train_tokens": tokens_per_step * cfg.steps,
         "steps": cfg.steps,
@@ -152,11 +215,11 @@ def train(accelerator, model, windows: torch.Tensor, cfg: TrainConfig, ckpt_root
     }
 
 
-def windows_needed(cfg: TrainConfig, num_processes: int) -> int:
-    """Training windows for one pass of ``cfg.steps`` optimizer steps on all processes."""
-    return cfg.steps * cfg.batch_size * cfg.grad_accum * num_processes
+def windows_needed(cfg: TrainConfig) -> int:
+    """Training windows for ``cfg.steps`` optimizer steps (global: the same for any number of processes)."""
+    return cfg.steps * cfg.batch_size * cfg.grad_accum
 
 
-def build_training_windows(texts: list[str], tokenizer, cfg: TrainConfig, num_processes: int) -> torch.Tensor:
-    """Windows for a run: enough for every process, identical on every process (seeded)."""
-    return training_windows(texts, tokenizer, cfg.seq_len, windows_needed(cfg, num_processes), cfg.seed)
+def build_training_windows(texts: list[str], tokenizer, cfg: TrainConfig) -> torch.Tensor:
+    """Windows for a run, identical on every process (seeded)."""
+    return training_windows(texts, tokenizer, cfg.seq_len, windows_needed(cfg), cfg.seed)

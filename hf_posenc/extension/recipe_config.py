@@ -92,6 +92,8 @@ class TrainConfig:
 
     seq_len: int = 1024
     steps: int = 50
+    #: Global batch: windows per micro-step summed over all processes (split across them), so the
+    #: token budget ``steps x batch_size x grad_accum x seq_len`` is the same in every launch mode.
     batch_size: int = 2
     grad_accum: int = 1
     lr: float = 2e-3

@@ -80,7 +80,8 @@ def markdown_table(results: dict[str, Any]) -> str:
 
 
 def direction_checks(results: dict[str, Any]) -> list[dict[str, Any]]:
-    """The literature's expected directions, computed from the results (DESIGN §5).
+    """The literature's expected directions, computed from the results (unscaled RoPE
+    breaks past its training length, PI/YaRN recover after a short fine-tune, ALiBi degrades gracefully).
 
     Each check has ``name``, ``value`` (the measured ratio), ``threshold`` and ``passed``; checks
     whose variants or lengths are missing are left out. Results that disagree are reported, not hidden.
