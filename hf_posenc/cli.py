@@ -1,4 +1,4 @@
-"""``hf-posenc`` command line: convert, info, compare, push.
+"""``hf-posenc`` command line: convert, info, compare, recipes, push.
 
 Examples::
 
@@ -6,6 +6,9 @@ Examples::
     hf-posenc convert model.gguf --posenc rope --param rope_type=yarn --param factor=4 --out ./yarn
     hf-posenc info ./my-llama-alibi
     hf-posenc compare recipes/configs/compare_quick.yaml --out runs/quick
+    hf-posenc compare quick --out runs/quick          # a shipped preset by name
+    hf-posenc recipes                                 # list presets, recipe scripts, metrics
+    hf-posenc recipes cp quick ./my-configs
     hf-posenc push ./my-llama-alibi user/my-llama-alibi
 """
 
@@ -181,6 +184,29 @@ def cmd_compare(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_recipes(args: argparse.Namespace) -> int:
+    from . import presets
+
+    if args.action == "cp":
+        target = presets.copy(args.name, args.dest, overwrite=args.overwrite)
+        print(f"copied {args.name} to {target}")
+        hint = presets.run_hint(presets.find(args.name), target)
+        if hint:
+            print(f"run it with: {hint}")
+    elif args.action == "path":
+        print(presets.find(args.name).path)
+    else:
+        recipes = presets.catalogue()
+        names = [r.name + (f" ({', '.join(r.aliases)})" if r.aliases else "") for r in recipes]
+        width = max(len(n) for n in names)
+        print(f"{'NAME':<{width}}  {'KIND':<10}  DESCRIPTION")
+        for name, recipe in zip(names, recipes):
+            print(f"{name:<{width}}  {recipe.kind:<10}  {recipe.description}")
+        print(f"\nfrom {presets.recipes_dir()}; copy one with `hf-posenc recipes cp NAME DIR`, "
+              "run a compare preset with `hf-posenc compare NAME --out DIR`")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="hf-posenc", description="Swap the positional encoding of HF models.")
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging, and tracebacks on errors")
@@ -203,13 +229,25 @@ def build_parser() -> argparse.ArgumentParser:
     info.set_defaults(func=cmd_info)
 
     compare = sub.add_parser("compare", help="run a context-extension comparison grid (recipes/compare.py)")
-    compare.add_argument("config", help="a compare YAML, e.g. recipes/configs/compare_quick.yaml")
+    compare.add_argument("config", help="a compare YAML, or a shipped preset name (quick, tiny, smollm2; "
+                                        "`hf-posenc recipes` lists them)")
     compare.add_argument("--out", required=True, help="output folder (finished variants are reused)")
     compare.add_argument("--readme", help="Markdown file whose compare section is replaced by the results")
     compare.add_argument("--readme-assets", help="where --readme copies the outputs (default: recipes/results/<out name> "
                                                   "beside a root README, else results/<out name> next to it)")
     compare.add_argument("overrides", nargs="*", help="key.sub=value overrides")
     compare.set_defaults(func=cmd_compare)
+
+    recipes = sub.add_parser("recipes", help="list the shipped presets and recipes, copy one, or print its path")
+    recipes.set_defaults(func=cmd_recipes, action="ls")
+    recipes_sub = recipes.add_subparsers(dest="action")
+    recipes_sub.add_parser("ls", help="list them (the default)")
+    copy = recipes_sub.add_parser("cp", help="copy a preset, recipe script, accelerate config or metric to edit it")
+    copy.add_argument("name", help="e.g. quick, compare_tiny, finetune_lora, multi_gpu, token_perplexity")
+    copy.add_argument("dest", help="folder to copy into (created if missing)")
+    copy.add_argument("--overwrite", action="store_true", help="replace an existing copy")
+    path = recipes_sub.add_parser("path", help="print where a recipe is installed, e.g. for `accelerate launch`")
+    path.add_argument("name")
 
     from .hub import add_push_arguments, run_push
 

@@ -1,7 +1,7 @@
 """Run the whole context-extension comparison grid and write its report.
 
     python recipes/compare.py recipes/configs/compare_quick.yaml --out runs/compare_quick [key.sub=value ...]
-    hf-posenc compare recipes/configs/compare_quick.yaml --out runs/compare_quick
+    hf-posenc compare quick --out runs/compare_quick     # installed: a shipped preset by name, or a YAML path
 
 Re-running with the same --out resumes: finished variants are not recomputed. ``--readme FILE``
 also writes the generated table and plot into FILE between the compare markers.
@@ -13,7 +13,12 @@ import argparse
 import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+# Runnable from a checkout without installing the package. Installed (hf_posenc/_recipes) or copied out
+# with `hf-posenc recipes cp`, the folder above holds no package, and putting it on sys.path would make
+# hf_posenc's own modules (config, hub, ...) importable as top-level names.
+_CHECKOUT = Path(__file__).resolve().parents[1]
+if (_CHECKOUT / "hf_posenc" / "__init__.py").is_file():
+    sys.path.insert(0, str(_CHECKOUT))
 
 from hf_posenc.extension.compare import run_compare, timing_summary  # noqa: E402
 from hf_posenc.extension.report import default_assets_dir, update_readme  # noqa: E402
@@ -22,7 +27,7 @@ from hf_posenc.extension.typed_config import ConfigError  # noqa: E402
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("config")
+    parser.add_argument("config", help="a compare YAML, or a shipped preset name (quick, tiny, smollm2)")
     parser.add_argument("--out", required=True, help="output folder (resumable)")
     parser.add_argument("--readme", help="Markdown file whose compare section is replaced by the results")
     parser.add_argument("--no-progress", action="store_true")
@@ -30,7 +35,7 @@ def main(argv=None):
     args = parser.parse_intermixed_args(argv)  # overrides may follow --out
     try:
         paths = run_compare(args.config, args.out, args.overrides, progress=not args.no_progress)
-    except ConfigError as err:
+    except (ConfigError, FileNotFoundError) as err:
         sys.exit(f"config error: {err}")
     print(paths["markdown"].read_text())
     for key, path in paths.items():

@@ -1,5 +1,7 @@
-"""Evaluate one model at several lengths: perplexity (non-overlapping and sliding), loss by
-position, passkey retrieval by length and depth.
+"""Evaluate one model at several lengths: perplexity, loss by position, passkey retrieval.
+
+Perplexity is measured in non-overlapping windows and with a sliding window; passkey retrieval by
+length and depth.
 
     python recipes/evaluate_context.py --config recipes/configs/evaluate_quick.yaml [key.sub=value ...]
 
@@ -13,20 +15,26 @@ import json
 import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+# Runnable from a checkout without installing the package. Installed (hf_posenc/_recipes) or copied out
+# with `hf-posenc recipes cp`, the folder above holds no package, and putting it on sys.path would make
+# hf_posenc's own modules (config, hub, ...) importable as top-level names.
+_CHECKOUT = Path(__file__).resolve().parents[1]
+if (_CHECKOUT / "hf_posenc" / "__init__.py").is_file():
+    sys.path.insert(0, str(_CHECKOUT))
 
 from hf_posenc.extension.recipe_config import EvaluateConfig  # noqa: E402
 from hf_posenc.extension.typed_config import ConfigError, load_config  # noqa: E402
+from hf_posenc.presets import resolve_config  # noqa: E402
 
 
 def main(argv=None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--config", required=True)
+    parser.add_argument("--config", required=True, help="YAML file, or a shipped evaluate preset name")
     parser.add_argument("overrides", nargs="*", help="key.sub=value changes")
     args = parser.parse_intermixed_args(argv)  # overrides may follow --out
     try:
-        cfg = load_config(EvaluateConfig, args.config, args.overrides)
-    except ConfigError as err:
+        cfg = load_config(EvaluateConfig, resolve_config(args.config, "evaluate"), args.overrides)
+    except (ConfigError, FileNotFoundError) as err:
         sys.exit(f"config error: {err}")
 
     from hf_posenc.extension.data import concat_tokens, load_texts

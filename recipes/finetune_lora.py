@@ -16,18 +16,23 @@ import logging
 import sys
 from pathlib import Path
 
-# Runnable from a checkout without installing the package.
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+# Runnable from a checkout without installing the package. Installed (hf_posenc/_recipes) or copied out
+# with `hf-posenc recipes cp`, the folder above holds no package, and putting it on sys.path would make
+# hf_posenc's own modules (config, hub, ...) importable as top-level names.
+_CHECKOUT = Path(__file__).resolve().parents[1]
+if (_CHECKOUT / "hf_posenc" / "__init__.py").is_file():
+    sys.path.insert(0, str(_CHECKOUT))
 
 from hf_posenc.extension.recipe_config import FinetuneConfig  # noqa: E402
 from hf_posenc.extension.typed_config import ConfigError, load_config  # noqa: E402
+from hf_posenc.presets import resolve_config  # noqa: E402
 
 logger = logging.getLogger("hf_posenc.recipes.finetune_lora")
 
 
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--config", required=True, help="YAML file (see recipes/configs/)")
+    parser.add_argument("--config", required=True, help="YAML file, or a shipped finetune preset name (`hf-posenc recipes` lists them)")
     parser.add_argument("overrides", nargs="*", help="key.sub=value changes, e.g. train.steps=20")
     return parser.parse_intermixed_args(argv)
 
@@ -61,8 +66,8 @@ def main(argv=None) -> dict:
     args = parse_args(argv)
     # 0. Config: every key and value is checked here, before any model is loaded.
     try:
-        cfg = load_config(FinetuneConfig, args.config, args.overrides)
-    except ConfigError as err:
+        cfg = load_config(FinetuneConfig, resolve_config(args.config, "finetune"), args.overrides)
+    except (ConfigError, FileNotFoundError) as err:
         sys.exit(f"config error: {err}")
 
     from accelerate.utils import set_seed

@@ -20,6 +20,7 @@ from typing import Any
 
 import torch
 
+from ..presets import resolve_config
 from .recipe_config import CompareConfig, VariantConfig
 from .typed_config import load_config
 
@@ -135,7 +136,8 @@ def run_compare(config_path: str | Path, out_dir: str | Path, overrides: list[st
 
     Args:
         config_path: A :class:`~hf_posenc.extension.recipe_config.CompareConfig` YAML file
-            (e.g. ``recipes/configs/compare_quick.yaml``).
+            (e.g. ``recipes/configs/compare_quick.yaml``) or the name of a shipped compare preset
+            (``"quick"``, ``"tiny"``, ``"smollm2"``; see :mod:`hf_posenc.presets`).
         out_dir: Output folder: ``results.json``, ``results.csv``, ``results.md``, the two plots,
             ``compare.log`` and ``variants/<name>.json`` (one finished record per variant).
         overrides: ``key.sub=value`` changes to the config.
@@ -147,6 +149,7 @@ def run_compare(config_path: str | Path, out_dir: str | Path, overrides: list[st
 
     Raises:
         hf_posenc.extension.typed_config.ConfigError: invalid config (before anything runs).
+        FileNotFoundError: ``config_path`` is neither a file nor a preset name.
     """
     from tqdm.auto import tqdm
 
@@ -154,7 +157,7 @@ def run_compare(config_path: str | Path, out_dir: str | Path, overrides: list[st
     from .models import load_tokenizer, resolve
     from .report import write_report
 
-    cfg = load_config(CompareConfig, config_path, overrides)
+    cfg = load_config(CompareConfig, resolve_config(config_path, "compare"), overrides)
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     handler = _setup_logging(out_dir)

@@ -5,14 +5,13 @@ The protocol follows the context-extension literature (PI, https://arxiv.org/abs
 https://arxiv.org/abs/2309.00071): the same held-out tokens are scored at each evaluation length, in
 non-overlapping windows (every token sees only its own window) and with a sliding window of fixed
 stride (every scored token sees at least ``length - stride`` tokens of context). Aggregation happens
-in the offline ``evaluate`` modules under ``recipes/metrics/``.
+in the offline ``evaluate`` modules of ``recipes/metrics/`` (shipped in the wheel).
 """
 
 from __future__ import annotations
 
 import random
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import torch
@@ -21,15 +20,17 @@ import torch.nn.functional as F
 from .data import windows
 from .recipe_config import EvalConfig, PasskeyConfig
 
-#: Folder of the offline ``evaluate`` modules shipped with the recipes.
-METRICS_DIR = Path(__file__).resolve().parents[2] / "recipes" / "metrics"
-
-
 def load_metric(name: str):
-    """Load one of the repository's ``evaluate`` modules from its local folder (no Hub access)."""
+    """Load one of the shipped ``evaluate`` modules from its local folder (no Hub access).
+
+    The folder is ``recipes/metrics/<name>`` in a checkout and ``hf_posenc/_recipes/metrics/<name>`` in a
+    wheel install (:func:`hf_posenc.presets.recipes_dir`).
+    """
     import evaluate
 
-    return evaluate.load(str(METRICS_DIR / name))
+    from ..presets import recipes_dir
+
+    return evaluate.load(str(recipes_dir() / "metrics" / name))
 
 
 @torch.no_grad()
