@@ -1,6 +1,6 @@
 """Every piece of knowledge about transformers internals that hf_posenc relies on lives here.
 
-Checked against every transformers release from 5.1 to 5.24 (CI runs the suite on the lower bounds
+Checked against every transformers release from 5.5 to 5.24 (CI runs the suite on the lower bounds
 of pyproject.toml and on the newest releases). Where releases differ, this module detects the feature
 (which argument name a forward takes) instead of comparing version numbers. If a transformers upgrade
 breaks the plug-in, this is the one file to read.
@@ -20,8 +20,8 @@ from transformers.masking_utils import AttentionMaskInterface, eager_mask, sdpa_
 from . import attention
 
 #: The transformers range these internals were checked against (the same string as in pyproject.toml;
-#: a test keeps them equal). 5.1 is the floor: see the comment in pyproject.toml.
-SUPPORTED_TRANSFORMERS = ">=5.1,<6"
+#: a test keeps them equal). 5.5 is the floor: see the comment in pyproject.toml.
+SUPPORTED_TRANSFORMERS = ">=5.5,<6"
 
 _registered = False
 

@@ -63,11 +63,11 @@ from urllib.parse import parse_qs, quote, unquote, urlsplit
 import pytest
 
 #: The ``huggingface_hub`` releases whose client code this server was read from and whose test runs
-#: it passed: the project's floor (1.3.0, the lowest transformers 5.1 allows) and the newest release.
+#: it passed: the project's floor (1.5.0, the lowest transformers 5.5 allows; 1.3.0 was checked too) and the newest release.
 #: Any release of the same major versions is expected to speak the same subset; a new major version
 #: fails ``test_client_version_is_in_the_range_the_server_was_checked_against`` until someone re-reads
 #: the client and adds it here.
-CHECKED_HUGGINGFACE_HUB = ("1.3.0", "2.4.0")
+CHECKED_HUGGINGFACE_HUB = ("1.5.0", "2.4.0")
 
 #: Token -> user name. ``WRITE_TOKEN`` may write to its user's namespace; ``OTHER_TOKEN`` is a
 #: valid token of a different user (used to prove private repos and namespaces are enforced).
@@ -111,7 +111,7 @@ class ClientGeneration:
 
     #: Upload attempts per dropped LFS upload, as measured on the checked releases; ``installed()``
     #: reads the policy from the client itself and the version test compares it with these.
-    KNOWN_DROPPED_UPLOAD_ATTEMPTS: ClassVar[dict[str, int]] = {"1.3.0": 1, "2.4.0": 6}
+    KNOWN_DROPPED_UPLOAD_ATTEMPTS: ClassVar[dict[str, int]] = {"1.3.0": 1, "1.5.0": 1, "2.4.0": 6}
 
     @classmethod
     def installed(cls) -> "ClientGeneration":
