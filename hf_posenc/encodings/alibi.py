@@ -104,7 +104,7 @@ class AlibiBias(PositionModule):
 
         ``-m_h (i - j) = m_h j - m_h i``: the per-row constant ``m_h i`` cancels in the softmax, and the
         per-key term ``m_h j`` rides in a dimension where the query holds 1 and the key ``m_h j / scaling``
-        (DESIGN §7). Keys are measured from the newest one (``j - j_last <= 0``) so the largest
+        (SDPA with q/k head dim 65 keeps its fused causal kernel). Keys are measured from the newest one (``j - j_last <= 0``) so the largest
         magnitudes land on the far keys, whose weights are smallest. Exact in fp32 only: callers must
         keep this to fp32 (at 4k keys the term reaches ~1e3, beyond bf16's resolution).
 
