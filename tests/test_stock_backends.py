@@ -8,7 +8,7 @@ backend, and ``torch.compile(fullgraph=True)`` failed on StaticCache's tensor co
 import pytest
 import torch
 from test_core_models import stock_nope
-from tiny_models import KINDS, input_ids, randomize_position_tables, tiny_model
+from tiny_models import CONFIGS, KINDS, input_ids, randomize_position_tables, tiny_model
 from transformers import AutoModelForCausalLM, StaticCache
 
 import hf_posenc
@@ -138,6 +138,19 @@ def test_compiled_forward_equals_eager(kind, backend):
     x = input_ids()
     with torch.no_grad():
         torch.testing.assert_close(compiled(x).logits, model(x).logits, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("kind", ["alibi", "t5_bias", "cope"])
+@pytest.mark.parametrize("arch", [arch for arch in sorted(CONFIGS) if arch != "llama"])
+def test_compiled_forward_on_every_architecture(arch, kind):
+    # The converted classes keep the stock `_can_compile_fullgraph` claim (BERT makes none, yet compiles).
+    if kind == "cope" and arch == "bert":
+        pytest.skip("CoPE is causal-only")
+    model = converted(kind, "sdpa", arch)
+    compiled = torch.compile(model, fullgraph=True, backend="eager")
+    x = input_ids()
+    with torch.no_grad():
+        torch.testing.assert_close(compiled(x)[0], model(x)[0], rtol=1e-5, atol=1e-5)
 
 
 def _decode(forward, model, prompt, steps):
