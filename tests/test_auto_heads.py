@@ -9,6 +9,7 @@ import json
 import pytest
 import torch
 import transformers
+from packaging.version import Version
 from peft import TaskType, get_peft_model
 from test_persistence import run_python
 from tiny_models import CONFIGS, VOCAB, input_ids, randomize_position_tables, tiny_config, tiny_model
@@ -18,7 +19,10 @@ import hf_posenc
 from hf_posenc import PosEncConfig
 from hf_posenc.architectures import architecture_of, attention_modules
 
-KIND = {"bert": PosEncConfig(kind="t5_bias", num_buckets=8)}  # other architectures: ALiBi
+# transformers 5.1 zeroes a BERT checkpoint's T5 bias tables on reload (test_persistence's t5_bias-bert
+# cases fail there too, before this file existed; 5.5 and 5.23 load them): ALiBi for the heads, and the
+# T5 case below is an expected failure before 5.5 (not strict: releases 5.2-5.4 were not checked).
+RELOADS_BERT_T5_TABLES = Version(transformers.__version__) >= Version("5.5")
 #: The Auto classes a converted model must load through, with transformers' table of stock heads for each.
 AUTO_TABLES = {
     "AutoModel": modeling_auto.MODEL_MAPPING_NAMES,
@@ -41,7 +45,7 @@ FRESH_CASES = [case for case in HEAD_CASES if case[0] in ("bert", "llama")]
 
 
 def posenc_for(arch):
-    return KIND.get(arch, PosEncConfig(kind="alibi"))
+    return PosEncConfig(kind="alibi")
 
 
 def head_inputs(auto):
@@ -148,7 +152,8 @@ def test_cli_convert_takes_the_task(tmp_path):
         main(["convert", str(tmp_path / "base"), "--posenc", "alibi", "--task", "summarization", "--out", "x"])
 
 
-@pytest.mark.parametrize("kind", ["alibi", "t5_bias"])
+@pytest.mark.parametrize("kind", ["alibi", pytest.param("t5_bias", marks=pytest.mark.xfail(
+    not RELOADS_BERT_T5_TABLES, reason="transformers 5.1 zeroes BERT's reloaded T5 tables"))])
 def test_converted_bert_reads_600_tokens_after_reload(tmp_path, kind):
     model = hf_posenc.convert(tiny_model("bert", "sdpa"), PosEncConfig(kind=kind))
     randomize_position_tables(model)
