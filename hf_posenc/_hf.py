@@ -8,6 +8,7 @@ breaks the plug-in, this is the one file to read.
 
 from __future__ import annotations
 
+import contextlib
 import inspect
 import warnings
 
@@ -50,6 +51,30 @@ def attn_implementation(model) -> str:
 def set_attn_implementation(model, name: str) -> None:
     """Switch a loaded model (and its sub-models) to the attention function ``name``."""
     model.set_attn_implementation(name)
+
+
+#: The ``PreTrainedModel`` method that both ``__init__`` and ``set_attn_implementation`` call to check (and
+#: adjust) a requested attention name, in every release from 5.1 (5.2x added an ``allow_all_kernels``
+#: argument: overrides take ``*args, **kwargs``). The ``HfPosenc`` classes override it.
+ATTN_IMPLEMENTATION_CHECK = "_check_and_adjust_attn_implementation"
+
+
+@contextlib.contextmanager
+def stock_backend_name(config):
+    """Show transformers' config checks ``"eager"`` while ``config`` runs ``hf_posenc_eager``.
+
+    Its ``output_attentions`` checks (the setter; the strict ``validate_output_attentions`` of 5.2x, run at
+    save time) accept only the literal ``"eager"``, although ours returns the weights too. The internal
+    attribute is set directly so that sub-configs are not touched.
+    """
+    if config._attn_implementation_internal != attention.EAGER:
+        yield
+        return
+    config._attn_implementation_internal = "eager"
+    try:
+        yield
+    finally:
+        config._attn_implementation_internal = attention.EAGER
 
 
 #: Names the attention modules' forward has used for the KV cache, newest first: ``cache`` (transformers
@@ -120,6 +145,26 @@ def cache_past_length(cache, layer_idx: int):
     cache = getattr(cache, "self_attention_cache", cache)  # EncoderDecoderCache (GPT-2 with cross-attention)
     past = cache.get_seq_length(layer_idx)
     return past.clone() if isinstance(past, torch.Tensor) else past
+
+
+def share_weight_conversions(stock: str, ours: str) -> None:
+    """Give ``ours`` (a converted ``model_type`` or class name) the checkpoint key renamings of ``stock``.
+
+    transformers renames checkpoint keys per ``model_type`` or class name when it loads and saves (5.2x:
+    ``GPTNeoXForCausalLM``'s ``lm_head`` is ``embed_out`` on disk) and skips the renamings of classes defined
+    outside the library unless they are registered: without this, a stock GPT-NeoX checkpoint loaded into a
+    converted model silently gets a random ``lm_head``. Idempotent; releases without the registry need nothing.
+    """
+    try:
+        from transformers.conversion_mapping import (
+            get_checkpoint_conversion_mapping,
+            register_checkpoint_conversion_mapping,
+        )
+    except ImportError:
+        return
+    mapping = get_checkpoint_conversion_mapping(stock)
+    if mapping is not None and get_checkpoint_conversion_mapping(ours) is None:
+        register_checkpoint_conversion_mapping(ours, mapping)
 
 
 def check_transformers_version() -> None:

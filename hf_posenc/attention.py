@@ -31,10 +31,11 @@ def key_offset(past, q_len: int, kv_len: int) -> int:
         q_len: Number of queries in this forward.
         kv_len: Number of keys returned by the cache update.
     """
-    live = int(past) + q_len
     # A StaticCache buffer is longer than what it holds (slot j holds position j, slots past `live` are
-    # empty and masked); a dynamic or sliding-window cache returns the last kv_len keys, in order.
-    return 0 if kv_len > live else live - kv_len
+    # empty and masked); a dynamic or sliding-window cache returns the last kv_len keys, in order. Tensor
+    # arithmetic on StaticCache's counter: int() of it is a data-dependent guard that torch.compile refuses.
+    offset = past + q_len - kv_len
+    return offset.clamp(min=0) if isinstance(offset, torch.Tensor) else max(0, offset)
 
 
 def positions(past, q_len: int, kv_len: int, device) -> tuple[torch.Tensor, torch.Tensor]:
@@ -46,8 +47,15 @@ def positions(past, q_len: int, kv_len: int, device) -> tuple[torch.Tensor, torc
 
 def causal_diagonal(past, q_len: int, kv_len: int) -> int:
     """``q_pos[0] - k_pos[0]`` of :func:`positions`: causal query row ``r`` may see key index ``j`` iff
-    ``j <= r + diagonal``."""
-    return int(past) - key_offset(past, q_len, kv_len)
+    ``j <= r + diagonal``. A Python int, as it sizes tiles: not for use under ``torch.compile``."""
+    return int(past - key_offset(past, q_len, kv_len))
+
+
+def _eager_only_paths() -> bool:
+    """Whether the fused CPU kernels and the tiled paths may run. They size their loops from the cache
+    counter (data-dependent for StaticCache) and set thread flags (denormal flushing), which torch.compile
+    cannot trace: compiled forwards take the plain paths, which compute the same attention."""
+    return not torch.compiler.is_compiling()
 
 
 def allowed_keys(
@@ -226,7 +234,7 @@ def posenc_attention(
                 # one-token decode steps: padding the whole cache costs more than a [H, 1, kv] bias row.
                 head_dim = value.shape[-1]
                 query, key, value = posenc.fold_into_head_dim(query, key, value, k_pos, scaling)
-                if cpu_attention.available(query, dropout if module.training else 0.0):
+                if _eager_only_paths() and cpu_attention.available(query, dropout if module.training else 0.0):
                     # The far keys' weights are denormals: flushing them keeps the fused kernels fast.
                     output = cpu_attention.flash_attention(query, key, value, allowed, plain_causal, scaling,
                                                            flush_denormals=True)
@@ -234,16 +242,21 @@ def posenc_attention(
                     output, _ = sdpa_attention(query, key, value, allowed, None, scaling, dropout,
                                                module.training, plain_causal)
                 return output[..., :head_dim].transpose(1, 2).contiguous(), None
-            if backend == "sdpa" and causal and hasattr(posenc, "bias_diagonals"):
+            if backend == "sdpa" and causal and hasattr(posenc, "bias_diagonals") and _eager_only_paths():
                 output = causal_bias_sdpa(query, key, value, posenc, allowed, q_pos, k_pos, scaling, dropout,
                                           module.training, causal_diagonal(posenc_past, q_len, kv_len))
                 return output.transpose(1, 2).contiguous(), None
-            # Left: the eager backend (explicit weights) and bidirectional (encoder) biases.
+            # Left: the eager backend (explicit weights), bidirectional (encoder) biases and compiled forwards.
             bias = posenc.bias(q_pos, k_pos, causal)
+            if allowed is None and causal:  # sdpa's causal flag is off with a float bias: causality goes in the mask
+                allowed = allowed_keys(None, q_pos, k_pos, causal)
         elif posenc.route == "attend":
             # Causal query row r sees keys j <= r + diagonal (both position ranges are consecutive). With
             # no mask the encoding builds causality per block instead of a [q, kv] mask here.
             diagonal = causal_diagonal(posenc_past, q_len, kv_len) if causal else None
+            if causal and not _eager_only_paths():
+                # Compiled: a mask alone makes it causal; without one, queries and keys align (diagonal 0).
+                diagonal = 0 if allowed is None else None
             key, value = _expand_kv(key, query.shape[1]), _expand_kv(value, query.shape[1])
             output, weights = posenc.attend(query, key, value, allowed, scaling, return_weights=backend == "eager",
                                             diagonal=diagonal)

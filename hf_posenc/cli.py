@@ -24,6 +24,7 @@ import yaml
 from tqdm.auto import tqdm
 
 from .config import KINDS, PosEncConfig
+from .modeling import TASKS
 
 logger = logging.getLogger("hf_posenc")
 
@@ -60,8 +61,12 @@ def check_source(source: str) -> None:
                                 "or a Hub id 'namespace/name').")
 
 
-def load_model(source: str, dtype: str = "auto", attn_implementation: str | None = None):
-    """Load a model from a local folder, a Hub id, or a ``.gguf`` file, with its stock Auto class."""
+def load_model(source: str, dtype: str = "auto", attn_implementation: str | None = None, task: str | None = None):
+    """Load a model from a local folder, a Hub id, or a ``.gguf`` file.
+
+    ``task`` (a key of :data:`hf_posenc.modeling.TASKS`, e.g. ``"sequence-classification"``) picks the Auto
+    class; without it, the class the checkpoint names.
+    """
     import transformers
     from transformers import AutoConfig
 
@@ -77,6 +82,8 @@ def load_model(source: str, dtype: str = "auto", attn_implementation: str | None
     config = AutoConfig.from_pretrained(location, **({"gguf_file": kwargs["gguf_file"]} if "gguf_file" in kwargs else {}))
     architectures = getattr(config, "architectures", None) or []
     model_class = getattr(transformers, architectures[0], None) if architectures else None
+    if task is not None:
+        model_class = getattr(transformers, TASKS[task][0])
     if model_class is None:  # e.g. GGUF configs name no architecture: a causal LM if the type has one
         from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
 
@@ -100,7 +107,7 @@ def cmd_convert(args: argparse.Namespace) -> int:
         raise FileExistsError(f"--out {out} exists and is not empty; pass --overwrite to replace its files.")
     with tqdm(total=3, desc="hf-posenc convert", unit="step") as bar:
         bar.set_postfix_str(f"loading {args.model}")
-        model = load_model(args.model, args.dtype, args.attn_implementation)
+        model = load_model(args.model, args.dtype, args.attn_implementation, args.task)
         bar.update()
         bar.set_postfix_str(f"converting to {posenc.kind}")
         convert(model, posenc)
@@ -220,6 +227,9 @@ def build_parser() -> argparse.ArgumentParser:
     convert.add_argument("--out", required=True, help="output folder")
     convert.add_argument("--dtype", default="auto", help="torch dtype to load in (auto, float32, bfloat16, ...)")
     convert.add_argument("--attn-implementation", choices=["eager", "sdpa"], default=None)
+    convert.add_argument("--task", choices=list(TASKS), default=None,
+                         help="the head to load and save (its Auto class), e.g. sequence-classification; "
+                              "default: the architecture the checkpoint names")
     convert.add_argument("--no-tokenizer", dest="tokenizer", action="store_false", help="do not copy the tokenizer")
     convert.add_argument("--overwrite", action="store_true", help="allow a non-empty --out")
     convert.set_defaults(func=cmd_convert)

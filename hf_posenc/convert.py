@@ -345,9 +345,13 @@ def _device_of(module: nn.Module):
 def _extend_position_buffers(embeddings: nn.Module, state: _State, length: int = 1 << 16) -> None:
     """BERT slices default ``position_ids``/``token_type_ids`` from buffers sized
     ``max_position_embeddings``; without absolute positions the model can read longer inputs.
-    The original buffers go into ``state`` for :func:`revert`."""
+
+    On the meta device (``from_pretrained`` builds there) the longer buffers are made on meta too: the stock
+    ``_init_weights`` fills both buffers for their own shape when the model is materialised. The original
+    buffers go into ``state`` for :func:`revert`.
+    """
     device = embeddings.position_ids.device
-    if device.type == "meta" or embeddings.position_ids.shape[-1] >= length:
+    if embeddings.position_ids.shape[-1] >= length:
         return
     for name in ("position_ids", "token_type_ids"):
         if hasattr(embeddings, name):
@@ -372,9 +376,13 @@ def _make_pre_hook(neutralise_rope: bool, use_attention: bool, cache_argument: t
     def hook(module, args, kwargs):
         if neutralise_rope and kwargs.get("position_embeddings") is not None:
             cos, sin = kwargs["position_embeddings"]
-            if identity["source"] is not cos:
-                identity["source"], identity["pair"] = cos, (torch.ones_like(cos), torch.zeros_like(sin))
-            kwargs["position_embeddings"] = identity["pair"]
+            if torch.compiler.is_compiling():
+                # No cached pair under torch.compile: it would guard on the stored tensor and recompile per step.
+                kwargs["position_embeddings"] = (torch.ones_like(cos), torch.zeros_like(sin))
+            else:
+                if identity["source"] is not cos:
+                    identity["source"], identity["pair"] = cos, (torch.ones_like(cos), torch.zeros_like(sin))
+                kwargs["position_embeddings"] = identity["pair"]
         if use_attention:
             backend = module.config._attn_implementation
             if backend not in (attention.EAGER, attention.SDPA):
@@ -523,11 +531,11 @@ def undo_conversion(model: nn.Module) -> nn.Module:
         for attn in attention_modules(model, arch):
             if "posenc" in attn._modules:
                 del attn._modules["posenc"]
-        if state.attn_implementation is not None:
-            _hf.set_attn_implementation(model, state.attn_implementation)
-        if state.classes is not None:
+        if state.classes is not None:  # first: the HfPosenc classes map stock backend names to ours
             model.__class__, config.__class__ = state.classes
             _forget_own_auto_map(config.__dict__)
+        if state.attn_implementation is not None:
+            _hf.set_attn_implementation(model, state.attn_implementation)
     if state.native and state.rope_backup[CONFIG_KEY] is not None:
         setattr(config, CONFIG_KEY, state.rope_backup[CONFIG_KEY])
     elif hasattr(config, CONFIG_KEY):

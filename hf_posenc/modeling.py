@@ -16,25 +16,31 @@ import contextlib
 import logging
 
 import transformers
-from transformers import AutoConfig, AutoModel, AutoModelForCausalLM, AutoModelForMaskedLM
+from transformers import AutoConfig
+from transformers.models.auto import modeling_auto
 from transformers.models.auto.configuration_auto import CONFIG_MAPPING
-from transformers.models.auto.modeling_auto import (
-    MODEL_FOR_CAUSAL_LM_MAPPING_NAMES,
-    MODEL_FOR_MASKED_LM_MAPPING_NAMES,
-    MODEL_MAPPING_NAMES,
-)
 
+from . import _hf, attention
 from .architectures import ARCHITECTURES, MODEL_TYPE_PREFIX, architecture_of
 from .config import CONFIG_KEY, PosEncConfig
 from .encodings.base import PositionModule
 
 STUB_MODULE = "hf_posenc.modeling_hf_posenc"
 CLASS_PREFIX = "HfPosenc"
-_AUTO_CLASSES = (
-    (AutoModel, MODEL_MAPPING_NAMES),
-    (AutoModelForCausalLM, MODEL_FOR_CAUSAL_LM_MAPPING_NAMES),
-    (AutoModelForMaskedLM, MODEL_FOR_MASKED_LM_MAPPING_NAMES),
-)
+#: ``hf-posenc convert --task`` -> (Auto class, transformers' table of stock class names per model_type).
+#: Every head a stock architecture has in these tables is registered for its converted model_type, so a new
+#: architecture row gets its heads without code; the base model comes first (``AutoModel`` maps to it).
+TASKS = {
+    "base": ("AutoModel", "MODEL_MAPPING_NAMES"),
+    "causal-lm": ("AutoModelForCausalLM", "MODEL_FOR_CAUSAL_LM_MAPPING_NAMES"),
+    "masked-lm": ("AutoModelForMaskedLM", "MODEL_FOR_MASKED_LM_MAPPING_NAMES"),
+    "sequence-classification": ("AutoModelForSequenceClassification",
+                                "MODEL_FOR_SEQUENCE_CLASSIFICATION_MAPPING_NAMES"),
+    "token-classification": ("AutoModelForTokenClassification", "MODEL_FOR_TOKEN_CLASSIFICATION_MAPPING_NAMES"),
+    "question-answering": ("AutoModelForQuestionAnswering", "MODEL_FOR_QUESTION_ANSWERING_MAPPING_NAMES"),
+    "multiple-choice": ("AutoModelForMultipleChoice", "MODEL_FOR_MULTIPLE_CHOICE_MAPPING_NAMES"),
+}
+_AUTO_CLASSES = tuple((getattr(transformers, auto), getattr(modeling_auto, names)) for auto, names in TASKS.values())
 _classes: dict[str, type] = {}
 
 
@@ -59,8 +65,24 @@ def _stock_checkpoint_expected(stock_type: str, own_type: str):
         logger.removeFilter(expected)
 
 
+def auto_map(model_type: str) -> dict[str, str]:
+    """The ``auto_map`` of a converted checkpoint of the stock ``model_type``: AutoConfig and every Auto
+    class the architecture has, each to its ``HfPosenc`` class in the remote-code stub."""
+    stub = STUB_MODULE.rpartition(".")[2]
+    out = {"AutoConfig": f"{stub}.{CLASS_PREFIX}{CONFIG_MAPPING[model_type].__name__}"}
+    for auto, names in _AUTO_CLASSES:
+        if model_type in names:
+            out[auto.__name__] = f"{stub}.{CLASS_PREFIX}{names[model_type]}"
+    return out
+
+
 def posenc_config_class(base: type) -> type:
-    """``HfPosenc<Config>``: the stock config class with ``model_type = "hf_posenc_<type>"``."""
+    """``HfPosenc<Config>``: the stock config class with ``model_type = "hf_posenc_<type>"``.
+
+    It also lets ``output_attentions`` pair with ``hf_posenc_eager`` (transformers' own check knows only the
+    literal ``"eager"``; ours returns the weights as well), and serialises an ``auto_map`` naming every Auto
+    class of the architecture, whichever head was saved.
+    """
     name = CLASS_PREFIX + base.__name__
     if name not in _classes:
 
@@ -71,17 +93,38 @@ def posenc_config_class(base: type) -> type:
             with _stock_checkpoint_expected(base.model_type, cls.model_type):
                 return base.from_pretrained.__func__(cls, *args, **kwargs)
 
-        _classes[name] = type(
-            name,
-            (base,),
-            {
-                "model_type": MODEL_TYPE_PREFIX + base.model_type,
-                "from_pretrained": from_pretrained,
-                "__module__": STUB_MODULE,
-                "__doc__": f"{base.__name__} of a model converted by hf_posenc (encoding in `config.{CONFIG_KEY}`).",
-                "_auto_class": "AutoConfig",
-            },
-        )
+        stock_output_attentions = base.output_attentions
+
+        def set_output_attentions(self, value):
+            if value and self._attn_implementation == attention.EAGER:
+                self._output_attentions = value
+            else:
+                stock_output_attentions.fset(self, value)
+
+        def validate(self):
+            # The stock save-time validation refuses output_attentions with any backend but "eager": show it
+            # the stock name of ours while it runs (its other checks are unchanged).
+            with _hf.stock_backend_name(self):
+                base.validate(self)
+
+        def to_dict(self):
+            output = base.to_dict(self)
+            output["auto_map"] = {**output.get("auto_map", {}), **auto_map(base.model_type)}
+            return output
+
+        namespace = {
+            "model_type": MODEL_TYPE_PREFIX + base.model_type,
+            "__module__": STUB_MODULE,
+            "__doc__": f"{base.__name__} of a model converted by hf_posenc (encoding in `config.{CONFIG_KEY}`).",
+            "_auto_class": "AutoConfig",
+            "output_attentions": property(stock_output_attentions.fget, set_output_attentions,
+                                          doc=stock_output_attentions.__doc__),
+            "to_dict": to_dict,
+            "from_pretrained": from_pretrained,
+        }
+        if hasattr(base, "validate"):  # strict configs (transformers 5.2x) validate at save time
+            namespace["validate"] = validate
+        _classes[name] = type(name, (base,), namespace)
     return _classes[name]
 
 
@@ -141,11 +184,19 @@ def posenc_class(base: type) -> type:
                 if isinstance(module, PositionModule) and not _loaded(module):
                     module.reset_parameters()
 
+        def check_and_adjust_attn_implementation(self, requested, *args, **kwargs):
+            # Called by `__init__` (so also by from_pretrained(attn_implementation=...)) and by
+            # set_attn_implementation: map the stock names to ours, refuse what would drop the encoding.
+            return base._check_and_adjust_attn_implementation(
+                self, attn_implementation_for(self.config, requested), *args, **kwargs)
+
+        _hf.share_weight_conversions(base.__name__, name)
         _classes[name] = type(
             name,
             (base,),
             {
                 "__init__": __init__,
+                _hf.ATTN_IMPLEMENTATION_CHECK: check_and_adjust_attn_implementation,
                 "_init_weights": _init_weights,
                 "_initialize_missing_keys": _initialize_missing_keys,
                 "config_class": posenc_config_class(base.config_class),
@@ -160,6 +211,37 @@ def posenc_class(base: type) -> type:
 def stock_class(cls: type) -> type:
     """The stock transformers class an ``HfPosenc`` class was made from (``cls`` itself if stock)."""
     return next(c for c in cls.__mro__ if not c.__name__.startswith(CLASS_PREFIX))
+
+
+def attn_implementation_for(config, requested: str | None) -> str | None:
+    """The attention name a converted model runs when asked for ``requested``.
+
+    Encodings that need an attention function of ours map ``eager``/``sdpa`` (and None, transformers'
+    default) to ``hf_posenc_eager``/``hf_posenc_sdpa``; encodings that do not (NoPE) keep every stock backend
+    and map ours back to the stock name.
+
+    Raises:
+        ValueError: A backend that cannot express the encoding (flash attention, flex attention, kernels).
+    """
+    from .convert import needs_attention_function
+
+    posenc_dict = getattr(config, CONFIG_KEY, None)
+    if not posenc_dict or not isinstance(requested, (str, type(None))):
+        return requested  # nothing recorded yet, or a per-sub-config dict: transformers decides
+    posenc = PosEncConfig.from_dict(posenc_dict)
+    ours = {value: key for key, value in attention.BACKENDS.items()}
+    if not needs_attention_function(posenc, config, architecture_of(config)):
+        return ours.get(requested, requested)
+    requested = requested or "sdpa"
+    if requested in ours:
+        return requested
+    if requested in attention.BACKENDS:
+        return attention.BACKENDS[requested]
+    allowed = sorted([*attention.BACKENDS, *ours])
+    raise ValueError(
+        f"attn_implementation={requested!r} cannot express the {posenc.kind!r} encoding of this hf_posenc model "
+        f"(it needs an additive bias, the full logits or rotation at attention time); allowed: {allowed}."
+    )
 
 
 def class_by_name(name: str) -> type:
@@ -180,6 +262,7 @@ def register_auto_classes() -> None:
         config_cls = posenc_config_class(CONFIG_MAPPING[model_type])
         if config_cls.model_type not in CONFIG_MAPPING:
             AutoConfig.register(config_cls.model_type, config_cls)
+        _hf.share_weight_conversions(model_type, config_cls.model_type)
         for auto, names in _AUTO_CLASSES:
             stock_name = names.get(model_type)
             if stock_name is None:

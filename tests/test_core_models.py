@@ -163,7 +163,9 @@ def test_conversion_is_per_instance():
 
 def test_switching_to_stock_backend_is_refused():
     model = hf_posenc.convert(tiny_model("llama", "sdpa"), PosEncConfig(kind="alibi"))
-    model.set_attn_implementation("sdpa")
+    # set_attn_implementation maps stock names to ours (test_stock_backends); a config written behind its
+    # back still cannot run the stock function silently.
+    model.config._attn_implementation_internal = "sdpa"
     with pytest.raises(RuntimeError, match="drops its positional encoding"):
         model(input_ids())
     hf_posenc.set_backend(model, "sdpa")
