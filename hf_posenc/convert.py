@@ -428,6 +428,9 @@ def remember_origin(model: nn.Module) -> _Origin:
         if snapshot.get("architectures"):
             snapshot["architectures"] = [name.removeprefix(CLASS_PREFIX) for name in snapshot["architectures"]]
         backend = state.attn_implementation or _hf.attn_implementation(model)
+        # A model built converted may have been built on our backend already: its stock origin runs the
+        # stock backend of the same name.
+        backend = {ours: stock for stock, ours in attention.BACKENDS.items()}.get(backend, backend)
         origin = _Origin(stock_class(type(model)), stock_class(type(config)), snapshot, backend, loaded=True)
     setattr(model, _ORIGIN_ATTR, origin)
     return origin

@@ -37,7 +37,7 @@ BASE = "path/to/llama"
 # Placeholder in a snippet -> what the test uses (format fields: base, user).
 SUBSTITUTIONS = {BASE: "{base}", "me/": "{user}/"}
 # Names a README states that are neither repository files nor produced by a snippet run here.
-PLACEHOLDERS = {"/path/to/hf_posenc", "hf_posenc-*.whl", "~/.cache/hf_posenc", ".csv", ".json", ".gguf"}
+PLACEHOLDERS = {"hf_posenc/_recipes", "metrics/<name>/", "/path/to/hf_posenc", "hf_posenc-*.whl", "~/.cache/hf_posenc", ".csv", ".json", ".gguf"}
 # Outputs of long runs that are not run here -> the committed file the same code wrote.
 PRODUCED = {
     "runs/compare_quick/results.md": "recipes/results/compare_quick/results.md",
@@ -132,14 +132,29 @@ def _dry_run_compare(argv: list[str]) -> str:
     from hf_posenc.cli import build_parser
     from hf_posenc.extension.recipe_config import CompareConfig
     from hf_posenc.extension.typed_config import load_config
+    from hf_posenc.presets import resolve_config
 
     args, extra = build_parser().parse_known_args(["compare", *argv])
     overrides = [*args.overrides, *extra]
     assert all("=" in word for word in overrides), overrides
-    load_config(CompareConfig, REPO / args.config, overrides)
+    config = REPO / args.config if (REPO / args.config).is_file() else resolve_config(args.config, "compare")
+    load_config(CompareConfig, config, overrides)
     if args.readme:
         assert (REPO / args.readme).is_file(), args.readme
     return "compare dry run (parsed, config + overrides validated)"
+
+
+def _check_installed_recipe(words: list[str]) -> str:
+    """``accelerate launch $(hf-posenc recipes path NAME) --config PRESET`` (or ``python $(...)``): the
+    script and the preset it names both resolve (running them is the recipes' own tests' job)."""
+    from hf_posenc.presets import find, resolve_config
+
+    name = words[words.index("path") + 1].rstrip(")")
+    script = find(name, ("recipe",)).path
+    assert script.is_file(), script
+    kind = "finetune" if "finetune" in name else "evaluate"
+    assert resolve_config(words[words.index("--config") + 1], kind).is_file()
+    return "installed recipe resolved"
 
 
 def test_bash_snippets_run_or_dry_run(base_folder, hub_server, tmp_path, monkeypatch, capsys):  # noqa: F811
@@ -162,6 +177,8 @@ def test_bash_snippets_run_or_dry_run(base_folder, hub_server, tmp_path, monkeyp
                 elif words[0] == "hf-posenc":
                     assert main(words[1:]) == 0, where
                     checked.append(f"ran {words[1]}")
+                elif "$(hf-posenc" in words and words[0] in ("accelerate", "python"):
+                    checked.append(_check_installed_recipe(words))
                 elif words[:3] == ["python", "-m", "pytest"]:
                     assert "-n" not in words or importlib.util.find_spec("xdist"), where
                     checked.append("pytest (not run: this suite)")
