@@ -73,10 +73,16 @@ def _expand_kv(x: torch.Tensor, num_heads: int) -> torch.Tensor:
     return x if groups == 1 else x.repeat_interleave(groups, dim=1)
 
 
-def eager_attention(query, key, value, allowed, bias, scaling, dropout, training):
-    """Reference attention: explicit scores and probabilities (supports ``output_attentions``)."""
+def eager_attention(query, key, value, allowed, bias, scaling, dropout, training, softcap=None):
+    """Reference attention: explicit scores and probabilities (supports ``output_attentions``).
+
+    ``softcap`` (Gemma 2): the content logits become ``tanh(s / c) * c`` as in stock eager attention; a
+    position bias is added after the cap, so that ALiBi/T5 distances are not squashed with the logits.
+    """
     key, value = _expand_kv(key, query.shape[1]), _expand_kv(value, query.shape[1])
     scores = torch.matmul(query, key.transpose(2, 3)) * scaling
+    if softcap is not None:
+        scores = torch.tanh(scores / softcap) * softcap
     if bias is not None:
         # fp32 so that large distance biases (ALiBi at long range) keep their resolution in bf16 models.
         scores = scores.float() + bias
@@ -186,6 +192,8 @@ def posenc_attention(
     """
     posenc: PositionModule | None = getattr(module, "posenc", None)
     causal = getattr(module, "is_causal", True)
+    # Logit soft-capping needs the logits: such layers take the explicit-scores path on either backend.
+    softcap = kwargs.get("softcap")
     scaling = query.shape[-1] ** -0.5 if scaling is None else scaling
     q_len, kv_len = query.shape[2], key.shape[2]
     q_pos, k_pos = positions(posenc_past, q_len, kv_len, query.device)
@@ -197,6 +205,8 @@ def posenc_attention(
     if posenc is not None:
         if posenc.route == "rotate":
             query, key = posenc.rotate(query, key, q_pos, k_pos)
+        elif posenc.route == "bias" and softcap is not None:
+            bias = posenc.bias(q_pos, k_pos, causal)
         elif posenc.route == "bias":
             if (backend == "sdpa" and causal and query.dtype == torch.float32 and q_len > 1
                     and hasattr(posenc, "fold_into_head_dim")):
@@ -220,6 +230,9 @@ def posenc_attention(
             # Left: the eager backend (explicit weights) and bidirectional (encoder) biases.
             bias = posenc.bias(q_pos, k_pos, causal)
         elif posenc.route == "attend":
+            if softcap is not None:
+                raise ValueError(f"{type(posenc).__name__} computes its own logits and cannot soft-cap them "
+                                 f"(softcap={softcap}); conversion refuses this combination.")
             # Causal query row r sees keys j <= r + diagonal (both position ranges are consecutive). With
             # no mask the encoding builds causality per block instead of a [q, kv] mask here.
             diagonal = causal_diagonal(posenc_past, q_len, kv_len) if causal else None
@@ -228,8 +241,9 @@ def posenc_attention(
                                             diagonal=diagonal)
             return output.transpose(1, 2).contiguous(), weights
     training = module.training
-    if backend == "eager":
-        output, weights = eager_attention(query, key, value, allowed, bias, scaling, dropout, training)
+    if backend == "eager" or softcap is not None:
+        output, weights = eager_attention(query, key, value, allowed, bias, scaling, dropout, training, softcap)
+        weights = weights if backend == "eager" else None
     else:
         output, weights = sdpa_attention(query, key, value, allowed, bias, scaling, dropout, training, plain_causal)
     return output.transpose(1, 2).contiguous(), weights
