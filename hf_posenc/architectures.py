@@ -127,9 +127,9 @@ ARCHITECTURES: dict[str, Architecture] = {
         Architecture("bert", layers="encoder.layer", attention="attention.self", **_BERT_LIKE, name="BERT"),
         Architecture("gemma", layers="layers", attention="self_attn", rope="native", name="Gemma"),
         Architecture("gemma2", layers="layers", attention="self_attn", rope="native", refusals=(_SOFTCAP_COPE,),
-                     name="Gemma 2", notes="attention-logit soft-capping, alternating sliding-window layers"),
+                     name="Gemma 2", notes="attention-logit soft-capping, alternating sliding-window layers; eager only (no stock sdpa)"),
         Architecture("gemma3_text", layers="layers", attention="self_attn", rope="native",
-                     qk_norms=("q_norm", "k_norm"), refusals=(_SOFTCAP_COPE,), name="Gemma 3 (text)",
+                     qk_norms=("q_norm", "k_norm"), name="Gemma 3 (text)",
                      notes="local/global RoPE bases per layer type, sliding-window layers, q/k norms"),
         Architecture("phi3", layers="layers", attention="self_attn", rope="native_partial", q_proj="qkv_proj",
                      k_proj="qkv_proj", fused="qkv", lora_targets=("qkv_proj", "o_proj"), rope_types=("default", "longrope"),
@@ -176,7 +176,7 @@ ARCHITECTURES: dict[str, Architecture] = {
         ),
         Architecture(
             "modernbert", layers="layers", attention="attn", rope="native", causal=False, q_proj="Wqkv",
-            k_proj="Wqkv", fused="qkv", lora_targets=("Wqkv", "Wo"), cache=False, name="ModernBERT",
+            k_proj="Wqkv", fused="qkv", lora_targets=("Wqkv", "attn.Wo"), cache=False, name="ModernBERT",
             notes="global/local RoPE bases, local attention window, fused Wqkv",
         ),
     )

@@ -194,12 +194,13 @@ def posenc_attention(
     causal = getattr(module, "is_causal", True)
     # Logit soft-capping needs the logits: such layers take the explicit-scores path on either backend.
     softcap = kwargs.get("softcap")
+    explicit = backend == "eager" or softcap is not None
     scaling = query.shape[-1] ** -0.5 if scaling is None else scaling
     q_len, kv_len = query.shape[2], key.shape[2]
     q_pos, k_pos = positions(posenc_past, q_len, kv_len, query.device)
     # Stock fast path: no mask given and queries aligned with keys (prefill without a StaticCache).
     plain_causal = causal and attention_mask is None and q_len == kv_len
-    allowed = None if (plain_causal and backend == "sdpa") else allowed_keys(attention_mask, q_pos, k_pos, causal)
+    allowed = None if (plain_causal and not explicit) else allowed_keys(attention_mask, q_pos, k_pos, causal)
 
     bias = None
     if posenc is not None:
@@ -241,7 +242,7 @@ def posenc_attention(
                                             diagonal=diagonal)
             return output.transpose(1, 2).contiguous(), weights
     training = module.training
-    if backend == "eager" or softcap is not None:
+    if explicit:
         output, weights = eager_attention(query, key, value, allowed, bias, scaling, dropout, training, softcap)
         weights = weights if backend == "eager" else None
     else:

@@ -40,9 +40,10 @@ CONFIGS = {
     "gpt2": lambda: _config("GPT2Config", vocab_size=VOCAB, n_embd=32, n_layer=2, n_head=4, n_positions=128),
     "bert": lambda: _config("BertConfig", **_COMMON),
     "gemma": lambda: _config("GemmaConfig", **_COMMON, num_key_value_heads=2, head_dim=8),
-    # Soft-capping at 2 (stock: 50) so that it changes the logits of a tiny random model.
+    # Soft-capping at 2 (stock: 50) and larger weights, so that the cap changes the logits of a tiny model.
     "gemma2": lambda: _config("Gemma2Config", **_COMMON, num_key_value_heads=2, head_dim=8, query_pre_attn_scalar=8,
-                              attn_logit_softcapping=2.0, final_logit_softcapping=5.0, **_ALTERNATING),
+                              attn_logit_softcapping=2.0, final_logit_softcapping=5.0, initializer_range=0.2,
+                              **_ALTERNATING),
     "gemma3_text": lambda: _config("Gemma3TextConfig", **_COMMON, num_key_value_heads=2, head_dim=8,
                                    query_pre_attn_scalar=8, **_ALTERNATING),
     "phi3": lambda: _config("Phi3Config", **_COMMON, num_key_value_heads=2, partial_rotary_factor=0.5, **_TOKENS),
