@@ -62,6 +62,8 @@ def allowed_keys(
         if not causal:
             return None
         return (k_pos[None, :] <= q_pos[:, None])[None, None]
+    # Older-style masks (StableLM before transformers 5.2) may be longer than the keys: stock eager slices too.
+    attention_mask = attention_mask[..., : k_pos.shape[0]]
     if attention_mask.dtype == torch.bool:
         return attention_mask
     return attention_mask > torch.finfo(attention_mask.dtype).min / 2

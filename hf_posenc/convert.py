@@ -150,7 +150,16 @@ def uses_native_rope(posenc: PosEncConfig, config, arch: Architecture) -> bool:
     if arch.rope_types is not None and posenc.rope_type not in arch.rope_types:
         return False  # e.g. Phi-3's config validation accepts longrope only
     partial = resolved_rope_parameters(posenc, config, arch)["partial_rotary_factor"]
-    return arch.rope == "native_partial" or partial == 1.0
+    if not (arch.rope == "native_partial" or partial == 1.0):
+        return False
+    if rope_layer_types(config) is not None and posenc.rope_type != "default":
+        # transformers 5.1 validates scaled types on per-layer-type parameters by reading the outer dict
+        # (KeyError): a stock config that cannot be built is not native; the plug-in expresses it.
+        try:
+            _write_native_rope(copy.deepcopy(config), posenc, arch)
+        except (KeyError, TypeError):
+            return False
+    return True
 
 
 def resolve_layout(posenc: PosEncConfig, arch: Architecture) -> PosEncConfig:

@@ -28,6 +28,16 @@ from hf_posenc import PosEncConfig, support
 from hf_posenc.architectures import ARCHITECTURES
 
 ROOT = Path(__file__).resolve().parent.parent
+#: transformers 5.1's validate_rope reads original_max_position_embeddings from the outer dict of
+#: per-layer-type parameters: stock YaRN on Gemma 3 / ModernBERT fails there (checked independently here).
+_probe = tiny_config("gemma3_text")
+_probe.rope_parameters = {t: {"rope_type": "yarn", "rope_theta": 1e4, "factor": 2.0,
+                              "original_max_position_embeddings": 128} for t in _probe.rope_parameters}
+try:
+    _probe.validate_rope()
+    OLD_ROPE_VALIDATION = False
+except KeyError:
+    OLD_ROPE_VALIDATION = True
 
 
 def test_every_row_is_tested_and_every_tested_config_is_a_row():
@@ -67,9 +77,18 @@ def test_cope_on_encoders_is_refused(arch):
         hf_posenc.convert(tiny_model(arch), PosEncConfig(kind="cope"))
 
 
-def test_sdpa_on_a_class_without_sdpa_is_refused_naming_the_fix():
-    with pytest.raises(ValueError, match="does not support attn_implementation='sdpa'.*use 'eager'"):
-        hf_posenc.convert(tiny_model("gemma2"), PosEncConfig(kind="alibi"), attn_implementation="sdpa")
+def test_sdpa_on_gemma2_is_refused_or_soft_caps():
+    """transformers 5.2+ marks Gemma 2 as without sdpa (no softcap there): refused, naming the fix. 5.1
+    allows it: then our sdpa function must still cap the logits, exactly like our eager one."""
+    if not type(tiny_model("gemma2"))._supports_sdpa:
+        with pytest.raises(ValueError, match="does not support attn_implementation='sdpa'.*use 'eager'"):
+            hf_posenc.convert(tiny_model("gemma2"), PosEncConfig(kind="alibi"), attn_implementation="sdpa")
+        return
+    x = input_ids()
+    eager = hf_posenc.convert(tiny_model("gemma2"), PosEncConfig(kind="alibi"), attn_implementation="eager")
+    sdpa = hf_posenc.convert(tiny_model("gemma2"), PosEncConfig(kind="alibi"), attn_implementation="sdpa")
+    with torch.no_grad():
+        torch.testing.assert_close(sdpa(x).logits, eager(x).logits, rtol=1e-5, atol=1e-5)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -239,8 +258,9 @@ def test_every_row_reloads_in_a_fresh_process(saved_rows, reloaded, arch, kind, 
     path, expected = saved_rows[(arch, kind)]
     assert torch.equal(torch.load(Path(path, f"out-{route}.pt")), expected)
     config = json.loads(Path(path, "config.json").read_text())
-    # Native YaRN saves a stock checkpoint, except on Phi-3, whose config accepts longrope only.
-    if kind == "yarn" and arch != "phi3":
+    # Native YaRN saves a stock checkpoint, except where the stock config cannot take it: Phi-3 accepts
+    # longrope only, and transformers 5.1 cannot validate YaRN on per-layer-type RoPE (Gemma 3, ModernBERT).
+    if kind == "yarn" and arch != "phi3" and not (arch in ("gemma3_text", "modernbert") and OLD_ROPE_VALIDATION):
         assert config["model_type"] == arch and "auto_map" not in config
         assert not reloaded[route][path].startswith("HfPosenc")
     else:
