@@ -311,3 +311,18 @@ def test_lora_on_every_row(tmp_path, arch):
     with torch.no_grad():
         assert torch.equal(reloaded(x)[0], expected)
         torch.testing.assert_close(reloaded.merge_and_unload()(x)[0], expected, rtol=1e-4, atol=1e-5)
+
+
+def test_hub_accepts_a_native_checkpoint_in_its_own_layout_only(tmp_path):
+    """Identity on Cohere records layout="interleaved" on a stock checkpoint: loadable by stock
+    transformers, so pushable; the same record on Llama would load without the layout: refused."""
+    from hf_posenc import hub
+
+    cohere = hf_posenc.convert(tiny_model("cohere"), PosEncConfig(kind="rope"))
+    cohere.save_pretrained(tmp_path / "cohere")
+    config = json.loads((tmp_path / "cohere" / "config.json").read_text())
+    assert config["model_type"] == "cohere" and config["posenc"]["layout"] == "interleaved"
+    assert hub._check_loadable(config, tmp_path / "cohere") is True
+    config["model_type"] = "llama"
+    with pytest.raises(hub.NotLoadableError, match="WITHOUT that encoding"):
+        hub._check_loadable(config, tmp_path / "cohere")
