@@ -48,6 +48,19 @@ def attn_implementation(model) -> str:
     return model.config._attn_implementation or "eager"
 
 
+def check_backend(model, backend: str) -> None:
+    """Refuse ``backend="sdpa"`` on a class that does not support SDPA (Gemma 2, whose logit soft-capping
+    SDPA cannot express): transformers rejects every attention name containing ``"sdpa"`` for such a class,
+    ``hf_posenc_sdpa`` included, with an error about SDPA support that would not name the fix.
+
+    Raises:
+        ValueError: The model's class sets ``_supports_sdpa = False``.
+    """
+    if backend == "sdpa" and not getattr(model, "_supports_sdpa", True):
+        raise ValueError(f"{type(model).__name__} does not support attn_implementation='sdpa' in transformers (for "
+                         f"any attention function named *sdpa*, hf_posenc's included); use 'eager'.")
+
+
 def set_attn_implementation(model, name: str) -> None:
     """Switch a loaded model (and its sub-models) to the attention function ``name``."""
     model.set_attn_implementation(name)

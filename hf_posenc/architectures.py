@@ -1,11 +1,31 @@
 """Supported architectures: one row per architecture, no per-architecture code.
 
-Adding an architecture is one row of ``ARCHITECTURES`` plus tests (see CONTRIBUTING.md).
+Adding an architecture is one row of ``ARCHITECTURES`` plus tests (see CONTRIBUTING.md). What an
+architecture cannot take is data too (:class:`Refusal`), so that conversion, the tests and the README
+table all read the same rules.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class Refusal:
+    """An encoding an architecture cannot take, when its config says so.
+
+    Attributes:
+        kinds: The refused ``PosEncConfig.kind`` values.
+        when: A config attribute: the rule holds when it is set (not None/False/0); ``""``: always.
+        why: The reason, quoted in the error (say what the architecture does that the encoding cannot).
+    """
+
+    kinds: tuple[str, ...]
+    when: str
+    why: str
+
+    def applies(self, kind: str, config) -> bool:
+        return kind in self.kinds and (not self.when or bool(getattr(config, self.when, None)))
 
 
 @dataclass(frozen=True)
@@ -22,9 +42,23 @@ class Architecture:
         causal: True for decoders, False for encoders (None: ``config.is_decoder`` decides).
         q_proj, k_proj: Names of the query/key projections in the attention module; for fused
             projections, the fused module name and ``fused`` says the row layout.
-        fused: None, ``"neox"`` (rows ``[H, (q, k, v), D]``) or ``"gpt2"`` (Conv1D columns ``[(q, k, v), H, D]``).
-        qk_norms: Per-head-dim norms applied to q/k before RoPE (their weights follow RoPE layouts).
+        fused: None, ``"neox"`` (rows ``[H, (q, k, v), D]``), ``"qkv"`` (rows ``[q: H*D | k: Hkv*D | v: Hkv*D]``,
+            Phi-3, ModernBERT) or ``"gpt2"`` (Conv1D columns ``[(q, k, v), H, D]``).
+        qk_norms: Norms applied to q/k before RoPE; their weights follow RoPE layouts in blocks of
+            ``head_dim`` whatever their width (per head, per head of a ``[H, D]`` weight, a ModuleList of
+            per-head norms, or the whole projection as in OLMo 2: a norm over the whole projection is
+            unchanged by a permutation applied to its input and its weight alike).
         lora_targets: Default LoRA target modules (the attention projections).
+        rope_layout: The layout of the native RoPE (``"half"`` = rotate_half, ``"interleaved"`` = adjacent
+            pairs as in GPT-J and Cohere); ``PosEncConfig(kind="rope")`` without a layout keeps it.
+        nope_layers: Layers that natively have no RoPE, as ``(config attribute, value)``: layer ``i`` has none
+            iff ``config.<attribute>[i] == value`` (SmolLM3 ``no_rope_layers``, Cohere 2's global layers). A
+            RoPE request without ``layers`` leaves them without, so it stays the identity.
+        rope_types: The ``rope_type`` values the stock config accepts (None: all); others run in the plug-in.
+        cache: False for encoder-only attention modules whose forward takes no KV cache at all.
+        refusals: Encodings this architecture cannot take, and why.
+        name: Display name (README table).
+        notes: What the architecture does around attention that hf_posenc honours (README table).
     """
 
     model_type: str
@@ -38,32 +72,112 @@ class Architecture:
     fused: str | None = None
     qk_norms: tuple[str, ...] = ()
     lora_targets: tuple[str, ...] = ("q_proj", "k_proj", "v_proj", "o_proj")
+    rope_layout: str = "half"
+    nope_layers: tuple[str, object] | None = None
+    rope_types: tuple[str, ...] | None = None
+    cache: bool = True
+    refusals: tuple[Refusal, ...] = ()
+    name: str = ""
+    notes: str = ""
 
+    def native_nope_layers(self, config) -> set[int]:
+        """Indices of the layers without native RoPE (see ``nope_layers``)."""
+        if self.nope_layers is None:
+            return set()
+        attribute, value = self.nope_layers
+        return {i for i, v in enumerate(getattr(config, attribute) or ()) if v == value}
+
+    def refusal(self, kind: str, config) -> Refusal | None:
+        """The first rule that refuses ``kind`` on a model with this config (None: allowed)."""
+        return next((rule for rule in self.refusals if rule.applies(kind, config)), None)
+
+
+#: CoPE needs the logits of its own attention (``attend``); logit soft-capping would have to act inside it.
+_SOFTCAP_COPE = Refusal(
+    ("cope",), "attn_logit_softcapping",
+    "this config soft-caps the attention logits (attn_logit_softcapping) and CoPE computes its gates and "
+    "logits inside its own attention, which does not cap them; set config.attn_logit_softcapping=None first",
+)
+_BERT_LIKE = dict(rope="none", absolute=("embeddings.position_embeddings",), causal=None, q_proj="query",
+                  k_proj="key", lora_targets=("query", "key", "value"))
 
 ARCHITECTURES: dict[str, Architecture] = {
     row.model_type: row
     for row in (
-        Architecture("llama", layers="layers", attention="self_attn", rope="native"),
-        Architecture("mistral", layers="layers", attention="self_attn", rope="native"),
-        Architecture("qwen2", layers="layers", attention="self_attn", rope="native"),
-        Architecture("qwen3", layers="layers", attention="self_attn", rope="native", qk_norms=("q_norm", "k_norm")),
+        Architecture("llama", layers="layers", attention="self_attn", rope="native", name="Llama"),
+        Architecture("mistral", layers="layers", attention="self_attn", rope="native", name="Mistral",
+                     notes="sliding window"),
+        Architecture("qwen2", layers="layers", attention="self_attn", rope="native", name="Qwen2"),
+        Architecture("qwen3", layers="layers", attention="self_attn", rope="native", qk_norms=("q_norm", "k_norm"),
+                     name="Qwen3", notes="q/k norms"),
         Architecture(
             "phi", layers="layers", attention="self_attn", rope="native_partial",
             qk_norms=("q_layernorm", "k_layernorm"), lora_targets=("q_proj", "k_proj", "v_proj", "dense"),
+            name="Phi", notes="partial rotary",
         ),
         Architecture(
             "gpt_neox", layers="layers", attention="attention", rope="native_partial",
             q_proj="query_key_value", k_proj="query_key_value", fused="neox",
-            lora_targets=("query_key_value", "dense"),
+            lora_targets=("query_key_value", "dense"), name="GPT-NeoX", notes="partial rotary, fused qkv",
         ),
         Architecture(
             "gpt2", layers="h", attention="attn", rope="none", absolute=("wpe",),
-            q_proj="c_attn", k_proj="c_attn", fused="gpt2", lora_targets=("c_attn", "c_proj"),
+            q_proj="c_attn", k_proj="c_attn", fused="gpt2", lora_targets=("c_attn", "c_proj"), name="GPT-2",
+        ),
+        Architecture("bert", layers="encoder.layer", attention="attention.self", **_BERT_LIKE, name="BERT"),
+        Architecture("gemma", layers="layers", attention="self_attn", rope="native", name="Gemma"),
+        Architecture("gemma2", layers="layers", attention="self_attn", rope="native", refusals=(_SOFTCAP_COPE,),
+                     name="Gemma 2", notes="attention-logit soft-capping, alternating sliding-window layers; eager only (no stock sdpa)"),
+        Architecture("gemma3_text", layers="layers", attention="self_attn", rope="native",
+                     qk_norms=("q_norm", "k_norm"), name="Gemma 3 (text)",
+                     notes="local/global RoPE bases per layer type, sliding-window layers, q/k norms"),
+        Architecture("phi3", layers="layers", attention="self_attn", rope="native_partial", q_proj="qkv_proj",
+                     k_proj="qkv_proj", fused="qkv", lora_targets=("qkv_proj", "o_proj"), rope_types=("default", "longrope"),
+                     name="Phi-3",
+                     notes="fused qkv_proj, partial rotary"),
+        Architecture("mixtral", layers="layers", attention="self_attn", rope="native", name="Mixtral",
+                     notes="MoE (routing untouched)"),
+        Architecture("qwen2_moe", layers="layers", attention="self_attn", rope="native", name="Qwen2-MoE",
+                     notes="MoE, shared expert"),
+        Architecture("qwen3_moe", layers="layers", attention="self_attn", rope="native",
+                     qk_norms=("q_norm", "k_norm"), name="Qwen3-MoE", notes="MoE, q/k norms"),
+        Architecture("olmo", layers="layers", attention="self_attn", rope="native", name="OLMo",
+                     notes="q/k/v clipping"),
+        Architecture("olmo2", layers="layers", attention="self_attn", rope="native", qk_norms=("q_norm", "k_norm"),
+                     name="OLMo 2", notes="q/k norms over the whole projection"),
+        Architecture("granite", layers="layers", attention="self_attn", rope="native", name="Granite",
+                     notes="attention_multiplier is the logit scale"),
+        Architecture("stablelm", layers="layers", attention="self_attn", rope="native_partial",
+                     qk_norms=("q_layernorm", "k_layernorm"), name="StableLM",
+                     notes="partial rotary, per-head q/k layer norms"),
+        Architecture("starcoder2", layers="layers", attention="self_attn", rope="native", name="Starcoder2",
+                     notes="sliding window"),
+        Architecture("cohere", layers="layers", attention="self_attn", rope="native", rope_layout="interleaved",
+                     qk_norms=("q_norm", "k_norm"), name="Cohere", notes="interleaved RoPE, [H, D] q/k norms"),
+        Architecture("cohere2", layers="layers", attention="self_attn", rope="native", rope_layout="interleaved",
+                     nope_layers=("layer_types", "full_attention"), name="Cohere 2",
+                     notes="interleaved RoPE on sliding-window layers, global layers NoPE"),
+        Architecture("smollm3", layers="layers", attention="self_attn", rope="native", nope_layers=("no_rope_layers", 0),
+                     name="SmolLM3",
+                     notes="native NoPE layers (no_rope_layers)"),
+        Architecture("roberta", layers="encoder.layer", attention="attention.self", **_BERT_LIKE, name="RoBERTa",
+                     notes="position ids offset by padding_idx"),
+        Architecture("xlm-roberta", layers="encoder.layer", attention="attention.self", **_BERT_LIKE,
+                     name="XLM-RoBERTa", notes="position ids offset by padding_idx"),
+        Architecture("camembert", layers="encoder.layer", attention="attention.self", **_BERT_LIKE,
+                     name="CamemBERT", notes="position ids offset by padding_idx"),
+        Architecture("electra", layers="encoder.layer", attention="attention.self", **_BERT_LIKE, name="ELECTRA",
+                     notes="embedding projection"),
+        Architecture("ernie", layers="encoder.layer", attention="attention.self", **_BERT_LIKE, name="ERNIE"),
+        Architecture(
+            "distilbert", layers="transformer.layer", attention="attention", rope="none",
+            absolute=("embeddings.position_embeddings",), causal=False, q_proj="q_lin", k_proj="k_lin",
+            lora_targets=("q_lin", "k_lin", "v_lin", "out_lin"), cache=False, name="DistilBERT",
         ),
         Architecture(
-            "bert", layers="encoder.layer", attention="attention.self", rope="none",
-            absolute=("embeddings.position_embeddings",), causal=None, q_proj="query", k_proj="key",
-            lora_targets=("query", "key", "value"),
+            "modernbert", layers="layers", attention="attn", rope="native", causal=False, q_proj="Wqkv",
+            k_proj="Wqkv", fused="qkv", lora_targets=("Wqkv", "attn.Wo"), cache=False, name="ModernBERT",
+            notes="global/local RoPE bases, local attention window, fused Wqkv",
         ),
     )
 }

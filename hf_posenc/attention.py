@@ -70,6 +70,8 @@ def allowed_keys(
         if not causal:
             return None
         return (k_pos[None, :] <= q_pos[:, None])[None, None]
+    # Older-style masks (StableLM before transformers 5.2) may be longer than the keys: stock eager slices too.
+    attention_mask = attention_mask[..., : k_pos.shape[0]]
     if attention_mask.dtype == torch.bool:
         return attention_mask
     return attention_mask > torch.finfo(attention_mask.dtype).min / 2
@@ -95,10 +97,16 @@ def _expand_kv(x: torch.Tensor, num_heads: int) -> torch.Tensor:
     return x if groups == 1 else x.repeat_interleave(groups, dim=1)
 
 
-def eager_attention(query, key, value, allowed, bias, scaling, dropout, training):
-    """Reference attention: explicit scores and probabilities (supports ``output_attentions``)."""
+def eager_attention(query, key, value, allowed, bias, scaling, dropout, training, softcap=None):
+    """Reference attention: explicit scores and probabilities (supports ``output_attentions``).
+
+    ``softcap`` (Gemma 2): the content logits become ``tanh(s / c) * c`` as in stock eager attention; a
+    position bias is added after the cap, so that ALiBi/T5 distances are not squashed with the logits.
+    """
     key, value = _expand_kv(key, query.shape[1]), _expand_kv(value, query.shape[1])
     scores = torch.matmul(query, key.transpose(2, 3)) * scaling
+    if softcap is not None:
+        scores = torch.tanh(scores / softcap) * softcap
     if bias is not None:
         # fp32 so that large distance biases (ALiBi at long range) keep their resolution in bf16 models.
         scores = scores.float() + bias
@@ -211,6 +219,9 @@ def posenc_attention(
     """
     posenc: PositionModule | None = getattr(module, "posenc", None)
     causal = getattr(module, "is_causal", True)
+    # Logit soft-capping needs the logits: such layers take the explicit-scores path on either backend.
+    softcap = kwargs.get("softcap")
+    explicit = backend == "eager" or softcap is not None
     scaling = query.shape[-1] ** -0.5 if scaling is None else scaling
     q_len, kv_len = query.shape[2], key.shape[2]
     q_pos, k_pos = positions(posenc_past, q_len, kv_len, query.device)
@@ -221,11 +232,13 @@ def posenc_attention(
     query, key, value = query.to(dtype), key.to(dtype), value.to(dtype)
     # Stock fast path: no mask given and queries aligned with keys (prefill without a StaticCache).
     plain_causal = causal and attention_mask is None and q_len == kv_len
-    allowed = None if (plain_causal and backend == "sdpa") else allowed_keys(attention_mask, q_pos, k_pos, causal)
+    allowed = None if (plain_causal and not explicit) else allowed_keys(attention_mask, q_pos, k_pos, causal)
 
     bias = None
     if posenc is not None:
-        if posenc.route == "bias":
+        if posenc.route == "bias" and softcap is not None:
+            bias = posenc.bias(q_pos, k_pos, causal)
+        elif posenc.route == "bias":
             if (backend == "sdpa" and causal and query.dtype == torch.float32 and q_len > 1
                     and hasattr(posenc, "fold_into_head_dim")):
                 # Causal ALiBi rides in one extra head dimension: SDPA keeps its fast causal kernel and no
@@ -251,6 +264,9 @@ def posenc_attention(
             if allowed is None and causal:  # sdpa's causal flag is off with a float bias: causality goes in the mask
                 allowed = allowed_keys(None, q_pos, k_pos, causal)
         elif posenc.route == "attend":
+            if softcap is not None:
+                raise ValueError(f"{type(posenc).__name__} computes its own logits and cannot soft-cap them "
+                                 f"(softcap={softcap}); conversion refuses this combination.")
             # Causal query row r sees keys j <= r + diagonal (both position ranges are consecutive). With
             # no mask the encoding builds causality per block instead of a [q, kv] mask here.
             diagonal = causal_diagonal(posenc_past, q_len, kv_len) if causal else None
@@ -262,8 +278,9 @@ def posenc_attention(
                                             diagonal=diagonal)
             return output.transpose(1, 2).contiguous(), weights
     training = module.training
-    if backend == "eager":
-        output, weights = eager_attention(query, key, value, allowed, bias, scaling, dropout, training)
+    if explicit:
+        output, weights = eager_attention(query, key, value, allowed, bias, scaling, dropout, training, softcap)
+        weights = weights if backend == "eager" else None
     else:
         output, weights = sdpa_attention(query, key, value, allowed, bias, scaling, dropout, training, plain_causal)
     return output.transpose(1, 2).contiguous(), weights

@@ -151,7 +151,10 @@ class RopeConfig(PosEncConfig):
         rope_type: One of ``ROPE_TYPES``.
         rope_theta: RoPE base.
         partial_rotary_factor: Fraction of each head's dimensions that rotate, in (0, 1].
-        layout: ``"half"`` (GPT-NeoX / HF, rotate_half) or ``"interleaved"`` (GPT-J, adjacent pairs).
+        layout: Which query/key dimensions of the weights form a rotation pair: ``"half"`` (GPT-NeoX / HF,
+            rotate_half: ``i`` with ``i + d/2``) or ``"interleaved"`` (GPT-J / Cohere: ``2i`` with ``2i + 1``).
+            None (default): the architecture's own layout, so that ``PosEncConfig(kind="rope")`` is the
+            identity on every RoPE architecture; conversion records the resolved value.
         factor, original_max_position_embeddings, attention_factor, beta_fast, beta_slow, mscale,
         mscale_all_dim, truncate, low_freq_factor, high_freq_factor, short_factor, long_factor:
             The stock scaling parameters of ``rope_type``.
@@ -162,7 +165,7 @@ class RopeConfig(PosEncConfig):
     rope_type: str = "default"
     rope_theta: float | None = None
     partial_rotary_factor: float | None = None
-    layout: str = "half"
+    layout: str | None = None
     factor: float | None = None
     original_max_position_embeddings: int | None = None
     attention_factor: float | None = None
@@ -181,7 +184,7 @@ class RopeConfig(PosEncConfig):
         k = self.kind
         if self.rope_type not in ROPE_TYPES:
             _fail(k, "rope_type", self.rope_type, ", ".join(ROPE_TYPES))
-        if self.layout not in ROPE_LAYOUTS:
+        if self.layout is not None and self.layout not in ROPE_LAYOUTS:
             _fail(k, "layout", self.layout, ", ".join(ROPE_LAYOUTS))
         _check_positive(k, "rope_theta", self.rope_theta, allow_none=True)
         prf = self.partial_rotary_factor

@@ -17,6 +17,7 @@ Two routes, chosen per request:
 from __future__ import annotations
 
 import copy
+import dataclasses
 from dataclasses import dataclass, field
 
 import torch
@@ -116,11 +117,22 @@ def head_dim(config) -> int:
     return getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
 
 
-def current_rope_parameters(config, arch: Architecture) -> dict:
-    """The model's RoPE parameters (a default set for architectures without RoPE)."""
+def rope_layer_types(config) -> list[str] | None:
+    """The layer types with RoPE parameters of their own (Gemma 3, ModernBERT: local and global bases), or
+    None when ``config.rope_parameters`` is one set for every layer."""
+    params = getattr(config, "rope_parameters", None) or {}
+    if params and all(isinstance(value, dict) for value in params.values()):
+        return list(params)
+    return None
+
+
+def current_rope_parameters(config, arch: Architecture, layer_idx: int = 0) -> dict:
+    """The RoPE parameters of layer ``layer_idx`` (a default set for architectures without RoPE)."""
     if arch.rope == "none":
         return {"rope_type": "default", "rope_theta": DEFAULT_ROPE_THETA, "partial_rotary_factor": 1.0}
     params = dict(config.rope_parameters)
+    if rope_layer_types(config) is not None:
+        params = dict(params[config.layer_types[layer_idx]])
     params.setdefault("partial_rotary_factor", getattr(config, "partial_rotary_factor", None) or 1.0)
     return params
 
@@ -140,11 +152,13 @@ def _as_config(posenc_config) -> PosEncConfig:
     raise TypeError(f"posenc_config must be a PosEncConfig or a dict with a 'kind'; got {type(posenc_config).__name__}.")
 
 
-def resolved_rope_parameters(posenc: RopeConfig, config, arch: Architecture) -> dict:
-    """Stock ``rope_parameters`` for a RoPE request: unset theta/partial keep the model's values,
-    and the pre-extension length is recorded explicitly (``original_max_position_embeddings``) so
-    inference never has to guess it from ``max_position_embeddings``."""
-    current = current_rope_parameters(config, arch)
+def resolved_rope_parameters(posenc: RopeConfig, config, arch: Architecture, layer_idx: int = 0,
+                             current: dict | None = None) -> dict:
+    """Stock ``rope_parameters`` for a RoPE request on layer ``layer_idx``: unset theta/partial keep the
+    model's values (per layer type where it has several), and the pre-extension length is recorded
+    explicitly (``original_max_position_embeddings``) so inference never has to guess it from
+    ``max_position_embeddings``."""
+    current = current if current is not None else current_rope_parameters(config, arch, layer_idx)
     params = {
         "rope_type": posenc.rope_type,
         "rope_theta": posenc.rope_theta if posenc.rope_theta is not None else current["rope_theta"],
@@ -165,12 +179,30 @@ def resolved_rope_parameters(posenc: RopeConfig, config, arch: Architecture) -> 
 
 def uses_native_rope(posenc: PosEncConfig, config, arch: Architecture) -> bool:
     """Whether stock transformers can express this request on this architecture by itself."""
-    if not isinstance(posenc, RopeConfig) or arch.rope == "none" or posenc.layout != "half":
+    if not isinstance(posenc, RopeConfig) or arch.rope == "none" or resolve_layout(posenc, arch).layout != arch.rope_layout:
         return False
     if posenc.layers is not None and set(posenc.layers) != set(range(num_layers(config))):
         return False
+    if arch.rope_types is not None and posenc.rope_type not in arch.rope_types:
+        return False  # e.g. Phi-3's config validation accepts longrope only
     partial = resolved_rope_parameters(posenc, config, arch)["partial_rotary_factor"]
-    return arch.rope == "native_partial" or partial == 1.0
+    if not (arch.rope == "native_partial" or partial == 1.0):
+        return False
+    if rope_layer_types(config) is not None and posenc.rope_type != "default":
+        # transformers 5.1 validates scaled types on per-layer-type parameters by reading the outer dict
+        # (KeyError): a stock config that cannot be built is not native; the plug-in expresses it.
+        try:
+            _write_native_rope(copy.deepcopy(config), posenc, arch)
+        except (KeyError, TypeError):
+            return False
+    return True
+
+
+def resolve_layout(posenc: PosEncConfig, arch: Architecture) -> PosEncConfig:
+    """A RoPE request without a layout takes the architecture's own (``"half"`` without native RoPE)."""
+    if isinstance(posenc, RopeConfig) and posenc.layout is None:
+        return dataclasses.replace(posenc, layout=arch.rope_layout if arch.rope != "none" else "half")
+    return posenc
 
 
 def needs_attention_function(posenc: PosEncConfig, config, arch: Architecture) -> bool:
@@ -190,6 +222,9 @@ def validate(posenc: PosEncConfig, config, attn_implementation: str | None = Non
     if posenc.layers is not None and max(posenc.layers) >= n:
         raise ValueError(f"PosEncConfig(kind={posenc.kind!r}): invalid layers={list(posenc.layers)}; "
                          f"allowed: indices in [0, {n - 1}] for this {n}-layer model.")
+    refusal = arch.refusal(posenc.kind, config)
+    if refusal is not None:
+        raise ValueError(f"PosEncConfig(kind={posenc.kind!r}) cannot be applied to {config.model_type!r}: {refusal.why}.")
     causal = is_causal(arch, config)
     if posenc.kind == "cope" and not causal:
         raise ValueError(
@@ -232,7 +267,10 @@ def convert(model: nn.Module, posenc_config, *, attn_implementation: str | None 
         raise ValueError("This model was already converted by hf_posenc; call hf_posenc.revert(model) first.")
     arch = validate(posenc, model.config, attn_implementation)
     remember_origin(model)
+    posenc = resolve_layout(posenc, arch)
     config = model.config
+    if needs_attention_function(posenc, config, arch):
+        _hf.check_backend(model, (attn_implementation or _hf.attn_implementation(model)).removeprefix("hf_posenc_"))
     if uses_native_rope(posenc, config, arch):
         return _convert_native(model, posenc, arch)
     from .modeling import posenc_class
@@ -251,6 +289,7 @@ def _convert_native(model, posenc: RopeConfig, arch: Architecture) -> nn.Module:
     state.rope_backup = {
         "rope_parameters": copy.deepcopy(config.rope_parameters),
         "max_position_embeddings": config.max_position_embeddings,
+        "head_dim": getattr(config, "head_dim", 0),
         CONFIG_KEY: getattr(config, CONFIG_KEY, None),
     }
     params = _write_native_rope(config, posenc, arch)
@@ -267,22 +306,34 @@ def _convert_native(model, posenc: RopeConfig, arch: Architecture) -> nn.Module:
 
 
 def _write_native_rope(config, posenc: RopeConfig, arch: Architecture) -> dict:
-    """Write a native RoPE request into a stock config (in place); returns the rope parameters."""
-    params = resolved_rope_parameters(posenc, config, arch)
+    """Write a native RoPE request into a stock config (in place); returns the rope parameters (of the
+    first layer type where each layer type has its own: the request applies to each, keeping its base)."""
+    layer_types = rope_layer_types(config)
+    if layer_types is None:
+        params = resolved_rope_parameters(posenc, config, arch)
+        new = params
+    else:
+        new = {t: resolved_rope_parameters(posenc, config, arch, current=dict(config.rope_parameters[t]))
+               for t in layer_types}
+        params = new[layer_types[0]]
     if posenc.rope_type in ("linear", "yarn", "llama3") and posenc.factor:
         # Record the extended context for inference; the pre-extension length stays in the rope params.
         original = params.get("original_max_position_embeddings", config.max_position_embeddings)
         config.max_position_embeddings = int(round(original * posenc.factor))
-    config.rope_parameters = params
+    if getattr(config, "head_dim", 0) is None:
+        # Stock scaled-frequency functions read `getattr(config, "head_dim", default)`, which a None value
+        # defeats (Mixtral's config has head_dim=None): record the value the model uses.
+        config.head_dim = head_dim(config)
+    config.rope_parameters = new
     config.validate_rope()
     setattr(config, CONFIG_KEY, posenc.to_dict())
     return params
 
 
-def make_position_module(posenc: PosEncConfig, config, arch: Architecture) -> PositionModule | None:
-    """The ``attn.posenc`` module of one converted layer (None for NoPE)."""
+def make_position_module(posenc: PosEncConfig, config, arch: Architecture, layer_idx: int = 0) -> PositionModule | None:
+    """The ``attn.posenc`` module of converted layer ``layer_idx`` (None for NoPE)."""
     if posenc.kind == "rope":
-        params = resolved_rope_parameters(posenc, config, arch)
+        params = resolved_rope_parameters(posenc, config, arch, layer_idx)
         original = params.get("original_max_position_embeddings", config.max_position_embeddings)
         return RotaryPosition(params, head_dim(config), original, posenc.layout)
     if posenc.kind == "alibi":
@@ -320,11 +371,13 @@ def install(model, posenc: PosEncConfig, arch: Architecture, state: _State | Non
     use_attention = needs_attention_function(posenc, config, arch)
     modules = attention_modules(model, arch)
     # Fails here, at conversion, if this transformers release renamed the cache argument.
-    cache_argument = _hf.cache_argument(modules[0]) if use_attention else None
+    cache_argument = _hf.cache_argument(modules[0]) if use_attention and arch.cache else None
     hook = _make_pre_hook(neutralise_rope, use_attention, cache_argument)
+    # RoPE on "all layers" keeps the layers that natively have none without (SmolLM3, Cohere 2).
+    skip = arch.native_nope_layers(config) if posenc.kind == "rope" and posenc.layers is None else set()
     for layer_idx, attn in enumerate(modules):
-        if posenc.applies_to(layer_idx):
-            module = make_position_module(posenc, config, arch)
+        if posenc.applies_to(layer_idx) and layer_idx not in skip:
+            module = make_position_module(posenc, config, arch, layer_idx)
             if module is not None:
                 attn.posenc = module.to(_device_of(attn))
         if neutralise_rope or use_attention:  # e.g. NoPE on GPT-2 needs no hook at all
@@ -392,7 +445,7 @@ def _make_pre_hook(neutralise_rope: bool, use_attention: bool, cache_argument: t
                     f"'{attention.SDPA}') or hf_posenc.set_backend(model, 'sdpa'))."
                 )
             layer_idx = getattr(module, "layer_idx", None)
-            cache = _hf.find_cache(args, kwargs, cache_argument)
+            cache = _hf.find_cache(args, kwargs, cache_argument) if cache_argument else None  # None: encoder-only
             kwargs["posenc_past"] = _hf.cache_past_length(cache, layer_idx or 0)
         return args, kwargs
 
@@ -520,6 +573,8 @@ def undo_conversion(model: nn.Module) -> nn.Module:
     if state.native:
         config.rope_parameters = state.rope_backup["rope_parameters"]
         config.max_position_embeddings = state.rope_backup["max_position_embeddings"]
+        if state.rope_backup["head_dim"] is None:
+            config.head_dim = None
         model.base_model.rotary_emb = state.rotary
         for attn, ndims in state.rotary_ndims:
             attn.rotary_ndims = ndims
@@ -566,6 +621,7 @@ def patch_config(config, posenc_config):
         )
     posenc = _as_config(posenc_config)
     arch = validate(posenc, config)
+    posenc = resolve_layout(posenc, arch)
     patched = copy.deepcopy(config)
     if uses_native_rope(posenc, config, arch):
         _write_native_rope(patched, posenc, arch)

@@ -396,6 +396,14 @@ def _is_native(config: Mapping[str, Any]) -> bool:
     return "auto_map" not in config and not str(config.get("model_type", "")).startswith("hf_posenc")
 
 
+def _own_layout(config: Mapping[str, Any]) -> str:
+    """The native RoPE layout of the checkpoint's architecture (Cohere: interleaved), "half" if unknown."""
+    from .architectures import ARCHITECTURES
+
+    row = ARCHITECTURES.get(str(config.get("model_type", "")))
+    return row.rope_layout if row is not None else "half"
+
+
 def _check_loadable(config: Mapping[str, Any], folder: Path) -> bool:
     """Refuse folders that would load back without their encoding; return whether they are stock."""
     posenc = config.get("posenc")
@@ -404,7 +412,8 @@ def _check_loadable(config: Mapping[str, Any], folder: Path) -> bool:
     if _is_native(config):
         # A stock checkpoint may only record a RoPE variant that rope_parameters expresses; anything
         # else would be loaded by plain transformers as the unconverted model, silently.
-        if posenc is not None and not (posenc.get("kind") == "rope" and posenc.get("layout", "half") == "half" and posenc.get("layers") is None):
+        if posenc is not None and not (posenc.get("kind") == "rope" and posenc.get("layers") is None
+                                       and posenc.get("layout") in (None, _own_layout(config))):
             raise NotLoadableError(
                 f"config.json records posenc kind={posenc.get('kind')!r} on the stock model_type "
                 f"{config.get('model_type')!r} without auto_map: stock transformers would load it WITHOUT that "

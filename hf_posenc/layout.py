@@ -14,7 +14,8 @@ import torch
 
 from .architectures import Architecture, architecture_of, attention_modules
 from .config import ROPE_LAYOUTS, RopeConfig
-from .convert import _STATE_ATTR, convert, current_rope_parameters, head_dim, posenc_of, remember_origin, undo_conversion
+from .convert import (_STATE_ATTR, convert, current_rope_parameters, head_dim, posenc_of, remember_origin,
+                      rope_layer_types, undo_conversion)
 
 
 def layout_permutation(rotary_dim: int, head_dim_: int, source: str, target: str) -> torch.Tensor:
@@ -58,6 +59,13 @@ def _permute_attention(attn, arch: Architecture, config, perm: torch.Tensor) -> 
         for start in (0, hidden_q):
             _permute_heads(proj.weight, 1, start, start + hidden_q, perm)
             _permute_heads(proj.bias, 0, start, start + hidden_q, perm)
+    elif arch.fused == "qkv":
+        # Linear rows [q: H * D | k: Hkv * D | v: Hkv * D] (Phi-3 qkv_proj, ModernBERT Wqkv).
+        proj = getattr(attn, arch.q_proj)
+        for tensor in (proj.weight, proj.bias):
+            if tensor is not None:
+                _permute_heads(tensor, 0, 0, hidden_q, perm)
+                _permute_heads(tensor, 0, hidden_q, hidden_q + hidden_k, perm)
     elif arch.fused == "neox":
         # Linear rows [H, (q, k, v), D]: permute the q and k blocks of every head.
         proj = getattr(attn, arch.q_proj)
@@ -71,9 +79,14 @@ def _permute_attention(attn, arch: Architecture, config, perm: torch.Tensor) -> 
         norm = getattr(attn, name, None)
         if norm is None:
             continue
-        for tensor in (norm.weight, getattr(norm, "bias", None)):
-            if tensor is not None:
-                _permute_heads(tensor, 0, 0, d, perm)
+        # Every parameter in head_dim blocks: one head ([D]), a [H, D] weight (Cohere), per-head norms in a
+        # ModuleList (StableLM) or the whole projection ([H * D], OLMo 2). Each norm's statistics are over a
+        # set of dimensions that the permutation maps onto itself, so permuting input and weight commutes.
+        for tensor in norm.parameters():
+            if tensor.shape[-1] % d:
+                raise ValueError(f"{type(attn).__name__}.{name} has a parameter of shape {tuple(tensor.shape)}, not "
+                                 f"in blocks of head_dim={d}: rope_layout cannot permute it.")
+            _permute_heads(tensor.view(-1), 0, 0, tensor.numel(), perm)
 
 
 def rope_layout(model, layout: str):
@@ -103,8 +116,14 @@ def rope_layout(model, layout: str):
             raise ValueError(f"rope_layout needs a RoPE model; {config.model_type!r} has learned absolute positions. "
                              "Convert it first with PosEncConfig(kind='rope').")
         params = current_rope_parameters(config, arch)
+        if rope_layer_types(config) is not None:
+            # Several layer types with their own RoPE (Gemma 3 local/global bases): keep only what they share,
+            # so that the unset fields (None) keep each type's own values.
+            per_type = [current_rope_parameters(config, arch, i) for i in range(len(config.layer_types))]
+            params = {k: v for k, v in params.items() if all(p.get(k) == v for p in per_type)}
         fields = {f.name for f in dataclasses.fields(RopeConfig)}
-        posenc = RopeConfig(**{k: v for k, v in params.items() if k in fields and k != "kind"})
+        posenc = RopeConfig(**{k: v for k, v in params.items() if k in fields and k != "kind"},
+                            layout=arch.rope_layout)
     elif not isinstance(posenc, RopeConfig):
         raise ValueError(f"rope_layout needs a RoPE model; this one was converted to kind={posenc.kind!r}.")
     if posenc.layout == layout:

@@ -9,6 +9,7 @@ from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
 from transformers.models.t5.modeling_t5 import T5Attention
 
 import hf_posenc
+from hf_posenc.architectures import ARCHITECTURES
 from hf_posenc import PosEncConfig
 from hf_posenc.encodings import AlibiBias, RotaryPosition, alibi_slopes, relative_position_bucket
 
@@ -108,14 +109,17 @@ def test_layout_conversion_keeps_logits_and_round_trips(arch, rope_type):
     reference = hf_posenc.convert(tiny_model(arch), PosEncConfig(kind="rope", **params))
     model = hf_posenc.convert(tiny_model(arch), PosEncConfig(kind="rope", **params))
     original = {k: v.clone() for k, v in model.state_dict().items()}
+    own = ARCHITECTURES[arch].rope_layout
+    other = "half" if own == "interleaved" else "interleaved"
+    assert hf_posenc.posenc_of(model).layout == own  # no layout requested: the architecture's own
     x = input_ids()
     with torch.no_grad():
         expected = reference(x).logits
-        hf_posenc.rope_layout(model, "interleaved")
-        assert hf_posenc.posenc_of(model).layout == "interleaved"
+        hf_posenc.rope_layout(model, other)
+        assert hf_posenc.posenc_of(model).layout == other
         assert any(not torch.equal(original[k], v) for k, v in model.state_dict().items())
         torch.testing.assert_close(model(x).logits, expected, rtol=1e-5, atol=1e-5)
-        hf_posenc.rope_layout(model, "half")
+        hf_posenc.rope_layout(model, own)
         torch.testing.assert_close(model(x).logits, expected, rtol=1e-5, atol=1e-5)
     for key, value in original.items():
         assert torch.equal(model.state_dict()[key], value), key

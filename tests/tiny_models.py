@@ -1,52 +1,126 @@
-"""Tiny random configs of every supported architecture (shared by the tests)."""
+"""Tiny random configs of every supported architecture (shared by the tests).
+
+``CONFIGS`` has one entry per row of ``hf_posenc.ARCHITECTURES`` (``test_architectures`` fails if they
+drift apart), and the lists below are derived from the rows, so a new row gets the whole test matrix
+by adding its config here. Configs are as small as the architecture allows (2 layers, hidden 32) and
+switch on what the architecture does around attention (soft-capping, windows, q/k norms, multipliers).
+"""
 
 from __future__ import annotations
 
 import copy
 
 import torch
-from transformers import (
-    AutoModel,
-    AutoModelForCausalLM,
-    BertConfig,
-    GPT2Config,
-    GPTNeoXConfig,
-    LlamaConfig,
-    MistralConfig,
-    PhiConfig,
-    Qwen2Config,
-    Qwen3Config,
-)
+import transformers
+from transformers import AutoModel, AutoModelForCausalLM
+
+import hf_posenc
+from hf_posenc.architectures import ARCHITECTURES
 
 VOCAB = 101
 _COMMON = dict(vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
                max_position_embeddings=128)
+_TOKENS = dict(pad_token_id=0, bos_token_id=1, eos_token_id=2)
+#: The sliding window of the tiny configs that have one: shorter than the generate tests' sequences.
+WINDOW = 6
+_ALTERNATING = dict(sliding_window=WINDOW, layer_types=["sliding_attention", "full_attention"])
+
+
+def _config(name: str, **kwargs):
+    return getattr(transformers, name)(**kwargs)
+
 
 CONFIGS = {
-    "llama": lambda: LlamaConfig(**_COMMON, num_key_value_heads=2),
-    "mistral": lambda: MistralConfig(**_COMMON, num_key_value_heads=2, sliding_window=None),
-    "qwen2": lambda: Qwen2Config(**_COMMON, num_key_value_heads=2),
-    "qwen3": lambda: Qwen3Config(**_COMMON, num_key_value_heads=2, head_dim=8),
-    "phi": lambda: PhiConfig(**_COMMON, partial_rotary_factor=0.5),
-    "gpt_neox": lambda: GPTNeoXConfig(**_COMMON, rotary_pct=0.5),
-    "gpt2": lambda: GPT2Config(vocab_size=VOCAB, n_embd=32, n_layer=2, n_head=4, n_positions=128),
-    "bert": lambda: BertConfig(**_COMMON),
+    "llama": lambda: _config("LlamaConfig", **_COMMON, num_key_value_heads=2),
+    "mistral": lambda: _config("MistralConfig", **_COMMON, num_key_value_heads=2, sliding_window=None),
+    "qwen2": lambda: _config("Qwen2Config", **_COMMON, num_key_value_heads=2),
+    "qwen3": lambda: _config("Qwen3Config", **_COMMON, num_key_value_heads=2, head_dim=8),
+    "phi": lambda: _config("PhiConfig", **_COMMON, partial_rotary_factor=0.5),
+    "gpt_neox": lambda: _config("GPTNeoXConfig", **_COMMON, rotary_pct=0.5),
+    "gpt2": lambda: _config("GPT2Config", vocab_size=VOCAB, n_embd=32, n_layer=2, n_head=4, n_positions=128),
+    "bert": lambda: _config("BertConfig", **_COMMON),
+    "gemma": lambda: _config("GemmaConfig", **_COMMON, num_key_value_heads=2, head_dim=8),
+    # Soft-capping at 2 (stock: 50) and larger weights, so that the cap changes the logits of a tiny model.
+    "gemma2": lambda: _config("Gemma2Config", **_COMMON, num_key_value_heads=2, head_dim=8, query_pre_attn_scalar=8,
+                              attn_logit_softcapping=2.0, final_logit_softcapping=5.0, initializer_range=0.2,
+                              **_ALTERNATING),
+    "gemma3_text": lambda: _config("Gemma3TextConfig", **_COMMON, num_key_value_heads=2, head_dim=8,
+                                   query_pre_attn_scalar=8, **_ALTERNATING),
+    "phi3": lambda: _config("Phi3Config", **_COMMON, num_key_value_heads=2, partial_rotary_factor=0.5, **_TOKENS),
+    "mixtral": lambda: _config("MixtralConfig", **_COMMON, num_key_value_heads=2, num_local_experts=4,
+                               num_experts_per_tok=2),
+    "qwen2_moe": lambda: _config("Qwen2MoeConfig", **_COMMON, num_key_value_heads=2, num_experts=4,
+                                 num_experts_per_tok=2, moe_intermediate_size=16, shared_expert_intermediate_size=32),
+    "qwen3_moe": lambda: _config("Qwen3MoeConfig", **_COMMON, num_key_value_heads=2, head_dim=8, num_experts=4,
+                                 num_experts_per_tok=2, moe_intermediate_size=16),
+    "olmo": lambda: _config("OlmoConfig", **_COMMON, clip_qkv=0.5, **_TOKENS),
+    "olmo2": lambda: _config("Olmo2Config", **_COMMON, num_key_value_heads=2, **_TOKENS),
+    "granite": lambda: _config("GraniteConfig", **_COMMON, num_key_value_heads=2, attention_multiplier=0.3,
+                               embedding_multiplier=2.0, residual_multiplier=0.5, logits_scaling=2.0),
+    "stablelm": lambda: _config("StableLmConfig", **_COMMON, num_key_value_heads=2, partial_rotary_factor=0.5,
+                                qk_layernorm=True, use_qkv_bias=True, **_TOKENS),
+    "starcoder2": lambda: _config("Starcoder2Config", **_COMMON, num_key_value_heads=2, sliding_window=WINDOW,
+                                  **_TOKENS),
+    "cohere": lambda: _config("CohereConfig", **_COMMON, num_key_value_heads=2, use_qk_norm=True, **_TOKENS),
+    "cohere2": lambda: _config("Cohere2Config", **_COMMON, num_key_value_heads=2, head_dim=8, **_ALTERNATING,
+                               **_TOKENS),
+    "smollm3": lambda: _config("SmolLM3Config", **_COMMON, num_key_value_heads=2, no_rope_layers=[1, 0], **_TOKENS),
+    "roberta": lambda: _config("RobertaConfig", **_COMMON),
+    "xlm-roberta": lambda: _config("XLMRobertaConfig", **_COMMON),
+    "camembert": lambda: _config("CamembertConfig", **_COMMON),
+    "electra": lambda: _config("ElectraConfig", **_COMMON, embedding_size=16),
+    "ernie": lambda: _config("ErnieConfig", **_COMMON),
+    "distilbert": lambda: _config("DistilBertConfig", vocab_size=VOCAB, dim=32, hidden_dim=64, n_layers=2, n_heads=4,
+                                  max_position_embeddings=128),
+    # local_attention=4: a 5-key window (2 each side), shorter than the test sequences.
+    "modernbert": lambda: _config("ModernBertConfig", **_COMMON, local_attention=4, global_attn_every_n_layers=2,
+                                  cls_token_id=1, sep_token_id=2, **_TOKENS),
 }
-DECODERS = ["llama", "mistral", "qwen2", "qwen3", "phi", "gpt_neox", "gpt2"]
-ROPE_DECODERS = ["llama", "mistral", "qwen2", "qwen3", "phi", "gpt_neox"]
+#: Every architecture the tests cover (``test_architectures`` keeps it equal to ``ARCHITECTURES``).
+TESTED = sorted(CONFIGS)
+DECODERS = [a for a in CONFIGS if ARCHITECTURES[a].causal is True]
+ENCODERS = [a for a in CONFIGS if a not in DECODERS]
+ROPE_DECODERS = [a for a in DECODERS if ARCHITECTURES[a].rope != "none"]
+ROPE_ARCHS = [a for a in CONFIGS if ARCHITECTURES[a].rope != "none"]
+#: Architectures whose tiny config has sliding-window layers.
+SLIDING = [a for a in CONFIGS if getattr(CONFIGS[a](), "sliding_window", None)]
+#: Where the expensive generate tests run the full backend x kind matrix; every other decoder runs every
+#: kind on one backend (the attention functions are shared, what differs per row is around them).
+REPRESENTATIVE = ["llama", "gpt_neox", "gpt2", "gemma2", "phi3"]
 KINDS = ["rope", "nope", "alibi", "t5_bias", "cope"]
+
+
+def allowed_kinds(arch: str) -> list[str]:
+    """The kinds the architecture's tiny config takes (the others are refused: see the refusal tests)."""
+    config, row = tiny_config(arch), ARCHITECTURES[arch]
+    causal = row.causal if row.causal is not None else config.is_decoder
+    return [k for k in KINDS if row.refusal(k, config) is None and (causal or k != "cope")]
 
 
 def tiny_config(arch: str):
     return CONFIGS[arch]()
 
 
+def stock_backend(arch: str, backend: str) -> str:
+    """``backend`` if the stock class supports it, else eager (Gemma 2: stock sdpa cannot soft-cap)."""
+    config = tiny_config(arch)
+    auto = AutoModelForCausalLM if arch in DECODERS else AutoModel
+    cls = auto._model_mapping[type(config)]
+    return backend if backend != "sdpa" or getattr(cls, "_supports_sdpa", True) else "eager"
+
+
 def tiny_model(arch: str, attn_implementation: str = "eager", seed: int = 0):
     """A random tiny model in eval mode (fp32); the same seed gives the same weights."""
     torch.manual_seed(seed)
-    auto = AutoModel if arch == "bert" else AutoModelForCausalLM
+    auto = AutoModelForCausalLM if arch in DECODERS else AutoModel
     model = auto.from_config(copy.deepcopy(tiny_config(arch)), attn_implementation=attn_implementation)
     return model.eval()
+
+
+def converted(arch: str, kind: str, backend: str = "eager", seed: int = 0, **params):
+    """A tiny model converted to ``kind`` on our ``backend`` (built on the stock backend it supports)."""
+    model = tiny_model(arch, stock_backend(arch, backend), seed)
+    return hf_posenc.convert(model, hf_posenc.PosEncConfig(kind=kind, **params), attn_implementation=backend)
 
 
 def randomize_position_tables(model, seed: int = 1) -> None:
