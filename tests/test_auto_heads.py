@@ -19,10 +19,6 @@ import hf_posenc
 from hf_posenc import PosEncConfig
 from hf_posenc.architectures import architecture_of, attention_modules
 
-# transformers 5.1 zeroes a BERT checkpoint's T5 bias tables on reload (test_persistence's t5_bias-bert
-# cases fail there too, before this file existed; 5.5 and 5.23 load them): ALiBi for the heads, and the
-# T5 case below is an expected failure before 5.5 (not strict: releases 5.2-5.4 were not checked).
-RELOADS_BERT_T5_TABLES = Version(transformers.__version__) >= Version("5.5")
 #: The Auto classes a converted model must load through, with transformers' table of stock heads for each.
 AUTO_TABLES = {
     "AutoModel": modeling_auto.MODEL_MAPPING_NAMES,
@@ -166,8 +162,7 @@ def test_cli_convert_takes_the_task(tmp_path):
         main(["convert", str(tmp_path / "base"), "--posenc", "alibi", "--task", "summarization", "--out", "x"])
 
 
-@pytest.mark.parametrize("kind", ["alibi", pytest.param("t5_bias", marks=pytest.mark.xfail(
-    not RELOADS_BERT_T5_TABLES, reason="transformers 5.1 zeroes BERT's reloaded T5 tables"))])
+@pytest.mark.parametrize("kind", ["alibi", "t5_bias"])
 def test_converted_bert_reads_600_tokens_after_reload(tmp_path, kind):
     model = hf_posenc.convert(tiny_model("bert", "sdpa"), PosEncConfig(kind=kind))
     randomize_position_tables(model)
