@@ -23,7 +23,9 @@ from pathlib import Path
 import yaml
 from tqdm.auto import tqdm
 
-from .config import KINDS, PosEncConfig
+from .architectures import MODEL_TYPE_PREFIX
+from .config import CONFIG_KEY, KINDS, PosEncConfig
+from .convert import is_native_checkpoint
 from .modeling import TASKS
 
 logger = logging.getLogger("hf_posenc")
@@ -151,17 +153,21 @@ def describe(folder: str | Path) -> str:
         raise FileNotFoundError(f"{folder} has neither config.json nor adapter_config.json.")
     config = json.loads(config_file.read_text())
     model_type = config.get("model_type", "?")
-    posenc = config.get("posenc")
     lines.append(f"  model_type: {model_type} ({', '.join(config.get('architectures') or [])})")
-    if model_type.startswith("hf_posenc_"):
-        lines.append(f"  encoding: {json.dumps(posenc)}")
-        lines.append("  loads with: import hf_posenc (or trust_remote_code=True with hf_posenc installed); "
-                     "stock transformers refuses it")
-    elif config.get("rope_parameters"):
-        lines.append(f"  encoding: RoPE {json.dumps(config['rope_parameters'])} (native)")
+    native = is_native_checkpoint(config)
+    rope = f"RoPE {json.dumps(config['rope_parameters'])}" if config.get("rope_parameters") else None
+    if native is None:
+        lines.append(f"  encoding: the architecture's own{': ' + rope if rope else ''} (not converted by hf_posenc)")
+    elif native:
+        lines.append(f"  encoding: {rope} (native)")
         lines.append("  loads with: stock transformers (no plug-in needed)")
     else:
-        lines.append("  encoding: the architecture's own (not converted by hf_posenc)")
+        lines.append(f"  encoding: {json.dumps(config[CONFIG_KEY])}")
+        if model_type.startswith(MODEL_TYPE_PREFIX):
+            lines.append("  loads with: import hf_posenc (or trust_remote_code=True with hf_posenc installed); "
+                         "stock transformers refuses it")
+        else:  # not written by hf_posenc's save_pretrained: nothing would apply the encoding
+            lines.append(f"  loads with: stock transformers, WITHOUT this encoding ({model_type!r} is a stock model type)")
     lines.append(f"  max_position_embeddings: {config.get('max_position_embeddings', config.get('n_positions'))}")
     return "\n".join(lines)
 
@@ -214,6 +220,52 @@ def cmd_recipes(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_push(args: argparse.Namespace) -> int:
+    from .hub import push_to_hub
+
+    result = push_to_hub(
+        args.folder,
+        args.repo_id,
+        token=args.token,
+        private=args.private,
+        revision=args.revision,
+        create_pr=args.create_pr,
+        commit_message=args.commit_message,
+        commit_description=args.commit_description,
+        base_model=args.base_model,
+        results=args.results,
+        results_method=args.results_method,
+        datasets=args.dataset,
+        license=args.license,
+        tags=args.tag,
+        overwrite=args.overwrite,
+        plot=not args.no_plot,
+    )
+    print(result.pr_url or result.commit_url)
+    return 0
+
+
+def _add_push_parser(sub) -> None:
+    push = sub.add_parser("push", help="push a converted model or adapter folder to the Hub with a model card")
+    push.add_argument("folder", help="folder written by save_pretrained (a converted model or a PEFT adapter)")
+    push.add_argument("repo_id", help="'namespace/name' on the Hub")
+    push.add_argument("--token", default=None, help="write token (default: HF_TOKEN or `hf auth login`)")
+    push.add_argument("--private", action="store_true", help="create the repo private")
+    push.add_argument("--revision", default=None, help="branch to commit to (created if missing)")
+    push.add_argument("--create-pr", action="store_true", help="open a pull request instead of committing")
+    push.add_argument("-m", "--commit-message", default=None)
+    push.add_argument("--commit-description", default=None)
+    push.add_argument("--base-model", default=None, help="Hub id of the base model (for adapters: the converted base)")
+    push.add_argument("--results", default=None, help="recipe results table (.csv or .json) for the card")
+    push.add_argument("--results-method", default=None, help="the row (recipe variant) of --results that is this model")
+    push.add_argument("--dataset", action="append", default=[], help="Hub dataset id (repeatable)")
+    push.add_argument("--license", default=None)
+    push.add_argument("--tag", action="append", default=[], help="extra card tag (repeatable)")
+    push.add_argument("--overwrite", action="store_true", help="replace a repo that holds a different model")
+    push.add_argument("--no-plot", action="store_true", help="do not add the perplexity-by-length plot")
+    push.set_defaults(func=cmd_push)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="hf-posenc", description="Swap the positional encoding of HF models.")
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging, and tracebacks on errors")
@@ -259,11 +311,7 @@ def build_parser() -> argparse.ArgumentParser:
     path = recipes_sub.add_parser("path", help="print where a recipe is installed, e.g. for `accelerate launch`")
     path.add_argument("name")
 
-    from .hub import add_push_arguments, run_push
-
-    push = sub.add_parser("push", help="push a converted model or adapter folder to the Hub with a model card")
-    add_push_arguments(push)
-    push.set_defaults(func=run_push)
+    _add_push_parser(sub)
     return parser
 
 

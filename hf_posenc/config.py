@@ -14,6 +14,10 @@ from typing import Any, ClassVar
 
 #: Name of the key under which the encoding is recorded in a Hugging Face config.
 CONFIG_KEY = "posenc"
+#: Key recording, at conversion, whether the checkpoint is a stock one (a native RoPE variant written in
+#: ``rope_parameters``) rather than one that needs hf_posenc's code. Beside :data:`CONFIG_KEY`, not in it:
+#: ``config.posenc`` stays exactly :meth:`PosEncConfig.to_dict`, which older releases read strictly.
+NATIVE_KEY = "posenc_native"
 
 ROPE_TYPES = ("default", "linear", "dynamic", "yarn", "llama3", "longrope")
 ROPE_LAYOUTS = ("half", "interleaved")

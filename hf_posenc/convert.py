@@ -18,14 +18,16 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 
 import torch
 from torch import nn
+from transformers.models.auto.configuration_auto import CONFIG_MAPPING
 
 from . import _hf, attention
-from .architectures import Architecture, _get, architecture_of, attention_modules, is_causal
-from .config import CONFIG_KEY, PosEncConfig, RopeConfig
+from .architectures import ARCHITECTURES, MODEL_TYPE_PREFIX, Architecture, _get, architecture_of, attention_modules, is_causal
+from .config import CONFIG_KEY, NATIVE_KEY, PosEncConfig, RopeConfig
 from .encodings import AlibiBias, CoPE, RotaryPosition, T5Bias
 from .encodings.base import PositionModule
 
@@ -198,6 +200,46 @@ def uses_native_rope(posenc: PosEncConfig, config, arch: Architecture) -> bool:
     return True
 
 
+def _record(config, posenc: PosEncConfig, native: bool) -> None:
+    """Write the encoding and its route into ``config``; ``save_pretrained`` saves both with the checkpoint."""
+    setattr(config, CONFIG_KEY, posenc.to_dict())
+    setattr(config, NATIVE_KEY, native)
+
+
+def is_native_checkpoint(config) -> bool | None:
+    """Whether a converted checkpoint loads in stock transformers with its encoding (a native RoPE variant),
+    as recorded at conversion (``config.posenc_native``).
+
+    Checkpoints saved before hf_posenc recorded it are derived here, and only here: the plug-in route
+    always gives the config the model type ``hf_posenc_<type>``, and on a stock model type the rule
+    :func:`convert` itself follows (:func:`uses_native_rope`) decides, so that a ``posenc`` entry
+    written by hand on a stock config (which stock transformers would load without it) is not native.
+
+    Args:
+        config: A saved ``config.json`` as a dict, or a config object.
+
+    Returns:
+        True or False for a converted checkpoint; None when ``config`` records no encoding.
+
+    Raises:
+        ValueError: The recorded value is not a boolean, or the recorded encoding is invalid.
+    """
+    data = config if isinstance(config, Mapping) else config.to_dict()
+    posenc = data.get(CONFIG_KEY)
+    if not posenc:
+        return None
+    recorded = data.get(NATIVE_KEY)
+    if recorded is not None:
+        if not isinstance(recorded, bool):
+            raise ValueError(f"config {NATIVE_KEY}={recorded!r} must be true or false (it is written by hf_posenc.convert).")
+        return recorded
+    model_type = str(data.get("model_type", ""))
+    if model_type.startswith(MODEL_TYPE_PREFIX) or model_type not in ARCHITECTURES:
+        return False
+    stock = CONFIG_MAPPING[model_type].from_dict(dict(data))
+    return uses_native_rope(PosEncConfig.from_dict(dict(posenc)), stock, ARCHITECTURES[model_type])
+
+
 def resolve_layout(posenc: PosEncConfig, arch: Architecture) -> PosEncConfig:
     """A RoPE request without a layout takes the architecture's own (``"half"`` without native RoPE)."""
     if isinstance(posenc, RopeConfig) and posenc.layout is None:
@@ -278,7 +320,7 @@ def convert(model: nn.Module, posenc_config, *, attn_implementation: str | None 
     state = _State(posenc=posenc, native=False, classes=(type(model), type(config)))
     model.__class__ = posenc_class(type(model))
     config.__class__ = model.__class__.config_class
-    setattr(config, CONFIG_KEY, posenc.to_dict())
+    _record(config, posenc, native=False)
     install(model, posenc, arch, state, attn_implementation)
     return model
 
@@ -291,6 +333,7 @@ def _convert_native(model, posenc: RopeConfig, arch: Architecture) -> nn.Module:
         "max_position_embeddings": config.max_position_embeddings,
         "head_dim": getattr(config, "head_dim", 0),
         CONFIG_KEY: getattr(config, CONFIG_KEY, None),
+        NATIVE_KEY: getattr(config, NATIVE_KEY, None),
     }
     params = _write_native_rope(config, posenc, arch)
     base = model.base_model
@@ -326,7 +369,7 @@ def _write_native_rope(config, posenc: RopeConfig, arch: Architecture) -> dict:
         config.head_dim = head_dim(config)
     config.rope_parameters = new
     config.validate_rope()
-    setattr(config, CONFIG_KEY, posenc.to_dict())
+    _record(config, posenc, native=True)
     return params
 
 
@@ -477,6 +520,7 @@ def remember_origin(model: nn.Module) -> _Origin:
         from .modeling import CLASS_PREFIX, stock_class
 
         snapshot.pop(CONFIG_KEY, None)
+        snapshot.pop(NATIVE_KEY, None)
         _forget_own_auto_map(snapshot)
         if snapshot.get("architectures"):
             snapshot["architectures"] = [name.removeprefix(CLASS_PREFIX) for name in snapshot["architectures"]]
@@ -594,10 +638,13 @@ def undo_conversion(model: nn.Module) -> nn.Module:
             _forget_own_auto_map(config.__dict__)
         if state.attn_implementation is not None:
             _hf.set_attn_implementation(model, state.attn_implementation)
-    if state.native and state.rope_backup[CONFIG_KEY] is not None:
-        setattr(config, CONFIG_KEY, state.rope_backup[CONFIG_KEY])
-    elif hasattr(config, CONFIG_KEY):
-        delattr(config, CONFIG_KEY)
+    for key in (CONFIG_KEY, NATIVE_KEY):
+        # A native conversion of an already converted checkpoint puts its record back; otherwise none is left.
+        previous = state.rope_backup.get(key) if state.native else None
+        if previous is not None:
+            setattr(config, key, previous)
+        elif hasattr(config, key):
+            delattr(config, key)
     delattr(model, _STATE_ATTR)
     return model
 
@@ -629,7 +676,7 @@ def patch_config(config, posenc_config):
         from .modeling import posenc_config_class
 
         patched.__class__ = posenc_config_class(type(config))
-        setattr(patched, CONFIG_KEY, posenc.to_dict())
+        _record(patched, posenc, native=False)
     return patched
 
 

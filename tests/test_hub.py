@@ -21,7 +21,7 @@ import transformers
 from huggingface_hub import HfApi, ModelCard, hf_hub_download
 from huggingface_hub.errors import RepositoryNotFoundError
 
-from hf_posenc import cards, hub
+from hf_posenc import cards, cli, hub
 from hub_server import (  # noqa: F401
     CHECKED_HUGGINGFACE_HUB,
     OTHER_TOKEN,
@@ -209,8 +209,8 @@ def test_no_token_fails_before_any_request(hub_server, llama_folder, monkeypatch
     with pytest.raises(hub.MissingTokenError, match="No Hugging Face token found.*HF_TOKEN.*hf auth login"):
         hub.push_to_hub(llama_folder, f"{USER}/nothing")
     assert hub_server.calls == []
-    # The CLI says the same and exits 1.
-    assert hub.main([str(llama_folder), f"{USER}/nothing"]) == 1
+    # The CLI says the same and exits 2, like every user error of hf-posenc.
+    assert cli.main(["push", str(llama_folder), f"{USER}/nothing"]) == 2
 
 
 def test_rejected_token_creates_nothing(hub_server, llama_folder):
@@ -445,7 +445,7 @@ def test_cli_push_with_the_comparison_recipes_results(hub_server, llama_folder, 
     results = tmp_path / "results.json"
     results.write_text(json.dumps(data))
 
-    code = hub.main([str(llama_folder), f"{USER}/cli", "--results", str(results), "--results-method", "this", "--private"])
+    code = cli.main(["push", str(llama_folder), f"{USER}/cli", "--results", str(results), "--results-method", "this", "--private"])
     assert code == 0
     url = capsys.readouterr().out.strip()
     assert url.startswith(f"{hub_server.url}/{USER}/cli/commit/") and hub_server.repos[f"{USER}/cli"].private
@@ -459,5 +459,5 @@ def test_cli_push_with_the_comparison_recipes_results(hub_server, llama_folder, 
     }
     assert f"| this | {want['non_overlapping']['16']:.3f} | {want['non_overlapping']['32']:.3f} |" in card.text
     assert "99.000" not in card.text  # the other variant's numbers stay out of this model's card
-    assert hub.main([str(llama_folder), f"{USER}/cli2", "--results", str(results)]) == 1
+    assert cli.main(["push", str(llama_folder), f"{USER}/cli2", "--results", str(results)]) == 2
     assert "a model card reports one model's numbers" in capsys.readouterr().err

@@ -92,20 +92,43 @@ def test_cli_verbose_shows_the_traceback(tmp_path):
 def test_cli_push_errors_are_the_api_messages(folders, tmp_path, capsys, monkeypatch):
     monkeypatch.delenv("HF_TOKEN", raising=False)
     monkeypatch.setenv("HF_HOME", str(tmp_path / "hf_home"))  # no stored login either
-    cases = [([str(folders / "converted"), "me/x"], {}),  # no token
-             ([str(tmp_path / "missing"), "me/x", "--token", "hf_x"], {"token": "hf_x"})]  # not a folder
+    token = ["--token", "hf_x"]
+    cases = [[str(folders / "converted"), "me/x"],  # no token
+             [str(tmp_path / "missing"), "me/x", *token],  # not a folder
+             [str(tmp_path), "me/x", *token]]  # a folder, but not a saved model or adapter
     bad = tmp_path / "bad"  # posenc on a stock model_type: stock transformers would drop the encoding
     bad.mkdir()
     (bad / "config.json").write_text(json.dumps({"model_type": "llama", "posenc": {"kind": "alibi"}}))
-    cases.append(([str(bad), "me/x", "--token", "hf_x"], {"token": "hf_x"}))
+    cases.append([str(bad), "me/x", *token])
+    stock_adapter = tmp_path / "stock_adapter"  # an adapter of a base that was never converted
+    _save_adapter(tiny_model("llama"), stock_adapter)
+    cases.append([str(stock_adapter), "me/x", "--base-model", str(folders / "stock"), *token])
     kinds = []
-    for argv, kwargs in cases:
+    for argv in cases:
+        kwargs = {"token": "hf_x"} if token[-1] in argv else {}
+        if "--base-model" in argv:
+            kwargs["base_model"] = argv[argv.index("--base-model") + 1]
         with pytest.raises((hub.HubPushError, ValueError)) as api_error:
             hub.push_to_hub(argv[0], argv[1], **kwargs)
         kinds.append(api_error.type)
         line = _one_line_error(capsys, main(["push", *argv]))
         assert line == f"hf-posenc push: error: {api_error.value}"
-    assert kinds == [hub.MissingTokenError, ValueError, hub.NotLoadableError]
+    assert kinds == [hub.MissingTokenError, ValueError, ValueError, hub.NotLoadableError, hub.UnconvertedBaseError]
+    # -v shows where it came from.
+    with pytest.raises(hub.MissingTokenError):
+        main(["-v", "push", *cases[0]])
+
+
+def test_cli_push_without_a_token_is_one_line_exit_2(folders, tmp_path):
+    """Through the installed entry point, as a user runs it: the API's message, no traceback."""
+    env = {**os.environ, "PYTHONPATH": str(REPO), "HF_HOME": str(tmp_path / "hf_home"), "HF_HUB_OFFLINE": "1"}
+    env.pop("HF_TOKEN", None)
+    proc = subprocess.run([sys.executable, "-m", "hf_posenc.cli", "push", str(folders / "converted"), "me/x"],
+                          capture_output=True, text=True, env=env, timeout=120)
+    with pytest.raises(hub.MissingTokenError) as api_error:
+        hub.resolve_token(False)
+    assert proc.returncode == 2, proc.stderr
+    assert proc.stderr.strip().splitlines() == [f"hf-posenc push: error: {api_error.value}"], proc.stderr
 
 
 # ----------------------------------------------------------------------------------- Python API
