@@ -315,13 +315,16 @@ def test_lora_on_every_row(tmp_path, arch):
 
 def test_hub_accepts_a_native_checkpoint_in_its_own_layout_only(tmp_path):
     """Identity on Cohere records layout="interleaved" on a stock checkpoint: loadable by stock
-    transformers, so pushable; the same record on Llama would load without the layout: refused."""
+    transformers, so pushable; the same encoding on Llama would load without the layout: refused.
+    The conversion records that it is native; a checkpoint saved before that record gets the same answers."""
     from hf_posenc import hub
 
     cohere = hf_posenc.convert(tiny_model("cohere"), PosEncConfig(kind="rope"))
     cohere.save_pretrained(tmp_path / "cohere")
     config = json.loads((tmp_path / "cohere" / "config.json").read_text())
     assert config["model_type"] == "cohere" and config["posenc"]["layout"] == "interleaved"
+    assert config["posenc_native"] is True and hub._check_loadable(config, tmp_path / "cohere") is True
+    del config["posenc_native"]
     assert hub._check_loadable(config, tmp_path / "cohere") is True
     config["model_type"] = "llama"
     with pytest.raises(hub.NotLoadableError, match="WITHOUT that encoding"):
