@@ -445,11 +445,13 @@ def test_cli_push_with_the_comparison_recipes_results(hub_server, llama_folder, 
     results = tmp_path / "results.json"
     results.write_text(json.dumps(data))
 
-    code = cli.main(["push", str(llama_folder), f"{USER}/cli", "--results", str(results), "--results-method", "this", "--private"])
+    code = cli.main(["push", str(llama_folder), f"{USER}/cli", "--results", str(results), "--results-method", "this", "--private",
+                     "--tag", "context-extension"])
     assert code == 0
     url = capsys.readouterr().out.strip()
     assert url.startswith(f"{hub_server.url}/{USER}/cli/commit/") and hub_server.repos[f"{USER}/cli"].private
     card = ModelCard(hub_server.files(f"{USER}/cli")["README.md"].decode())
+    assert "context-extension" in card.data.tags
     want = variants[0]["perplexity"]
     got = {(r.metric_name, r.metric_value) for r in card.data.eval_results}
     assert got == {
