@@ -20,9 +20,8 @@ import pytest
 
 from hf_posenc import presets
 from hf_posenc.cli import main
-from hf_posenc.extension import evaluation
-from hf_posenc.extension.recipe_config import CompareConfig, EvaluateConfig, FinetuneConfig
-from hf_posenc.extension.typed_config import ConfigError, load_config
+from hf_posenc.context_extension import evaluation
+from hf_posenc.context_extension.config import CompareConfig, ConfigError, EvaluateConfig, FinetuneConfig, load_config
 
 tomllib = pytest.importorskip("tomllib")  # Python 3.11+
 
