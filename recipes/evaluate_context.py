@@ -22,7 +22,7 @@ _CHECKOUT = Path(__file__).resolve().parents[1]
 if (_CHECKOUT / "hf_posenc" / "__init__.py").is_file():
     sys.path.insert(0, str(_CHECKOUT))
 
-from hf_posenc.context_extension.config import ConfigError, EvaluateConfig, load_config  # noqa: E402
+from hf_posenc.context_extension.config import ConfigError, EvaluateConfig, encoding_dict, load_config  # noqa: E402
 
 
 def main(argv=None) -> dict:
@@ -48,7 +48,8 @@ def main(argv=None) -> dict:
     if cfg.adapter:
         model = load_adapter(model, cfg.adapter).merge_and_unload()
     stream = eval_stream(load_texts(cfg.data, cfg.data.eval_split), tokenizer, cfg.eval.stream_tokens())
-    result = {"model": source.label, "posenc": cfg.model_dump(mode="json")["posenc"], "adapter": cfg.adapter,
+    posenc = None if cfg.posenc is None else encoding_dict(cfg.posenc)
+    result = {"model": source.label, "posenc": posenc, "adapter": cfg.adapter,
               **evaluate_context(model, tokenizer, stream, cfg.eval)}
     out = Path(cfg.output)
     out.parent.mkdir(parents=True, exist_ok=True)

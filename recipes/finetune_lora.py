@@ -23,7 +23,7 @@ _CHECKOUT = Path(__file__).resolve().parents[1]
 if (_CHECKOUT / "hf_posenc" / "__init__.py").is_file():
     sys.path.insert(0, str(_CHECKOUT))
 
-from hf_posenc.context_extension.config import ConfigError, FinetuneConfig, load_config  # noqa: E402
+from hf_posenc.context_extension.config import ConfigError, FinetuneConfig, encoding_dict, load_config  # noqa: E402
 
 logger = logging.getLogger("hf_posenc.recipes.finetune_lora")
 
@@ -50,7 +50,7 @@ def write_card(cfg: FinetuneConfig, out: Path, base_label: str, stats: dict, ori
     adapter = json.loads((out / "adapter" / "adapter_config.json").read_text())
     info = CardInfo(
         repo_id=out.name,
-        posenc=cfg.model_dump(mode="json")["posenc"],
+        posenc=encoding_dict(cfg.posenc),
         original_encoding=original,
         adapter={k: adapter.get(k) for k in ("peft_type", "r", "lora_alpha", "target_modules", "modules_to_save")},
         training={"base model": base_label, "steps": stats["steps"], "train tokens": stats["train_tokens"],

@@ -167,7 +167,7 @@ def test_compare_by_name_reads_the_preset(tmp_path, capsys):
     # proves which YAML was read, and nothing is trained.
     assert main(["compare", "tiny", "--out", str(tmp_path / "out"), "train.stepz=1"]) == 2
     error = capsys.readouterr().err
-    assert "compare_tiny.yaml.train: unknown key 'stepz'" in error, error
+    assert "compare_tiny.yaml: train: unknown key 'stepz' (did you mean 'steps'?)" in error, error
     assert not (tmp_path / "out").exists()
 
 

@@ -19,7 +19,7 @@ from typing import Any
 
 import torch
 
-from .config import CompareConfig, VariantConfig, load_config
+from .config import CompareConfig, VariantConfig, encoding_dict, load_config
 
 logger = logging.getLogger(__name__)
 
@@ -84,7 +84,7 @@ def run_variant(cfg: CompareConfig, variant: VariantConfig, source, tokenizer, h
                                       desc=f"evaluate {variant.name}")
     return {
         "name": variant.name,
-        "posenc": variant.model_dump(mode="json")["posenc"],
+        "posenc": encoding_dict(variant.posenc),
         "finetuned": variant.finetune,
         "train_tokens": int(stats["train_tokens"]),
         "perplexity": evaluation["perplexity"],

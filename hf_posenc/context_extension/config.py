@@ -21,7 +21,6 @@ found next to that file or else among the shipped presets, so a preset copied ou
 from __future__ import annotations
 
 import difflib
-import typing
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Annotated, Any, ClassVar, Literal, TypeVar, get_args, get_origin
@@ -62,13 +61,16 @@ def _encoding(value: Any) -> PosEncConfig:
     return PosEncConfig.from_dict(value)  # the encodings' own validation; its message names the field
 
 
-def _encoding_dict(config: PosEncConfig) -> dict[str, Any]:
-    # Unset (None) parameters mean "the model's own value"; leaving them out keeps records readable.
+def encoding_dict(config: PosEncConfig) -> dict[str, Any]:
+    """How a loaded ``posenc`` entry is written to results and cards: its parameters that are set.
+
+    Unset (None) parameters mean "the model's own value"; leaving them out keeps records readable.
+    """
     return {k: v for k, v in config.to_dict().items() if v is not None}
 
 
 #: A ``posenc:`` entry: a mapping with ``kind`` in YAML, a :class:`~hf_posenc.config.PosEncConfig` once loaded.
-Encoding = Annotated[PosEncConfig, PlainValidator(_encoding), PlainSerializer(_encoding_dict)]
+Encoding = Annotated[PosEncConfig, PlainValidator(_encoding), PlainSerializer(encoding_dict)]
 
 
 class Section(BaseModel):
@@ -439,11 +441,10 @@ def _section_at(cls: type[BaseModel], loc: tuple[Any, ...]) -> type[BaseModel] |
 
 
 def _unwrap(hint: Any) -> Any:
-    """The section type inside ``list[X]``, ``X | None`` and ``Annotated[X, ...]``."""
+    """The section type inside ``list[X]``, ``X | None`` and ``Annotated[X, ...]`` (None for other generics)."""
     while get_origin(hint) is not None:
         args = [a for a in get_args(hint) if a is not type(None)]
-        if get_origin(hint) is Annotated or get_origin(hint) in (list, typing.Union) or len(args) == 1:
-            hint = args[0]
-        else:
-            return None
+        if get_origin(hint) not in (Annotated, list) and len(args) != 1:
+            return None  # a mapping, a Literal, a union of several types: no section below
+        hint = args[0]
     return hint
