@@ -60,7 +60,9 @@ def load_model(source: ModelSource, dtype: str = "float32"):
     """Load the base model fresh, in eval mode (each variant starts from unmodified weights)."""
     from ..loading import load_model as load
 
-    model = load(source.path, dtype, gguf_file=source.gguf_file)
+    # Every recipe trains and scores a causal LM: ask for the head rather than trust the checkpoint's
+    # `architectures`, which names a class transformers does not export for converted models.
+    model = load(source.path, dtype, task="causal-lm", gguf_file=source.gguf_file)
     model.eval()
     return model
 
