@@ -316,7 +316,7 @@ def plot_results(summary: EvalSummary, path: str | Path, metrics: str | Sequence
         else:
             ax.set_ylabel(METRICS[metric][1])
         ax.grid(True, which="both", alpha=0.3)
-    if many:  # many methods: the legend goes beside the last panel, not over the lines
+    if many:  # side-by-side panels: one legend, beside the last panel rather than over its lines
         axes[0][-1].legend(fontsize="small", loc="upper left", bbox_to_anchor=(1.01, 1))
     else:
         axes[0][0].legend(fontsize="small")
