@@ -85,8 +85,7 @@ timing "ran 'hf-posenc compare tiny' (base pretraining included)"
 "$bin/hf-posenc" recipes cp quick .
 "$bin/hf-posenc" recipes cp tiny .
 "$bin/python" -c "
-from hf_posenc.extension.recipe_config import CompareConfig
-from hf_posenc.extension.typed_config import load_config
+from hf_posenc.context_extension.config import CompareConfig, load_config
 cfg = load_config(CompareConfig, 'compare_quick.yaml')
 assert len(cfg.variants) == 9, cfg.variants
 "

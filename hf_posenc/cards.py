@@ -136,6 +136,18 @@ class EvalSummary:
             rows.append(f"| {method or 'this model'} | " + " | ".join("–" if v is None else _fmt(metric, v) for v in cells) + " |")
         return "\n".join([header, rule, *rows])
 
+    def rows(self) -> list[dict[str, Any]]:
+        """The long-format rows (``method``, ``length`` and one column per metric), as :func:`load_results` reads them."""
+        return [{"method": r.method, "length": r.length, **r.metrics} for r in self.records]
+
+    def write_csv(self, path: str | Path) -> Path:
+        """Write :meth:`rows` as CSV (empty cells for metrics a row lacks); :func:`load_results` reads it back."""
+        with open(path, "w", newline="", encoding="utf-8") as handle:
+            writer = csv.DictWriter(handle, fieldnames=["method", "length", *self.metric_names()])
+            writer.writeheader()
+            writer.writerows(self.rows())
+        return Path(path)
+
     def eval_results(self, method: str | None = None) -> list[EvalResult]:
         """``model-index`` entries for one method's numbers (every metric at every length)."""
         out = []
@@ -213,7 +225,7 @@ def load_results(path: str | Path, **summary_fields: Any) -> EvalSummary:
     text = path.read_text(encoding="utf-8")
     extra: dict[str, Any] = {}
     if path.suffix == ".csv":
-        rows: list[Mapping[str, Any]] = _widen(list(csv.DictReader(io.StringIO(text))))
+        rows: list[Mapping[str, Any]] = list(csv.DictReader(io.StringIO(text)))
     elif path.suffix == ".json":
         data = json.loads(text)
         if isinstance(data, dict) and "variants" in data:
@@ -228,20 +240,12 @@ def load_results(path: str | Path, **summary_fields: Any) -> EvalSummary:
     return EvalSummary(records_from_rows(rows), **{**extra, **summary_fields})
 
 
-# Metric names of the comparison recipe's long CSV (hf_posenc.extension.report.write_csv) -> ours.
-_RECIPE_METRICS = {
-    "perplexity_non_overlapping": "perplexity",
-    "perplexity_sliding": "perplexity_sliding",
-    "passkey_accuracy": "passkey_accuracy",
-}
-
-
 def comparison_rows(results: Mapping[str, Any]) -> list[dict[str, Any]]:
-    """Long-format rows from the comparison recipe's ``results.json``.
+    """Long-format rows from the comparison recipe's ``results.json`` (its ``results.csv`` holds these rows).
 
     That file holds ``{"base_model", "train_length", "variants": [{"name", "perplexity":
     {"non_overlapping": {length: ppl}, "sliding": {...}}, "passkey": {length: accuracy}}]}``
-    (schema: ``hf_posenc.extension.report.validate_results``); each variant becomes a method.
+    (schema: ``hf_posenc.context_extension.report.validate_results``); each variant becomes a method.
     """
     by_key: dict[tuple[str, int], dict[str, Any]] = {}
     for variant in results["variants"]:
@@ -257,21 +261,6 @@ def comparison_rows(results: Mapping[str, Any]) -> list[dict[str, Any]]:
     return list(by_key.values())
 
 
-def _widen(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """Turn ``(variant, metric, length, value)`` rows (the recipe's CSV) into one row per (method, length)."""
-    if not rows or "metric" not in rows[0] or "value" not in rows[0]:
-        return rows
-    by_key: dict[tuple[str, str], dict[str, Any]] = {}
-    for i, row in enumerate(rows):
-        metric = _RECIPE_METRICS.get(row["metric"], row["metric"])
-        if metric not in METRICS:
-            raise ValueError(f"results row {i}: unknown metric {row['metric']!r}; expected one of {sorted(_RECIPE_METRICS)}")
-        method = row.get("variant") or row.get("method")
-        wide = by_key.setdefault((method, row["length"]), {"method": method, "length": row["length"]})
-        wide[metric] = row["value"]
-    return list(by_key.values())
-
-
 def select_method(summary: EvalSummary, method: str) -> EvalSummary:
     """The summary restricted to one method's rows (the card of one variant of a comparison).
 
@@ -284,16 +273,18 @@ def select_method(summary: EvalSummary, method: str) -> EvalSummary:
     return EvalSummary(rows, summary.dataset_name, summary.dataset_type, summary.dataset_split, summary.dataset_is_hub_id, summary.protocol)
 
 
-def plot_results(summary: EvalSummary, path: str | Path, metric: str | None = None) -> Path:
-    """Write the log-scale metric-vs-length plot (one line per method) as a PNG.
+def plot_results(summary: EvalSummary, path: str | Path, metrics: str | Sequence[str] | None = None,
+                 mark_length: int | None = None) -> Path:
+    """Write the log-scale metric-vs-length plot (one line per method, one panel per metric) as a PNG.
 
     Args:
         summary: The numbers.
         path: Output file.
-        metric: Metric to plot; defaults to the first lower-is-better metric present.
+        metrics: Metric(s) to plot, side by side; defaults to the first lower-is-better metric present.
+        mark_length: A length to mark with a vertical line (the training length of a comparison).
 
     Raises:
-        ValueError: If the summary has no such metric.
+        ValueError: If the summary lacks a requested metric (the message lists those it has).
     """
     import matplotlib
 
@@ -301,20 +292,34 @@ def plot_results(summary: EvalSummary, path: str | Path, metric: str | None = No
     import matplotlib.pyplot as plt
 
     names = summary.metric_names()
-    metric = metric or next((m for m in names if METRICS[m][2]), None)
-    if metric not in names:
-        raise ValueError(f"cannot plot metric {metric!r}; the results have {names}")
-    fig, ax = plt.subplots(figsize=(5, 3.2), dpi=100)
-    for method in summary.methods():
-        points = [(n, summary.value(method, n, metric)) for n in summary.lengths()]
-        points = [(n, v) for n, v in points if v is not None]
-        ax.plot([n for n, _ in points], [v for _, v in points], marker="o", label=method or "this model")
-    ax.set_xscale("log", base=2)
-    ax.set_yscale("log")
-    ax.set_xlabel("evaluation length (tokens)")
-    ax.set_ylabel(METRICS[metric][1])
-    ax.grid(True, which="both", alpha=0.3)
-    ax.legend(fontsize="small")
+    if metrics is None:
+        metrics = [next((m for m in names if METRICS[m][2]), None)]
+    metrics = [metrics] if isinstance(metrics, str) else list(metrics)
+    missing = [m for m in metrics if m not in names]
+    if missing:
+        raise ValueError(f"cannot plot metric(s) {missing}; the results have {names}")
+    many = len(metrics) > 1
+    fig, axes = plt.subplots(1, len(metrics), figsize=(5 * len(metrics) + 1.5 * many, 3.2 + 0.6 * many), dpi=100,
+                             sharey=True, squeeze=False)
+    for ax, metric in zip(axes[0], metrics):
+        for method in summary.methods():
+            points = [(n, summary.value(method, n, metric)) for n in summary.lengths()]
+            points = [(n, v) for n, v in points if v is not None]
+            ax.plot([n for n, _ in points], [v for _, v in points], marker="o", label=method or "this model")
+        if mark_length is not None:
+            ax.axvline(mark_length, color="grey", linestyle=":", label="train length L")
+        ax.set_xscale("log", base=2)
+        ax.set_yscale("log")
+        ax.set_xlabel("evaluation length (tokens)")
+        if many:
+            ax.set_title(METRICS[metric][1])
+        else:
+            ax.set_ylabel(METRICS[metric][1])
+        ax.grid(True, which="both", alpha=0.3)
+    if many:  # side-by-side panels: one legend, beside the last panel rather than over its lines
+        axes[0][-1].legend(fontsize="small", loc="upper left", bbox_to_anchor=(1.01, 1))
+    else:
+        axes[0][0].legend(fontsize="small")
     fig.tight_layout()
     # Fixed metadata keeps the PNG bytes reproducible, so re-pushing the same card is a no-op commit.
     fig.savefig(path, format="png", metadata={"Software": None})

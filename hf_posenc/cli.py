@@ -26,6 +26,7 @@ from tqdm.auto import tqdm
 from .architectures import MODEL_TYPE_PREFIX
 from .config import CONFIG_KEY, KINDS, PosEncConfig
 from .convert import is_native_checkpoint
+from .loading import check_source, load_model, load_tokenizer
 from .modeling import TASKS
 
 logger = logging.getLogger("hf_posenc")
@@ -44,59 +45,6 @@ def parse_params(pairs: list[str]) -> dict:
             raise ValueError(f"--param expects KEY=VALUE, got {pair!r}.")
         params[key.strip()] = yaml.safe_load(value)
     return params
-
-
-def check_source(source: str) -> None:
-    """Refuse a MODEL that names a local file or folder that does not exist, in our words: transformers
-    would try it as a Hub id and report an invalid repo id.
-
-    Raises:
-        FileNotFoundError: A missing ``.gguf`` file, or a path that cannot be a Hub id and does not exist.
-    """
-    from .hub import missing_local_folder
-
-    if Path(source).suffix == ".gguf":
-        if not Path(source).is_file():
-            raise FileNotFoundError(f"GGUF file not found: {source}")
-    elif missing_local_folder(source):
-        raise FileNotFoundError(f"MODEL {source!r}: no such folder (MODEL is a local folder, a .gguf file, "
-                                "or a Hub id 'namespace/name').")
-
-
-def load_model(source: str, dtype: str = "auto", attn_implementation: str | None = None, task: str | None = None):
-    """Load a model from a local folder, a Hub id, or a ``.gguf`` file.
-
-    ``task`` (a key of :data:`hf_posenc.modeling.TASKS`, e.g. ``"sequence-classification"``) picks the Auto
-    class; without it, the class the checkpoint names.
-    """
-    import transformers
-    from transformers import AutoConfig
-
-    kwargs = {"dtype": dtype}
-    if attn_implementation:
-        kwargs["attn_implementation"] = attn_implementation
-    check_source(source)
-    path = Path(source)
-    if path.suffix == ".gguf":
-        location, kwargs["gguf_file"] = str(path.parent), path.name
-    else:
-        location = source
-    config = AutoConfig.from_pretrained(location, **({"gguf_file": kwargs["gguf_file"]} if "gguf_file" in kwargs else {}))
-    architectures = getattr(config, "architectures", None) or []
-    model_class = getattr(transformers, architectures[0], None) if architectures else None
-    if task is not None:
-        model_class = getattr(transformers, TASKS[task][0])
-    if model_class is None:  # e.g. GGUF configs name no architecture: a causal LM if the type has one
-        from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
-
-        causal = config.model_type in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES and getattr(config, "is_decoder", True)
-        model_class = transformers.AutoModelForCausalLM if causal else transformers.AutoModel
-    model = model_class.from_pretrained(location, **kwargs)
-    if "gguf_file" in kwargs:
-        from ._hf import forget_gguf_quantizer
-
-        forget_gguf_quantizer(model)
-    return model
 
 
 def cmd_convert(args: argparse.Namespace) -> int:
@@ -124,14 +72,8 @@ def cmd_convert(args: argparse.Namespace) -> int:
 
 
 def _save_tokenizer(source: str, out: Path) -> None:
-    from transformers import AutoTokenizer
-
-    path = Path(source)
     try:
-        if path.suffix == ".gguf":
-            tokenizer = AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
-        else:
-            tokenizer = AutoTokenizer.from_pretrained(source)
+        tokenizer = load_tokenizer(source)
     except (OSError, ValueError) as error:  # a model without a tokenizer is still a valid conversion
         logger.warning("No tokenizer saved (%s).", error)
         return
@@ -178,7 +120,7 @@ def cmd_info(args: argparse.Namespace) -> int:
 
 
 def cmd_compare(args: argparse.Namespace) -> int:
-    from .extension.compare import run_compare, timing_summary
+    from .context_extension.compare import run_compare, timing_summary
 
     paths = run_compare(args.config, args.out, args.overrides)
     print(paths["markdown"].read_text())
@@ -188,7 +130,7 @@ def cmd_compare(args: argparse.Namespace) -> int:
     if args.readme:
         from pathlib import Path
 
-        from .extension.report import default_assets_dir, update_readme
+        from .context_extension.report import default_assets_dir, update_readme
 
         readme = Path(args.readme)
         assets = Path(args.readme_assets) if args.readme_assets else default_assets_dir(readme, Path(args.out))

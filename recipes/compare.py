@@ -20,9 +20,9 @@ _CHECKOUT = Path(__file__).resolve().parents[1]
 if (_CHECKOUT / "hf_posenc" / "__init__.py").is_file():
     sys.path.insert(0, str(_CHECKOUT))
 
-from hf_posenc.extension.compare import run_compare, timing_summary  # noqa: E402
-from hf_posenc.extension.report import default_assets_dir, update_readme  # noqa: E402
-from hf_posenc.extension.typed_config import ConfigError  # noqa: E402
+from hf_posenc.context_extension.compare import run_compare, timing_summary  # noqa: E402
+from hf_posenc.context_extension.config import ConfigError  # noqa: E402
+from hf_posenc.context_extension.report import default_assets_dir, update_readme  # noqa: E402
 
 
 def main(argv=None):

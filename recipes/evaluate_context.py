@@ -5,7 +5,7 @@ length and depth.
 
     python recipes/evaluate_context.py --config recipes/configs/evaluate_quick.yaml [key.sub=value ...]
 
-Also callable from Python: ``hf_posenc.extension.evaluation.evaluate_context(model, tokenizer, stream, cfg)``.
+Also callable from Python: ``hf_posenc.context_extension.evaluation.evaluate_context(model, tokenizer, stream, cfg)``.
 """
 
 from __future__ import annotations
@@ -22,9 +22,7 @@ _CHECKOUT = Path(__file__).resolve().parents[1]
 if (_CHECKOUT / "hf_posenc" / "__init__.py").is_file():
     sys.path.insert(0, str(_CHECKOUT))
 
-from hf_posenc.extension.recipe_config import EvaluateConfig  # noqa: E402
-from hf_posenc.extension.typed_config import ConfigError, load_config  # noqa: E402
-from hf_posenc.presets import resolve_config  # noqa: E402
+from hf_posenc.context_extension.config import ConfigError, EvaluateConfig, encoding_dict, load_config  # noqa: E402
 
 
 def main(argv=None) -> dict:
@@ -33,27 +31,25 @@ def main(argv=None) -> dict:
     parser.add_argument("overrides", nargs="*", help="key.sub=value changes")
     args = parser.parse_intermixed_args(argv)  # overrides may follow --out
     try:
-        cfg = load_config(EvaluateConfig, resolve_config(args.config, "evaluate"), args.overrides)
+        cfg = load_config(EvaluateConfig, args.config, args.overrides)
     except (ConfigError, FileNotFoundError) as err:
         sys.exit(f"config error: {err}")
 
-    from hf_posenc.extension.data import concat_tokens, load_texts
-    from hf_posenc.extension.evaluation import evaluate_context
-    from hf_posenc.extension.lora import load_adapter
-    from hf_posenc.extension.models import load_model, load_tokenizer, resolve
-    from hf_posenc.extension.variants import apply_posenc
+    from hf_posenc.context_extension.data import eval_stream, load_texts
+    from hf_posenc.context_extension.evaluation import evaluate_context
+    from hf_posenc.context_extension.models import apply_encoding, load_model, load_tokenizer, resolve
+    from hf_posenc.peft_utils import load_adapter
 
     source = resolve(cfg.model, cfg.data.held_out_percent)
     tokenizer = load_tokenizer(source)
     model = load_model(source, cfg.model.dtype)
     if cfg.posenc is not None:
-        model = apply_posenc(model, cfg.posenc)
+        model = apply_encoding(model, cfg.posenc)
     if cfg.adapter:
         model = load_adapter(model, cfg.adapter).merge_and_unload()
-    longest = max([*cfg.eval.lengths, *(cfg.eval.passkey.lengths or [])])
-    stream = concat_tokens(load_texts(cfg.data, cfg.data.eval_split), tokenizer,
-                           max(cfg.eval.eval_tokens, cfg.eval.sliding_tokens) + 2 * longest)
-    result = {"model": source.label, "posenc": cfg.posenc, "adapter": cfg.adapter,
+    stream = eval_stream(load_texts(cfg.data, cfg.data.eval_split), tokenizer, cfg.eval.stream_tokens())
+    posenc = None if cfg.posenc is None else encoding_dict(cfg.posenc)
+    result = {"model": source.label, "posenc": posenc, "adapter": cfg.adapter,
               **evaluate_context(model, tokenizer, stream, cfg.eval)}
     out = Path(cfg.output)
     out.parent.mkdir(parents=True, exist_ok=True)

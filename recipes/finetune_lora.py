@@ -23,9 +23,7 @@ _CHECKOUT = Path(__file__).resolve().parents[1]
 if (_CHECKOUT / "hf_posenc" / "__init__.py").is_file():
     sys.path.insert(0, str(_CHECKOUT))
 
-from hf_posenc.extension.recipe_config import FinetuneConfig  # noqa: E402
-from hf_posenc.extension.typed_config import ConfigError, load_config  # noqa: E402
-from hf_posenc.presets import resolve_config  # noqa: E402
+from hf_posenc.context_extension.config import ConfigError, FinetuneConfig, encoding_dict, load_config  # noqa: E402
 
 logger = logging.getLogger("hf_posenc.recipes.finetune_lora")
 
@@ -52,7 +50,7 @@ def write_card(cfg: FinetuneConfig, out: Path, base_label: str, stats: dict, ori
     adapter = json.loads((out / "adapter" / "adapter_config.json").read_text())
     info = CardInfo(
         repo_id=out.name,
-        posenc=cfg.posenc,
+        posenc=encoding_dict(cfg.posenc),
         original_encoding=original,
         adapter={k: adapter.get(k) for k in ("peft_type", "r", "lora_alpha", "target_modules", "modules_to_save")},
         training={"base model": base_label, "steps": stats["steps"], "train tokens": stats["train_tokens"],
@@ -66,17 +64,15 @@ def main(argv=None) -> dict:
     args = parse_args(argv)
     # 0. Config: every key and value is checked here, before any model is loaded.
     try:
-        cfg = load_config(FinetuneConfig, resolve_config(args.config, "finetune"), args.overrides)
+        cfg = load_config(FinetuneConfig, args.config, args.overrides)
     except (ConfigError, FileNotFoundError) as err:
         sys.exit(f"config error: {err}")
 
     from accelerate.utils import set_seed
 
-    from hf_posenc.extension.data import load_texts
-    from hf_posenc.extension.finetune import build_training_windows, make_accelerator, train
-    from hf_posenc.extension.lora import wrap_with_lora
-    from hf_posenc.extension.models import load_model, load_tokenizer, resolve
-    from hf_posenc.extension.variants import apply_posenc
+    from hf_posenc.context_extension.data import load_texts
+    from hf_posenc.context_extension.models import apply_encoding, load_model, load_tokenizer, resolve
+    from hf_posenc.context_extension.training import finetune_lora, make_accelerator
 
     try:
         accelerator = make_accelerator(cfg.train)
@@ -93,30 +89,25 @@ def main(argv=None) -> dict:
     model = load_model(source, cfg.model.dtype)
     original = base_encoding(model.config)  # read before conversion rewrites the config
 
-    # 2. Convert to the requested encoding, 3. wrap with LoRA (+ position tables, + LongLoRA switch).
+    # 2. Convert to the requested encoding.
     # Seeded here, not earlier: building the base model (first run only) draws random numbers, and
     # new position tables and LoRA weights must start the same whether or not it was cached.
     set_seed(cfg.train.seed)
-    model = apply_posenc(model, cfg.posenc)
-    model = wrap_with_lora(model, cfg.lora)
-    if accelerator.is_main_process:
-        model.print_trainable_parameters()
+    model = apply_encoding(model, cfg.posenc)
 
-    # 4. Data: windows of train.seq_len tokens from the training split (same on every rank;
+    # 3. Data: the training split (windows of train.seq_len tokens, the same on every rank;
     #    Accelerate's prepared dataloader splits each global batch across the ranks).
     with accelerator.main_process_first():
         texts = load_texts(cfg.data, cfg.data.train_split)
-    windows = build_training_windows(texts, tokenizer, cfg.train)
 
-    # 5. Train (resumes from output.dir/checkpoints when a checkpoint is there).
-    stats = train(accelerator, model, windows, cfg.train, out / "checkpoints", progress=True)
+    # 4. LoRA (+ position tables, + LongLoRA switch) and 5. train (resumes from output.dir/checkpoints).
+    unwrapped, stats = finetune_lora(accelerator, model, tokenizer, texts, cfg.lora, cfg.train, out / "checkpoints")
 
     # 6. Save adapter, merged model and card (each rank also records its own statistics).
     out.mkdir(parents=True, exist_ok=True)
     (out / f"train_stats.rank{accelerator.process_index}.json").write_text(json.dumps(stats, indent=2))
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
-        unwrapped = accelerator.unwrap_model(model)
         if cfg.output.save_adapter:
             unwrapped.save_pretrained(str(out / "adapter"))
             tokenizer.save_pretrained(str(out / "adapter"))

@@ -112,7 +112,7 @@ def test_cli_convert_info_and_errors(tmp_path, capsys):
 
 
 def test_cli_compare_takes_overrides_before_or_after_options(monkeypatch, tmp_path):
-    import hf_posenc.extension.compare as compare_module
+    import hf_posenc.context_extension.compare as compare_module
     from hf_posenc.cli import main
 
     calls = []

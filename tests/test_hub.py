@@ -439,7 +439,7 @@ def test_cli_push_with_the_comparison_recipes_results(hub_server, llama_folder, 
     ]
     variants[1]["perplexity"]["non_overlapping"] = {"16": 99.0, "32": 98.0}
     data = {"base_model": "tiny", "train_length": 16, "variants": variants}
-    from hf_posenc.extension.report import validate_results
+    from hf_posenc.context_extension.report import validate_results
 
     validate_results(data)  # the recipe's own schema check: this is the layout a recipe run writes
     results = tmp_path / "results.json"

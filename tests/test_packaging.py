@@ -20,9 +20,8 @@ import pytest
 
 from hf_posenc import presets
 from hf_posenc.cli import main
-from hf_posenc.extension import evaluation
-from hf_posenc.extension.recipe_config import CompareConfig, EvaluateConfig, FinetuneConfig
-from hf_posenc.extension.typed_config import ConfigError, load_config
+from hf_posenc.context_extension import evaluation
+from hf_posenc.context_extension.config import CompareConfig, ConfigError, EvaluateConfig, FinetuneConfig, load_config
 
 tomllib = pytest.importorskip("tomllib")  # Python 3.11+
 
@@ -168,7 +167,7 @@ def test_compare_by_name_reads_the_preset(tmp_path, capsys):
     # proves which YAML was read, and nothing is trained.
     assert main(["compare", "tiny", "--out", str(tmp_path / "out"), "train.stepz=1"]) == 2
     error = capsys.readouterr().err
-    assert "compare_tiny.yaml.train: unknown key 'stepz'" in error, error
+    assert "compare_tiny.yaml: train: unknown key 'stepz' (did you mean 'steps'?)" in error, error
     assert not (tmp_path / "out").exists()
 
 

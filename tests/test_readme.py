@@ -130,8 +130,7 @@ def _check_pip(words: list[str]) -> str:
 
 def _dry_run_compare(argv: list[str]) -> str:
     from hf_posenc.cli import build_parser
-    from hf_posenc.extension.recipe_config import CompareConfig
-    from hf_posenc.extension.typed_config import load_config
+    from hf_posenc.context_extension.config import CompareConfig, load_config
     from hf_posenc.presets import resolve_config
 
     args, extra = build_parser().parse_known_args(["compare", *argv])

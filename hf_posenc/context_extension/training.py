@@ -1,4 +1,5 @@
-"""The Accelerate training loop shared by ``recipes/finetune_lora.py`` and the comparison.
+"""LoRA fine-tuning under Accelerate: :func:`finetune_lora`, the one training step of both
+``recipes/finetune_lora.py`` and the comparison.
 
 Accelerate owns devices, mixed precision, gradient accumulation, distribution (DDP/FSDP/DeepSpeed
 from the launch config) and checkpointing. ``train.batch_size`` is the *global* batch: Accelerate
@@ -13,7 +14,6 @@ from __future__ import annotations
 import json
 import logging
 import os
-import random
 import signal
 import time
 import warnings
@@ -21,33 +21,13 @@ from pathlib import Path
 
 import torch
 
-from .recipe_config import TrainConfig
+from .config import LoraSettings, TrainConfig
 
 logger = logging.getLogger(__name__)
 
 #: Fault injection for the resume test: the process SIGKILLs itself right after saving this step.
 FAULT_ENV = "HF_POSENC_KILL_AFTER_STEP"
 _DONE = "checkpoint_complete"
-
-
-def training_windows(texts: list[str], tokenizer, seq_len: int, count: int, seed: int) -> torch.Tensor:
-    """``count`` non-overlapping training windows of ``seq_len`` tokens, in a seeded random order.
-
-    Documents are shuffled (seeded) before being concatenated so windows mix modules; windows are
-    contiguous text so long-range structure inside files is kept for the long-context fine-tune.
-    """
-    from .base_model import token_stream
-    from .data import windows
-
-    order = list(range(len(texts)))
-    random.Random(seed).shuffle(order)
-    stream = token_stream([texts[i] for i in order], tokenizer, count * seq_len)
-    chunks = windows(stream, seq_len)
-    if len(chunks) < count:
-        # Small corpora: reuse windows (a new epoch) rather than fail.
-        chunks = chunks.repeat((count + len(chunks) - 1) // len(chunks), 1)
-    perm = torch.randperm(len(chunks), generator=torch.Generator().manual_seed(seed))
-    return chunks[perm[:count]].contiguous()
 
 
 def latest_checkpoint(ckpt_root: Path) -> Path | None:
@@ -215,11 +195,40 @@ def train(accelerator, model, windows: torch.Tensor, cfg: TrainConfig, ckpt_root
     }
 
 
-def windows_needed(cfg: TrainConfig) -> int:
-    """Training windows for ``cfg.steps`` optimizer steps (global: the same for any number of processes)."""
-    return cfg.steps * cfg.batch_size * cfg.grad_accum
+def finetune_lora(accelerator, model, tokenizer, texts: list[str], lora: LoraSettings, cfg: TrainConfig,
+                  ckpt_root: Path | None, progress: bool = True, desc: str = "finetune"):
+    """Wrap ``model`` with LoRA and train it on windows of ``texts``.
 
+    The adapter targets the architecture's attention projections (unless ``lora.target_modules`` is
+    set) and trains, in full, the encoding's ``posenc`` tables whenever they have parameters (a fresh
+    table has nothing for LoRA to adapt) and, with ``lora.train_embeddings_and_norms``, LongLoRA's
+    embeddings and norms (:func:`hf_posenc.peft_utils.lora_config`).
 
-def build_training_windows(texts: list[str], tokenizer, cfg: TrainConfig) -> torch.Tensor:
-    """Windows for a run, identical on every process (seeded)."""
-    return training_windows(texts, tokenizer, cfg.seq_len, windows_needed(cfg), cfg.seed)
+    Args:
+        accelerator: The ``accelerate.Accelerator`` of :func:`make_accelerator`.
+        model: The converted base model (seed the RNG first: LoRA weights start random).
+        tokenizer: Its tokenizer.
+        texts: Training documents (:func:`hf_posenc.context_extension.data.load_texts`).
+        lora: The ``lora:`` section.
+        cfg: The ``train:`` section.
+        ckpt_root: Checkpoint folder (resumed from when it holds one); None: no checkpoints.
+        progress: Show a progress bar on the main process.
+        desc: Progress-bar and log label.
+
+    Returns:
+        ``(peft_model, stats)``: the trained ``PeftModel``, unwrapped from Accelerate (save it with
+        ``save_pretrained`` or merge it with ``merge_and_unload``), and the statistics of :func:`train`.
+    """
+    from peft import get_peft_model
+
+    from ..peft_utils import lora_config
+    from .data import training_windows
+
+    peft_model = get_peft_model(model, lora_config(
+        model, r=lora.r, alpha=lora.alpha, dropout=lora.dropout, longlora=lora.train_embeddings_and_norms,
+        target_modules=lora.target_modules, modules_to_save=lora.modules_to_save, task_type="CAUSAL_LM"))
+    trainable, total = peft_model.get_nb_trainable_parameters()
+    logger.info("%s: %d of %d parameters trainable (%.2f%%)", desc, trainable, total, 100 * trainable / total)
+    windows = training_windows(texts, tokenizer, cfg)
+    stats = train(accelerator, peft_model, windows, cfg, ckpt_root, progress=progress, desc=desc)
+    return accelerator.unwrap_model(peft_model), stats

@@ -6,8 +6,8 @@ import hashlib
 
 import pytest
 
-from hf_posenc.extension import corpus, paths
-from hf_posenc.extension.tokenizer import train_bpe_tokenizer
+from hf_posenc.context_extension import data as corpus
+from hf_posenc.context_extension.base_model import train_bpe_tokenizer
 
 
 def test_split_is_disjoint_deterministic_and_stdlib_only():
@@ -50,8 +50,8 @@ def test_bpe_tokenizer_round_trips_and_compresses():
 
 
 def test_cache_dir_env_override(tmp_path, monkeypatch):
-    monkeypatch.setenv(paths.CACHE_ENV, str(tmp_path / "c"))
-    assert paths.cache_dir() == tmp_path / "c" and (tmp_path / "c").is_dir()
+    monkeypatch.setenv(corpus.CACHE_ENV, str(tmp_path / "c"))
+    assert corpus.cache_dir() == tmp_path / "c" and (tmp_path / "c").is_dir()
 
 
 def test_base_model_is_built_once_and_keyed_by_its_spec(tmp_path_factory, monkeypatch):
@@ -59,10 +59,10 @@ def test_base_model_is_built_once_and_keyed_by_its_spec(tmp_path_factory, monkey
 
     import yaml
 
-    from hf_posenc.extension.base_model import base_model_dir, ensure_base_model
-    from hf_posenc.extension.recipe_config import PretrainConfig
+    from hf_posenc.context_extension.base_model import base_model_dir, ensure_base_model
+    from hf_posenc.context_extension.config import PretrainConfig
 
-    monkeypatch.setenv(paths.CACHE_ENV, str(tmp_path_factory.getbasetemp() / "hf_posenc_cache"))
+    monkeypatch.setenv(corpus.CACHE_ENV, str(tmp_path_factory.getbasetemp() / "hf_posenc_cache"))
     tiny = yaml.safe_load((Path(__file__).resolve().parents[1] / "recipes/configs/compare_tiny.yaml").read_text())
     spec = PretrainConfig(**tiny["model"]["builtin"])
     folder = ensure_base_model(spec, progress=False)
@@ -88,16 +88,14 @@ def test_stopped_base_pretraining_resumes_to_identical_weights(tmp_path, tmp_pat
     import torch
     from safetensors.torch import load_file
 
-    from hf_posenc.extension import base_model
-    from hf_posenc.extension.recipe_config import PretrainConfig
+    from hf_posenc.context_extension import base_model
+    from hf_posenc.context_extension.config import PretrainConfig
 
-    monkeypatch.setenv(paths.CACHE_ENV, str(tmp_path_factory.getbasetemp() / "hf_posenc_cache"))  # shared corpus
+    monkeypatch.setenv(corpus.CACHE_ENV, str(tmp_path_factory.getbasetemp() / "hf_posenc_cache"))  # shared corpus
     monkeypatch.setattr(base_model, "CHECKPOINT_EVERY", 4)
     monkeypatch.setenv(base_model.THREADS_ENV, "1")
-    from hf_posenc.extension import tokenizer as tokenizer_module
-
-    real_train = tokenizer_module.train_bpe_tokenizer  # a small tokenizer sample keeps the test fast
-    monkeypatch.setattr(tokenizer_module, "train_bpe_tokenizer",
+    real_train = base_model.train_bpe_tokenizer  # a small tokenizer sample keeps the test fast
+    monkeypatch.setattr(base_model, "train_bpe_tokenizer",
                         lambda texts, size: real_train(texts, size, max_chars=200_000))
     spec = PretrainConfig(vocab_size=300, hidden_size=16, num_layers=1, num_heads=2, intermediate_size=32,
                           seq_len=32, batch_size=2, steps=11, warmup_steps=2)
@@ -129,7 +127,7 @@ def test_stopped_base_pretraining_resumes_to_identical_weights(tmp_path, tmp_pat
 def test_thread_chooser_keeps_the_faster_count_and_measures_again(monkeypatch):
     import torch
 
-    from hf_posenc.extension import base_model
+    from hf_posenc.context_extension import base_model
 
     monkeypatch.delenv(base_model.THREADS_ENV, raising=False)
     monkeypatch.setattr(base_model, "PROBE_EVERY", 10)

@@ -1,13 +1,20 @@
 """The comparison's outputs: ``results.json`` (schema checked), ``results.csv``, a Markdown table
-and plots (log-scale perplexity vs length; passkey accuracy heatmap)."""
+and plots (log-scale perplexity vs length; passkey accuracy heatmap; loss by position).
+
+``results.json`` holds every variant's full record. Its numbers by length are also an
+:class:`hf_posenc.cards.EvalSummary`, the results model of the model cards (:func:`eval_summary`):
+``results.csv`` is that summary's table, and the perplexity plot is the cards' plotter, so a card
+made from either file shows the same numbers the same way.
+"""
 
 from __future__ import annotations
 
-import csv
 import json
 import math
 from pathlib import Path
 from typing import Any
+
+from ..cards import EvalSummary, comparison_rows, plot_results, records_from_rows
 
 # Keys every variant record must have, with their types (``results.json`` is read by other tools:
 # the model-card generator and the Hub push).
@@ -118,44 +125,9 @@ def checks_markdown(results: dict[str, Any]) -> str:
     return "\n".join(rows) + "\n"
 
 
-def write_csv(results: dict[str, Any], path: Path) -> None:
-    """Long format: one row per (variant, metric, length)."""
-    with open(path, "w", newline="") as handle:
-        writer = csv.writer(handle)
-        writer.writerow(["variant", "finetuned", "train_tokens", "metric", "length", "value"])
-        for v in results["variants"]:
-            base = [v["name"], v["finetuned"], v["train_tokens"]]
-            for mode in PPL_MODES:
-                for n, value in v["perplexity"][mode].items():
-                    writer.writerow(base + [f"perplexity_{mode}", n, value])
-            for n, value in v["passkey"].items():
-                writer.writerow(base + ["passkey_accuracy", n, value])
-
-
-def plot_perplexity(results: dict[str, Any], path: Path) -> None:
-    """Perplexity vs evaluation length, both axes log-scale, training length marked."""
-    import matplotlib
-
-    matplotlib.use("Agg")  # files only; never needs a display
-    import matplotlib.pyplot as plt
-
-    fig, axes = plt.subplots(1, 2, figsize=(12, 4.5), sharey=True)
-    for ax, mode in zip(axes, PPL_MODES):
-        for v in results["variants"]:
-            table = v["perplexity"][mode]
-            xs = sorted(table, key=int)
-            ax.plot([int(x) for x in xs], [table[x] for x in xs], marker="o", label=v["name"])
-        ax.axvline(results["train_length"], color="grey", linestyle=":", label="train length L")
-        ax.set_xscale("log", base=2)
-        ax.set_yscale("log")
-        ax.set_xlabel("evaluation length (tokens)")
-        ax.set_title(f"perplexity, {mode.replace('_', '-')}")
-        ax.grid(True, which="both", alpha=0.3)
-    axes[0].set_ylabel("per-token perplexity (log)")
-    axes[1].legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1))
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+def eval_summary(results: dict[str, Any]) -> EvalSummary:
+    """The numbers by length of a comparison as the cards' results model (one method per variant)."""
+    return EvalSummary(records_from_rows(comparison_rows(results)))
 
 
 def plot_passkey(results: dict[str, Any], path: Path) -> None:
@@ -226,11 +198,13 @@ def write_report(results: dict[str, Any], out_dir: Path) -> dict[str, Path]:
         "passkey_plot": out_dir / "passkey_heatmap.png",
     }
     paths["json"].write_text(json.dumps(results, indent=2))
-    write_csv(results, paths["csv"])
+    summary = eval_summary(results)
+    summary.write_csv(paths["csv"])
     results["direction_checks"] = direction_checks(results)
     checks = checks_markdown(results)
     paths["markdown"].write_text(markdown_table(results) + ("\n" + checks if checks else ""))
-    plot_perplexity(results, paths["perplexity_plot"])
+    plot_results(summary, paths["perplexity_plot"], metrics=("perplexity", "perplexity_sliding"),
+                 mark_length=results["train_length"])
     plot_passkey(results, paths["passkey_plot"])
     position_plot = out_dir / "loss_by_position.png"
     if plot_loss_by_position(results, position_plot):

@@ -1,15 +1,19 @@
 """The embedded default base model: a small Llama the project pretrains itself at a short length.
 
-Built once from a :class:`~hf_posenc.extension.recipe_config.PretrainConfig` and cached under
+Built once from a :class:`~hf_posenc.context_extension.config.PretrainConfig` and cached under
 ``cache_dir()/base/<hash of the config>``, so re-runs (and other recipes) reuse it. The model is a
 stock ``LlamaForCausalLM`` with RoPE (Su et al. 2021, https://arxiv.org/abs/2104.09864) trained on
 windows of ``seq_len`` tokens of the standard-library corpus; the context-extension experiments then
 ask what each encoding does beyond that length.
+
+Its tokenizer is a small byte-level BPE trained with 🤗 ``tokenizers`` on the training split
+(Radford et al. 2019, GPT-2; Sennrich et al. 2016, https://arxiv.org/abs/1508.07909): it never meets
+an unknown character, and a few thousand merges already make a token carry ~3 bytes of code, so the
+base model learns more per training step than a byte-level model at the same cost.
 """
 
 from __future__ import annotations
 
-import dataclasses
 import hashlib
 import json
 import logging
@@ -18,12 +22,14 @@ import os
 import random
 import statistics
 import time
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 
 import torch
+from filelock import FileLock
 
-from .paths import cache_dir, file_lock
-from .recipe_config import PretrainConfig
+from .config import PretrainConfig
+from .data import cache_dir, load_stdlib_dataset, token_stream
 
 logger = logging.getLogger(__name__)
 
@@ -36,6 +42,58 @@ CHECKPOINT_EVERY = 100
 #: Steps between two thread-count measurements (the load of a shared machine changes during a build).
 PROBE_EVERY = 250
 _PROBE_STEPS = 3
+
+#: The end-of-text token of the builtin tokenizer (also its padding token).
+EOS_TOKEN = "<|endoftext|>"
+
+
+def _batches(texts: Iterable[str], max_chars: int, batch: int = 64) -> Iterator[list[str]]:
+    """Yield lists of texts until ``max_chars`` characters have been produced."""
+    seen, buffer = 0, []
+    for text in texts:
+        if seen >= max_chars:
+            break
+        buffer.append(text)
+        seen += len(text)
+        if len(buffer) == batch:
+            yield buffer
+            buffer = []
+    if buffer:
+        yield buffer
+
+
+def train_bpe_tokenizer(texts: Iterable[str], vocab_size: int, max_chars: int = 8_000_000):
+    """Train a byte-level BPE tokenizer and wrap it as a ``PreTrainedTokenizerFast``.
+
+    Args:
+        texts: Training documents (only the first ``max_chars`` characters are used: merges
+            stabilise long before the whole corpus is read, and training time is linear in it).
+        vocab_size: Final vocabulary size, the 256 byte symbols and the end-of-text token included.
+        max_chars: Character budget for training the merges.
+
+    Returns:
+        A ``transformers.PreTrainedTokenizerFast`` whose ``eos_token`` (also used as padding) is
+        ``<|endoftext|>``.
+    """
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    if vocab_size <= 257:
+        raise ValueError(f"vocab_size must exceed the 256 byte symbols plus one special token, got {vocab_size}")
+    tokenizer = Tokenizer(models.BPE())
+    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tokenizer.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        special_tokens=[EOS_TOKEN],
+        # Start from all 256 bytes so any input (including non-UTF-8 replacement output) encodes.
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    tokenizer.train_from_iterator(_batches(texts, max_chars), trainer=trainer)
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tokenizer, eos_token=EOS_TOKEN, bos_token=EOS_TOKEN, pad_token=EOS_TOKEN
+    )
 
 
 class ThreadChooser:
@@ -86,22 +144,9 @@ class ThreadChooser:
 
 def base_model_dir(spec: PretrainConfig, held_out_percent: int = 5) -> Path:
     """Folder of the cached base model built from ``spec``."""
-    payload = json.dumps({"spec": dataclasses.asdict(spec), "held_out": held_out_percent, "v": BUILD_VERSION},
+    payload = json.dumps({"spec": spec.model_dump(), "held_out": held_out_percent, "v": BUILD_VERSION},
                          sort_keys=True)
     return cache_dir() / "base" / hashlib.sha256(payload.encode()).hexdigest()[:12]
-
-
-def token_stream(texts, tokenizer, max_tokens: int) -> torch.Tensor:
-    """Tokenize documents in order, each followed by end-of-text, until ``max_tokens`` are collected."""
-    chunks, total, batch = [], 0, 32
-    eos = tokenizer.eos_token_id
-    for start in range(0, len(texts), batch):
-        for ids in tokenizer(texts[start : start + batch])["input_ids"]:
-            chunks.append(torch.tensor(ids + [eos], dtype=torch.long))
-            total += len(ids) + 1
-        if total >= max_tokens:
-            break
-    return torch.cat(chunks)[:max_tokens] if chunks else torch.empty(0, dtype=torch.long)
 
 
 def _lr_at(step: int, spec: PretrainConfig) -> float:
@@ -148,9 +193,6 @@ def pretrain(spec: PretrainConfig, out_dir: Path, held_out_percent: int = 5, pro
     """
     from tqdm.auto import tqdm
     from transformers import LlamaForCausalLM
-
-    from .corpus import load_stdlib_dataset
-    from .tokenizer import train_bpe_tokenizer
 
     started = time.time()
     dataset = load_stdlib_dataset(held_out_percent, cache=cache_dir() / "datasets")
@@ -226,7 +268,7 @@ def pretrain(spec: PretrainConfig, out_dir: Path, held_out_percent: int = 5, pro
     tokenizer.save_pretrained(str(out_dir))
     checkpoint.unlink(missing_ok=True)
     info = {
-        "spec": dataclasses.asdict(spec),
+        "spec": spec.model_dump(),
         "parameters": sum(p.numel() for p in model.parameters()),
         "train_tokens": needed,
         "corpus_tokens_used": int(len(stream)),
@@ -244,7 +286,11 @@ def pretrain(spec: PretrainConfig, out_dir: Path, held_out_percent: int = 5, pro
 def ensure_base_model(spec: PretrainConfig, held_out_percent: int = 5, progress: bool = True) -> Path:
     """Return the folder of the base model for ``spec``, pretraining it first if it is not cached."""
     folder = base_model_dir(spec, held_out_percent)
-    with file_lock(folder.with_suffix(".lock")):
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    # Two processes (two accelerate ranks, or two recipes) may want the same base at once: the second
+    # waits and then finds it built. timeout=-1: a build takes minutes, and giving up would only make
+    # the waiter build it again. filelock uses flock on POSIX and msvcrt locking on Windows.
+    with FileLock(str(folder.with_suffix(".lock")), timeout=-1):
         if not (folder / "build_info.json").is_file():
             logger.info("no cached base model for this spec: pretraining it into %s", folder)
             # The partial folder keeps the build's checkpoints: a stopped build resumes there.

