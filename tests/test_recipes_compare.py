@@ -57,7 +57,18 @@ def test_outputs_and_schema(compared):
     yarn = cards.load_results(paths["csv"]).value("rope_yarn", 64, "perplexity_sliding")
     assert yarn == by_name["rope_yarn"]["perplexity"]["sliding"]["64"]  # exact: floats round-trip through the CSV
     table = paths["markdown"].read_text()
-    assert sum(line.startswith("| ") for line in table.splitlines()) == 10 and "ppl@64" in table and "passkey@256" in table
+    first = table.split("\n\n")[0]
+    assert sum(line.startswith("| ") for line in first.splitlines()) == 10 and "ppl@64" in first and "passkey@256" in first
+    # RULER-style tasks: every task, length and depth of the tiny grid, with the trial count it asked for.
+    for v in results["variants"]:
+        assert list(v["ruler"]) == ["single_needle", "multi_key", "multi_value", "variable_tracking"]
+        for task, by_length in v["ruler"].items():
+            cell = by_length["256"]
+            assert cell["trials"] == 2 and set(cell["by_depth"]) == {"0.5"}
+            assert cell["by_depth"]["0.5"]["accuracy"] == cell["accuracy"]  # one depth: pooled == the cell
+            assert 0.0 <= cell["ci_low"] <= cell["accuracy"] <= cell["ci_high"] <= 1.0
+    for task in ("single_needle", "multi_key", "multi_value", "variable_tracking"):
+        assert f"**{task}**" in table and paths[f"ruler_{task}_plot"].read_bytes()[:4] == b"\x89PNG"
 
 
 def test_resume_reuses_finished_variants_and_redoes_changed_ones(compared, tmp_path):

@@ -91,6 +91,7 @@ def run_variant(cfg: CompareConfig, variant: VariantConfig, source, tokenizer, h
         "passkey": evaluation["passkey"],
         "passkey_by_depth": evaluation["passkey_by_depth"],
         "loss_by_position": evaluation["loss_by_position"],
+        **({"ruler": evaluation["ruler"]} if "ruler" in evaluation else {}),
         "train": {k: v for k, v in stats.items() if k != "train_tokens"},
         "eval_seconds": round(time.time() - started, 1),
         "fingerprint": fingerprint,

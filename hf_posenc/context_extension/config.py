@@ -210,6 +210,31 @@ class PasskeyConfig(Section):
     seed: int = 0
 
 
+class RulerConfig(Section):
+    """RULER-style tasks (Hsieh et al. 2024, https://arxiv.org/abs/2404.06654), see ``ruler.py``.
+
+    Trials per (task, length, depth) cell are drawn ``batch_size`` at a time until the cell's 95 % Wilson
+    interval is narrower than ``max_half_width`` on each side (at least ``min_trials``, at most ``max_trials``).
+    """
+
+    tasks: list[Literal["single_needle", "multi_key", "multi_value", "variable_tracking"]] = Field(
+        default_factory=lambda: ["single_needle", "multi_key", "multi_value", "variable_tracking"])
+    #: Prompt lengths in tokens (``null``: the perplexity lengths).
+    lengths: list[Positive] | None = None
+    depths: list[Fraction] = Field(default_factory=lambda: [0.1, 0.5, 0.9])
+    min_trials: Positive = 12
+    max_trials: Positive = 48
+    max_half_width: Annotated[float, Field(gt=0.0, lt=0.5)] = 0.15
+    batch_size: Positive = 12
+    seed: int = 0
+
+    @model_validator(mode="after")
+    def _trial_bounds(self) -> RulerConfig:
+        if self.min_trials > self.max_trials:
+            raise ValueError(f"min_trials ({self.min_trials}) must not exceed max_trials ({self.max_trials})")
+        return self
+
+
 class EvalConfig(Section):
     """Perplexity by length (non-overlapping and sliding window), loss by position, passkey."""
 
@@ -223,10 +248,12 @@ class EvalConfig(Section):
     sliding_tokens: Positive = 4096
     bucket_size: Positive = 256
     passkey: PasskeyConfig = Field(default_factory=PasskeyConfig)
+    #: ``null``: no RULER-style tasks.
+    ruler: RulerConfig | None = None
 
     def longest(self) -> int:
-        """The longest sequence the evaluation feeds the model (perplexity or passkey)."""
-        return max([*self.lengths, *(self.passkey.lengths or [])])
+        """The longest sequence the evaluation feeds the model (perplexity, passkey or RULER)."""
+        return max([*self.lengths, *(self.passkey.lengths or []), *((self.ruler and self.ruler.lengths) or [])])
 
     def stream_tokens(self) -> int:
         """Held-out tokens to tokenize: the scored ones, then passkey filler drawn from text after them."""

@@ -21,7 +21,7 @@ from .config import EvalConfig, PasskeyConfig
 from .data import windows
 
 
-def load_metric(name: str):
+def load_metric(name: str, config_name: str | None = None):
     """Load one of the shipped ``evaluate`` modules from its local folder (no Hub access).
 
     The folder is ``recipes/metrics/<name>`` in a checkout and ``hf_posenc/_recipes/metrics/<name>`` in a
@@ -31,7 +31,7 @@ def load_metric(name: str):
 
     from ..presets import recipes_dir
 
-    return evaluate.load(str(recipes_dir() / "metrics" / name))
+    return evaluate.load(str(recipes_dir() / "metrics" / name), config_name)
 
 
 @torch.no_grad()
@@ -192,7 +192,8 @@ def evaluate_context(model, tokenizer, stream: torch.Tensor, cfg: EvalConfig, pr
     Returns:
         ``{"perplexity": {"non_overlapping": {len: ppl}, "sliding": {len: ppl}},
         "loss_by_position": {len: {bucket_start: mean_nll}}, "passkey": {len: acc},
-        "passkey_by_depth": {len: {depth: acc}}}`` (lengths and buckets as strings, JSON-ready).
+        "passkey_by_depth": {len: {depth: acc}}}``, and ``"ruler"`` (see :func:`.ruler.run_ruler`) when
+        ``cfg.ruler`` is set (lengths and buckets as strings, JSON-ready).
     """
     from tqdm.auto import tqdm
 
@@ -219,4 +220,11 @@ def evaluate_context(model, tokenizer, stream: torch.Tensor, cfg: EvalConfig, pr
     filler = stream[cfg.eval_tokens :] if len(stream) - cfg.eval_tokens > max(pk_lengths) else stream
     result.update(passkey(model, tokenizer, filler, cfg.passkey, pk_lengths, bar=bar))
     bar.close()
+    if cfg.ruler is not None:
+        from .ruler import run_ruler
+
+        lengths = cfg.ruler.lengths or cfg.lengths
+        cells = len(cfg.ruler.tasks) * len(lengths) * len(cfg.ruler.depths)
+        with tqdm(total=cells, desc=f"{desc} (RULER cells)", disable=not progress, leave=False) as ruler_bar:
+            result.update(run_ruler(model, tokenizer, filler, cfg.ruler, lengths, bar=ruler_bar))
     return result

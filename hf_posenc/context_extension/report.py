@@ -155,6 +155,60 @@ def plot_passkey(results: dict[str, Any], path: Path) -> None:
     plt.close(fig)
 
 
+def _ruler_tasks(results: dict[str, Any]) -> list[str]:
+    from .ruler import TASKS
+
+    present = {task for v in results["variants"] for task in v.get("ruler") or {}}
+    return [task for task in TASKS if task in present]
+
+
+def ruler_markdown(results: dict[str, Any]) -> str:
+    """One table per RULER-style task: exact-match accuracy by length (depths pooled) with its 95 % Wilson
+    interval, one row per variant. Empty when no variant was scored on the tasks."""
+    blocks = []
+    for task in _ruler_tasks(results):
+        lengths = sorted({n for v in results["variants"] for n in (v.get("ruler") or {}).get(task, {})}, key=int)
+        rows = [f"**{task}** (exact match, depths pooled, [95 % Wilson interval], trials)", "",
+                "| variant | " + " | ".join(f"@{n}" for n in lengths) + " |", "|---" * (len(lengths) + 1) + "|"]
+        for v in results["variants"]:
+            cells = (v.get("ruler") or {}).get(task, {})
+            rows.append(f"| {v['name']} | " + " | ".join(
+                f"{c['accuracy']:.2f} [{c['ci_low']:.2f}, {c['ci_high']:.2f}] n={c['trials']}" if (c := cells.get(n))
+                else "-" for n in lengths) + " |")
+        blocks.append("\n".join(rows))
+    return "\n\n".join(blocks) + ("\n" if blocks else "")
+
+
+def plot_ruler(results: dict[str, Any], task: str, path: Path) -> None:
+    """Heatmap of one RULER-style task: variants x (length, depth) cells of exact-match accuracy."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    tables = [(v.get("ruler") or {}).get(task, {}) for v in results["variants"]]
+    lengths = sorted({n for t in tables for n in t}, key=int)
+    depths = sorted({d for t in tables for n in t for d in t[n]["by_depth"]}, key=float)
+    columns = [(n, d) for n in lengths for d in depths]
+    grid = [[t[n]["by_depth"][d]["accuracy"] if n in t and d in t[n]["by_depth"] else float("nan")
+             for n, d in columns] for t in tables]
+    fig, ax = plt.subplots(figsize=(0.55 * len(columns) + 3, 0.45 * len(grid) + 1.8))
+    image = ax.imshow(grid, vmin=0, vmax=1, cmap="viridis", aspect="auto")
+    ax.set_xticks(range(len(columns)), [f"{n}\n@{d}" for n, d in columns], fontsize=7)
+    ax.set_yticks(range(len(grid)), [v["name"] for v in results["variants"]])
+    for i, row in enumerate(grid):
+        for j, value in enumerate(row):
+            if value == value:  # not NaN
+                ax.text(j, i, f"{value:.2f}", ha="center", va="center", fontsize=6,
+                        color="white" if value < 0.6 else "black")
+    ax.set_xlabel("prompt length (tokens) @ needle depth")
+    ax.set_title(f"RULER-style {task}: exact-match accuracy")
+    fig.colorbar(image, ax=ax)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
 def plot_loss_by_position(results: dict[str, Any], path: Path) -> bool:
     """Mean loss per position bucket at the longest length (where a model stops using context).
 
@@ -202,13 +256,18 @@ def write_report(results: dict[str, Any], out_dir: Path) -> dict[str, Path]:
     summary.write_csv(paths["csv"])
     results["direction_checks"] = direction_checks(results)
     checks = checks_markdown(results)
-    paths["markdown"].write_text(markdown_table(results) + ("\n" + checks if checks else ""))
+    ruler_tables = ruler_markdown(results)
+    paths["markdown"].write_text(markdown_table(results) + ("\n" + checks if checks else "")
+                                 + ("\n" + ruler_tables if ruler_tables else ""))
     plot_results(summary, paths["perplexity_plot"], metrics=("perplexity", "perplexity_sliding"),
                  mark_length=results["train_length"])
     plot_passkey(results, paths["passkey_plot"])
     position_plot = out_dir / "loss_by_position.png"
     if plot_loss_by_position(results, position_plot):
         paths["position_plot"] = position_plot
+    for task in _ruler_tasks(results):
+        paths[f"ruler_{task}_plot"] = out_dir / f"ruler_{task}.png"
+        plot_ruler(results, task, paths[f"ruler_{task}_plot"])
     return paths
 
 
@@ -242,6 +301,7 @@ def update_readme(readme: Path, paths: dict[str, Path], assets_dir: Path | None 
         f"![perplexity vs length]({rel['perplexity_plot']})", "",
         f"![passkey accuracy]({rel['passkey_plot']})", "",
         *([f"![loss by position]({rel['position_plot']})", ""] if "position_plot" in rel else []),
+        *[f"![RULER {key[6:-5]}]({rel[key]})\n" for key in rel if key.startswith("ruler_")],
         f"Full results: [`{rel['json']}`]({rel['json']}) (JSON), [`{rel['csv']}`]({rel['csv']}) (CSV).", README_END,
     ])
     if README_BEGIN in text and README_END in text:

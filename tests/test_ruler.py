@@ -1,0 +1,159 @@
+"""RULER-style tasks: prompt construction, the exact-match metric and its interval, the stopping rule,
+batched greedy decoding against one-by-one decoding."""
+
+from __future__ import annotations
+
+import math
+import random
+
+import pytest
+import torch
+from transformers import LlamaConfig, LlamaForCausalLM
+
+import hf_posenc
+from hf_posenc.context_extension import evaluation, ruler
+from hf_posenc.context_extension.base_model import train_bpe_tokenizer
+from hf_posenc.context_extension.config import RulerConfig
+
+TEXTS = ["def f(x):\n    return x + 1\n" * 40, "class A:\n    value = 12345\n" * 40, "# PASS_KEY ALPHA\n" * 20]
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    return train_bpe_tokenizer(TEXTS, vocab_size=300)
+
+
+@pytest.fixture(scope="module")
+def filler(tokenizer):
+    return torch.tensor(tokenizer("\n".join(TEXTS) * 3)["input_ids"])
+
+
+def _needle_starts(prompt_ids: torch.Tensor, needle_ids: torch.Tensor) -> list[int]:
+    n = len(needle_ids)
+    return [i for i in range(len(prompt_ids) - n + 1) if torch.equal(prompt_ids[i : i + n], needle_ids)]
+
+
+@pytest.mark.parametrize("task", ruler.TASKS)
+@pytest.mark.parametrize("depth", [0.0, 0.5, 1.0])
+def test_prompt_has_the_length_the_needles_and_the_depth(tokenizer, filler, task, depth):
+    rng = random.Random(3)
+    prompt = ruler.needle_prompt(task, tokenizer, filler, 200, depth, rng)
+    assert prompt.input_ids.shape == (200,)
+    # Rebuild the same trial's lines from a generator in the same state: the needles must be in the prompt.
+    lines, question, answers = ruler._task_lines(task, random.Random(3))
+    assert answers == prompt.answers and all(a.isdigit() and len(a) == 5 for a in answers)
+    encode = lambda text: torch.tensor(tokenizer(text, add_special_tokens=False)["input_ids"])  # noqa: E731
+    starts = [_needle_starts(prompt.input_ids, encode(line)) for line in lines]
+    assert all(starts), f"a needle line is missing from the {task} prompt"
+    assert torch.equal(prompt.input_ids[-len(encode(question)) :], encode(question))
+    # The asked-for needle sits at the requested depth of the filler (within one token of rounding).
+    head = len(encode(ruler._HEAD))
+    room = 200 - head - sum(len(encode(line)) for line in lines) - len(encode(question))
+    assert abs(starts[0][0] - (head + round(depth * room))) <= 1 or task in ("multi_key",)
+    if task in ("multi_value", "variable_tracking"):  # the chain is in order: it can be followed
+        assert starts[0][0] < starts[1][0] < starts[2][0]
+
+
+def test_prompt_rejects_bad_input(tokenizer, filler):
+    with pytest.raises(ValueError, match="unknown RULER task 'needle'; allowed: single_needle"):
+        ruler.needle_prompt("needle", tokenizer, filler, 200, 0.5, random.Random(0))
+    with pytest.raises(ValueError, match="too short"):
+        ruler.needle_prompt("multi_key", tokenizer, filler, 20, 0.5, random.Random(0))
+    with pytest.raises(ValueError, match="depth"):
+        ruler.needle_prompt("single_needle", tokenizer, filler, 200, 1.5, random.Random(0))
+
+
+@pytest.mark.parametrize(
+    "prediction, reference, correct",
+    [(" 68220. Done", "68220", True), ("6822", "68220", False), ("682200", "68220", False),
+     ("11111, 22222, 33333]", "11111 22222 33333", True), ("11111, 33333, 22222]", "11111 22222 33333", False),
+     ("11111, 22222]", "11111 22222 33333", False), ("", "68220", False)],
+)
+def test_exact_match_reads_the_first_digit_runs_in_order(prediction, reference, correct):
+    result = evaluation.load_metric("needle_exact_match", "multi_value").compute(
+        predictions=[prediction], references=[reference])
+    assert result["accuracy"] == float(correct) and result["trials"] == 1
+
+
+def _wilson_by_quadratic(successes: int, n: int, z: float = 1.96) -> tuple[float, float]:
+    """The Wilson bounds as the roots p of (p_hat - p)^2 = z^2 p (1 - p) / n (the score test inverted)."""
+    p_hat = successes / n
+    a, b, c = 1 + z * z / n, -(2 * p_hat + z * z / n), p_hat * p_hat
+    root = math.sqrt(b * b - 4 * a * c)
+    return (-b - root) / (2 * a), (-b + root) / (2 * a)
+
+
+@pytest.mark.parametrize("successes, n", [(0, 10), (5, 10), (10, 10), (7, 43), (1, 48)])
+def test_interval_is_the_wilson_score_interval(successes, n):
+    metric = evaluation.load_metric("needle_exact_match", "single_needle")
+    result = metric.compute(predictions=["12345"] * successes + ["0"] * (n - successes), references=["12345"] * n)
+    low, high = _wilson_by_quadratic(successes, n)
+    assert result["ci_low"] == pytest.approx(max(0.0, low), abs=1e-12)
+    assert result["ci_high"] == pytest.approx(min(1.0, high), abs=1e-12)
+    if (successes, n) == (5, 10):  # the textbook value
+        assert (round(result["ci_low"], 4), round(result["ci_high"], 4)) == (0.2366, 0.7634)
+
+
+def test_metric_refuses_an_unknown_task():
+    with pytest.raises(ValueError, match="unknown task 'needles'; allowed: single_needle, multi_key"):
+        evaluation.load_metric("needle_exact_match", "needles")
+
+
+@pytest.mark.parametrize("rate", [0.0, 0.5, 1.0])
+def test_trials_stop_at_the_first_batch_with_a_narrow_enough_interval(monkeypatch, tokenizer, filler, rate):
+    """A scripted model answers right with probability ``rate``. The cell must stop at the first batch
+    boundary (>= min_trials) where the Wilson half-width is <= 0.15, and not before."""
+    coin, expected, outcomes = random.Random(0), [], []
+    real_prompt = ruler.needle_prompt
+
+    def recording_prompt(*args, **kwargs):
+        prompt = real_prompt(*args, **kwargs)
+        expected.append(" ".join(prompt.answers))
+        return prompt
+
+    def scripted_greedy(model, tok, input_ids, max_new_tokens):
+        out = []
+        for _ in input_ids:
+            right = coin.random() < rate
+            outcomes.append(right)
+            out.append(f" {expected[len(outcomes) - 1]}." if right else " 0.")
+        return out
+
+    monkeypatch.setattr(ruler, "needle_prompt", recording_prompt)
+    monkeypatch.setattr(ruler, "greedy_batch", scripted_greedy)
+    metric = evaluation.load_metric("needle_exact_match", "single_needle")
+    result, predictions, _ = ruler.run_cell(None, tokenizer, filler, "single_needle", 300, 0.5, metric, seed=0,
+                                            batch_size=6, min_trials=12, max_trials=60, max_half_width=0.15)
+    assert len(predictions) == result["trials"]
+    assert result["trials"] == len(outcomes) and result["accuracy"] == sum(outcomes) / len(outcomes)
+
+    def half_width(n):
+        low, high = _wilson_by_quadratic(sum(outcomes[:n]), n)
+        return (min(1.0, high) - max(0.0, low)) / 2
+
+    stops = [n for n in range(12, 61, 6) if half_width(n) <= 0.15]
+    assert result["trials"] == (stops[0] if stops else 60)
+    if rate in (0.0, 1.0):
+        assert result["trials"] == 12  # Wilson at 0/12 or 12/12 is [0, 0.243] or [0.757, 1]: half-width 0.121
+    else:
+        assert result["trials"] >= 42  # near 0.5 the half-width is ~0.98/sqrt(n): n >= 43 (or stop at 60)
+
+
+def test_batched_greedy_equals_one_by_one(tokenizer, filler):
+    """Equal-length prompts decoded as one batch give the continuations of decoding each alone (ALiBi)."""
+    torch.manual_seed(0)
+    cfg = LlamaConfig(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                      num_attention_heads=2, num_key_value_heads=2, max_position_embeddings=64)
+    model = hf_posenc.convert(LlamaForCausalLM(cfg).eval(), hf_posenc.PosEncConfig(kind="alibi"))
+    prompts = [ruler.needle_prompt("multi_key", tokenizer, filler[i * 40 :], 260, 0.3, random.Random(i)) for i in range(3)]
+    batch = ruler.greedy_batch(model, tokenizer, torch.stack([p.input_ids for p in prompts]), 6)
+    alone = [evaluation.greedy_continuation(model, tokenizer, p.input_ids, 6) for p in prompts]
+    assert batch == alone
+
+
+def test_config_names_bad_tasks_and_bounds():
+    with pytest.raises(ValueError, match="single_needle"):
+        RulerConfig(tasks=["needle"])
+    with pytest.raises(ValueError, match="min_trials"):
+        RulerConfig(min_trials=50, max_trials=10)
+    assert RulerConfig().tasks == list(ruler.TASKS)
