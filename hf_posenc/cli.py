@@ -23,7 +23,8 @@ from pathlib import Path
 import yaml
 from tqdm.auto import tqdm
 
-from .config import KINDS, PosEncConfig
+from . import registry
+from .config import PosEncConfig
 from .modeling import TASKS
 
 logger = logging.getLogger("hf_posenc")
@@ -221,7 +222,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     convert = sub.add_parser("convert", help="convert a model to another positional encoding and save it")
     convert.add_argument("model", help="local folder, Hub id (online), or a .gguf file")
-    convert.add_argument("--posenc", required=True, choices=KINDS, help="the new encoding")
+    convert.add_argument("--posenc", required=True, choices=registry.kinds(), help="the new encoding")
     convert.add_argument("--param", action="append", default=[], metavar="KEY=VALUE",
                          help="encoding parameter (repeatable), e.g. rope_type=yarn, factor=4, layers=[0,2]")
     convert.add_argument("--out", required=True, help="output folder")
