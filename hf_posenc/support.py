@@ -47,7 +47,7 @@ def _rope(row: Architecture) -> str:
 
 def _kind(kind: str) -> Callable[[Architecture], str]:
     def cell(row: Architecture) -> str:
-        always = next((r for r in row.refusals if kind in r.kinds and not r.when), None)
+        always = next((r for r in row.refusals if r.refuses(kind) and not r.when), None)
         if always is not None:
             return "✗"
         if row.causal is not True:
@@ -56,7 +56,7 @@ def _kind(kind: str) -> Callable[[Architecture], str]:
             if entry.capabilities.causal_only:
                 return "✗ causal-only"
             return f"✓ {entry.encoder_note}" if entry.encoder_note else "✓"
-        conditional = [r.when for r in row.refusals if kind in r.kinds and r.when]
+        conditional = [r.when for r in row.refusals if r.refuses(kind) and r.when]
         return "✓" + "".join(f" (✗ with `{when}`)" for when in conditional)
 
     return cell

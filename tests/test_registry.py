@@ -180,3 +180,14 @@ def test_the_contributing_example_is_a_complete_new_kind(monkeypatch):
     model.train()
     model(x, labels=x).loss.backward()
     assert model.model.layers[0].self_attn.posenc.r1.grad.abs().sum() > 0
+
+
+def test_refusals_by_capability_cover_every_kind_that_declares_it(monkeypatch):
+    """Gemma 2's soft-capping refusal names a capability, not a list of kinds: declaring ``needs_logits`` is
+    enough to be refused there, and the kinds without it are not."""
+    gemma2 = ARCHITECTURES["gemma2"]
+    config = tiny_model("gemma2").config
+    refused = {kind for kind in KINDS if gemma2.refusal(kind, config) is not None}
+    assert refused == {e.kind for e in registry.entries() if e.capabilities.needs_logits} == {"cope"}
+    _mutate(monkeypatch, "cope", needs_logits=False)
+    assert gemma2.refusal("cope", config) is None
