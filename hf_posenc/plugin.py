@@ -176,8 +176,10 @@ def install(model, posenc: PosEncConfig, arch: Architecture, classes: tuple[type
     # Fails here, at conversion, if this transformers release renamed the cache argument.
     cache_argument = _hf.cache_argument(modules[0]) if use_attention and arch.cache else None
     hook = _make_pre_hook(neutralise_rope, use_attention, cache_argument)
-    # RoPE on "all layers" keeps the layers that natively have none without (SmolLM3, Cohere 2).
-    skip = arch.native_nope_layers(config) if posenc.kind == "rope" and posenc.layers is None else set()
+    # A rotation on "all layers" keeps the layers that natively have none without (SmolLM3, Cohere 2), so that
+    # the model's own RoPE requested again is the identity.
+    rotary_everywhere = entry.capabilities.route == "rotate" and posenc.layers is None
+    skip = arch.native_nope_layers(config) if rotary_everywhere else set()
     for layer_idx, attn in enumerate(modules):
         if posenc.applies_to(layer_idx) and layer_idx not in skip:
             module = make_position_module(posenc, config, arch, layer_idx)
