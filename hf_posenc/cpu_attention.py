@@ -192,7 +192,8 @@ class TiledFoldAttention(torch.autograd.Function):
         q_len, kv_len, dim = query.shape[2], key.shape[2], query.shape[3]
         query_f, key_f, value_f = _folded(query, 1.0), _folded(key, 0.0), _folded(value, 0.0)
         grad_f = F.pad(grad, (0, 1))  # [B, H, q, D + 1]: the extra output dimension is 0 and gets no gradient
-        grad_q, grad_k, grad_v = torch.zeros_like(query), torch.zeros_like(key), torch.zeros_like(value)
+        # Accumulated with the extra dimension (contiguous adds), which is dropped at the end.
+        grad_q, grad_k, grad_v = torch.zeros_like(query_f), torch.zeros_like(key_f), torch.zeros_like(value_f)
         with denormals_flushed(), autocast_off():
             for rows, limit in tiling.tiles(q_len, kv_len, ctx.diagonal, FOLD_TILE_ROWS):
                 _write_key_term(key_f, slopes, limit, ctx.scale)
@@ -203,10 +204,10 @@ class TiledFoldAttention(torch.autograd.Function):
                         grad_f[:, :, rows], query_f[:, :, rows], key_f[:, :, keys], value_f[:, :, keys],
                         output[:, :, rows], lse[:, :, rows], 0.0, causal, attn_mask=_float_mask(mask, query.dtype),
                         scale=ctx.scale)
-                    grad_q[:, :, rows] += d_q[..., :dim]
-                    grad_k[:, :, keys] += d_k[..., :dim]
-                    grad_v[:, :, keys] += d_v[..., :dim]
-        return grad_q, grad_k, grad_v, None, None, None, None
+                    grad_q[:, :, rows] += d_q
+                    grad_k[:, :, keys] += d_k
+                    grad_v[:, :, keys] += d_v
+        return grad_q[..., :dim], grad_k[..., :dim], grad_v[..., :dim], None, None, None, None
 
 
 def _fold_tile_parts(allowed, rows: slice, limit: int, diagonal: int):
