@@ -5,6 +5,7 @@ Usage::
     python benchmarks/attention.py --quick --json results.json --markdown results.md
     python benchmarks/attention.py                      # full: T in 512, 1024, 2048, 4096
     python benchmarks/attention.py --from-json results.json --markdown table.md   # tables only
+    python benchmarks/attention.py --fold-error 2048 8192 32768   # fp32 ALiBi vs an fp64 reference only
 
 What is measured (``mode``), for ``stock_sdpa``, ``stock_eager``, ``rope``, ``rope_yarn``, ``nope``,
 ``alibi``, ``t5_bias``, ``cope`` and ``cope_naive`` (the paper's formulation with full ``[B, H, T, T]``
@@ -271,6 +272,58 @@ def attention_step(encoding: str, batch: int, heads: int, length: int, dim: int,
 
 
 # ---------------------------------------------------------------------------------------------------
+# ALiBi fold precision
+# ---------------------------------------------------------------------------------------------------
+#: Query rows the fold error is measured on: the first rows (largest folded magnitudes before the tiled fold),
+#: a block in the middle and the last rows.
+FOLD_ROWS = 128
+
+
+def alibi_reference_rows(q, k, v, slopes, rows: torch.Tensor, scaling: float) -> torch.Tensor:
+    """Causal ALiBi attention of query ``rows`` in fp64 from the paper's bias ``-m_h (i - j)``: ``[B, H, r, D]``."""
+    q64, k64, v64 = q[:, :, rows].double(), k.double(), v.double()
+    distance = (rows[:, None] - torch.arange(k.shape[2])[None, :]).double()  # [r, kv]
+    scores = q64 @ k64.transpose(-1, -2) * scaling - slopes.double()[:, None, None] * distance
+    scores = scores.masked_fill(distance < 0, float("-inf"))
+    return torch.softmax(scores, -1) @ v64
+
+
+def fold_error(lengths, heads: int = 4, dim: int = 64, eager_max_t: int = 8192) -> list[dict]:
+    """Worst per-row relative error ``|o_i - r_i| / |r_i|`` of fp32 causal ALiBi against fp64.
+
+    ``sdpa`` is hf_posenc_sdpa's fp32 causal ALiBi (the head-dimension fold on CPU); ``eager`` the explicit
+    fp32 scores, measured up to ``eager_max_t`` (it holds ``[H, T, T]`` fp32 scores).
+    """
+    from hf_posenc.attention import posenc_eager_attention
+
+    out = []
+    scaling = dim ** -0.5
+    for length in lengths:
+        generator = torch.Generator().manual_seed(4)
+        q, k, v = (torch.randn(1, heads, length, dim, generator=generator) for _ in range(3))
+        edge = min(FOLD_ROWS, length)
+        rows = torch.cat([torch.arange(edge), torch.arange(length // 2, length // 2 + edge),
+                          torch.arange(length - edge, length)])
+        rows = rows[rows < length].unique()
+        posenc = AlibiBias(heads)
+        reference = alibi_reference_rows(q, k, v, posenc.slopes("cpu"), rows, scaling)
+        paths = {"sdpa": posenc_sdpa_attention}
+        if length <= eager_max_t:
+            paths["eager"] = posenc_eager_attention
+        for name, function in paths.items():
+            layer = _Layer(posenc).eval()
+            with torch.no_grad():
+                start = time.perf_counter()
+                got, _ = function(layer, q, k, v, None, scaling=scaling)
+                seconds = time.perf_counter() - start
+            got = got.transpose(1, 2)[:, :, rows].double()  # [B, H, r, D]
+            error = ((got - reference).norm(dim=-1) / reference.norm(dim=-1)).max().item()
+            out.append({"path": name, "T": length, "max_row_rel_error": error, "time_s": seconds})
+            log(f"ALiBi fp32 {name} T={length}: worst row relative error {error:.3g} ({seconds:.2f} s)")
+    return out
+
+
+# ---------------------------------------------------------------------------------------------------
 # Decode and LoRA
 # ---------------------------------------------------------------------------------------------------
 def decode_measure(model, context: int, steps: int, vocab: int) -> tuple[float, int]:
@@ -488,6 +541,8 @@ def parse_args(argv=None):
     parser.add_argument("--lora-length", type=int, default=512, help="LoRA training length (0: skip)")
     parser.add_argument("--threads", type=int, default=1, help="torch threads (see the module docstring)")
     parser.add_argument("--tiny", action="store_true", help="a 2-layer d=32 model (smoke tests)")
+    parser.add_argument("--fold-error", type=int, nargs="+", metavar="T",
+                        help="only measure fp32 ALiBi against fp64 at these lengths (e.g. 2048 8192 32768)")
     args = parser.parse_args(argv)
     if args.lengths is None:
         args.lengths = [512, 2048] if args.quick else [512, 1024, 2048, 4096]
@@ -500,6 +555,17 @@ def parse_args(argv=None):
 
 def main(argv=None) -> list[dict]:
     args = parse_args(argv)
+    if args.fold_error:
+        torch.set_num_threads(args.threads)
+        errors = fold_error(args.fold_error)
+        if args.json:
+            args.json.write_text(json.dumps(errors, indent=1))
+        print("| path | " + " | ".join(f"T={t}" for t in args.fold_error) + " |")
+        print("|---|" + "---|" * len(args.fold_error))
+        for path in ("sdpa", "eager"):
+            by = {e["T"]: e["max_row_rel_error"] for e in errors if e["path"] == path}
+            print(f"| {path} | " + " | ".join(f"{by[t]:.2g}" if t in by else "—" for t in args.fold_error) + " |")
+        return errors
     started = time.perf_counter()
     records = json.loads(args.from_json.read_text()) if args.from_json else benchmark(args)
     log(f"done in {time.perf_counter() - started:.0f} s")

@@ -11,24 +11,19 @@ Example:
     >>> model = hf_posenc.convert(model, hf_posenc.PosEncConfig(kind="alibi"))
 """
 
-from . import _hf
+from . import _hf, registry
 from .architectures import ARCHITECTURES, lora_target_modules
-from .config import (
-    KINDS,
-    ROPE_TYPES,
-    AlibiConfig,
-    CopeConfig,
-    NopeConfig,
-    PosEncConfig,
-    RopeConfig,
-    T5BiasConfig,
-)
+from .config import PosEncConfig
+from .encodings import AlibiConfig, CopeConfig, NopeConfig, RopeConfig, T5BiasConfig
+from .encodings.rope import ROPE_TYPES
 from .convert import convert, patch_config, posenc_of, revert, set_backend
 from .layout import rope_layout
 from .modeling import register_auto_classes
 from . import modeling_hf_posenc  # noqa: F401,E402  (the module the HfPosenc classes live in)
 
 __version__ = "0.1.0"
+#: Every registered encoding kind (``hf_posenc.registry``), in registration order.
+KINDS = registry.kinds()
 
 _hf.check_transformers_version()
 _hf.register_attention()

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from . import registry
+
 
 @dataclass(frozen=True)
 class Refusal:
@@ -18,14 +20,23 @@ class Refusal:
         kinds: The refused ``PosEncConfig.kind`` values.
         when: A config attribute: the rule holds when it is set (not None/False/0); ``""``: always.
         why: The reason, quoted in the error (say what the architecture does that the encoding cannot).
+        capability: Also refuse every kind that declares this boolean capability
+            (``hf_posenc.registry.Capabilities``, e.g. ``"needs_logits"``), so a new kind is covered by its entry.
     """
 
     kinds: tuple[str, ...]
     when: str
     why: str
+    capability: str = ""
+
+    def refuses(self, kind: str) -> bool:
+        """Whether the rule names ``kind``, directly or through its declared capability (config aside)."""
+        if kind in self.kinds:
+            return True
+        return bool(self.capability) and bool(getattr(registry.get(kind).capabilities, self.capability))
 
     def applies(self, kind: str, config) -> bool:
-        return kind in self.kinds and (not self.when or bool(getattr(config, self.when, None)))
+        return self.refuses(kind) and (not self.when or bool(getattr(config, self.when, None)))
 
 
 @dataclass(frozen=True)
@@ -92,11 +103,14 @@ class Architecture:
         return next((rule for rule in self.refusals if rule.applies(kind, config)), None)
 
 
-#: CoPE needs the logits of its own attention (``attend``); logit soft-capping would have to act inside it.
-_SOFTCAP_COPE = Refusal(
-    ("cope",), "attn_logit_softcapping",
-    "this config soft-caps the attention logits (attn_logit_softcapping) and CoPE computes its gates and "
-    "logits inside its own attention, which does not cap them; set config.attn_logit_softcapping=None first",
+#: CoPE (every kind that needs the logits of its own attention) cannot soft-cap them: capping would have to
+#: act inside it.
+_SOFTCAP_NEEDS_LOGITS = Refusal(
+    (), "attn_logit_softcapping",
+    "this config soft-caps the attention logits (attn_logit_softcapping) and the encoding computes its logits "
+    "inside its own attention (CoPE: its gates too), which does not cap them; set "
+    "config.attn_logit_softcapping=None first",
+    capability="needs_logits",
 )
 _BERT_LIKE = dict(rope="none", absolute=("embeddings.position_embeddings",), causal=None, q_proj="query",
                   k_proj="key", lora_targets=("query", "key", "value"))
@@ -126,7 +140,7 @@ ARCHITECTURES: dict[str, Architecture] = {
         ),
         Architecture("bert", layers="encoder.layer", attention="attention.self", **_BERT_LIKE, name="BERT"),
         Architecture("gemma", layers="layers", attention="self_attn", rope="native", name="Gemma"),
-        Architecture("gemma2", layers="layers", attention="self_attn", rope="native", refusals=(_SOFTCAP_COPE,),
+        Architecture("gemma2", layers="layers", attention="self_attn", rope="native", refusals=(_SOFTCAP_NEEDS_LOGITS,),
                      name="Gemma 2", notes="attention-logit soft-capping, alternating sliding-window layers; eager only (no stock sdpa)"),
         Architecture("gemma3_text", layers="layers", attention="self_attn", rope="native",
                      qk_norms=("q_norm", "k_norm"), name="Gemma 3 (text)",

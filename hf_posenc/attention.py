@@ -14,13 +14,15 @@ from __future__ import annotations
 import torch
 from torch.nn import functional as F
 
-from . import cpu_attention
+from . import cpu_attention, kernels, registry, tiling
 from .encodings.base import PositionModule
 
 EAGER = "hf_posenc_eager"
 SDPA = "hf_posenc_sdpa"
 #: Our attention name for each stock backend that can express every encoding.
 BACKENDS = {"eager": EAGER, "sdpa": SDPA}
+#: The capabilities of a layer without an encoding module (a NoPE layer).
+_NO_ENCODING = registry.Capabilities()
 
 
 def key_offset(past, q_len: int, kv_len: int) -> int:
@@ -138,56 +140,71 @@ def sdpa_attention(query, key, value, allowed, bias, scaling, dropout, training,
     return output, None
 
 
-def causal_bias_sdpa(query, key, value, posenc, allowed, q_pos, k_pos, scaling, dropout, training, diagonal):
-    """Causal attention with a relative bias on SDPA, one call per tile of query rows.
+def _diagonals(posenc, capabilities, q_pos, k_pos, dtype):
+    """The causal bias per diagonal ``[H, q + kv - 1]`` and the band its gradient comes from.
 
-    A float mask takes SDPA off its causal kernel, so one call over ``[q, kv]`` pays for the masked upper
-    triangle too. Tiles of rows stop at the diagonal (row ``r`` sees keys ``j <= r + diagonal``), which
-    halves that work, and each tile's bias is expanded from the per-diagonal values (``bias_diagonals``)
-    for that tile only: no ``[B, H, q, kv]`` bias exists at any time.
+    A ``banded`` bias gives its values relative to the far constant (zero past the band); a ``diagonal``
+    one varies at every distance, so its band is every distance.
+    """
+    if capabilities.bias_form == "banded":
+        return posenc.banded_diagonals(q_pos, k_pos, dtype)
+    return posenc.bias_diagonals(q_pos, k_pos, True), q_pos.shape[0] + k_pos.shape[0]
 
-    On CPU the tiles run in :class:`hf_posenc.cpu_attention.TiledBiasAttention`: the fused kernel even when
-    the bias is learned (T5: its gradient comes from the band where it varies), and with denormals flushed
-    for ALiBi (``posenc.flush_denormals``).
+
+def diagonal_tiles_cpu(query, key, value, posenc, capabilities, allowed, q_pos, k_pos, scaling, diagonal):
+    """Causal per-diagonal bias on the fused CPU kernel (:class:`hf_posenc.cpu_attention.TiledBiasAttention`):
+    the fused kernel even when the bias is learned (its gradient comes from the band where it varies), with
+    denormals flushed where the encoding declares it.
 
     Args:
         query: ``[B, H, q, D]``; key, value: ``[B, Hkv, kv, D]``.
-        posenc: A bias module with ``bias_diagonals`` (ALiBi) or ``banded_diagonals`` (T5).
+        posenc, capabilities: The layer's bias module and its declared capabilities.
         allowed: Bool ``[B|1, 1, q, kv]`` or None (plain causality).
         diagonal: See :func:`causal_diagonal`.
 
     Returns:
         ``[B, H, q, D]``.
     """
-    from .encodings.alibi import distance_diagonals, future_filled
+    diagonals, band = _diagonals(posenc, capabilities, q_pos, k_pos, query.dtype)
+    key, value = _expand_kv(key, query.shape[1]), _expand_kv(value, query.shape[1])
+    # The fused kernel adds an fp32 mask to its fp32 logits whatever the q/k/v dtype: the bias keeps its full
+    # resolution in bf16/fp16 models (ALiBi's -m * d at large distances).
+    return cpu_attention.TiledBiasAttention.apply(query, key, value, diagonals.float(), allowed, diagonal, band,
+                                                  scaling, capabilities.flush_denormals)
 
+
+def diagonal_tiles_sdpa(query, key, value, posenc, capabilities, allowed, q_pos, k_pos, scaling, dropout, training,
+                        diagonal):
+    """Causal attention with a relative bias on SDPA, one call per tile of query rows.
+
+    A float mask takes SDPA off its causal kernel, so one call over ``[q, kv]`` pays for the masked upper
+    triangle too. Tiles of rows stop at the diagonal (row ``r`` sees keys ``j <= r + diagonal``), which
+    halves that work, and each tile's bias is expanded from the per-diagonal values for that tile only: no
+    ``[B, H, q, kv]`` bias exists at any time. Arguments as :func:`diagonal_tiles_cpu`.
+    """
     q_len, kv_len = query.shape[2], key.shape[2]
-    if hasattr(posenc, "banded_diagonals"):
-        diagonals, band = posenc.banded_diagonals(q_pos, k_pos, query.dtype)  # [H, q + kv - 1], zero past the band
-    else:
-        diagonals, band = posenc.bias_diagonals(q_pos, k_pos, True), q_len + kv_len
-    # One-token decode steps skip it: reversing the whole cache for one row costs more than that row's
-    # contiguous bias (and there is no gradient to take).
-    if cpu_attention.available(query, dropout if training else 0.0) and q_len > 1:
-        key, value = _expand_kv(key, query.shape[1]), _expand_kv(value, query.shape[1])
-        # The fused kernel adds an fp32 mask to its fp32 logits whatever the q/k/v dtype: the bias keeps
-        # its full resolution in bf16/fp16 models (ALiBi's -m * d at large distances).
-        diagonals = diagonals.float()
-        return cpu_attention.TiledBiasAttention.apply(query, key, value, diagonals, allowed, diagonal, band,
-                                                      scaling, getattr(posenc, "flush_denormals", False))
-    diagonals = diagonals.to(query.dtype)  # SDPA (other devices) wants the mask in the query dtype
+    diagonals, _ = _diagonals(posenc, capabilities, q_pos, k_pos, query.dtype)
+    diagonals = diagonals.to(query.dtype)  # SDPA wants the mask in the query dtype
     fill = torch.finfo(query.dtype).min
     if allowed is None:  # future keys carry the mask value
-        diagonals = future_filled(diagonals, distance_diagonals(q_pos, k_pos), fill)
+        diagonals = tiling.future_filled(diagonals, tiling.distance_diagonals(q_pos, k_pos), fill)
     outputs = []
-    for rows, limit in cpu_attention.tiles(q_len, kv_len, diagonal):
-        mask = cpu_attention.diagonal_block(diagonals, rows, slice(0, limit), kv_len)[None]  # [1, H, qb, limit]
+    for rows, limit in tiling.tiles(q_len, kv_len, diagonal):
+        mask = tiling.diagonal_block(diagonals, rows, slice(0, limit), kv_len)[None]  # [1, H, qb, limit]
         if allowed is not None:
             mask = torch.where(allowed[:, :, rows, :limit], mask, fill)
         outputs.append(F.scaled_dot_product_attention(
             query[:, :, rows], key[:, :, :limit], value[:, :, :limit], attn_mask=mask,
             dropout_p=dropout if training else 0.0, scale=scaling, enable_gqa=key.shape[1] != query.shape[1]))
     return torch.cat(outputs, dim=2) if len(outputs) > 1 else outputs[0]
+
+
+def key_fold_cpu(query, key, value, posenc, allowed, scaling, diagonal):
+    """Causal ALiBi with its per-key term folded into a head dimension, tile by tile on the fused CPU kernel
+    (:class:`hf_posenc.cpu_attention.TiledFoldAttention`; fp32). Returns ``[B, H, q, D]``."""
+    key, value = _expand_kv(key, query.shape[1]), _expand_kv(value, query.shape[1])
+    return cpu_attention.TiledFoldAttention.apply(query, key, value, posenc.slopes(query.device), allowed,
+                                                  diagonal, scaling)
 
 
 def posenc_attention(
@@ -205,6 +222,9 @@ def posenc_attention(
 ):
     """Attention with the layer's positional encoding (``module.posenc``; none = NoPE layer).
 
+    The encoding's registry entry says what it does (its route, bias form and kernels); the kernel for this
+    call comes from :func:`hf_posenc.kernels.select`.
+
     Args:
         module: The attention module.
         query: ``[B, H, q, D]``; key, value: ``[B, Hkv, kv, D]`` (after the cache update).
@@ -218,66 +238,59 @@ def posenc_attention(
         ``(output [B, q, H, D], probabilities [B, H, q, kv] or None)``.
     """
     posenc: PositionModule | None = getattr(module, "posenc", None)
+    capabilities = posenc.registry_entry().capabilities if posenc is not None else _NO_ENCODING
     causal = getattr(module, "is_causal", True)
-    # Logit soft-capping needs the logits: such layers take the explicit-scores path on either backend.
     softcap = kwargs.get("softcap")
-    explicit = backend == "eager" or softcap is not None
     scaling = query.shape[-1] ** -0.5 if scaling is None else scaling
     q_len, kv_len = query.shape[2], key.shape[2]
     q_pos, k_pos = positions(posenc_past, q_len, kv_len, query.device)
     dtype = compute_dtype(query, key, value)
-    if posenc is not None and posenc.route == "rotate":
+    if capabilities.route == "rotate":
         # Before the cast, as stock RoPE does: under autocast q/k still hold fp32 here.
         query, key = posenc.rotate(query, key, q_pos, k_pos)
     query, key, value = query.to(dtype), key.to(dtype), value.to(dtype)
+    training = module.training
+    call = kernels.Call(
+        device=query.device.type, dtype=dtype, backend=backend, causal=causal, queries=q_len,
+        compiling=not _eager_only_paths(), softcap=softcap is not None, dropout=dropout if training else 0.0,
+        fused_cpu=cpu_attention.has_fused_kernel(),
+    )
+    kernel = kernels.select(capabilities, call)
+    # Explicit scores (eager backend, soft-capping) need the whole mask, whichever kernel runs.
+    explicit = backend == "eager" or softcap is not None
     # Stock fast path: no mask given and queries aligned with keys (prefill without a StaticCache).
     plain_causal = causal and attention_mask is None and q_len == kv_len
     allowed = None if (plain_causal and not explicit) else allowed_keys(attention_mask, q_pos, k_pos, causal)
 
+    if kernel in ("key_fold_cpu", "diagonal_tiles_cpu", "diagonal_tiles_sdpa"):
+        diagonal = causal_diagonal(posenc_past, q_len, kv_len)
+        if kernel == "key_fold_cpu":
+            output = key_fold_cpu(query, key, value, posenc, allowed, scaling, diagonal)
+        elif kernel == "diagonal_tiles_cpu":
+            output = diagonal_tiles_cpu(query, key, value, posenc, capabilities, allowed, q_pos, k_pos, scaling,
+                                        diagonal)
+        else:
+            output = diagonal_tiles_sdpa(query, key, value, posenc, capabilities, allowed, q_pos, k_pos, scaling,
+                                         dropout, training, diagonal)
+        return output.transpose(1, 2).contiguous(), None
+    if kernel == "attend":
+        # Causal query row r sees keys j <= r + diagonal (both position ranges are consecutive). With
+        # no mask the encoding builds causality per block instead of a [q, kv] mask here.
+        diagonal = causal_diagonal(posenc_past, q_len, kv_len) if causal else None
+        if causal and call.compiling:
+            # Compiled: a mask alone makes it causal; without one, queries and keys align (diagonal 0).
+            diagonal = 0 if allowed is None else None
+        key, value = _expand_kv(key, query.shape[1]), _expand_kv(value, query.shape[1])
+        output, weights = posenc.attend(query, key, value, allowed, scaling, return_weights=backend == "eager",
+                                        diagonal=diagonal)
+        return output.transpose(1, 2).contiguous(), weights
     bias = None
-    if posenc is not None:
-        if posenc.route == "bias" and softcap is not None:
-            bias = posenc.bias(q_pos, k_pos, causal)
-        elif posenc.route == "bias":
-            if (backend == "sdpa" and causal and query.dtype == torch.float32 and q_len > 1
-                    and hasattr(posenc, "fold_into_head_dim")):
-                # Causal ALiBi rides in one extra head dimension: SDPA keeps its fast causal kernel and no
-                # [H, q, kv] bias exists (softmax ignores ALiBi's per-row constant, so m_h * j is a key term;
-                # exact in fp32 only, hence the dtype condition). Not for
-                # one-token decode steps: padding the whole cache costs more than a [H, 1, kv] bias row.
-                head_dim = value.shape[-1]
-                query, key, value = posenc.fold_into_head_dim(query, key, value, k_pos, scaling)
-                if _eager_only_paths() and cpu_attention.available(query, dropout if module.training else 0.0):
-                    # The far keys' weights are denormals: flushing them keeps the fused kernels fast.
-                    output = cpu_attention.flash_attention(query, key, value, allowed, plain_causal, scaling,
-                                                           flush_denormals=True)
-                else:
-                    output, _ = sdpa_attention(query, key, value, allowed, None, scaling, dropout,
-                                               module.training, plain_causal)
-                return output[..., :head_dim].transpose(1, 2).contiguous(), None
-            if backend == "sdpa" and causal and hasattr(posenc, "bias_diagonals") and _eager_only_paths():
-                output = causal_bias_sdpa(query, key, value, posenc, allowed, q_pos, k_pos, scaling, dropout,
-                                          module.training, causal_diagonal(posenc_past, q_len, kv_len))
-                return output.transpose(1, 2).contiguous(), None
-            # Left: the eager backend (explicit weights), bidirectional (encoder) biases and compiled forwards.
-            bias = posenc.bias(q_pos, k_pos, causal)
-            if allowed is None and causal:  # sdpa's causal flag is off with a float bias: causality goes in the mask
-                allowed = allowed_keys(None, q_pos, k_pos, causal)
-        elif posenc.route == "attend":
-            if softcap is not None:
-                raise ValueError(f"{type(posenc).__name__} computes its own logits and cannot soft-cap them "
-                                 f"(softcap={softcap}); conversion refuses this combination.")
-            # Causal query row r sees keys j <= r + diagonal (both position ranges are consecutive). With
-            # no mask the encoding builds causality per block instead of a [q, kv] mask here.
-            diagonal = causal_diagonal(posenc_past, q_len, kv_len) if causal else None
-            if causal and not _eager_only_paths():
-                # Compiled: a mask alone makes it causal; without one, queries and keys align (diagonal 0).
-                diagonal = 0 if allowed is None else None
-            key, value = _expand_kv(key, query.shape[1]), _expand_kv(value, query.shape[1])
-            output, weights = posenc.attend(query, key, value, allowed, scaling, return_weights=backend == "eager",
-                                            diagonal=diagonal)
-            return output.transpose(1, 2).contiguous(), weights
-    training = module.training
+    if capabilities.route == "bias":
+        # The dense kernels: the eager backend (explicit weights), soft-capped layers, bidirectional (encoder)
+        # biases and compiled forwards.
+        bias = posenc.bias(q_pos, k_pos, causal)
+        if allowed is None and causal:  # sdpa's causal flag is off with a float bias: causality goes in the mask
+            allowed = allowed_keys(None, q_pos, k_pos, causal)
     if explicit:
         output, weights = eager_attention(query, key, value, allowed, bias, scaling, dropout, training, softcap)
         weights = weights if backend == "eager" else None

@@ -28,6 +28,8 @@ from typing import Any
 
 from huggingface_hub import EvalResult, ModelCard, ModelCardData
 
+from . import registry
+
 #: Metrics a results record may carry, with how they are named on the Hub and in tables.
 #: ``(model-index metric type, human name, lower is better)``; the types are the Hub's metric ids
 #: (https://huggingface.co/metrics) where one exists.
@@ -381,8 +383,7 @@ def describe_encoding(posenc: Mapping[str, Any] | None) -> str:
     if not posenc:
         return "the model's own positional encoding"
     kind = posenc["kind"]
-    names = {"rope": "RoPE", "nope": "no positional encoding (NoPE)", "alibi": "ALiBi", "t5_bias": "T5 relative bias", "cope": "CoPE"}
-    text = names.get(kind, kind)
+    text = registry.get(kind).display_name if kind in registry.kinds() else kind
     if kind == "rope" and posenc.get("rope_type") not in (None, "default"):
         text += f", {posenc['rope_type']} scaling"
         if posenc.get("factor"):

@@ -23,8 +23,9 @@ from pathlib import Path
 import yaml
 from tqdm.auto import tqdm
 
+from . import registry
 from .architectures import MODEL_TYPE_PREFIX
-from .config import CONFIG_KEY, KINDS, PosEncConfig
+from .config import CONFIG_KEY, PosEncConfig
 from .convert import is_native_checkpoint
 from .loading import check_source, load_model, load_tokenizer
 from .modeling import TASKS
@@ -215,7 +216,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     convert = sub.add_parser("convert", help="convert a model to another positional encoding and save it")
     convert.add_argument("model", help="local folder, Hub id (online), or a .gguf file")
-    convert.add_argument("--posenc", required=True, choices=KINDS, help="the new encoding")
+    convert.add_argument("--posenc", required=True, choices=registry.kinds(), help="the new encoding")
     convert.add_argument("--param", action="append", default=[], metavar="KEY=VALUE",
                          help="encoding parameter (repeatable), e.g. rope_type=yarn, factor=4, layers=[0,2]")
     convert.add_argument("--out", required=True, help="output folder")

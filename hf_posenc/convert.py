@@ -5,8 +5,8 @@ Two routes, chosen per request:
 * **native**: the request is a RoPE variant that stock transformers expresses through
   ``config.rope_parameters`` on an architecture with native RoPE. The config is rewritten and the
   model's own rotary module rebuilt; the model stays a stock model and saves as a stock checkpoint.
-* **plug-in**: everything else. Per instance and reversible (:func:`revert`): the old encoding is
-  neutralised (native RoPE gets cos=1/sin=0 through a forward pre-hook on each attention module;
+* **plug-in**: everything else, applied by :func:`hf_posenc.plugin.install`. Per instance and
+  reversible (:func:`revert`): the old encoding is neutralised (native RoPE gets cos=1/sin=0 through a forward pre-hook on each attention module;
   learned absolute embeddings are replaced by a zero module), each converted attention module gets an
   ``attn.posenc`` module, and the model dispatches to ``hf_posenc_eager``/``hf_posenc_sdpa``. The
   instance's class becomes a registered ``HfPosenc<Class>`` subclass (``model_type``
@@ -25,66 +25,15 @@ import torch
 from torch import nn
 from transformers.models.auto.configuration_auto import CONFIG_MAPPING
 
-from . import _hf, attention
-from .architectures import ARCHITECTURES, MODEL_TYPE_PREFIX, Architecture, _get, architecture_of, attention_modules, is_causal
-from .config import CONFIG_KEY, NATIVE_KEY, PosEncConfig, RopeConfig
-from .encodings import AlibiBias, CoPE, RotaryPosition, T5Bias
-from .encodings.base import PositionModule
+from . import _hf, attention, plugin, registry
+from .architectures import ARCHITECTURES, MODEL_TYPE_PREFIX, Architecture, architecture_of, attention_modules, is_causal
+from .config import CONFIG_KEY, NATIVE_KEY, PosEncConfig
+from .encodings.rope import RopeConfig, resolve_rope_parameters
+from .modeling import CLASS_PREFIX, STUB_MODULE, posenc_class, posenc_config_class, stock_class
+from .plugin import (STATE_ATTR as _STATE_ATTR, State as _State, current_rope_parameters, head_dim, num_layers,
+                     rope_layer_types)
 
-_STATE_ATTR = "_hf_posenc_state"
 _ORIGIN_ATTR = "_hf_posenc_origin"
-DEFAULT_ROPE_THETA = 10000.0
-
-
-class ZeroPositionEmbedding(nn.Module):
-    """Stands in for a learned absolute position table: returns zeros, so nothing is added.
-
-    The zeros come in the dtype of the table it replaced and follow ``model.to(dtype)`` / ``.half()``
-    (an empty, non-persistent buffer carries the dtype): fp32 zeros added to bf16/fp16 token embeddings
-    would promote the hidden states to fp32 and break the next LayerNorm. The replaced table is kept
-    unregistered (no weights in checkpoints) but follows the same dtype/device moves, so that
-    :func:`revert` puts back a table that matches the model.
-
-    Args:
-        original: The replaced ``nn.Embedding``.
-    """
-
-    def __init__(self, original: nn.Embedding):
-        super().__init__()
-        self.dim = original.embedding_dim
-        self.__dict__["_original"] = original  # not a submodule: not saved, not in parameters()
-        # No elements: nothing to save or initialise (meta-device loads leave it empty either way).
-        self.register_buffer("dtype_carrier", torch.empty(0, dtype=original.weight.dtype), persistent=False)
-
-    def _apply(self, fn, recurse=True):
-        original = self.__dict__["_original"]
-        # A table built on the meta device (checkpoint loading) holds nothing to move.
-        if not any(t.is_meta for t in original.parameters()):
-            original._apply(fn, recurse)
-        return super()._apply(fn, recurse)
-
-    def forward(self, position_ids: torch.Tensor) -> torch.Tensor:
-        # [*position_ids.shape, dim]
-        return torch.zeros(*position_ids.shape, self.dim, dtype=self.dtype_carrier.dtype, device=position_ids.device)
-
-    def extra_repr(self) -> str:
-        return f"dim={self.dim}"
-
-
-@dataclass
-class _State:
-    """What a conversion changed on one instance, so that :func:`revert` can undo it."""
-
-    posenc: PosEncConfig
-    native: bool
-    hooks: list = field(default_factory=list)
-    replaced: list = field(default_factory=list)  # (parent, attribute, original module)
-    rope_backup: dict | None = None  # config attributes before a native RoPE change
-    rotary: nn.Module | None = None
-    rotary_ndims: list = field(default_factory=list)
-    attn_implementation: str | None = None
-    classes: tuple | None = None  # (model class, config class) before the swap
-    buffers: list = field(default_factory=list)  # (module, buffer name, original tensor)
 
 
 @dataclass
@@ -107,38 +56,6 @@ class _Origin:
 # ---------------------------------------------------------------------------------------------------
 # Inspection helpers
 # ---------------------------------------------------------------------------------------------------
-def num_layers(config) -> int:
-    return config.num_hidden_layers
-
-
-def num_heads(config) -> int:
-    return config.num_attention_heads
-
-
-def head_dim(config) -> int:
-    return getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
-
-
-def rope_layer_types(config) -> list[str] | None:
-    """The layer types with RoPE parameters of their own (Gemma 3, ModernBERT: local and global bases), or
-    None when ``config.rope_parameters`` is one set for every layer."""
-    params = getattr(config, "rope_parameters", None) or {}
-    if params and all(isinstance(value, dict) for value in params.values()):
-        return list(params)
-    return None
-
-
-def current_rope_parameters(config, arch: Architecture, layer_idx: int = 0) -> dict:
-    """The RoPE parameters of layer ``layer_idx`` (a default set for architectures without RoPE)."""
-    if arch.rope == "none":
-        return {"rope_type": "default", "rope_theta": DEFAULT_ROPE_THETA, "partial_rotary_factor": 1.0}
-    params = dict(config.rope_parameters)
-    if rope_layer_types(config) is not None:
-        params = dict(params[config.layer_types[layer_idx]])
-    params.setdefault("partial_rotary_factor", getattr(config, "partial_rotary_factor", None) or 1.0)
-    return params
-
-
 def posenc_of(model_or_config) -> PosEncConfig | None:
     """The encoding recorded in a converted model or config (None if it was never converted)."""
     config = getattr(model_or_config, "config", model_or_config)
@@ -156,27 +73,10 @@ def _as_config(posenc_config) -> PosEncConfig:
 
 def resolved_rope_parameters(posenc: RopeConfig, config, arch: Architecture, layer_idx: int = 0,
                              current: dict | None = None) -> dict:
-    """Stock ``rope_parameters`` for a RoPE request on layer ``layer_idx``: unset theta/partial keep the
-    model's values (per layer type where it has several), and the pre-extension length is recorded
-    explicitly (``original_max_position_embeddings``) so inference never has to guess it from
-    ``max_position_embeddings``."""
+    """Stock ``rope_parameters`` for a RoPE request on layer ``layer_idx`` of this model (see
+    :func:`hf_posenc.encodings.rope.resolve_rope_parameters`; ``current`` overrides the layer's own)."""
     current = current if current is not None else current_rope_parameters(config, arch, layer_idx)
-    params = {
-        "rope_type": posenc.rope_type,
-        "rope_theta": posenc.rope_theta if posenc.rope_theta is not None else current["rope_theta"],
-        "partial_rotary_factor": (
-            posenc.partial_rotary_factor
-            if posenc.partial_rotary_factor is not None
-            else current.get("partial_rotary_factor", 1.0)
-        ),
-    }
-    params.update(posenc.scaling_parameters())
-    if posenc.rope_type in ("yarn", "llama3", "longrope"):
-        params.setdefault(
-            "original_max_position_embeddings",
-            current.get("original_max_position_embeddings") or config.max_position_embeddings,
-        )
-    return params
+    return resolve_rope_parameters(posenc, current, config.max_position_embeddings)
 
 
 def uses_native_rope(posenc: PosEncConfig, config, arch: Architecture) -> bool:
@@ -248,16 +148,18 @@ def resolve_layout(posenc: PosEncConfig, arch: Architecture) -> PosEncConfig:
 
 
 def needs_attention_function(posenc: PosEncConfig, config, arch: Architecture) -> bool:
-    """NoPE needs no attention function of ours; every other plug-in encoding does."""
-    return posenc.kind != "nope" and not uses_native_rope(posenc, config, arch)
+    """Whether the converted model runs our attention functions: a kind with a route (its registry entry),
+    unless stock transformers expresses the request natively."""
+    return registry.get(posenc.kind).needs_attention_function and not uses_native_rope(posenc, config, arch)
 
 
 def validate(posenc: PosEncConfig, config, attn_implementation: str | None = None) -> Architecture:
     """Check that ``posenc`` can be applied to a model with this config (and backend).
 
     Raises:
-        ValueError: Unsupported architecture, layer indices out of range, CoPE on an encoder, T5 bias
-            with an odd bucket count on an encoder, or a backend that cannot express the encoding.
+        ValueError: Unsupported architecture, layer indices out of range, a causal-only kind on an encoder,
+            a kind's own rule (its registry entry's ``check``: e.g. T5 bias with an odd bucket count on an
+            encoder), or a backend that cannot express the encoding.
     """
     arch = architecture_of(config)
     n = num_layers(config)
@@ -268,20 +170,22 @@ def validate(posenc: PosEncConfig, config, attn_implementation: str | None = Non
     if refusal is not None:
         raise ValueError(f"PosEncConfig(kind={posenc.kind!r}) cannot be applied to {config.model_type!r}: {refusal.why}.")
     causal = is_causal(arch, config)
-    if posenc.kind == "cope" and not causal:
+    entry = registry.get(posenc.kind)
+    if entry.capabilities.causal_only and not causal:
+        allowed = ", ".join(e.kind for e in registry.entries() if not e.capabilities.causal_only)
         raise ValueError(
-            f"CoPE is causal-only (positions count gates over past keys) and cannot be applied to the "
-            f"encoder {config.model_type!r}; allowed kinds on encoders: rope, nope, alibi, t5_bias."
+            f"{entry.display_name} is causal-only ({entry.causal_reason}) and cannot be applied to the "
+            f"encoder {config.model_type!r}; allowed kinds on encoders: {allowed}."
         )
-    if posenc.kind == "t5_bias" and not causal and posenc.num_buckets % 2:
-        raise ValueError(f"PosEncConfig(kind='t5_bias'): invalid num_buckets={posenc.num_buckets} on an encoder; "
-                         "allowed: an even number (half of the buckets per direction).")
+    reason = entry.check(posenc, causal) if entry.check is not None else None
+    if reason is not None:
+        raise ValueError(f"PosEncConfig(kind={posenc.kind!r}): {reason}.")
     backend = attn_implementation or getattr(config, "_attn_implementation", None) or "sdpa"
     backend = backend.removeprefix("hf_posenc_")
-    if needs_attention_function(posenc, config, arch) and backend not in attention.BACKENDS:
+    if needs_attention_function(posenc, config, arch) and backend not in entry.backends:
         raise ValueError(
             f"attn_implementation={backend!r} cannot express kind={posenc.kind!r} (it needs an additive bias, "
-            f"the full logits or rotation at attention time); allowed: {sorted(attention.BACKENDS)}."
+            f"the full logits or rotation at attention time); allowed: {sorted(entry.backends)}."
         )
     return arch
 
@@ -315,13 +219,11 @@ def convert(model: nn.Module, posenc_config, *, attn_implementation: str | None 
         _hf.check_backend(model, (attn_implementation or _hf.attn_implementation(model)).removeprefix("hf_posenc_"))
     if uses_native_rope(posenc, config, arch):
         return _convert_native(model, posenc, arch)
-    from .modeling import posenc_class
-
-    state = _State(posenc=posenc, native=False, classes=(type(model), type(config)))
+    classes = (type(model), type(config))
     model.__class__ = posenc_class(type(model))
     config.__class__ = model.__class__.config_class
     _record(config, posenc, native=False)
-    install(model, posenc, arch, state, attn_implementation)
+    plugin.install(model, posenc, arch, classes, attn_implementation)
     return model
 
 
@@ -373,128 +275,6 @@ def _write_native_rope(config, posenc: RopeConfig, arch: Architecture) -> dict:
     return params
 
 
-def make_position_module(posenc: PosEncConfig, config, arch: Architecture, layer_idx: int = 0) -> PositionModule | None:
-    """The ``attn.posenc`` module of converted layer ``layer_idx`` (None for NoPE)."""
-    if posenc.kind == "rope":
-        params = resolved_rope_parameters(posenc, config, arch, layer_idx)
-        original = params.get("original_max_position_embeddings", config.max_position_embeddings)
-        return RotaryPosition(params, head_dim(config), original, posenc.layout)
-    if posenc.kind == "alibi":
-        return AlibiBias(num_heads(config), posenc.max_bias)
-    if posenc.kind == "t5_bias":
-        return T5Bias(num_heads(config), posenc.num_buckets, posenc.max_distance)
-    if posenc.kind == "cope":
-        return CoPE(head_dim(config), posenc.npos_max, posenc.block_size)
-    return None
-
-
-def install(model, posenc: PosEncConfig, arch: Architecture, state: _State | None = None,
-            attn_implementation: str | None = None) -> None:
-    """Apply the plug-in route to a model whose class is already the ``HfPosenc`` subclass.
-
-    Used by :func:`convert` and by the ``HfPosenc`` classes' ``__init__`` (checkpoint loading).
-    """
-    config = model.config
-    if state is None:  # built by an HfPosenc class: undoing the conversion returns to the stock classes
-        from .modeling import stock_class
-
-        state = _State(posenc=posenc, native=False, classes=(stock_class(type(model)), stock_class(type(config))))
-    base = model.base_model
-    # 1. Neutralise learned absolute positions.
-    for path in arch.absolute:
-        parent_path, _, name = path.rpartition(".")
-        parent = _get(base, parent_path) if parent_path else base
-        old = getattr(parent, name)
-        state.replaced.append((parent, name, old))
-        setattr(parent, name, ZeroPositionEmbedding(old))
-    if "embeddings.position_embeddings" in arch.absolute:
-        _extend_position_buffers(base.embeddings, state)
-    # 2. Attach the per-layer encodings and the pre-hook.
-    neutralise_rope = arch.rope != "none"
-    use_attention = needs_attention_function(posenc, config, arch)
-    modules = attention_modules(model, arch)
-    # Fails here, at conversion, if this transformers release renamed the cache argument.
-    cache_argument = _hf.cache_argument(modules[0]) if use_attention and arch.cache else None
-    hook = _make_pre_hook(neutralise_rope, use_attention, cache_argument)
-    # RoPE on "all layers" keeps the layers that natively have none without (SmolLM3, Cohere 2).
-    skip = arch.native_nope_layers(config) if posenc.kind == "rope" and posenc.layers is None else set()
-    for layer_idx, attn in enumerate(modules):
-        if posenc.applies_to(layer_idx) and layer_idx not in skip:
-            module = make_position_module(posenc, config, arch, layer_idx)
-            if module is not None:
-                attn.posenc = module.to(_device_of(attn))
-        if neutralise_rope or use_attention:  # e.g. NoPE on GPT-2 needs no hook at all
-            state.hooks.append(attn.register_forward_pre_hook(hook, with_kwargs=True))
-    # 3. Dispatch to our attention function.
-    if use_attention:
-        backend = (attn_implementation or _hf.attn_implementation(model)).removeprefix("hf_posenc_")
-        state.attn_implementation = _hf.attn_implementation(model)
-        _hf.set_attn_implementation(model, attention.BACKENDS[backend])
-    setattr(model, _STATE_ATTR, state)
-
-
-def _device_of(module: nn.Module):
-    tensor = next(module.parameters(), None)
-    return tensor.device if tensor is not None else torch.device("cpu")
-
-
-def _extend_position_buffers(embeddings: nn.Module, state: _State, length: int = 1 << 16) -> None:
-    """BERT slices default ``position_ids``/``token_type_ids`` from buffers sized
-    ``max_position_embeddings``; without absolute positions the model can read longer inputs.
-
-    On the meta device (``from_pretrained`` builds there) the longer buffers are made on meta too: the stock
-    ``_init_weights`` fills both buffers for their own shape when the model is materialised. The original
-    buffers go into ``state`` for :func:`revert`.
-    """
-    device = embeddings.position_ids.device
-    if embeddings.position_ids.shape[-1] >= length:
-        return
-    for name in ("position_ids", "token_type_ids"):
-        if hasattr(embeddings, name):
-            state.buffers.append((embeddings, name, getattr(embeddings, name)))
-    embeddings.position_ids = torch.arange(length, device=device).expand((1, -1))
-    if hasattr(embeddings, "token_type_ids"):
-        embeddings.token_type_ids = torch.zeros((1, length), dtype=torch.long, device=device)
-
-
-def _make_pre_hook(neutralise_rope: bool, use_attention: bool, cache_argument: tuple[str, int | None] | None):
-    """Forward pre-hook of every attention module of a plug-in-converted model.
-
-    * Replaces native RoPE's ``(cos, sin)`` by ``(1, 0)``: the stock rotation becomes the identity.
-    * Records the cache length before the update (``posenc_past``) for the attention function.
-    * Refuses to run if someone switched the model back to a stock attention backend, which would
-      silently drop the encoding.
-    """
-
-    # Every layer of a forward receives the same (cos, sin): build the identity pair once per forward.
-    identity = {"source": None, "pair": None}
-
-    def hook(module, args, kwargs):
-        if neutralise_rope and kwargs.get("position_embeddings") is not None:
-            cos, sin = kwargs["position_embeddings"]
-            if torch.compiler.is_compiling():
-                # No cached pair under torch.compile: it would guard on the stored tensor and recompile per step.
-                kwargs["position_embeddings"] = (torch.ones_like(cos), torch.zeros_like(sin))
-            else:
-                if identity["source"] is not cos:
-                    identity["source"], identity["pair"] = cos, (torch.ones_like(cos), torch.zeros_like(sin))
-                kwargs["position_embeddings"] = identity["pair"]
-        if use_attention:
-            backend = module.config._attn_implementation
-            if backend not in (attention.EAGER, attention.SDPA):
-                raise RuntimeError(
-                    f"This hf_posenc model runs attn_implementation={backend!r}, which drops its positional "
-                    f"encoding; allowed: 'eager' or 'sdpa' (set with model.set_attn_implementation("
-                    f"'{attention.SDPA}') or hf_posenc.set_backend(model, 'sdpa'))."
-                )
-            layer_idx = getattr(module, "layer_idx", None)
-            cache = _hf.find_cache(args, kwargs, cache_argument) if cache_argument else None  # None: encoder-only
-            kwargs["posenc_past"] = _hf.cache_past_length(cache, layer_idx or 0)
-        return args, kwargs
-
-    return hook
-
-
 def set_backend(model, backend: str) -> None:
     """Switch a converted model between ``"eager"`` (returns attention weights) and ``"sdpa"``.
 
@@ -517,8 +297,6 @@ def remember_origin(model: nn.Module) -> _Origin:
     if state is None:
         origin = _Origin(type(model), type(config), snapshot, _hf.attn_implementation(model))
     else:  # built converted: the stock classes and config of the same architecture, same weights
-        from .modeling import CLASS_PREFIX, stock_class
-
         snapshot.pop(CONFIG_KEY, None)
         snapshot.pop(NATIVE_KEY, None)
         _forget_own_auto_map(snapshot)
@@ -536,8 +314,6 @@ def remember_origin(model: nn.Module) -> _Origin:
 def _forget_own_auto_map(config_dict: dict) -> None:
     """Drop the ``auto_map`` entries naming our remote-code stub (``save_pretrained`` and checkpoint
     loading put them on the config), so a reverted model saves as a plain stock checkpoint."""
-    from .modeling import STUB_MODULE
-
     auto_map = config_dict.get("auto_map")
     if not isinstance(auto_map, dict):
         return
@@ -623,21 +399,9 @@ def undo_conversion(model: nn.Module) -> nn.Module:
         for attn, ndims in state.rotary_ndims:
             attn.rotary_ndims = ndims
     else:
-        arch = architecture_of(config)
-        for handle in state.hooks:
-            handle.remove()
-        for parent, name, old in state.replaced:
-            setattr(parent, name, old)
-        for module, name, tensor in state.buffers:
-            setattr(module, name, tensor)
-        for attn in attention_modules(model, arch):
-            if "posenc" in attn._modules:
-                del attn._modules["posenc"]
-        if state.classes is not None:  # first: the HfPosenc classes map stock backend names to ours
-            model.__class__, config.__class__ = state.classes
+        plugin.remove(model, state)
+        if state.classes is not None:
             _forget_own_auto_map(config.__dict__)
-        if state.attn_implementation is not None:
-            _hf.set_attn_implementation(model, state.attn_implementation)
     for key in (CONFIG_KEY, NATIVE_KEY):
         # A native conversion of an already converted checkpoint puts its record back; otherwise none is left.
         previous = state.rope_backup.get(key) if state.native else None
@@ -673,8 +437,6 @@ def patch_config(config, posenc_config):
     if uses_native_rope(posenc, config, arch):
         _write_native_rope(patched, posenc, arch)
     else:
-        from .modeling import posenc_config_class
-
         patched.__class__ = posenc_config_class(type(config))
         _record(patched, posenc, native=False)
     return patched

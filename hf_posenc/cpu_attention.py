@@ -1,6 +1,7 @@
 """SDPA's fused CPU flash-attention kernel, called directly where ``F.scaled_dot_product_attention`` falls short.
 
-Two bias encodings need more from the kernel than the public function gives on CPU:
+The bias encodings need more from the kernel than the public function gives on CPU (which kernel a call
+takes is decided in :mod:`hf_posenc.kernels`):
 
 * **T5's learned table needs the gradient of its bias.** SDPA runs a float mask that requires grad on its
   unfused math path (``[B, H, q, kv]`` scores and probabilities kept for backward). Here the mask is passed
@@ -12,9 +13,12 @@ Two bias encodings need more from the kernel than the public function gives on C
   ALiBi's kernels run forward and backward with denormals flushed to zero (the dropped values are below
   1.2e-38 against a softmax sum of at least 1, so no fp32 result changes), and the caller's setting comes
   back afterwards.
+* **ALiBi's fp32 fold needs a per-tile key term** to stay exact at every length: its bias rides in an extra
+  head dimension measured from each tile's last key (:class:`TiledFoldAttention`), tiles merged with the
+  kernel's log-sum-exp.
 
-Both call ``torch.ops.aten._scaled_dot_product_flash_attention_for_cpu`` (and its backward), the op
-``F.scaled_dot_product_attention`` itself dispatches to on CPU; :func:`available` says whether this torch
+All call ``torch.ops.aten._scaled_dot_product_flash_attention_for_cpu`` (and its backward), the op
+``F.scaled_dot_product_attention`` itself dispatches to on CPU; :func:`has_fused_kernel` says whether this torch
 build has it. Tensor layout throughout: ``[B, H, n, D]``, equal query and key/value head counts.
 """
 
@@ -27,14 +31,14 @@ import torch
 from torch.autograd.function import once_differentiable
 from torch.nn import functional as F
 
-from .encodings.alibi import toeplitz
+from . import tiling
+from .tiling import toeplitz
 
 
-def available(query: torch.Tensor, dropout_p: float = 0.0) -> bool:
-    """Whether the fused CPU kernel can take ``query`` (and this torch has the op); the paths here run
-    without attention dropout, so a positive ``dropout_p`` leaves them to SDPA."""
-    return (query.device.type == "cpu" and query.dtype in (torch.float32, torch.bfloat16, torch.float16)
-            and dropout_p == 0 and hasattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu"))
+def has_fused_kernel() -> bool:
+    """Whether this torch build has the fused CPU kernel's ATen op (which calls take it:
+    :func:`hf_posenc.kernels.select`)."""
+    return hasattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu")
 
 
 def _flush_enabled() -> bool:
@@ -115,36 +119,121 @@ def flash_attention(query, key, value, mask, causal: bool, scale: float, flush_d
     return _FlushedFlashAttention.apply(query, key, value, _float_mask(mask, query.dtype), causal, scale)
 
 
-#: Query rows per kernel call of :class:`TiledBiasAttention`.
-TILE_ROWS = 128
+#: Query rows per tile of :class:`TiledFoldAttention`. The folded key term of a tile is measured from its
+#: last visible key, so a row's logits carry an offset of at most this many slopes (see the class docstring).
+FOLD_TILE_ROWS = 128
 
 
-def tiles(q_len: int, kv_len: int, diagonal: int):
-    """``(rows, limit)`` per tile of :data:`TILE_ROWS` causal query rows: row ``r`` sees keys ``j < limit``
-    at most (``j <= r + diagonal``)."""
-    for start in range(0, q_len, TILE_ROWS):
-        rows = slice(start, min(start + TILE_ROWS, q_len))
-        yield rows, max(1, min(kv_len, rows.stop + diagonal))
+def _folded(x: torch.Tensor, fill: float) -> torch.Tensor:
+    """``x`` ``[B, H, n, D]`` with one more head dimension holding ``fill``: ``[B, H, n, D + 1]``."""
+    return torch.cat((x, x.new_full((*x.shape[:-1], 1), fill)), dim=-1)
 
 
-def diagonal_block(diagonals: torch.Tensor, rows: slice, keys: slice, kv_len: int) -> torch.Tensor:
-    """Block ``[H, rows, keys]`` of ``M[i, j] = diagonals[:, i - j + kv_len - 1]`` (``[H, q + kv - 1]``)."""
-    # The block needs i - j from rows.start - (keys.stop - 1) to rows.stop - 1 - keys.start.
-    first = rows.start - keys.stop + kv_len
-    count = (rows.stop - rows.start) + (keys.stop - keys.start) - 1
-    return toeplitz(diagonals[:, first:first + count], rows.stop - rows.start, keys.stop - keys.start)
+def _write_key_term(key_folded: torch.Tensor, slopes: torch.Tensor, limit: int, scale: float) -> None:
+    """Set the extra dimension of the first ``limit`` keys to ``m_h (j - (limit - 1)) / scale`` (in place)."""
+    distance = torch.arange(-(limit - 1), 1, device=key_folded.device, dtype=torch.float32)  # j - (limit - 1)
+    term = slopes[:, None] * (distance / scale)  # [H, limit] fp32
+    key_folded[:, :, :limit, -1] = term.to(key_folded.dtype)
 
 
-def diagonal_sums(block: torch.Tensor) -> torch.Tensor:
-    """Sum of each diagonal of ``[..., r, c]``: ``[..., r + c - 1]``, entry ``t`` for ``i - j = t - (c - 1)``.
+class TiledFoldAttention(torch.autograd.Function):
+    """Causal ALiBi on the fused CPU kernel, its bias folded into one extra head dimension, tile by tile.
 
-    The adjoint of ``toeplitz``, hence the gradient of the per-diagonal values it expanded.
+    ``-m_h (i - j) = m_h (j - c) - m_h (i - c)`` for any constant ``c``: the second term is constant along a
+    query row and cancels in the softmax, the first is a per-key term that rides in an extra head dimension
+    (the query holds 1 there, the key ``m_h (j - c) / scale``), so no ``[B, H, q, kv]`` bias exists. Its
+    magnitude is what costs precision: fp32 rounds a logit to ``eps * |logit|``, and a row's logits carry
+    the offset ``m_h (i - c)`` on top of eager's ``-m_h (i - j)``. One ``c`` for the whole call (the last
+    key) puts ``m_h (T - i)`` on the early rows, a relative error that grows with ``T`` (1.3e-5 at 2k,
+    5.4e-5 at 8k, 3.1e-4 at 32k against fp64). Here each tile of :data:`FOLD_TILE_ROWS` query rows measures
+    its keys from its own last visible key, so the offset of any row stays below ``FOLD_TILE_ROWS * m_h`` at
+    every length and the error stays at eager's level (~1e-6; ``benchmarks/attention.py --fold-error``).
+
+    Without a mask a tile is two fused-kernel calls merged through their log-sum-exps: the keys before
+    the tile's diagonal block (all visible, no mask) and the square diagonal block on the kernel's causal
+    path; with the caller's mask it is one masked call over the keys the tile can see. The keys' extra
+    dimension is rewritten in place before each tile. Forward and backward run with denormals flushed (the
+    far keys' weights are denormals). Backward recomputes the folded tensors and takes each part's
+    gradients from the kernel's backward with the merged output and log-sum-exp.
+
+    Args (``apply``, positional):
+        query: ``[B, H, q, D]``; key, value: ``[B, H, kv, D]`` (heads expanded), fp32.
+        slopes: ``[H]`` fp32 ALiBi slopes.
+        allowed: Bool ``[B|1, 1, q, kv]`` or None (plain causality from ``diagonal``).
+        diagonal: Row ``r`` may see key ``j`` iff ``j <= r + diagonal``.
+        scale: Logit scale.
+
+    Returns:
+        ``[B, H, q, D]``.
     """
-    r, c = block.shape[-2:]
-    # Row i of the column-flipped block, padded to c + r and read with rows of c + r - 1, starts i places
-    # further right: column i + (c - 1 - j) of the skewed view is diagonal t = i - j + c - 1.
-    padded = F.pad(block.flip(-1), (0, r)).flatten(-2)[..., : r * (c + r - 1)]
-    return padded.unflatten(-1, (r, c + r - 1)).sum(-2)
+
+    @staticmethod
+    def forward(ctx, query, key, value, slopes, allowed, diagonal, scale):
+        q_len, kv_len, dim = query.shape[2], key.shape[2], query.shape[3]
+        # Equal q/k/v head dims (D + 1 each): the fused kernel needs them; the value's extra dimension is 0.
+        query_f, key_f, value_f = _folded(query, 1.0), _folded(key, 0.0), _folded(value, 0.0)
+        output = query.new_empty(*query.shape[:3], dim + 1)
+        lse = query.new_empty(query.shape[:3], dtype=torch.float32)
+        with denormals_flushed(), autocast_off():
+            for rows, limit in tiling.tiles(q_len, kv_len, diagonal, FOLD_TILE_ROWS):
+                _write_key_term(key_f, slopes, limit, scale)
+                parts = [flash_attention_lse(query_f[:, :, rows], key_f[:, :, keys], value_f[:, :, keys], mask,
+                                             causal, scale)
+                         for keys, mask, causal in _fold_tile_parts(allowed, rows, limit, diagonal)]
+                output[:, :, rows], lse[:, :, rows] = _merged(parts)
+        ctx.save_for_backward(query, key, value, output, lse, slopes, allowed)
+        ctx.diagonal, ctx.scale = diagonal, scale
+        return output[..., :dim]
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad):
+        query, key, value, output, lse, slopes, allowed = ctx.saved_tensors
+        q_len, kv_len, dim = query.shape[2], key.shape[2], query.shape[3]
+        query_f, key_f, value_f = _folded(query, 1.0), _folded(key, 0.0), _folded(value, 0.0)
+        grad_f = F.pad(grad, (0, 1))  # [B, H, q, D + 1]: the extra output dimension is 0 and gets no gradient
+        # Accumulated with the extra dimension (contiguous adds), which is dropped at the end.
+        grad_q, grad_k, grad_v = torch.zeros_like(query_f), torch.zeros_like(key_f), torch.zeros_like(value_f)
+        with denormals_flushed(), autocast_off():
+            for rows, limit in tiling.tiles(q_len, kv_len, ctx.diagonal, FOLD_TILE_ROWS):
+                _write_key_term(key_f, slopes, limit, ctx.scale)
+                for keys, mask, causal in _fold_tile_parts(allowed, rows, limit, ctx.diagonal):
+                    # The merged output and lse: each part's P = exp(S - lse) and rowsum(dO * O) are the
+                    # whole row's, so the parts' gradients add up to the gradient of the whole tile.
+                    d_q, d_k, d_v = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward(
+                        grad_f[:, :, rows], query_f[:, :, rows], key_f[:, :, keys], value_f[:, :, keys],
+                        output[:, :, rows], lse[:, :, rows], 0.0, causal, attn_mask=_float_mask(mask, query.dtype),
+                        scale=ctx.scale)
+                    grad_q[:, :, rows] += d_q
+                    grad_k[:, :, keys] += d_k
+                    grad_v[:, :, keys] += d_v
+        return grad_q[..., :dim], grad_k[..., :dim], grad_v[..., :dim], None, None, None, None
+
+
+def _fold_tile_parts(allowed, rows: slice, limit: int, diagonal: int):
+    """The kernel calls of one tile: ``(keys, mask, causal)`` each.
+
+    With the caller's mask: one call over the first ``limit`` keys. Without: the keys before the tile's
+    diagonal block (every row sees them) and the square diagonal block, whose top-left causality is exact.
+    """
+    if allowed is not None:
+        return [(slice(0, limit), allowed[:, :, rows, :limit], False)]
+    first = rows.start + diagonal  # first key of the diagonal block
+    if first < 0 or limit - first != rows.stop - rows.start:  # not square: a causal mask instead
+        return [(slice(0, limit), tiling.causal_tile_mask(rows, limit, diagonal, "cpu"), False)]
+    parts = [(slice(first, limit), None, True)]
+    if first > 0:
+        parts.append((slice(0, first), None, False))
+    return parts
+
+
+def _merged(parts):
+    """One softmax over the union of the parts' keys from each part's ``(output, lse)``."""
+    if len(parts) == 1:
+        return parts[0]
+    lse = torch.logsumexp(torch.stack([p[1] for p in parts]), dim=0)  # [B, H, qb]
+    output = sum(o * (l - lse).exp()[..., None] for o, l in parts)
+    return output, lse
 
 
 class TiledBiasAttention(torch.autograd.Function):
@@ -188,7 +277,7 @@ class TiledBiasAttention(torch.autograd.Function):
         output = query.new_empty(query.shape)
         lse = query.new_empty(query.shape[:3], dtype=torch.float32)
         with denormals_flushed() if flush else nullcontext(), autocast_off():
-            for rows, limit in tiles(q_len, kv_len, diagonal):
+            for rows, limit in tiling.tiles(q_len, kv_len, diagonal):
                 keys = slice(kv_len - limit, kv_len)  # the first `limit` keys, reversed
                 output[:, :, rows], lse[:, :, rows] = flash_attention_lse(
                     query[:, :, rows], key[:, :, keys], value[:, :, keys],
@@ -204,7 +293,7 @@ class TiledBiasAttention(torch.autograd.Function):
         q_len, kv_len = query.shape[2], key.shape[2]
         grad_q, grad_k, grad_v = torch.empty_like(query), torch.zeros_like(key), torch.zeros_like(value)
         with denormals_flushed() if ctx.flush else nullcontext(), autocast_off():
-            for rows, limit in tiles(q_len, kv_len, ctx.diagonal):
+            for rows, limit in tiling.tiles(q_len, kv_len, ctx.diagonal):
                 keys = slice(kv_len - limit, kv_len)
                 d_q, d_k, d_v = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward(
                     grad[:, :, rows], query[:, :, rows], key[:, :, keys], value[:, :, keys], output[:, :, rows],
@@ -319,7 +408,7 @@ def band_bias_gradient(grad, query, key, value, output, lse, diagonals, allowed,
     probs = logits.clamp_(min=-87.0, max=80.0).exp_().mul_(keep)
     row = (g_blocks * blocks_of_rows(output.to(f32))).sum(-1, keepdim=True)  # rowsum(dO * O), [B, H, m, c, 1]
     d_logits = band_products(g_blocks, values, -row).mul_(probs)
-    sums = diagonal_sums(d_logits.sum((0, 2)))  # [H, c + width - 1], entry t_local = r - u + width - 1
+    sums = tiling.diagonal_sums(d_logits.sum((0, 2)))  # [H, c + width - 1], entry t_local = r - u + width - 1
     # Global diagonal of entry (r, u): t = t_local + kv - diagonal - c; keep what falls inside.
     out = torch.zeros(diagonals.shape, dtype=f32, device=diagonals.device)
     lo, hi = max(0, first), min(out.shape[-1], first + sums.shape[-1])

@@ -13,7 +13,7 @@ import dataclasses
 import torch
 
 from .architectures import Architecture, architecture_of, attention_modules
-from .config import ROPE_LAYOUTS, RopeConfig
+from .encodings.rope import ROPE_LAYOUTS, RopeConfig
 from .convert import (_STATE_ATTR, convert, current_rope_parameters, head_dim, posenc_of, remember_origin,
                       rope_layer_types, undo_conversion)
 

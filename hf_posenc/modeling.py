@@ -20,7 +20,7 @@ from transformers import AutoConfig
 from transformers.models.auto import modeling_auto
 from transformers.models.auto.configuration_auto import CONFIG_MAPPING
 
-from . import _hf, attention
+from . import _hf, attention, plugin, registry
 from .architectures import ARCHITECTURES, MODEL_TYPE_PREFIX, architecture_of
 from .config import CONFIG_KEY, PosEncConfig
 from .encodings.base import PositionModule
@@ -151,8 +151,6 @@ def posenc_class(base: type) -> type:
 
         def __init__(self, config, *args, **kwargs):
             base.__init__(self, config, *args, **kwargs)
-            from .convert import install
-
             posenc_dict = getattr(config, CONFIG_KEY, None)
             if not posenc_dict:
                 source = getattr(config, "_name_or_path", "") or "this config"
@@ -163,7 +161,9 @@ def posenc_class(base: type) -> type:
                     "encoding and call hf_posenc.load_adapter(base, adapter_dir). To build a converted model, "
                     "pass config=hf_posenc.patch_config(config, PosEncConfig(...))."
                 )
-            install(self, PosEncConfig.from_dict(posenc_dict), architecture_of(config))
+            # Undoing it returns to the stock classes of the architecture.
+            plugin.install(self, PosEncConfig.from_dict(posenc_dict), architecture_of(config),
+                           (stock_class(type(self)), stock_class(type(config))))
 
         def _init_weights(self, module):
             # New position tables must start as documented (zero = no-op), not as random values; tables
@@ -223,14 +223,13 @@ def attn_implementation_for(config, requested: str | None) -> str | None:
     Raises:
         ValueError: A backend that cannot express the encoding (flash attention, flex attention, kernels).
     """
-    from .convert import needs_attention_function
-
     posenc_dict = getattr(config, CONFIG_KEY, None)
     if not posenc_dict or not isinstance(requested, (str, type(None))):
         return requested  # nothing recorded yet, or a per-sub-config dict: transformers decides
     posenc = PosEncConfig.from_dict(posenc_dict)
     ours = {value: key for key, value in attention.BACKENDS.items()}
-    if not needs_attention_function(posenc, config, architecture_of(config)):
+    # A recorded encoding is a plug-in one (a native request leaves a stock config): its entry decides.
+    if not registry.get(posenc.kind).needs_attention_function:
         return ours.get(requested, requested)
     requested = requested or "sdpa"
     if requested in ours:

@@ -15,11 +15,11 @@ import sys
 from collections.abc import Callable
 from pathlib import Path
 
+from . import registry
 from .architectures import ARCHITECTURES, Architecture
 
 BEGIN = "<!-- architectures: begin -->"
 END = "<!-- architectures: end -->"
-ENCODINGS = ("rope", "nope", "alibi", "t5_bias", "cope")
 
 
 def _name(row: Architecture) -> str:
@@ -47,15 +47,16 @@ def _rope(row: Architecture) -> str:
 
 def _kind(kind: str) -> Callable[[Architecture], str]:
     def cell(row: Architecture) -> str:
-        always = next((r for r in row.refusals if kind in r.kinds and not r.when), None)
+        always = next((r for r in row.refusals if r.refuses(kind) and not r.when), None)
         if always is not None:
             return "✗"
         if row.causal is not True:
             # Encoders (and BERT-like models whose config may make them decoders).
-            if kind == "cope":
+            entry = registry.get(kind)
+            if entry.capabilities.causal_only:
                 return "✗ causal-only"
-            return {"alibi": "✓ symmetric", "t5_bias": "✓ bidirectional"}.get(kind, "✓")
-        conditional = [r.when for r in row.refusals if kind in r.kinds and r.when]
+            return f"✓ {entry.encoder_note}" if entry.encoder_note else "✓"
+        conditional = [r.when for r in row.refusals if r.refuses(kind) and r.when]
         return "✓" + "".join(f" (✗ with `{when}`)" for when in conditional)
 
     return cell
@@ -65,7 +66,7 @@ def _kind(kind: str) -> Callable[[Architecture], str]:
 COLUMNS: list[tuple[str, Callable[[Architecture], str]]] = [
     ("architecture", _name),
     ("own encoding", _own),
-    *[(kind, _kind(kind) if kind != "rope" else _rope) for kind in ENCODINGS],
+    *[(kind, _kind(kind) if kind != "rope" else _rope) for kind in registry.kinds()],
 ]
 
 

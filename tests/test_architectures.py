@@ -124,8 +124,7 @@ def test_softcap_in_our_attention_functions_caps_the_logits(backend, kind):
     """Our sdpa function takes the explicit-logits path for a softcap (stock sdpa raises): both backends equal
     a hand-written capped attention, with the position bias added after the cap."""
     from hf_posenc import attention
-    from hf_posenc.convert import make_position_module
-    from hf_posenc.encodings.base import PositionModule
+    from hf_posenc.plugin import make_position_module
 
     torch.manual_seed(0)
     module = torch.nn.Module()
@@ -141,7 +140,7 @@ def test_softcap_in_our_attention_functions_caps_the_logits(backend, kind):
     posenc = getattr(module, "posenc", None)
     rq, rk = posenc.rotate(q, k, pos, pos) if kind == "rope" else (q, k)
     scores = torch.tanh(rq @ rk.transpose(-1, -2) * 0.5 / 1.5) * 1.5
-    if isinstance(posenc, PositionModule) and posenc.route == "bias":
+    if posenc is not None and posenc.registry_entry().capabilities.route == "bias":
         scores = scores + posenc.bias(pos, pos, True)
     scores = scores.masked_fill(torch.ones(6, 6, dtype=torch.bool).triu(1), float("-inf"))
     expected = (scores.softmax(-1) @ v).transpose(1, 2)

@@ -12,7 +12,8 @@ import transformers
 from packaging.version import Version
 from peft import TaskType, get_peft_model
 from test_persistence import run_python
-from tiny_models import CONFIGS, VOCAB, input_ids, randomize_position_tables, tiny_config, tiny_model
+from tiny_models import (BIAS_KINDS, CONFIGS, TABLE_KINDS, VOCAB, input_ids, randomize_position_tables, tiny_config,
+                         tiny_model)
 from transformers.models.auto import modeling_auto
 
 import hf_posenc
@@ -162,7 +163,7 @@ def test_cli_convert_takes_the_task(tmp_path):
         main(["convert", str(tmp_path / "base"), "--posenc", "alibi", "--task", "summarization", "--out", "x"])
 
 
-@pytest.mark.parametrize("kind", ["alibi", "t5_bias"])
+@pytest.mark.parametrize("kind", BIAS_KINDS)
 def test_converted_bert_reads_600_tokens_after_reload(tmp_path, kind):
     model = hf_posenc.convert(tiny_model("bert", "sdpa"), PosEncConfig(kind=kind))
     randomize_position_tables(model)
@@ -185,14 +186,14 @@ def _classification_batch(seed):
     return x, labels
 
 
-@pytest.mark.parametrize("kind", ["alibi", "t5_bias"])
+@pytest.mark.parametrize("kind", BIAS_KINDS)
 def test_lora_fine_tunes_a_converted_encoder_loaded_as_sequence_classifier(tmp_path, kind):
     converted = hf_posenc.convert(stock_head("bert", "BertForSequenceClassification"), PosEncConfig(kind=kind))
     converted.save_pretrained(tmp_path / "converted")
     model = transformers.AutoModelForSequenceClassification.from_pretrained(tmp_path / "converted")
     assert type(model).__name__ == "HfPosencBertForSequenceClassification"
     config = hf_posenc.lora_config(model, r=4, alpha=8, task_type=TaskType.SEQ_CLS, modules_to_save=["classifier"])
-    assert set(config.modules_to_save) == ({"classifier", "posenc"} if kind == "t5_bias" else {"classifier"})
+    assert set(config.modules_to_save) == ({"classifier", "posenc"} if kind in TABLE_KINDS else {"classifier"})
     model = get_peft_model(model, config)
     x, labels = _classification_batch(0)
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=2e-2)

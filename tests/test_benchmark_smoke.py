@@ -86,3 +86,10 @@ def test_naive_baseline_computes_the_same_attention(bench):
         expected, _ = naive.attend(q, k, v, None, 8 ** -0.5, diagonal=0)
         got, _ = fast.attend(q, k, v, None, 8 ** -0.5, diagonal=0)
     torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
+
+
+def test_fold_error_is_measured_against_fp64(bench):
+    records = bench.fold_error([96], heads=2, dim=8)
+    assert {r["path"] for r in records} == {"sdpa", "eager"}
+    for r in records:
+        assert 0 < r["max_row_rel_error"] < 1e-5 and r["time_s"] > 0

@@ -9,7 +9,7 @@ biases (T5, ALiBi in other dtypes).
 import pytest
 import torch
 
-from hf_posenc import attention, cpu_attention
+from hf_posenc import attention, cpu_attention, tiling
 from hf_posenc.encodings import AlibiBias, T5Bias, relative_position_bucket
 
 
@@ -19,6 +19,24 @@ class Layer(torch.nn.Module):
     def __init__(self, posenc):
         super().__init__()
         self.posenc = posenc
+
+
+def attention_case(case: str, past: int, q_len: int, spare: int, padded=("left_padded", "static_cache")):
+    """q ``[2, 4, q, 8]``, k/v (2 heads for ``"gqa"``) requiring grad, positions, the causal ``allowed``
+    ``[2, 1, q, kv]`` (row 1 left-padded by 3 keys in the ``padded`` cases) and the mask the call gets
+    (``allowed`` in the ``padded`` cases, else None). A StaticCache hands over its whole buffer: ``spare``
+    slots past the live ones, empty."""
+    kv_heads = 2 if case == "gqa" else 4
+    kv_len = past + q_len + spare
+    q = torch.randn(2, 4, q_len, 8, requires_grad=True)
+    k, v = (torch.randn(2, kv_heads, kv_len, 8, requires_grad=True) for _ in range(2))
+    q_pos, k_pos = torch.arange(q_len) + past, torch.arange(kv_len)
+    allowed = (k_pos[None, :] <= q_pos[:, None])[None, None].expand(2, 1, q_len, kv_len).clone()
+    mask = None
+    if case in padded:
+        allowed[1, :, :, :3] = False
+        mask = allowed
+    return q, k, v, q_pos, k_pos, allowed, mask
 
 
 def reference(posenc, q, k, v, q_pos, k_pos, allowed):
@@ -38,7 +56,7 @@ def reference(posenc, q, k, v, q_pos, k_pos, allowed):
 @pytest.mark.parametrize("kind", ["alibi", "t5_bias"])
 @pytest.mark.parametrize("case", ["prefill", "cached_padded"])
 def test_sdpa_bias_paths_match_explicit_attention(monkeypatch, kind, case, dtype):
-    monkeypatch.setattr(cpu_attention, "TILE_ROWS", 5)  # several tiles, one partial
+    monkeypatch.setattr(tiling, "TILE_ROWS", 5)  # several tiles, one partial
     torch.manual_seed(0)
     posenc = AlibiBias(4) if kind == "alibi" else T5Bias(4, num_buckets=8, max_distance=12)
     if kind == "t5_bias":
@@ -61,7 +79,7 @@ def test_sdpa_bias_paths_match_explicit_attention(monkeypatch, kind, case, dtype
 
 def test_t5_table_gradient_through_tiles(monkeypatch):
     """The learned table gets the gradient of explicit attention although each tile builds its own bias."""
-    monkeypatch.setattr(cpu_attention, "TILE_ROWS", 4)
+    monkeypatch.setattr(tiling, "TILE_ROWS", 4)
     torch.manual_seed(1)
     posenc = T5Bias(2, num_buckets=6, max_distance=9)
     torch.nn.init.normal_(posenc.relative_attention_bias)
@@ -83,23 +101,15 @@ def test_t5_gradients_from_the_band_match_explicit_attention(monkeypatch, case):
     """TiledBiasAttention (fused kernel, detached mask, table gradient from the band of diagonals) gives
     the gradients of explicit attention for q, k, v and the table; tiles and band blocks are small here
     so that several of each, partial ones included, are exercised."""
-    monkeypatch.setattr(cpu_attention, "TILE_ROWS", 8)
+    monkeypatch.setattr(tiling, "TILE_ROWS", 8)
     monkeypatch.setattr(cpu_attention, "BAND_ROWS", 4)
     torch.manual_seed(2)
     num_buckets, max_distance = (8, 12) if case != "band_wider_than_cache" else (32, 4096)
     posenc = T5Bias(4, num_buckets=num_buckets, max_distance=max_distance)
     torch.nn.init.normal_(posenc.relative_attention_bias)
     past, q_len, spare = {"cached": (13, 7, 0), "decode": (30, 1, 0), "static_cache": (9, 5, 6)}.get(case, (0, 29, 0))
-    kv_heads = 2 if case == "gqa" else 4
-    kv_len = past + q_len + spare  # a StaticCache hands over its whole buffer, slots past the live ones empty
-    q = torch.randn(2, 4, q_len, 8, requires_grad=True)
-    k, v = (torch.randn(2, kv_heads, kv_len, 8, requires_grad=True) for _ in range(2))
-    q_pos, k_pos = torch.arange(q_len) + past, torch.arange(kv_len)
-    allowed = (k_pos[None, :] <= q_pos[:, None])[None, None].expand(2, 1, q_len, kv_len).clone()
-    mask = None
-    if case in ("left_padded", "static_cache"):
-        allowed[1, :, :, :3] = False
-        mask = allowed
+    q, k, v, q_pos, k_pos, allowed, mask = attention_case(case, past, q_len, spare)
+    kv_heads = k.shape[1]
     layer = Layer(posenc).train()
     got, _ = attention.posenc_sdpa_attention(layer, q, k, v, mask, posenc_past=past)
     groups = 4 // kv_heads
@@ -129,9 +139,7 @@ def test_diagonal_sums_is_the_adjoint_of_toeplitz():
     """<toeplitz(d), A> = <d, diagonal_sums(A)>: diagonal_sums is the gradient of the Toeplitz expansion."""
     torch.manual_seed(3)
     d, block = torch.randn(3, 5 + 7 - 1, dtype=torch.float64), torch.randn(3, 5, 7, dtype=torch.float64)
-    from hf_posenc.encodings.alibi import toeplitz
-
-    torch.testing.assert_close((toeplitz(d, 5, 7) * block).sum(), (d * cpu_attention.diagonal_sums(block)).sum())
+    torch.testing.assert_close((tiling.toeplitz(d, 5, 7) * block).sum(), (d * tiling.diagonal_sums(block)).sum())
 
 
 @pytest.mark.parametrize("user_flush", [False, True])
@@ -140,7 +148,7 @@ def test_alibi_flushes_denormals_only_inside_its_kernels(monkeypatch, user_flush
     """ALiBi's kernels run with denormals flushed (fast on x86) and give explicit attention's gradients;
     the caller's flush setting is the same afterwards, on or off. fp32 takes the head-dimension fold,
     bf16 the tiles."""
-    monkeypatch.setattr(cpu_attention, "TILE_ROWS", 8)
+    monkeypatch.setattr(tiling, "TILE_ROWS", 8)
     if not torch.set_flush_denormal(user_flush) and user_flush:
         pytest.skip("this CPU cannot flush denormals")
     try:

@@ -5,9 +5,11 @@ import copy
 import pytest
 import torch
 from tiny_models import (
+    ATTENTION_KINDS,
     CONFIGS,
     DECODERS,
     KINDS,
+    NOOP_KINDS,
     REPRESENTATIVE,
     ROPE_ARCHS,
     allowed_kinds,
@@ -61,7 +63,7 @@ def test_identity_rope_conversion_is_bitwise(arch):
 
 
 # Refused kinds (CoPE on encoders and soft-capped configs) are checked in test_architectures.
-NOOP_CASES = [(arch, kind) for arch in CONFIGS for kind in ("nope", "t5_bias", "cope") if kind in allowed_kinds(arch)]
+NOOP_CASES = [(arch, kind) for arch in CONFIGS for kind in NOOP_KINDS if kind in allowed_kinds(arch)]
 
 
 @pytest.mark.parametrize("arch,kind", NOOP_CASES)
@@ -129,7 +131,7 @@ def test_output_attentions_on_eager(arch, kind):
         assert torch.all(weights.triu(1) == 0)  # causal
 
 
-@pytest.mark.parametrize("kind", ["alibi", "t5_bias", "cope", "rope"])
+@pytest.mark.parametrize("kind", ATTENTION_KINDS)
 def test_eager_and_sdpa_agree(kind):
     eager = hf_posenc.convert(tiny_model("gpt2", "eager"), PosEncConfig(kind=kind))
     sdpa = hf_posenc.convert(tiny_model("gpt2", "sdpa"), PosEncConfig(kind=kind))

@@ -206,8 +206,8 @@ def test_alibi_fold_stays_the_fp32_path(monkeypatch):
     """The fp32 fast path (ALiBi in an extra head dimension on the fused causal kernel) is still taken in
     fp32, and only there: bf16 weights and autocast take the tiles."""
     calls = []
-    fold = AlibiBias.fold_into_head_dim
-    monkeypatch.setattr(AlibiBias, "fold_into_head_dim", lambda self, *a: calls.append(a[0].dtype) or fold(self, *a))
+    fold = attention.key_fold_cpu
+    monkeypatch.setattr(attention, "key_fold_cpu", lambda query, *a: calls.append(query.dtype) or fold(query, *a))
     model = build("llama", "alibi", "sdpa")
     x = input_ids(1, 16)
     with torch.no_grad():

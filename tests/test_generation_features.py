@@ -11,7 +11,7 @@ import pytest
 import torch
 from test_core_models import stock_nope
 from test_stock_backends import SETTINGS
-from tiny_models import KINDS, VOCAB, input_ids, randomize_position_tables, tiny_model
+from tiny_models import KINDS, NOOP_KINDS, TABLE_KINDS, VOCAB, input_ids, randomize_position_tables, tiny_model
 from transformers import AutoModelForCausalLM, DynamicCache
 
 import hf_posenc
@@ -78,7 +78,7 @@ def test_output_hidden_states(kind):
     assert len(out.hidden_states) == model.config.num_hidden_layers + 1
     torch.testing.assert_close(out.hidden_states[0], model.model.embed_tokens(x), rtol=0, atol=0)
     torch.testing.assert_close(out.logits, plain, rtol=0, atol=0)
-    if kind in ("nope", "t5_bias", "cope"):  # fresh tables are no-ops: the stock NoPE model's hidden states
+    if kind in NOOP_KINDS:  # fresh tables are no-ops: the stock NoPE model's hidden states
         fresh = hf_posenc.convert(tiny_model("llama", "sdpa"), PosEncConfig(kind=kind, **SETTINGS[kind]))
         with torch.no_grad():
             expected = stock_nope("llama", "sdpa")(x, output_hidden_states=True).hidden_states
@@ -106,7 +106,7 @@ def test_gradient_checkpointing_gives_the_same_gradients(kind, backend):
     batch = input_ids(2, 10)
     expected, got = _gradients(model, batch), _gradients(checkpointed, batch)
     assert got.keys() == expected.keys()
-    assert any(".posenc." in name for name in got) == (kind in ("t5_bias", "cope"))
+    assert any(".posenc." in name for name in got) == (kind in TABLE_KINDS)
     for name, grad in expected.items():
         torch.testing.assert_close(got[name], grad, rtol=1e-5, atol=1e-7, msg=name)
 

@@ -23,7 +23,7 @@ SETTINGS = {
 }
 ARCHS = {"rope": ["llama"], "nope": ["llama"], "alibi": ["llama", "gpt2"], "t5_bias": ["qwen3", "bert"],
          "cope": ["llama", "gpt_neox"]}
-CASES = [(kind, arch) for kind in KINDS for arch in ARCHS[kind]]
+CASES = [(kind, arch) for kind in KINDS for arch in ARCHS.get(kind, ["llama"])]
 
 
 def run_python(code: str, env=None) -> subprocess.CompletedProcess:
@@ -52,7 +52,7 @@ def saved(tmp_path_factory):
     x = input_ids()
     torch.save(x, root / "inputs.pt")
     for kind, arch in CASES:
-        model = hf_posenc.convert(tiny_model(arch, "sdpa"), PosEncConfig(kind=kind, **SETTINGS[kind]))
+        model = hf_posenc.convert(tiny_model(arch, "sdpa"), PosEncConfig(kind=kind, **SETTINGS.get(kind, {})))
         randomize_position_tables(model)
         path = root / f"{kind}-{arch}"
         model.save_pretrained(path)

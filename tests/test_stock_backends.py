@@ -8,7 +8,7 @@ backend, and ``torch.compile(fullgraph=True)`` failed on StaticCache's tensor co
 import pytest
 import torch
 from test_core_models import stock_nope
-from tiny_models import CONFIGS, KINDS, input_ids, randomize_position_tables, tiny_model
+from tiny_models import ATTENTION_KINDS, CONFIGS, KINDS, input_ids, randomize_position_tables, tiny_model
 from transformers import AutoModelForCausalLM, StaticCache
 
 import hf_posenc
@@ -17,7 +17,6 @@ from hf_posenc import PosEncConfig, _hf
 #: Every encoding through its plug-in route (RoPE with the interleaved layout is not native).
 SETTINGS = {"rope": {"layout": "interleaved"}, "nope": {}, "alibi": {}, "t5_bias": {"num_buckets": 8},
             "cope": {"npos_max": 8}}
-ATTENTION_KINDS = [kind for kind in KINDS if kind != "nope"]  # the kinds that need an attention function of ours
 ALLOWED = r"allowed: \['eager', 'hf_posenc_eager', 'hf_posenc_sdpa', 'sdpa'\]"
 
 

@@ -15,6 +15,7 @@ import transformers
 from transformers import AutoModel, AutoModelForCausalLM
 
 import hf_posenc
+from hf_posenc import registry
 from hf_posenc.architectures import ARCHITECTURES
 
 VOCAB = 101
@@ -87,14 +88,30 @@ SLIDING = [a for a in CONFIGS if getattr(CONFIGS[a](), "sliding_window", None)]
 #: Where the expensive generate tests run the full backend x kind matrix; every other decoder runs every
 #: kind on one backend (the attention functions are shared, what differs per row is around them).
 REPRESENTATIVE = ["llama", "gpt_neox", "gpt2", "gemma2", "phi3"]
-KINDS = ["rope", "nope", "alibi", "t5_bias", "cope"]
+#: Every registered kind: a new kind's registry entry puts it in the whole matrix.
+KINDS = list(registry.kinds())
+
+
+def kinds_where(predicate) -> list[str]:
+    """The registered kinds whose declared capabilities satisfy ``predicate``."""
+    return [entry.kind for entry in registry.entries() if predicate(entry.capabilities)]
+
+
+#: Kinds that run our attention functions (a route), with an additive bias, with learned tables.
+ATTENTION_KINDS = kinds_where(lambda c: c.route is not None)
+BIAS_KINDS = kinds_where(lambda c: c.route == "bias")
+TABLE_KINDS = kinds_where(lambda c: bool(c.tables))
+#: Kinds whose freshly converted model is the stock NoPE model: nothing applied, or a bias/attention whose
+#: learned tables start as a no-op (CONTRIBUTING: ``reset_parameters``).
+NOOP_KINDS = kinds_where(lambda c: c.route is None or (bool(c.tables) and c.route != "rotate"))
 
 
 def allowed_kinds(arch: str) -> list[str]:
     """The kinds the architecture's tiny config takes (the others are refused: see the refusal tests)."""
     config, row = tiny_config(arch), ARCHITECTURES[arch]
     causal = row.causal if row.causal is not None else config.is_decoder
-    return [k for k in KINDS if row.refusal(k, config) is None and (causal or k != "cope")]
+    return [k for k in KINDS
+            if row.refusal(k, config) is None and (causal or not registry.get(k).capabilities.causal_only)]
 
 
 def tiny_config(arch: str):

@@ -2,7 +2,8 @@
 
 A converted attention module carries its encoding as ``attn.posenc`` (a ``PositionModule``), so that
 PEFT's ``modules_to_save=["posenc"]`` can make learned tables trainable and save them in the adapter.
-The attention function (``hf_posenc.attention``) asks the module for one of three things:
+Which hook the attention function (``hf_posenc.attention``) uses is declared in the encoding's registry
+entry (``hf_posenc.registry.Capabilities.route``), one of three:
 
 * ``rotate(q, k, q_pos, k_pos)``: rotated queries/keys (RoPE family), or
 * ``bias(q_pos, k_pos, causal)``: an additive score bias ``[1, H, q, kv]`` (ALiBi, T5), or
@@ -14,15 +15,16 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from .. import registry
+
 
 class PositionModule(nn.Module):
-    """Base class of the per-layer positional-encoding modules.
+    """Base class of the per-layer positional-encoding modules (capabilities: ``hf_posenc.registry``)."""
 
-    Attributes:
-        route: ``"rotate"``, ``"bias"`` or ``"attend"``: which hook the attention function uses.
-    """
-
-    route: str = ""
+    def registry_entry(self) -> registry.Encoding:
+        """This module's registry entry. A method, so that wrappers which forward attribute access to the
+        module they wrap (PEFT's ``modules_to_save``) resolve to the wrapped module's entry."""
+        return registry.entry_of(self)
 
     def reset_parameters(self) -> None:
         """Initialise learned tables so that a fresh layer is a no-op where the method allows it.

@@ -38,10 +38,14 @@ How the fast path works (:class:`_CopeAttention`, a custom autograd function):
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 from torch import nn
 from torch.nn import functional as F
 
+from .. import registry
+from ..config import PosEncConfig, check_positive, fail_field
 from .base import PositionModule
 
 _NEG = torch.finfo(torch.float32).min
@@ -296,8 +300,6 @@ class CoPE(PositionModule):
         block_size: Query rows per block in :func:`cope_attention`.
     """
 
-    route = "attend"
-
     def __init__(self, head_dim: int, npos_max: int = 64, block_size: int = 512):
         super().__init__()
         self.npos_max = npos_max
@@ -315,3 +317,42 @@ class CoPE(PositionModule):
 
     def extra_repr(self) -> str:
         return f"head_dim={self.pos_emb.shape[0]}, npos_max={self.npos_max}, block_size={self.block_size}"
+
+
+@dataclass(frozen=True)
+class CopeConfig(PosEncConfig):
+    """Contextual position encoding (Golovneva et al. 2024, https://arxiv.org/abs/2405.18719).
+
+    Positions are counted by gates ``sigmoid(q_i . k_j * scale)`` summed from key ``j`` to query ``i``
+    (fp32); the position term interpolates ``q_i @ E`` between the integer positions around it. As in
+    the paper's listing, the position term is added unscaled to the scaled logits. ``E`` starts at zero,
+    so a fresh CoPE layer is plain (NoPE) attention. Causal models only.
+
+    Args:
+        npos_max: Number of integer positions (positions are clamped to ``npos_max - 1``).
+        block_size: Query rows processed together (bounds peak memory; does not change results).
+    """
+
+    kind: str = "cope"
+    npos_max: int = 64
+    block_size: int = 512
+    layers: tuple[int, ...] | None = None
+
+    def _validate(self) -> None:
+        check_positive(self.kind, "npos_max", self.npos_max, integer=True)
+        check_positive(self.kind, "block_size", self.block_size, integer=True)
+        if self.npos_max < 2:
+            fail_field(self.kind, "npos_max", self.npos_max, "an integer >= 2")
+
+
+registry.register(registry.Encoding(
+    kind="cope",
+    config_class=CopeConfig,
+    module_class=CoPE,
+    build=lambda config, layer: CoPE(layer.head_dim, config.npos_max, config.block_size),
+    capabilities=registry.Capabilities(route="attend", needs_logits=True, causal_only=True, tables=("pos_emb",)),
+    display_name="CoPE",
+    paper="https://arxiv.org/abs/2405.18719",
+    backends=registry.OWN_BACKENDS,
+    causal_reason="positions count gates over past keys",
+))

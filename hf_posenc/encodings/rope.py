@@ -13,11 +13,46 @@ Keys are stored unrotated in the cache and rotated at attention time at their ca
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+from typing import Any
+
 import torch
 from transformers import PreTrainedConfig
 from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
 
+from .. import registry
+from ..config import PosEncConfig, check_positive, fail_field
 from .base import PositionModule
+
+ROPE_TYPES = ("default", "linear", "dynamic", "yarn", "llama3", "longrope")
+ROPE_LAYOUTS = ("half", "interleaved")
+
+# Scaling parameters each stock rope type accepts (transformers' `RopeParameters`); anything else is
+# rejected here instead of being silently ignored by transformers.
+_ROPE_TYPE_PARAMS = {
+    "default": set(),
+    "linear": {"factor"},
+    "dynamic": {"factor"},
+    "yarn": {
+        "factor",
+        "original_max_position_embeddings",
+        "attention_factor",
+        "beta_fast",
+        "beta_slow",
+        "mscale",
+        "mscale_all_dim",
+        "truncate",
+    },
+    "llama3": {"factor", "original_max_position_embeddings", "low_freq_factor", "high_freq_factor"},
+    "longrope": {"original_max_position_embeddings", "attention_factor", "short_factor", "long_factor", "factor"},
+}
+_ROPE_REQUIRED = {
+    "linear": {"factor"},
+    "dynamic": {"factor"},
+    "yarn": {"factor"},
+    "llama3": {"factor", "original_max_position_embeddings", "low_freq_factor", "high_freq_factor"},
+    "longrope": {"short_factor", "long_factor"},
+}
 
 
 def default_inv_freq(rope_theta: float, rotary_dim: int, device=None) -> torch.Tensor:
@@ -48,8 +83,6 @@ class RotaryPosition(PositionModule):
         max_position_embeddings: The model's context length (used by dynamic/yarn/longrope defaults).
         layout: ``"half"`` or ``"interleaved"``.
     """
-
-    route = "rotate"
 
     def __init__(self, rope_parameters: dict, head_dim: int, max_position_embeddings: int, layout: str = "half"):
         super().__init__()
@@ -117,3 +150,143 @@ class RotaryPosition(PositionModule):
 
     def extra_repr(self) -> str:
         return f"rope_parameters={self.rope_parameters}, rotary_dim={self.rotary_dim}, layout={self.layout!r}"
+
+
+@dataclass(frozen=True)
+class RopeConfig(PosEncConfig):
+    """Rotary position embedding (Su et al. 2021, https://arxiv.org/abs/2104.09864) and its scalings.
+
+    Scaling variants are the stock transformers ones (``transformers.modeling_rope_utils``): linear/PI
+    (https://arxiv.org/abs/2306.15595), dynamic NTK, YaRN (https://arxiv.org/abs/2309.00071), llama3,
+    longrope (https://arxiv.org/abs/2402.13753). ``None`` for ``rope_theta`` / ``partial_rotary_factor``
+    keeps the model's own value (or 10000 / 1.0 for models without RoPE).
+
+    Args:
+        rope_type: One of ``ROPE_TYPES``.
+        rope_theta: RoPE base.
+        partial_rotary_factor: Fraction of each head's dimensions that rotate, in (0, 1].
+        layout: Which query/key dimensions of the weights form a rotation pair: ``"half"`` (GPT-NeoX / HF,
+            rotate_half: ``i`` with ``i + d/2``) or ``"interleaved"`` (GPT-J / Cohere: ``2i`` with ``2i + 1``).
+            None (default): the architecture's own layout, so that ``PosEncConfig(kind="rope")`` is the
+            identity on every RoPE architecture; conversion records the resolved value.
+        factor, original_max_position_embeddings, attention_factor, beta_fast, beta_slow, mscale,
+        mscale_all_dim, truncate, low_freq_factor, high_freq_factor, short_factor, long_factor:
+            The stock scaling parameters of ``rope_type``.
+        layers: Layers that get RoPE; the others get none.
+    """
+
+    kind: str = "rope"
+    rope_type: str = "default"
+    rope_theta: float | None = None
+    partial_rotary_factor: float | None = None
+    layout: str | None = None
+    factor: float | None = None
+    original_max_position_embeddings: int | None = None
+    attention_factor: float | None = None
+    beta_fast: float | None = None
+    beta_slow: float | None = None
+    mscale: float | None = None
+    mscale_all_dim: float | None = None
+    truncate: bool | None = None
+    low_freq_factor: float | None = None
+    high_freq_factor: float | None = None
+    short_factor: tuple[float, ...] | None = None
+    long_factor: tuple[float, ...] | None = None
+    layers: tuple[int, ...] | None = None
+
+    def _validate(self) -> None:
+        k = self.kind
+        if self.rope_type not in ROPE_TYPES:
+            fail_field(k, "rope_type", self.rope_type, ", ".join(ROPE_TYPES))
+        if self.layout is not None and self.layout not in ROPE_LAYOUTS:
+            fail_field(k, "layout", self.layout, ", ".join(ROPE_LAYOUTS))
+        check_positive(k, "rope_theta", self.rope_theta, allow_none=True)
+        prf = self.partial_rotary_factor
+        if prf is not None and (isinstance(prf, bool) or not isinstance(prf, (int, float)) or not 0 < prf <= 1):
+            fail_field(k, "partial_rotary_factor", prf, "a number in (0, 1]")
+        given = {name for name in self.scaling_parameters()}
+        extra = given - _ROPE_TYPE_PARAMS[self.rope_type]
+        if extra:
+            fail_field(k, sorted(extra)[0], getattr(self, sorted(extra)[0]),
+                  f"only {sorted(_ROPE_TYPE_PARAMS[self.rope_type]) or 'no scaling parameters'} for rope_type={self.rope_type!r}")
+        missing = _ROPE_REQUIRED.get(self.rope_type, set()) - given
+        if missing:
+            fail_field(k, sorted(missing)[0], None, f"a value (required by rope_type={self.rope_type!r})")
+        if self.factor is not None:
+            check_positive(k, "factor", self.factor)
+            if self.rope_type in ("linear", "dynamic", "yarn", "llama3") and self.factor < 1:
+                fail_field(k, "factor", self.factor, "a number >= 1")
+        check_positive(k, "original_max_position_embeddings", self.original_max_position_embeddings,
+                        integer=True, allow_none=True)
+        for name in ("attention_factor", "beta_fast", "beta_slow", "mscale", "mscale_all_dim",
+                     "low_freq_factor", "high_freq_factor"):
+            check_positive(k, name, getattr(self, name), allow_none=True)
+        if self.beta_fast is not None and self.beta_slow is not None and self.beta_fast < self.beta_slow:
+            fail_field(k, "beta_fast", self.beta_fast, f"a number >= beta_slow ({self.beta_slow})")
+        if (self.low_freq_factor is not None and self.high_freq_factor is not None
+                and self.high_freq_factor <= self.low_freq_factor):
+            fail_field(k, "high_freq_factor", self.high_freq_factor, f"a number > low_freq_factor ({self.low_freq_factor})")
+        for name in ("short_factor", "long_factor"):
+            value = getattr(self, name)
+            if value is not None:
+                if isinstance(value, (str, bytes)) or not hasattr(value, "__iter__") or not all(
+                        isinstance(v, (int, float)) and not isinstance(v, bool) and v > 0 for v in value):
+                    fail_field(k, name, value, "a list of positive numbers (one per rotary frequency)")
+                object.__setattr__(self, name, tuple(float(v) for v in value))
+        if self.truncate is not None and not isinstance(self.truncate, bool):
+            fail_field(k, "truncate", self.truncate, "True or False")
+
+    def scaling_parameters(self) -> dict[str, Any]:
+        """The stock scaling parameters that are set (the keys of transformers' ``rope_parameters``)."""
+        names = ("factor", "original_max_position_embeddings", "attention_factor", "beta_fast", "beta_slow",
+                 "mscale", "mscale_all_dim", "truncate", "low_freq_factor", "high_freq_factor",
+                 "short_factor", "long_factor")
+        out = {}
+        for name in names:
+            value = getattr(self, name)
+            if value is not None:
+                out[name] = list(value) if isinstance(value, tuple) else value
+        return out
+
+
+def resolve_rope_parameters(posenc: RopeConfig, current: dict, max_position_embeddings: int) -> dict:
+    """Stock ``rope_parameters`` for a RoPE request on a layer whose own parameters are ``current``.
+
+    Unset theta/partial keep the layer's values, and the pre-extension length is recorded explicitly
+    (``original_max_position_embeddings``, default: the model's ``max_position_embeddings``) so inference
+    never has to guess it.
+    """
+    params = {
+        "rope_type": posenc.rope_type,
+        "rope_theta": posenc.rope_theta if posenc.rope_theta is not None else current["rope_theta"],
+        "partial_rotary_factor": (
+            posenc.partial_rotary_factor
+            if posenc.partial_rotary_factor is not None
+            else current.get("partial_rotary_factor", 1.0)
+        ),
+    }
+    params.update(posenc.scaling_parameters())
+    if posenc.rope_type in ("yarn", "llama3", "longrope"):
+        params.setdefault(
+            "original_max_position_embeddings",
+            current.get("original_max_position_embeddings") or max_position_embeddings,
+        )
+    return params
+
+
+def _build(config: RopeConfig, layer: registry.LayerSpec) -> RotaryPosition:
+    params = resolve_rope_parameters(config, layer.rope_parameters, layer.max_position_embeddings)
+    original = params.get("original_max_position_embeddings", layer.max_position_embeddings)
+    return RotaryPosition(params, layer.head_dim, original, config.layout)
+
+
+registry.register(registry.Encoding(
+    kind="rope",
+    config_class=RopeConfig,
+    module_class=RotaryPosition,
+    build=_build,
+    capabilities=registry.Capabilities(route="rotate"),
+    display_name="RoPE",
+    paper="https://arxiv.org/abs/2104.09864",
+    backends=registry.OWN_BACKENDS,
+))

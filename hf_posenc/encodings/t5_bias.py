@@ -4,11 +4,14 @@ from __future__ import annotations
 
 import functools
 import math
+from dataclasses import dataclass
 
 import torch
 from torch import nn
 
-from .alibi import distance_diagonals, toeplitz
+from .. import registry
+from ..config import PosEncConfig, check_positive, fail_field
+from ..tiling import distance_diagonals, toeplitz
 from .base import PositionModule
 
 
@@ -66,8 +69,6 @@ class T5Bias(PositionModule):
         max_distance: See :func:`relative_position_bucket`.
     """
 
-    route = "bias"
-
     def __init__(self, num_heads: int, num_buckets: int = 32, max_distance: int = 128):
         super().__init__()
         self.num_heads = num_heads
@@ -81,7 +82,7 @@ class T5Bias(PositionModule):
             self.relative_attention_bias.zero_()
 
     def bias_diagonals(self, q_pos: torch.Tensor, k_pos: torch.Tensor, causal: bool) -> torch.Tensor:
-        """The bias once per diagonal, ``[H, q + kv - 1]`` (see ``alibi.toeplitz``). Positions must be
+        """The bias once per diagonal, ``[H, q + kv - 1]`` (see :func:`hf_posenc.tiling.toeplitz`). Positions must be
         consecutive ranges."""
         distances = distance_diagonals(q_pos, k_pos)  # i - j per diagonal, [q + kv - 1]
         # Buckets of key - query, once per diagonal instead of once per (query, key) pair.
@@ -120,3 +121,54 @@ class T5Bias(PositionModule):
 
     def extra_repr(self) -> str:
         return f"num_heads={self.num_heads}, num_buckets={self.num_buckets}, max_distance={self.max_distance}"
+
+
+@dataclass(frozen=True)
+class T5BiasConfig(PosEncConfig):
+    """T5-style bucketed relative position bias (Raffel et al. 2020, https://arxiv.org/abs/1910.10683).
+
+    A learned scalar per (bucket, head) is added to the scores. Buckets are exact for small distances
+    and logarithmic up to ``max_distance``. Decoders bucket ``max(i - j, 0)``; encoders bucket the signed
+    distance with half the buckets per direction. The table starts at zero, so a fresh layer is a no-op.
+    One table per converted layer.
+
+    Args:
+        num_buckets: Number of buckets (>= 2; even on encoders).
+        max_distance: Distance from which all pairs share the last bucket.
+    """
+
+    kind: str = "t5_bias"
+    num_buckets: int = 32
+    max_distance: int = 128
+    layers: tuple[int, ...] | None = None
+
+    def _validate(self) -> None:
+        check_positive(self.kind, "num_buckets", self.num_buckets, integer=True)
+        check_positive(self.kind, "max_distance", self.max_distance, integer=True)
+        if self.num_buckets < 4:
+            fail_field(self.kind, "num_buckets", self.num_buckets, "an integer >= 4")
+        if self.max_distance <= self.num_buckets // 2:
+            fail_field(self.kind, "max_distance", self.max_distance, f"an integer > num_buckets // 2 ({self.num_buckets // 2})")
+
+
+def _encoder_buckets(config: T5BiasConfig, causal: bool) -> str | None:
+    if not causal and config.num_buckets % 2:
+        return (f"invalid num_buckets={config.num_buckets} on an encoder; allowed: an even number "
+                "(half of the buckets per direction)")
+    return None
+
+
+registry.register(registry.Encoding(
+    kind="t5_bias",
+    config_class=T5BiasConfig,
+    module_class=T5Bias,
+    build=lambda config, layer: T5Bias(layer.num_heads, config.num_buckets, config.max_distance),
+    capabilities=registry.Capabilities(
+        route="bias", bias_form="banded", tables=("relative_attention_bias",), kernels=("dense", "diagonal_tiles"),
+    ),
+    display_name="T5 relative bias",
+    paper="https://arxiv.org/abs/1910.10683",
+    backends=registry.OWN_BACKENDS,
+    encoder_note="bidirectional",
+    check=_encoder_buckets,
+))

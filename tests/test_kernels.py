@@ -1,0 +1,160 @@
+"""The kernel selector on its own, and the exactness of ALiBi's tiled head-dimension fold against fp64.
+
+ALiBi (Press et al. 2022, https://arxiv.org/abs/2108.12409): causal head ``h`` adds ``-m_h (i - j)``. The
+references compute it in fp64 from that equation, with no fold and no tiles.
+"""
+
+import pytest
+import torch
+from test_bias_fast import attention_case
+
+from hf_posenc import attention, cpu_attention, kernels
+from hf_posenc.encodings import AlibiBias
+from hf_posenc.registry import Capabilities
+
+ROTATE = Capabilities(route="rotate")
+NOPE = Capabilities()
+ALIBI_LIKE = Capabilities(route="bias", bias_form="diagonal", kernels=("dense", "diagonal_tiles", "key_fold"))
+BANDED = Capabilities(route="bias", bias_form="banded", tables=("table",), kernels=("dense", "diagonal_tiles"))
+DENSE = Capabilities(route="bias", bias_form="dense", kernels=("dense",))
+ATTEND = Capabilities(route="attend", needs_logits=True, causal_only=True)
+PREFILL = kernels.Call(device="cpu", dtype=torch.float32, backend="sdpa", queries=16)
+
+
+def call(**changes) -> kernels.Call:
+    return kernels.Call(**{**PREFILL.__dict__, **changes})
+
+
+@pytest.mark.parametrize(
+    "capabilities, changes, expected",
+    [
+        (ALIBI_LIKE, {}, "key_fold_cpu"),
+        # The fold's folded term exceeds what bf16/fp16 resolve: low precision takes the fp32-bias tiles.
+        (ALIBI_LIKE, {"dtype": torch.bfloat16}, "diagonal_tiles_cpu"),
+        (ALIBI_LIKE, {"dtype": torch.float16}, "diagonal_tiles_cpu"),
+        (ALIBI_LIKE, {"queries": 1}, "diagonal_tiles_sdpa"),  # decode step
+        (ALIBI_LIKE, {"device": "cuda"}, "diagonal_tiles_sdpa"),
+        (ALIBI_LIKE, {"dropout": 0.1}, "diagonal_tiles_sdpa"),  # the fused CPU paths run without dropout
+        (ALIBI_LIKE, {"fused_cpu": False}, "diagonal_tiles_sdpa"),
+        (ALIBI_LIKE, {"compiling": True}, "sdpa"),
+        (ALIBI_LIKE, {"causal": False}, "sdpa"),  # symmetric ALiBi does not decompose
+        (ALIBI_LIKE, {"backend": "eager"}, "eager"),
+        (ALIBI_LIKE, {"softcap": True}, "eager"),
+        (BANDED, {}, "diagonal_tiles_cpu"),
+        (BANDED, {"dtype": torch.bfloat16}, "diagonal_tiles_cpu"),
+        (BANDED, {"queries": 1}, "diagonal_tiles_sdpa"),
+        (BANDED, {"causal": False}, "sdpa"),
+        (DENSE, {}, "sdpa"),
+        (DENSE, {"backend": "eager"}, "eager"),
+        (ROTATE, {}, "sdpa"),
+        (ROTATE, {"backend": "eager"}, "eager"),
+        (ROTATE, {"softcap": True}, "eager"),
+        (NOPE, {}, "sdpa"),
+        (ATTEND, {}, "attend"),
+        (ATTEND, {"backend": "eager", "dtype": torch.bfloat16}, "attend"),
+    ],
+)
+def test_selector(capabilities, changes, expected):
+    assert kernels.select(capabilities, call(**changes)) == expected
+
+
+def test_selector_only_picks_declared_kernels():
+    """A bias that does not declare the fold never gets it, whatever the call."""
+    no_fold = Capabilities(route="bias", bias_form="diagonal", kernels=("dense", "diagonal_tiles"))
+    assert kernels.select(no_fold, PREFILL) == "diagonal_tiles_cpu"
+    assert kernels.select(Capabilities(route="bias", bias_form="diagonal", kernels=("dense",)), PREFILL) == "sdpa"
+
+
+def test_selector_refuses_softcap_for_an_encoding_that_needs_the_logits():
+    with pytest.raises(ValueError, match="cannot soft-cap"):
+        kernels.select(ATTEND, call(softcap=True))
+
+
+def test_every_kernel_is_reachable():
+    cases = [(c, call(**k)) for c in (ALIBI_LIKE, BANDED, ATTEND) for k in
+             ({}, {"queries": 1}, {"backend": "eager"}, {"compiling": True}, {"dtype": torch.bfloat16})]
+    assert {kernels.select(c, x) for c, x in cases} == set(kernels.KERNELS)
+
+
+# ---------------------------------------------------------------------------------------------------
+# ALiBi's fold against fp64
+# ---------------------------------------------------------------------------------------------------
+class Layer(torch.nn.Module):
+    is_causal = True
+
+    def __init__(self, posenc):
+        super().__init__()
+        self.posenc = posenc
+
+
+def alibi_fp64(q, k, v, slopes, rows, past=0, allowed=None):
+    """Causal ALiBi of query ``rows`` in fp64 from the equation; ``allowed`` [B, 1, q, kv] optional."""
+    kv_len = k.shape[2]
+    q_pos = rows + past
+    distance = (q_pos[:, None] - torch.arange(kv_len)[None, :]).double()  # [r, kv]
+    scores = q[:, :, rows].double() @ k.double().transpose(-1, -2) * q.shape[-1] ** -0.5
+    scores = scores - slopes.double()[:, None, None] * distance
+    visible = distance >= 0
+    if allowed is not None:
+        visible = visible & allowed[:, :, rows]
+    scores = scores.masked_fill(~visible, torch.finfo(torch.float64).min)
+    return torch.softmax(scores, -1) @ v.double()  # [B, H, r, D]
+
+
+def worst_row_error(got, expected):
+    return ((got - expected).norm(dim=-1) / expected.norm(dim=-1)).max().item()
+
+
+#: Eager fp32 attention stays near 1e-6 against fp64 at every length (benchmarks/attention.py --fold-error);
+#: the fold must too. The untiled fold measured 1.3e-4 at this length.
+FOLD_TOLERANCE = 4e-6
+
+
+def test_fold_is_exact_to_fp32_rounding_at_long_range(monkeypatch):
+    """T=4096: the first rows (where one fold for all keys put the largest offsets, ``m * T``), a middle block
+    and the last rows, against fp64. A single tile (the untiled fold) fails the same bound."""
+    torch.manual_seed(0)
+    length, heads = 4096, 4
+    q, k, v = (torch.randn(1, heads, length, 16) for _ in range(3))
+    posenc = AlibiBias(heads)
+    rows = torch.cat([torch.arange(128), torch.arange(2048, 2112), torch.arange(length - 64, length)])
+    expected = alibi_fp64(q, k, v, posenc.slopes("cpu"), rows)
+    with torch.no_grad():
+        got, _ = attention.posenc_sdpa_attention(Layer(posenc), q, k, v, None)
+    assert worst_row_error(got.transpose(1, 2)[:, :, rows].double(), expected) <= FOLD_TOLERANCE
+    monkeypatch.setattr(cpu_attention, "FOLD_TILE_ROWS", length)  # one tile: keys measured from the last one
+    with torch.no_grad():
+        untiled = cpu_attention.TiledFoldAttention.apply(q, k, v, posenc.slopes("cpu"), None, 0, 16 ** -0.5)
+    assert worst_row_error(untiled[:, :, rows].double(), expected) > 5 * FOLD_TOLERANCE
+
+
+@pytest.mark.parametrize("case", ["prefill", "cached", "left_padded", "static_cache", "gqa", "partial_tile"])
+def test_fold_forward_and_gradients_match_fp64(monkeypatch, case):
+    """Several tiles (8 rows), partial ones included, with and without the caller's mask: the output and the
+    q/k/v gradients equal the fp64 equations."""
+    monkeypatch.setattr(cpu_attention, "FOLD_TILE_ROWS", 8)
+    torch.manual_seed(1)
+    default = (0, 37 if case == "partial_tile" else 32, 0)
+    past, q_len, spare = {"cached": (13, 21, 0), "static_cache": (9, 20, 6)}.get(case, default)
+    q, k, v, q_pos, k_pos, allowed, mask = attention_case(case, past, q_len, spare)
+    if case == "cached":  # the caller's mask, nothing padded
+        mask = allowed
+    kv_heads = k.shape[1]
+    posenc = AlibiBias(4)
+    chosen = []
+    fold = attention.key_fold_cpu
+    monkeypatch.setattr(attention, "key_fold_cpu", lambda *a: chosen.append(True) or fold(*a))
+    got, _ = attention.posenc_sdpa_attention(Layer(posenc).train(), q, k, v, mask, posenc_past=past)
+    assert chosen, "the fold did not run"
+    groups = 4 // kv_heads
+    expected = alibi_fp64(q, k.repeat_interleave(groups, 1), v.repeat_interleave(groups, 1), posenc.slopes("cpu"),
+                          torch.arange(q_len), past, allowed).transpose(1, 2)
+    # Rows with no visible key (left padding) are garbage in every kernel; a loss never reads them.
+    visible = allowed.any(-1).squeeze(1)  # [B, q]
+    torch.testing.assert_close(got.double()[visible], expected[visible], rtol=1e-5, atol=1e-5)
+    upstream = torch.randn(got.shape, dtype=torch.float64)
+    upstream[~visible] = 0
+    got_grads = torch.autograd.grad(got.double(), (q, k, v), upstream)
+    expected_grads = torch.autograd.grad(expected, (q, k, v), upstream)
+    for name, a, b in zip("qkv", got_grads, expected_grads):
+        torch.testing.assert_close(a.double(), b.double(), rtol=2e-5, atol=2e-5, msg=lambda m: f"{name}: {m}")

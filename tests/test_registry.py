@@ -1,0 +1,193 @@
+"""The registry: one consistent entry per kind, read by conversion, the kernels, the card and the CLI.
+
+The mutation tests rename a declared capability, or the method it names, and check that a test fails
+(or the code raises) instead of an encoding silently moving to another kernel.
+"""
+
+import dataclasses
+
+import pytest
+import torch
+from tiny_models import KINDS, tiny_model
+
+import hf_posenc
+from hf_posenc import PosEncConfig, attention, cards, kernels, registry
+from hf_posenc.architectures import ARCHITECTURES
+from hf_posenc.encodings import AlibiBias, T5Bias
+from hf_posenc.plugin import make_position_module
+
+#: The kernel each kind's CPU sdpa prefill must take in fp32 and bf16, written down from the design
+#: (DESIGN.md §7): a renamed or dropped capability changes this table and fails here.
+EXPECTED_PREFILL_KERNEL = {
+    "rope": ("sdpa", "sdpa"),
+    "nope": ("sdpa", "sdpa"),
+    "alibi": ("key_fold_cpu", "diagonal_tiles_cpu"),
+    "t5_bias": ("diagonal_tiles_cpu", "diagonal_tiles_cpu"),
+    "cope": ("attend", "attend"),
+}
+DTYPES = (torch.float32, torch.bfloat16)
+
+
+def prefill_kernels() -> dict[str, tuple[str, str]]:
+    calls = [kernels.Call(device="cpu", dtype=dtype, backend="sdpa", queries=16) for dtype in DTYPES]
+    return {entry.kind: tuple(kernels.select(entry.capabilities, c) for c in calls) for entry in registry.entries()}
+
+
+def test_kinds_come_from_the_registry():
+    assert hf_posenc.KINDS == registry.kinds() == tuple(KINDS)
+    assert set(EXPECTED_PREFILL_KERNEL) <= set(KINDS)
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_entry_is_consistent(kind):
+    entry = registry.get(kind)
+    registry.check_entry(entry)
+    assert type(PosEncConfig(kind=kind)) is entry.config_class
+    assert entry.paper.startswith("https://arxiv.org/abs/")
+    assert entry.display_name and cards.describe_encoding({"kind": kind}) == entry.display_name
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_built_module_has_the_declared_tables(kind):
+    """The module conversion builds is the entry's class, its parameters are exactly the declared tables,
+    and it resolves back to its entry."""
+    model = tiny_model("llama")
+    module = make_position_module(PosEncConfig(kind=kind), model.config, ARCHITECTURES["llama"])
+    entry = registry.get(kind)
+    if entry.module_class is None:
+        assert module is None
+        return
+    assert type(module) is entry.module_class and registry.entry_of(module) is entry
+    assert sorted(n for n, _ in module.named_parameters()) == sorted(entry.capabilities.tables)
+
+
+def test_prefill_kernels():
+    assert {k: v for k, v in prefill_kernels().items() if k in EXPECTED_PREFILL_KERNEL} == EXPECTED_PREFILL_KERNEL
+
+
+def test_unknown_kind_names_the_registered_ones():
+    with pytest.raises(ValueError, match=r"kind='alibl'; allowed: \['alibi', 'cope', 'nope', 'rope', 't5_bias'"):
+        registry.get("alibl")
+    with pytest.raises(ValueError, match="allowed:"):
+        PosEncConfig(kind="alibl")
+
+
+def test_cli_choices_are_the_kinds(capsys):
+    from hf_posenc import cli
+
+    with pytest.raises(SystemExit):
+        cli.main(["convert", "x", "--posenc", "alibl", "--out", "y"])
+    error = capsys.readouterr().err
+    assert all(repr(kind) in error for kind in KINDS)
+
+
+def test_a_second_registration_of_a_kind_is_refused():
+    entry = registry.get("alibi")
+    with pytest.raises(ValueError, match="already registered"):
+        registry.register(dataclasses.replace(entry, display_name="ALiBi again"))
+
+
+# ---------------------------------------------------------------------------------------------------
+# Mutations
+# ---------------------------------------------------------------------------------------------------
+def _mutate(monkeypatch, kind: str, **capabilities) -> None:
+    entry = registry.get(kind)
+    mutated = dataclasses.replace(entry, capabilities=dataclasses.replace(entry.capabilities, **capabilities))
+    monkeypatch.setitem(registry._REGISTRY, kind, mutated)
+    if entry.module_class is not None:
+        monkeypatch.setitem(registry._BY_MODULE, entry.module_class, mutated)
+
+
+@pytest.mark.parametrize(
+    "kind, capabilities",
+    [
+        ("alibi", {"kernels": ("dense", "diagonal_tiles")}),  # the fold dropped
+        ("alibi", {"bias_form": "dense"}),  # the per-diagonal form dropped
+        ("t5_bias", {"bias_form": "dense"}),
+        ("t5_bias", {"kernels": ("dense",)}),
+    ],
+)
+def test_a_dropped_capability_fails_the_kernel_table(monkeypatch, kind, capabilities):
+    """Declaring less moves the kind to a slower kernel: the expected-kernel table catches it."""
+    _mutate(monkeypatch, kind, **capabilities)
+    with pytest.raises(AssertionError):
+        test_prefill_kernels()
+
+
+@pytest.mark.parametrize("kind, capabilities", [("alibi", {"kernels": ("dense", "diagonal_tiles", "fold")}),
+                                                 ("t5_bias", {"bias_form": "band"}),
+                                                 ("cope", {"route": "attention"})])
+def test_a_renamed_capability_is_an_inconsistent_entry(monkeypatch, kind, capabilities):
+    _mutate(monkeypatch, kind, **capabilities)
+    with pytest.raises(ValueError, match="invalid"):
+        test_entry_is_consistent(kind)
+
+
+@pytest.mark.parametrize("kind, method", [("alibi", "slopes"), ("alibi", "bias_diagonals"),
+                                           ("t5_bias", "banded_diagonals")])
+def test_a_renamed_method_fails_loudly(monkeypatch, kind, method):
+    """The method a capability names renamed on the module: the entry check fails, and the attention call
+    that needs it raises instead of falling back to another kernel."""
+    module_class = registry.get(kind).module_class
+    monkeypatch.delattr(module_class, method)
+    with pytest.raises(ValueError, match=method):
+        test_entry_is_consistent(kind)
+    posenc = AlibiBias(4) if kind == "alibi" else T5Bias(4)
+    layer = torch.nn.Module()
+    layer.is_causal, layer.posenc = True, posenc
+    q, k, v = (torch.randn(1, 4, 16, 8) for _ in range(3))
+    with pytest.raises(AttributeError, match=method):
+        for dtype in DTYPES:  # the fp32 fold and the bf16 tiles call different methods
+            attention.posenc_sdpa_attention(layer.eval(), q.to(dtype), k.to(dtype), v.to(dtype), None)
+
+
+def test_a_renamed_table_fails_at_conversion(monkeypatch):
+    _mutate(monkeypatch, "t5_bias", tables=("bias_table",))
+    with pytest.raises(TypeError, match="relative_attention_bias"):
+        hf_posenc.convert(tiny_model("llama"), PosEncConfig(kind="t5_bias"))
+
+
+def test_the_contributing_example_is_a_complete_new_kind(monkeypatch):
+    """CONTRIBUTING.md's new-kind module, run as it stands (into a copy of the registry): it converts a model,
+    a fresh layer is a no-op, its per-diagonal tiles equal the explicit eager bias, and its tables train."""
+    import re
+    import sys
+    import types
+    from pathlib import Path
+
+    from tiny_models import input_ids
+
+    text = (Path(__file__).resolve().parent.parent / "CONTRIBUTING.md").read_text()
+    section = text[text.index("## Adding an encoding"):]
+    code = re.search(r"^```python\n(.*?)^```", section, flags=re.S | re.M).group(1)
+    monkeypatch.setattr(registry, "_REGISTRY", dict(registry._REGISTRY))
+    monkeypatch.setattr(registry, "_BY_MODULE", dict(registry._BY_MODULE))
+    module = types.ModuleType("kerple_from_contributing")
+    monkeypatch.setitem(sys.modules, module.__name__, module)  # dataclasses resolve annotations through it
+    exec(compile(code, "CONTRIBUTING.md", "exec"), module.__dict__)
+    assert "kerple" in registry.kinds()
+    model = hf_posenc.convert(tiny_model("llama", "sdpa"), PosEncConfig(kind="kerple"))
+    nope = hf_posenc.convert(tiny_model("llama", "sdpa"), PosEncConfig(kind="nope"))
+    x = input_ids(2, 12)
+    with torch.no_grad():
+        torch.testing.assert_close(model(x).logits, nope(x).logits, rtol=0, atol=1e-6)
+        for layer in model.model.layers:
+            layer.self_attn.posenc.r1.fill_(0.5)
+        tiled = model(x).logits
+        model.set_attn_implementation("hf_posenc_eager")
+        torch.testing.assert_close(model(x).logits, tiled, rtol=1e-5, atol=1e-5)
+        assert (tiled - nope(x).logits).abs().max() > 1e-2
+    model.train()
+    model(x, labels=x).loss.backward()
+    assert model.model.layers[0].self_attn.posenc.r1.grad.abs().sum() > 0
+
+
+def test_refusals_by_capability_cover_every_kind_that_declares_it(monkeypatch):
+    """Gemma 2's soft-capping refusal names a capability, not a list of kinds: declaring ``needs_logits`` is
+    enough to be refused there, and the kinds without it are not."""
+    gemma2 = ARCHITECTURES["gemma2"]
+    config = tiny_model("gemma2").config
+    refused = {kind for kind in KINDS if gemma2.refusal(kind, config) is not None}
+    assert refused == {e.kind for e in registry.entries() if e.capabilities.needs_logits} == {"cope"}
+    _mutate(monkeypatch, "cope", needs_logits=False)
+    assert gemma2.refusal("cope", config) is None
