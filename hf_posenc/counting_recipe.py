@@ -350,6 +350,10 @@ def _worker_cell(cfg: CountingConfig, entry: EncodingEntry, seed: int, sets: dic
     return run_cell(cfg, entry, seed, sets, progress=False)
 
 
+def _worker_job(job: tuple) -> dict:
+    return _worker_cell(*job)
+
+
 def run(cfg: CountingConfig, out_dir: str | Path, progress: bool = True,
         cell_fn: Callable[..., dict] = run_cell) -> dict:
     """Every (encoding, seed) cell, skipping finished ones, then the report. Returns the results dict.
@@ -373,20 +377,25 @@ def run(cfg: CountingConfig, out_dir: str | Path, progress: bool = True,
     todo.sort(key=lambda cell: cell[0].posenc.get("kind") != "cope")
     bar = tqdm(total=len(todo), desc="cells", disable=not progress)
     if cfg.workers > 1 and len(todo) > 1:
-        import concurrent.futures
         import multiprocessing
+        import signal
+        import sys
 
-        # spawn: a forked child would inherit this process's torch thread pool state.
-        context = multiprocessing.get_context("spawn")
-        with concurrent.futures.ProcessPoolExecutor(cfg.workers, mp_context=context) as pool:
-            log_files = [h.baseFilename for h in logging.getLogger("hf_posenc").handlers
-                         if isinstance(h, logging.FileHandler)]
-            futures = [pool.submit(_worker_cell, cfg, entry, seed, sets, log_files) for entry, seed in todo]
-            for future in concurrent.futures.as_completed(futures):
-                record = future.result()
-                _save(out, record)
-                done.append(record)
-                bar.update()
+        log_files = [h.baseFilename for h in logging.getLogger("hf_posenc").handlers
+                     if isinstance(h, logging.FileHandler)]
+        jobs = [(cfg, entry, seed, sets, log_files) for entry, seed in todo]
+        # A SIGTERM (kill, a job scheduler) becomes SystemExit here, so that leaving the pool's `with`
+        # terminates the workers instead of leaving them training cells nobody will save.
+        previous = signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
+        try:
+            # spawn: a forked child would inherit this process's torch thread pool state.
+            with multiprocessing.get_context("spawn").Pool(cfg.workers) as pool:
+                for record in pool.imap_unordered(_worker_job, jobs):
+                    _save(out, record)
+                    done.append(record)
+                    bar.update()
+        finally:
+            signal.signal(signal.SIGTERM, previous)
     else:
         for entry, seed in todo:
             record = cell_fn(cfg, entry, seed, sets, progress)

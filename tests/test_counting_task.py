@@ -261,3 +261,15 @@ def test_tokenizer_matches_the_vocabulary():
     assert tokenizer(program.text).input_ids == vocab.encode(program.text)
     assert tokenizer(program.text, add_special_tokens=False).input_ids == vocab.encode(program.text)[1:]
     assert tokenizer.pad_token_id == vocab.pad_id
+
+
+def test_worker_processes_give_the_serial_results(tmp_path):
+    cfg = load_config(TINY)
+    cfg.encodings = [e for e in cfg.encodings if e.name in ("rope", "cope")]
+    serial = run(cfg, tmp_path / "serial", progress=False)
+    cfg.workers = 2
+    parallel = run(cfg, tmp_path / "parallel", progress=False)
+    assert parallel["cells_run"] == 4 and parallel["workers"] == 2
+    assert parallel["table"] == serial["table"]
+    assert sorted(p.name for p in (tmp_path / "parallel" / "cells").iterdir()) == [
+        "cope_seed0.json", "cope_seed1.json", "rope_seed0.json", "rope_seed1.json"]
