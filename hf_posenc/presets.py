@@ -21,7 +21,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 #: Config kinds by file-name prefix, and the recipe script that runs each.
-CONFIG_KINDS = {"compare": "compare", "finetune": "finetune_lora", "evaluate": "evaluate_context"}
+CONFIG_KINDS = {"compare": "compare", "finetune": "finetune_lora", "evaluate": "evaluate_context",
+                "counting": "counting_task"}
 #: Kinds that are not configs.
 SCRIPT, ACCELERATE, METRIC = "recipe", "accelerate", "metric"
 

@@ -151,11 +151,14 @@ def test_the_quick_presets_share_one_base_model_block(tmp_path):
 @pytest.mark.parametrize("path", sorted(CONFIGS.glob("*.yaml")), ids=lambda p: p.name)
 def test_every_shipped_config_loads_and_opens_with_its_command(path):
     text = path.read_text()
-    cls = CompareConfig if path.name.startswith("compare") else EvaluateConfig if path.name.startswith("evaluate") else FinetuneConfig
-    cfg = load_config(cls, path)
+    from hf_posenc.counting_recipe import CountingConfig
+
+    kind = path.name.split("_")[0]
+    cls = {"compare": CompareConfig, "evaluate": EvaluateConfig, "counting": CountingConfig}.get(kind, FinetuneConfig)
+    cfg = load_config(cls, path)  # the one loader, for the counting presets too
     assert cfg is not None
-    script = {"compare": "recipes/compare.py", "evaluate": "recipes/evaluate_context.py"}.get(
-        path.name.split("_")[0], "recipes/finetune_lora.py")
+    script = {"compare": "recipes/compare.py", "evaluate": "recipes/evaluate_context.py",
+              "counting": "recipes/counting_task.py"}.get(kind, "recipes/finetune_lora.py")
     first_comment = "\n".join(line for line in text.splitlines() if line.startswith("#"))
     assert script in first_comment and f"recipes/configs/{path.name}" in first_comment
 

@@ -22,12 +22,14 @@ from hf_posenc import presets
 from hf_posenc.cli import main
 from hf_posenc.context_extension import evaluation
 from hf_posenc.context_extension.config import CompareConfig, ConfigError, EvaluateConfig, FinetuneConfig, load_config
+from hf_posenc.counting_recipe import CountingConfig
 
 tomllib = pytest.importorskip("tomllib")  # Python 3.11+
 
 ROOT = Path(__file__).resolve().parents[1]
 RECIPES = ROOT / "recipes"
-CONFIG_CLASSES = {"compare": CompareConfig, "finetune": FinetuneConfig, "evaluate": EvaluateConfig}
+CONFIG_CLASSES = {"compare": CompareConfig, "finetune": FinetuneConfig, "evaluate": EvaluateConfig,
+                  "counting": CountingConfig}
 
 
 @pytest.fixture(scope="module")
@@ -38,7 +40,7 @@ def setuptools_config():
 def test_package_data_matches_every_shipped_file(setuptools_config):
     assert setuptools_config["package-dir"]["hf_posenc._recipes"] == "recipes"
     patterns = setuptools_config["package-data"]["hf_posenc._recipes"]
-    shipped = [p for folder in ("configs", "metrics", "accelerate") for p in (RECIPES / folder).rglob("*")
+    shipped = [p for folder in ("configs", "metrics", "accelerate", "lm_eval_tasks") for p in (RECIPES / folder).rglob("*")
                if p.is_file() and "__pycache__" not in p.parts]
     assert len(shipped) >= 13  # 7 configs, 4 accelerate configs, 2 metric modules at the time of writing
     # setuptools globs relative to the package folder; fnmatch's "*" also crosses "/", so match per part.
@@ -50,7 +52,8 @@ def test_package_data_matches_every_shipped_file(setuptools_config):
     assert not missing, f"add patterns to [tool.setuptools.package-data] for {missing}"
     # The recipe scripts are modules of the package: build_py takes every top-level .py of recipes/.
     assert "hf_posenc._recipes" in setuptools_config["packages"]
-    assert sorted(p.name for p in RECIPES.glob("*.py")) == ["compare.py", "evaluate_context.py", "finetune_lora.py"]
+    assert sorted(p.name for p in RECIPES.glob("*.py")) == ["compare.py", "counting_task.py", "evaluate_context.py",
+                                                                 "finetune_lora.py"]
 
 
 def test_every_subpackage_is_listed(setuptools_config):
@@ -73,7 +76,7 @@ def test_catalogue_names_are_unique_and_described():
 @pytest.mark.parametrize("path", sorted((RECIPES / "configs").glob("*.yaml")), ids=lambda p: p.stem)
 def test_every_preset_validates_as_its_kind(path):
     recipe = presets.find(path.stem)
-    assert recipe.kind in CONFIG_CLASSES, f"{path.name}: name it compare_*, finetune_* or evaluate_*"
+    assert recipe.kind in CONFIG_CLASSES, f"{path.name}: name it compare_*, finetune_*, evaluate_* or counting_*"
     load_config(CONFIG_CLASSES[recipe.kind], recipe.path)
     assert presets.run_hint(recipe) is not None
 

@@ -146,14 +146,42 @@ def _dry_run_compare(argv: list[str]) -> str:
 def _check_installed_recipe(words: list[str]) -> str:
     """``accelerate launch $(hf-posenc recipes path NAME) --config PRESET`` (or ``python $(...)``): the
     script and the preset it names both resolve (running them is the recipes' own tests' job)."""
-    from hf_posenc.presets import find, resolve_config
+    from hf_posenc.presets import CONFIG_KINDS, find, resolve_config
 
     name = words[words.index("path") + 1].rstrip(")")
     script = find(name, ("recipe",)).path
     assert script.is_file(), script
-    kind = "finetune" if "finetune" in name else "evaluate"
+    kind = {script_name: kind for kind, script_name in CONFIG_KINDS.items()}[name]
     assert resolve_config(words[words.index("--config") + 1], kind).is_file()
     return "installed recipe resolved"
+
+
+def _dry_run_counting(argv: list[str]) -> str:
+    """``python recipes/counting_task.py ...``: the script's own parser, then the config is validated."""
+    import importlib.util
+
+    from hf_posenc.counting_recipe import load_config as load_counting
+    from hf_posenc.presets import resolve_config
+
+    spec = importlib.util.spec_from_file_location("counting_task", REPO / "recipes" / "counting_task.py")
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+    args = script.build_parser().parse_args(argv)
+    config = REPO / args.config if (REPO / args.config).is_file() else resolve_config(args.config, "counting")
+    load_counting(config)
+    return "counting dry run (parsed, config validated)"
+
+
+def _check_lm_eval(words: list[str]) -> str:
+    """``lm_eval ... --include_path DIR --tasks A,B``: every task is defined by a YAML in DIR (not run here:
+    the harness is an optional extra; tests/test_lm_eval.py runs the command where it is installed)."""
+    import yaml
+
+    folder = REPO / words[words.index("--include_path") + 1]
+    defined = {yaml.safe_load(re.sub(r"!function \S+", "null", p.read_text()))["task"] for p in folder.rglob("*.yaml")}
+    for task in words[words.index("--tasks") + 1].split(","):
+        assert task in defined, f"lm_eval task {task!r} not defined under {folder}"
+    return "lm_eval tasks resolved"
 
 
 def test_bash_snippets_run_or_dry_run(base_folder, hub_server, tmp_path, monkeypatch, capsys):  # noqa: F811
@@ -173,6 +201,10 @@ def test_bash_snippets_run_or_dry_run(base_folder, hub_server, tmp_path, monkeyp
                     checked.append(_dry_run_compare(words[2:]))
                 elif words[:2] == ["python", "recipes/compare.py"]:
                     checked.append(_dry_run_compare(words[2:]))
+                elif words[:2] == ["python", "recipes/counting_task.py"]:
+                    checked.append(_dry_run_counting(words[2:]))
+                elif words[0] == "lm_eval":
+                    checked.append(_check_lm_eval(words))
                 elif words[0] == "hf-posenc":
                     assert main(words[1:]) == 0, where
                     checked.append(f"ran {words[1]}")
