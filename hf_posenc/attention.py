@@ -226,6 +226,18 @@ def posenc_attention(
     q_len, kv_len = query.shape[2], key.shape[2]
     q_pos, k_pos = positions(posenc_past, q_len, kv_len, query.device)
     dtype = compute_dtype(query, key, value)
+    # --- Issue 10: Self-Extend / ReRoPE rotate unrotated q/k at two position sets inside their own exact
+    # two-pass attention (hf_posenc.encodings.windowed_rope_attention); one call, any routing. ---
+    if posenc is not None and posenc.route == "two_position_rope":
+        compiled = not _eager_only_paths()
+        output, weights = posenc.attend(
+            query, key, value, q_pos, k_pos,
+            None if attention_mask is None else allowed_keys(attention_mask, q_pos, k_pos, causal), scaling,
+            diagonal=None if compiled else causal_diagonal(posenc_past, q_len, kv_len),
+            position_ids=kwargs.get("position_ids"), dtype=dtype, explicit=explicit, softcap=softcap,
+            dropout=dropout, training=module.training, return_weights=backend == "eager")
+        return output.transpose(1, 2).contiguous(), weights
+    # --- end issue 10 ---
     if posenc is not None and posenc.route == "rotate":
         # Before the cast, as stock RoPE does: under autocast q/k still hold fp32 here.
         query, key = posenc.rotate(query, key, q_pos, k_pos)

@@ -64,7 +64,8 @@ class PosEncConfig:
     ``PosEncConfig(kind="alibi")`` returns an :class:`AlibiConfig`, and so on for every registered kind.
 
     Args:
-        kind: One of ``"rope"``, ``"nope"``, ``"alibi"``, ``"t5_bias"``, ``"cope"``.
+        kind: One of ``"rope"``, ``"nope"``, ``"alibi"``, ``"t5_bias"``, ``"cope"``, ``"self_extend"``,
+            ``"rerope"``.
         **params: The parameters of that kind (see each subclass). ``layers`` (a list of layer indices,
             optional) applies the encoding to those layers only; the other layers get no positional
             encoding (NoPE), which expresses hybrid stacks such as "NoPE every 4th layer".
@@ -319,6 +320,67 @@ class CopeConfig(PosEncConfig):
         _check_positive(self.kind, "block_size", self.block_size, integer=True)
         if self.npos_max < 2:
             _fail(self.kind, "npos_max", self.npos_max, "an integer >= 2")
+
+
+# --- Issue 10: training-free RoPE extensions (self_extend, rerope); registry entries to come -------------
+def _check_all_layers(kind: str, layers) -> None:
+    if layers is not None:
+        _fail(kind, "layers", layers, "None (the extension applies to every RoPE layer; a layer left out would "
+              "lose RoPE, not keep it)")
+
+
+@dataclass(frozen=True)
+class SelfExtendConfig(PosEncConfig):
+    """Self-Extend (Jin et al. 2024, https://arxiv.org/abs/2401.01325), training-free, on the model's own RoPE.
+
+    Keys at distance ``i - j < neighbor_window`` keep it; farther keys get the grouped distance
+    ``floor(i/G) - floor(j/G) + W - floor(W/G)``. A model pretrained on ``L`` positions sees only seen
+    distances up to ``(L - W) * G + W`` tokens. Causal RoPE models only.
+
+    Args:
+        group_size: ``G`` (>= 1; 1 is plain RoPE).
+        neighbor_window: ``W`` (>= 1).
+    """
+
+    kind: str = "self_extend"
+    group_size: int = 4
+    neighbor_window: int = 1024
+    layers: tuple[int, ...] | None = None
+
+    def _validate(self) -> None:
+        _check_positive(self.kind, "group_size", self.group_size, integer=True)
+        _check_positive(self.kind, "neighbor_window", self.neighbor_window, integer=True)
+        _check_all_layers(self.kind, self.layers)
+
+
+@dataclass(frozen=True)
+class ReRopeConfig(PosEncConfig):
+    """ReRoPE / Leaky ReRoPE (Su 2023, https://kexue.fm/archives/9708), training-free, on the model's own RoPE.
+
+    Distances below ``window`` are exact; beyond it they are ``window`` (ReRoPE), or
+    ``window + (i - j - window) / leak`` (Leaky ReRoPE). Causal RoPE models only.
+
+    Args:
+        window: ``w`` (>= 1).
+        leak: ``k`` of Leaky ReRoPE (> 1; 1 would be plain RoPE), or None for ReRoPE.
+    """
+
+    kind: str = "rerope"
+    window: int = 512
+    leak: float | None = None
+    layers: tuple[int, ...] | None = None
+
+    def _validate(self) -> None:
+        _check_positive(self.kind, "window", self.window, integer=True)
+        _check_positive(self.kind, "leak", self.leak, allow_none=True)
+        if self.leak is not None and self.leak <= 1:
+            _fail(self.kind, "leak", self.leak, "None (ReRoPE) or a number > 1 (Leaky ReRoPE)")
+        _check_all_layers(self.kind, self.layers)
+
+
+#: Kinds that rotate the model's own RoPE at two position sets (need RoPE and causality).
+ROPE_EXTENSION_KINDS = ("self_extend", "rerope")
+# --- end issue 10 ---------------------------------------------------------------------------------------
 
 
 KINDS = tuple(PosEncConfig._registry)

@@ -25,8 +25,10 @@ from torch import nn
 
 from . import _hf, attention
 from .architectures import Architecture, _get, architecture_of, attention_modules, is_causal
-from .config import CONFIG_KEY, PosEncConfig, RopeConfig
+from .config import CONFIG_KEY, ROPE_EXTENSION_KINDS, PosEncConfig, RopeConfig
 from .encodings import AlibiBias, CoPE, RotaryPosition, T5Bias
+from .encodings.rerope import ReRoPE  # issue 10
+from .encodings.self_extend import SelfExtend  # issue 10
 from .encodings.base import PositionModule
 
 _STATE_ATTR = "_hf_posenc_state"
@@ -231,6 +233,14 @@ def validate(posenc: PosEncConfig, config, attn_implementation: str | None = Non
             f"CoPE is causal-only (positions count gates over past keys) and cannot be applied to the "
             f"encoder {config.model_type!r}; allowed kinds on encoders: rope, nope, alibi, t5_bias."
         )
+    # --- Issue 10: the training-free RoPE extensions extend the model's own RoPE, causally ---------------
+    if posenc.kind in ROPE_EXTENSION_KINDS and (arch.rope == "none" or not causal):
+        why = "has no RoPE to extend" if arch.rope == "none" else "is an encoder (the extension is causal-only)"
+        raise ValueError(
+            f"PosEncConfig(kind={posenc.kind!r}) cannot be applied to {config.model_type!r}: the model {why}; "
+            "allowed: causal architectures with RoPE (e.g. llama, mistral, qwen2, qwen3, phi, gpt_neox)."
+        )
+    # --- end issue 10 ---
     if posenc.kind == "t5_bias" and not causal and posenc.num_buckets % 2:
         raise ValueError(f"PosEncConfig(kind='t5_bias'): invalid num_buckets={posenc.num_buckets} on an encoder; "
                          "allowed: an even number (half of the buckets per direction).")
@@ -342,6 +352,15 @@ def make_position_module(posenc: PosEncConfig, config, arch: Architecture, layer
         return T5Bias(num_heads(config), posenc.num_buckets, posenc.max_distance)
     if posenc.kind == "cope":
         return CoPE(head_dim(config), posenc.npos_max, posenc.block_size)
+    # --- Issue 10: training-free RoPE extensions, on the layer's own (stock) RoPE parameters ---------
+    if posenc.kind in ROPE_EXTENSION_KINDS:
+        params = current_rope_parameters(config, arch, layer_idx)  # the model's own rope_type and scaling
+        original = params.get("original_max_position_embeddings", config.max_position_embeddings)
+        own = (params, head_dim(config), original, arch.rope_layout)
+        if posenc.kind == "self_extend":
+            return SelfExtend(*own, group_size=posenc.group_size, neighbor_window=posenc.neighbor_window)
+        return ReRoPE(*own, window=posenc.window, leak=posenc.leak)
+    # --- end issue 10 ---
     return None
 
 
