@@ -376,8 +376,15 @@ def describe_encoding(posenc: Mapping[str, Any] | None) -> str:
     if not posenc:
         return "the model's own positional encoding"
     kind = posenc["kind"]
-    names = {"rope": "RoPE", "nope": "no positional encoding (NoPE)", "alibi": "ALiBi", "t5_bias": "T5 relative bias", "cope": "CoPE"}
+    names = {"rope": "RoPE", "nope": "no positional encoding (NoPE)", "alibi": "ALiBi", "t5_bias": "T5 relative bias", "cope": "CoPE",
+             "self_extend": "Self-Extend", "rerope": "ReRoPE"}
     text = names.get(kind, kind)
+    # Issue 10: the training-free extensions name their windows.
+    if kind == "self_extend":
+        text += f" (group size {posenc.get('group_size')}, neighbour window {posenc.get('neighbor_window')})"
+    if kind == "rerope":
+        text = ("Leaky ReRoPE" if posenc.get("leak") else text) + f" (window {posenc.get('window')}"
+        text += f", leak {posenc['leak']:g})" if posenc.get("leak") else ")"
     if kind == "rope" and posenc.get("rope_type") not in (None, "default"):
         text += f", {posenc['rope_type']} scaling"
         if posenc.get("factor"):

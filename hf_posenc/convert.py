@@ -393,7 +393,9 @@ def install(model, posenc: PosEncConfig, arch: Architecture, state: _State | Non
     cache_argument = _hf.cache_argument(modules[0]) if use_attention and arch.cache else None
     hook = _make_pre_hook(neutralise_rope, use_attention, cache_argument)
     # RoPE on "all layers" keeps the layers that natively have none without (SmolLM3, Cohere 2).
-    skip = arch.native_nope_layers(config) if posenc.kind == "rope" and posenc.layers is None else set()
+    # (The training-free extensions of issue 10 extend RoPE where the model has it, so they skip them too.)
+    skip = (arch.native_nope_layers(config) if posenc.kind in ("rope", *ROPE_EXTENSION_KINDS) and posenc.layers is None
+            else set())
     for layer_idx, attn in enumerate(modules):
         if posenc.applies_to(layer_idx) and layer_idx not in skip:
             module = make_position_module(posenc, config, arch, layer_idx)

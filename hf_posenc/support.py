@@ -19,7 +19,9 @@ from .architectures import ARCHITECTURES, Architecture
 
 BEGIN = "<!-- architectures: begin -->"
 END = "<!-- architectures: end -->"
-ENCODINGS = ("rope", "nope", "alibi", "t5_bias", "cope")
+ENCODINGS = ("rope", "nope", "alibi", "t5_bias", "cope", "self_extend", "rerope")
+#: Issue 10: kinds that extend the model's own RoPE (refused without RoPE and on encoders by convert.validate).
+_ROPE_EXTENSIONS = ("self_extend", "rerope")
 
 
 def _name(row: Architecture) -> str:
@@ -50,9 +52,11 @@ def _kind(kind: str) -> Callable[[Architecture], str]:
         always = next((r for r in row.refusals if kind in r.kinds and not r.when), None)
         if always is not None:
             return "✗"
+        if kind in _ROPE_EXTENSIONS and row.rope == "none":
+            return "✗ no RoPE"
         if row.causal is not True:
             # Encoders (and BERT-like models whose config may make them decoders).
-            if kind == "cope":
+            if kind in ("cope", *_ROPE_EXTENSIONS):
                 return "✗ causal-only"
             return {"alibi": "✓ symmetric", "t5_bias": "✓ bidirectional"}.get(kind, "✓")
         conditional = [r.when for r in row.refusals if kind in r.kinds and r.when]

@@ -8,7 +8,7 @@ score of a pair is ``(R(d_ij) q_i) . k_j``), a masked softmax. No code of the ke
 import pytest
 import torch
 from peft import LoraConfig, get_peft_model
-from tiny_models import input_ids, tiny_config, tiny_model
+from tiny_models import ROPE_DECODERS, input_ids, stock_backend, tiny_config, tiny_model
 from transformers import AutoModelForCausalLM
 from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
 
@@ -29,6 +29,7 @@ VARIANTS = {
 
 
 def converted(arch, variant, backend="sdpa", **overrides):
+    backend = stock_backend(arch, backend)  # Gemma 2: eager (stock sdpa cannot soft-cap)
     model = tiny_model(arch, backend)
     return hf_posenc.convert(model, PosEncConfig(**{**VARIANTS[variant], **overrides}), attn_implementation=backend)
 
@@ -228,19 +229,23 @@ def test_rotation_uses_the_models_own_frequencies_and_scaling():
 # ---------------------------------------------------------------------------------------------------
 # The model matrix
 # ---------------------------------------------------------------------------------------------------
-@pytest.mark.parametrize("backend", ["eager", "sdpa"])
-@pytest.mark.parametrize("kind", ["self_extend", "rerope"])
-@pytest.mark.parametrize("arch", ARCHS)
+def identity_cases():
+    """Both backends on the named architectures, the stock-supported one on every other RoPE decoder."""
+    return [(arch, kind, backend) for arch in ROPE_DECODERS for kind in ("self_extend", "rerope")
+            for backend in (("eager", "sdpa") if arch in ARCHS else (stock_backend(arch, "sdpa"),))]
+
+
+@pytest.mark.parametrize("arch,kind,backend", identity_cases())
 def test_windows_beyond_the_sequence_equal_the_models_own_rope(arch, kind, backend):
-    """W (or w) >= length: every key is near, so the logits are stock RoPE's (max abs diff <= 1e-5)."""
+    """W (or w) >= length: every key is near, so the logits are stock RoPE's (max abs diff <= 1e-5);
+    small windows do change them."""
     stock = tiny_model(arch, backend)
-    params = dict(neighbor_window=64) if kind == "self_extend" else dict(window=64)
-    model = hf_posenc.convert(tiny_model(arch, backend), PosEncConfig(kind=kind, **params), attn_implementation=backend)
     x = input_ids(2, 20)
     with torch.no_grad():
-        assert (model(x).logits - stock(x).logits).abs().max() <= 1e-5
-        assert (converted(arch, kind if kind == "self_extend" else "rerope", backend)(x).logits
-                - stock(x).logits).abs().max() > 1e-5  # small windows do change them
+        expected = stock(x).logits
+        wide = converted(arch, kind, backend, **({"neighbor_window": 64} if kind == "self_extend" else {"window": 64}))
+        assert (wide(x).logits - expected).abs().max() <= 1e-5
+        assert (converted(arch, kind, backend)(x).logits - expected).abs().max() > 1e-5
 
 
 def test_scaled_base_rope_is_kept():
@@ -309,6 +314,12 @@ def test_eager_weights_and_sdpa_agree(variant):
         torch.testing.assert_close(weights.sum(-1), torch.ones(2, 4, 15))
 
 
+@pytest.mark.parametrize("arch", [a for a in ROPE_DECODERS if a not in ARCHS])
+def test_generate_with_caches_on_the_other_rope_decoders(arch):
+    """Soft-capping (Gemma 2), per-layer-type bases (Gemma 3), native NoPE layers (SmolLM3), windows ..."""
+    assert_caches_match_no_cache(converted(arch, "self_extend"))
+
+
 @pytest.mark.parametrize("variant", list(VARIANTS))
 def test_sliding_window_caches_match_no_cache(variant):
     """Mistral with a 6-token window, generating past it (cropped dynamic cache, rolling static cache)."""
@@ -356,6 +367,13 @@ def test_lora_trains_through_the_two_pass_kernel(variant):
                            LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "k_proj", "v_proj", "o_proj"]))
     _, losses = train(model)  # test_peft's copying task
     assert sum(losses[-3:]) / 3 < losses[0] - 0.15, losses
+
+
+def test_native_nope_layers_stay_nope():
+    """SmolLM3's RoPE-free layers are not given RoPE by the extension."""
+    model = converted("smollm3", "rerope")
+    nope = {i for i, v in enumerate(model.config.no_rope_layers) if v == 0}
+    assert nope and all(hasattr(layer.self_attn, "posenc") == (i not in nope) for i, layer in enumerate(model.model.layers))
 
 
 def test_revert_restores_the_stock_model():
