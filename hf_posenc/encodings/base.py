@@ -6,7 +6,9 @@ The attention function (``hf_posenc.attention``) asks the module for one of thre
 
 * ``rotate(q, k, q_pos, k_pos)``: rotated queries/keys (RoPE family), or
 * ``bias(q_pos, k_pos, causal)``: an additive score bias ``[1, H, q, kv]`` (ALiBi, T5), or
-* ``attend(...)``: the whole attention, for encodings that need the logits (CoPE).
+* ``attend(...)``: the whole attention, for encodings that need the logits (CoPE), or
+* ``attend(query, key, value, q_pos, k_pos, ...)`` from unrotated q/k (route ``"two_position_rope"``:
+  Self-Extend and ReRoPE, which rotate at two position sets inside their own two-pass attention).
 """
 
 from __future__ import annotations
@@ -19,7 +21,8 @@ class PositionModule(nn.Module):
     """Base class of the per-layer positional-encoding modules.
 
     Attributes:
-        route: ``"rotate"``, ``"bias"`` or ``"attend"``: which hook the attention function uses.
+        route: ``"rotate"``, ``"bias"``, ``"attend"`` or ``"two_position_rope"``: which hook the attention
+            function uses.
     """
 
     route: str = ""
