@@ -383,3 +383,29 @@ def test_revert_restores_the_stock_model():
     x = input_ids()
     with torch.no_grad():
         assert torch.equal(model(x).logits, stock(x).logits)
+
+
+@pytest.mark.parametrize("backend", ["eager", "sdpa"])
+@pytest.mark.parametrize("variant", ["self_extend", "leaky_rerope"])
+@pytest.mark.parametrize("arch", ["llama", "gpt_neox"])
+def test_low_precision_matches_fp32(one_thread, arch, variant, backend):
+    """bf16/fp16 weights and autocast: the dtype is kept end to end and the logits stay within
+    test_dtypes' tolerances of the fp32 model (N(0, 0.2) weights, so that positions matter)."""
+    from test_dtypes import FORWARD_TOL, MODES, WEIGHT_STD, forward, low_precision_pair, relative_error
+
+    model = tiny_model(arch, backend)
+    generator = torch.Generator().manual_seed(3)
+    with torch.no_grad():
+        for param in model.parameters():
+            if param.dim() >= 2:
+                param.copy_(torch.randn(param.shape, generator=generator) * WEIGHT_STD)
+    hf_posenc.convert(model, PosEncConfig(**VARIANTS[variant]), attn_implementation=backend)
+    x = input_ids(2, 16)
+    for mode, (weights, autocast) in MODES.items():
+        run, ref, precision = low_precision_pair(model, mode)
+        with torch.no_grad():
+            expected = forward(ref, x)
+            if autocast is None:
+                assert run(x).logits.dtype == weights, mode
+            error = relative_error(forward(run, x, autocast), expected)
+        assert error <= FORWARD_TOL[precision], f"{mode}: relative error {error:.3g}"
