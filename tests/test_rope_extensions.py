@@ -391,14 +391,9 @@ def test_revert_restores_the_stock_model():
 def test_low_precision_matches_fp32(one_thread, arch, variant, backend):
     """bf16/fp16 weights and autocast: the dtype is kept end to end and the logits stay within
     test_dtypes' tolerances of the fp32 model (N(0, 0.2) weights, so that positions matter)."""
-    from test_dtypes import FORWARD_TOL, MODES, WEIGHT_STD, forward, low_precision_pair, relative_error
+    from test_dtypes import FORWARD_TOL, MODES, forward, low_precision_pair, relative_error, scale_weights
 
-    model = tiny_model(arch, backend)
-    generator = torch.Generator().manual_seed(3)
-    with torch.no_grad():
-        for param in model.parameters():
-            if param.dim() >= 2:
-                param.copy_(torch.randn(param.shape, generator=generator) * WEIGHT_STD)
+    model = scale_weights(tiny_model(arch, backend))
     hf_posenc.convert(model, PosEncConfig(**VARIANTS[variant]), attn_implementation=backend)
     x = input_ids(2, 16)
     for mode, (weights, autocast) in MODES.items():
