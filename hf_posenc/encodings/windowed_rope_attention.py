@@ -263,10 +263,15 @@ class TwoPositionRope(RotaryPosition):
         # fp32 angles as stock RoPE; fp64 inputs (reference tests) get fp64 angles from the same frequencies.
         precision = torch.promote_types(x.dtype, torch.float32)
         angles = positions.to(precision)[..., None] * inv_freq.to(precision)  # [(B,) n, rotary_dim / 2]
-        angles = torch.cat((angles, angles), -1) if self.layout == "half" else angles.repeat_interleave(2, -1)
         if angles.dim() == 3:  # per-row positions: broadcast over heads
             angles = angles[:, None]
         cos, sin = (angles.cos() * scaling).to(x.dtype), (angles.sin() * scaling).to(x.dtype)
+        if self.layout == "half" and not (torch.is_grad_enabled() and x.requires_grad):
+            return _rotate_half_layout_into(x, cos, sin, self.rotary_dim)
+        if self.layout == "half":
+            cos, sin = torch.cat((cos, cos), -1), torch.cat((sin, sin), -1)
+        else:
+            cos, sin = cos.repeat_interleave(2, -1), sin.repeat_interleave(2, -1)
         rotate = rotate_half if self.layout == "half" else rotate_interleaved
         x_rot, x_pass = x[..., : self.rotary_dim], x[..., self.rotary_dim :]
         x_rot = x_rot * cos + rotate(x_rot) * sin
@@ -330,6 +335,26 @@ class TwoPositionRope(RotaryPosition):
 
     def extra_repr(self) -> str:
         return super().extra_repr() + f", window={self.window}"
+
+
+def _rotate_half_layout_into(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, rotary_dim: int) -> torch.Tensor:
+    """The half-layout rotation written into one output tensor (no autograd: inference and decode).
+
+    Decode re-rotates the whole cache every step; the differentiable form makes four cache-sized
+    temporaries, which cost 5x more here than the arithmetic (fresh large allocations fault their pages).
+
+    Args:
+        x: ``[B, H, n, head_dim]``; cos, sin: ``[(B, 1,) n, rotary_dim / 2]`` in ``x``'s dtype.
+    """
+    half = rotary_dim // 2
+    x1, x2 = x[..., :half], x[..., half:rotary_dim]
+    out = torch.empty_like(x)
+    low, high = out[..., :half], out[..., half:rotary_dim]
+    torch.mul(x1, cos, out=low).addcmul_(x2, sin, value=-1)  # x1 cos - x2 sin
+    torch.mul(x2, cos, out=high).addcmul_(x1, sin)  # x2 cos + x1 sin
+    if rotary_dim < x.shape[-1]:
+        out[..., rotary_dim:] = x[..., rotary_dim:]
+    return out
 
 
 def _expand(x: torch.Tensor, num_heads: int) -> torch.Tensor:
