@@ -8,8 +8,9 @@ Usage::
     python benchmarks/attention.py --fold-error 2048 8192 32768   # fp32 ALiBi vs an fp64 reference only
 
 What is measured (``mode``), for ``stock_sdpa``, ``stock_eager``, ``rope``, ``rope_yarn``, ``nope``,
-``alibi``, ``t5_bias``, ``cope`` and ``cope_naive`` (the paper's formulation with full ``[B, H, T, T]``
-tensors and gather interpolation, defined here as the baseline the fast path is judged against):
+``alibi``, ``t5_bias``, ``cope``, ``cope_naive`` (the paper's formulation with full ``[B, H, T, T]``
+tensors and gather interpolation, defined here as the baseline the fast path is judged against),
+``self_extend`` (G=4, W=256) and ``rerope`` (w=256):
 
 * ``forward`` (no grad, eval) and ``forward_backward`` (train mode, loss.backward()) of a small Llama
   (``scope="model"``: d=256, 4 layers, 4 heads of 64, byte vocabulary) and of one attention call
@@ -64,8 +65,11 @@ from hf_posenc import PosEncConfig  # noqa: E402
 from hf_posenc._hf import cache_kwargs  # noqa: E402
 from hf_posenc.attention import posenc_sdpa_attention  # noqa: E402
 from hf_posenc.encodings import AlibiBias, CoPE, RotaryPosition, T5Bias  # noqa: E402
+from hf_posenc.encodings.rerope import ReRoPE  # noqa: E402
+from hf_posenc.encodings.self_extend import SelfExtend  # noqa: E402
 
-ENCODINGS = ("stock_sdpa", "stock_eager", "rope", "rope_yarn", "nope", "alibi", "t5_bias", "cope", "cope_naive")
+ENCODINGS = ("stock_sdpa", "stock_eager", "rope", "rope_yarn", "nope", "alibi", "t5_bias", "cope", "cope_naive",
+             "self_extend", "rerope")
 POSENC = {
     "rope": dict(kind="rope"),
     "rope_yarn": dict(kind="rope", rope_type="yarn", factor=2.0),
@@ -74,6 +78,9 @@ POSENC = {
     "t5_bias": dict(kind="t5_bias"),
     "cope": dict(kind="cope"),
     "cope_naive": dict(kind="cope"),
+    # Windows shorter than every benchmarked T, so that both passes run (a window >= T is the near pass alone).
+    "self_extend": dict(kind="self_extend", group_size=4, neighbor_window=256),
+    "rerope": dict(kind="rerope", window=256),
 }
 MODES = ("forward", "forward_backward", "decode", "lora_train")
 #: The full-tensor baseline keeps ~10 [B, H, T, T] fp32 tensors per layer for backward: above this length
@@ -243,6 +250,8 @@ def attention_step(encoding: str, batch: int, heads: int, length: int, dim: int,
         "t5_bias": lambda: T5Bias(heads),
         "cope": lambda: CoPE(dim),
         "cope_naive": lambda: NaiveCoPE(dim),
+        "self_extend": lambda: SelfExtend(rope_params, dim, 8192, group_size=4, neighbor_window=256),
+        "rerope": lambda: ReRoPE(rope_params, dim, 8192, window=256),
     }.get(encoding, lambda: None)()
     layer = _Layer(posenc)
     if grad:

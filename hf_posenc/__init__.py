@@ -1,7 +1,7 @@
 """hf_posenc: swap the positional encoding of Hugging Face Transformers models.
 
-RoPE (every stock scaling variant), NoPE, ALiBi, T5 relative bias and CoPE on the decoders and
-encoders of ``ARCHITECTURES`` (Llama, Gemma, Phi-3, MoE models, BERT-family encoders, ModernBERT, ...),
+RoPE (every stock scaling variant), NoPE, ALiBi, T5 relative bias and CoPE, plus the training-free RoPE
+extensions Self-Extend and ReRoPE, on the decoders and encoders of ``ARCHITECTURES`` (Llama, Gemma, Phi-3, MoE models, BERT-family encoders, ModernBERT, ...),
 per instance and without copied model files. Importing the
 package registers two attention names (``hf_posenc_eager``/``hf_posenc_sdpa``) and the
 ``hf_posenc_<type>`` model types with the Auto classes; it changes no stock model.
@@ -14,7 +14,7 @@ Example:
 from . import _hf, registry
 from .architectures import ARCHITECTURES, lora_target_modules
 from .config import PosEncConfig
-from .encodings import AlibiConfig, CopeConfig, NopeConfig, RopeConfig, T5BiasConfig
+from .encodings import AlibiConfig, CopeConfig, NopeConfig, ReRopeConfig, RopeConfig, SelfExtendConfig, T5BiasConfig
 from .encodings.rope import ROPE_TYPES
 from .convert import convert, patch_config, posenc_of, revert, set_backend
 from .layout import rope_layout
@@ -48,7 +48,9 @@ __all__ = [
     "CopeConfig",
     "NopeConfig",
     "PosEncConfig",
+    "ReRopeConfig",
     "RopeConfig",
+    "SelfExtendConfig",
     "T5BiasConfig",
     "convert",
     "load_adapter",

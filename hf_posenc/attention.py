@@ -245,10 +245,6 @@ def posenc_attention(
     q_len, kv_len = query.shape[2], key.shape[2]
     q_pos, k_pos = positions(posenc_past, q_len, kv_len, query.device)
     dtype = compute_dtype(query, key, value)
-    if capabilities.route == "rotate":
-        # Before the cast, as stock RoPE does: under autocast q/k still hold fp32 here.
-        query, key = posenc.rotate(query, key, q_pos, k_pos)
-    query, key, value = query.to(dtype), key.to(dtype), value.to(dtype)
     training = module.training
     call = kernels.Call(
         device=query.device.type, dtype=dtype, backend=backend, causal=causal, queries=q_len,
@@ -258,6 +254,20 @@ def posenc_attention(
     kernel = kernels.select(capabilities, call)
     # Explicit scores (eager backend, soft-capping) need the whole mask, whichever kernel runs.
     explicit = backend == "eager" or softcap is not None
+    if kernel == "two_position_rope":
+        # Unrotated q/k (the stock rotation is neutralised): the module rotates them at both position sets,
+        # before the cast as stock RoPE does, inside its own exact two-pass attention.
+        allowed = None if attention_mask is None else allowed_keys(attention_mask, q_pos, k_pos, causal)
+        output, weights = posenc.attend(
+            query, key, value, q_pos, k_pos, allowed, scaling,
+            diagonal=None if call.compiling else causal_diagonal(posenc_past, q_len, kv_len),
+            position_ids=kwargs.get("position_ids"), dtype=dtype, explicit=explicit, softcap=softcap,
+            dropout=dropout, training=training, return_weights=backend == "eager")
+        return output.transpose(1, 2).contiguous(), weights
+    if capabilities.route == "rotate":
+        # Before the cast, as stock RoPE does: under autocast q/k still hold fp32 here.
+        query, key = posenc.rotate(query, key, q_pos, k_pos)
+    query, key, value = query.to(dtype), key.to(dtype), value.to(dtype)
     # Stock fast path: no mask given and queries aligned with keys (prefill without a StaticCache).
     plain_causal = causal and attention_mask is None and q_len == kv_len
     allowed = None if (plain_causal and not explicit) else allowed_keys(attention_mask, q_pos, k_pos, causal)

@@ -26,7 +26,7 @@ import torch
 
 from .registry import Capabilities
 
-KERNELS = ("eager", "sdpa", "key_fold_cpu", "diagonal_tiles_cpu", "diagonal_tiles_sdpa", "attend")
+KERNELS = ("eager", "sdpa", "key_fold_cpu", "diagonal_tiles_cpu", "diagonal_tiles_sdpa", "attend", "two_position_rope")
 
 
 @dataclass(frozen=True)
@@ -70,6 +70,9 @@ def select(capabilities: Capabilities, call: Call) -> str:
         ValueError: The encoding needs the logits and the layer soft-caps them (conversion refuses this).
     """
     route = capabilities.route
+    if route == "two_position_rope":
+        # Its own exact two-pass attention (tiled flash pieces, or explicit scores where a call needs them).
+        return "two_position_rope"
     if route == "attend":
         if call.softcap:
             raise ValueError("An encoding that computes its own logits cannot soft-cap them; conversion refuses "

@@ -119,7 +119,7 @@ def layer_spec(config, arch: Architecture, layer_idx: int = 0) -> registry.Layer
     """What the position module of layer ``layer_idx`` is built from (see ``registry.Encoding.build``)."""
     return registry.LayerSpec(num_heads=num_heads(config), head_dim=head_dim(config),
                               rope_parameters=current_rope_parameters(config, arch, layer_idx),
-                              max_position_embeddings=config.max_position_embeddings)
+                              max_position_embeddings=config.max_position_embeddings, rope_layout=arch.rope_layout)
 
 
 def make_position_module(posenc: PosEncConfig, config, arch: Architecture, layer_idx: int = 0) -> PositionModule | None:
@@ -178,7 +178,7 @@ def install(model, posenc: PosEncConfig, arch: Architecture, classes: tuple[type
     hook = _make_pre_hook(neutralise_rope, use_attention, cache_argument)
     # A rotation on "all layers" keeps the layers that natively have none without (SmolLM3, Cohere 2), so that
     # the model's own RoPE requested again is the identity.
-    rotary_everywhere = entry.capabilities.route == "rotate" and posenc.layers is None
+    rotary_everywhere = (entry.capabilities.route == "rotate" or entry.capabilities.extends_rope) and posenc.layers is None
     skip = arch.native_nope_layers(config) if rotary_everywhere else set()
     for layer_idx, attn in enumerate(modules):
         if posenc.applies_to(layer_idx) and layer_idx not in skip:

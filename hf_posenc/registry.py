@@ -18,9 +18,10 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-#: How the attention function applies an encoding: rotate q/k at attention time, add a score bias, or
-#: hand the whole attention to the module (it needs the logits). None: the encoding adds nothing (NoPE).
-ROUTES = ("rotate", "bias", "attend")
+#: How the attention function applies an encoding: rotate q/k at attention time, add a score bias, hand
+#: the whole attention to the module (it needs the logits), or hand it unrotated q/k to attend with RoPE at
+#: two position sets (``two_position_rope``: Self-Extend, ReRoPE). None: the encoding adds nothing (NoPE).
+ROUTES = ("rotate", "bias", "attend", "two_position_rope")
 #: How a bias encoding gives its bias: a ``[1, H, q, kv]`` tensor only (``dense``), once per diagonal
 #: (``diagonal``: shift-invariant), or per diagonal and constant beyond a band of distances (``banded``).
 BIAS_FORMS = ("dense", "diagonal", "banded")
@@ -36,6 +37,7 @@ REQUIRED_METHODS: dict[tuple[str, str], tuple[str, ...]] = {
     ("route", "rotate"): ("rotate",),
     ("route", "bias"): ("bias",),
     ("route", "attend"): ("attend",),
+    ("route", "two_position_rope"): ("attend", "far_positions"),
     ("bias_form", "diagonal"): ("bias_diagonals",),
     ("bias_form", "banded"): ("bias_diagonals", "banded_diagonals"),
     ("kernel", "key_fold"): ("slopes",),
@@ -56,6 +58,8 @@ class Capabilities:
         kernels: Kernel families of :data:`KERNEL_FAMILIES` it may run on (bias route only).
         flush_denormals: Its far keys' weights underflow to denormals, which x86 computes slowly: the CPU
             kernels flush them to zero.
+        extends_rope: It re-uses the model's own RoPE (frequencies, scaling, layout): refused on
+            architectures without RoPE, and, like RoPE, it leaves natively RoPE-less layers without.
     """
 
     route: str | None = None
@@ -65,6 +69,7 @@ class Capabilities:
     tables: tuple[str, ...] = ()
     kernels: tuple[str, ...] = ()
     flush_denormals: bool = False
+    extends_rope: bool = False
 
     def required_methods(self) -> tuple[str, ...]:
         """Every method of the position module these capabilities rely on."""
@@ -81,12 +86,14 @@ class LayerSpec:
         head_dim: Per-head dimension.
         rope_parameters: The layer's own stock RoPE parameters (defaults on models without RoPE).
         max_position_embeddings: The model's context length.
+        rope_layout: The architecture's native RoPE layout (``"half"`` or ``"interleaved"``).
     """
 
     num_heads: int
     head_dim: int
     rope_parameters: dict = field(default_factory=dict)
     max_position_embeddings: int = 0
+    rope_layout: str = "half"
 
 
 @dataclass(frozen=True)

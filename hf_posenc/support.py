@@ -50,6 +50,8 @@ def _kind(kind: str) -> Callable[[Architecture], str]:
         always = next((r for r in row.refusals if r.refuses(kind) and not r.when), None)
         if always is not None:
             return "✗"
+        if registry.get(kind).capabilities.extends_rope and row.rope == "none":
+            return "✗ no RoPE"
         if row.causal is not True:
             # Encoders (and BERT-like models whose config may make them decoders).
             entry = registry.get(kind)

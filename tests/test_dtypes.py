@@ -75,14 +75,19 @@ BACKWARD_CASES = [("llama", name) for name in ENCODINGS] + [
     if not (arch == "bert" and name == "cope")]
 
 
-def build(arch: str, encoding: str, backend: str = "eager"):
-    """A converted tiny fp32 model with N(0, WEIGHT_STD) matrices and random position tables."""
-    model = tiny_model(arch, backend)
+def scale_weights(model):
+    """Give every matrix of ``model`` N(0, WEIGHT_STD) values (in place; returns the model)."""
     generator = torch.Generator().manual_seed(3)
     with torch.no_grad():
         for param in model.parameters():
             if param.dim() >= 2:
                 param.copy_(torch.randn(param.shape, generator=generator) * WEIGHT_STD)
+    return model
+
+
+def build(arch: str, encoding: str, backend: str = "eager"):
+    """A converted tiny fp32 model with N(0, WEIGHT_STD) matrices and random position tables."""
+    model = scale_weights(tiny_model(arch, backend))
     model = hf_posenc.convert(model, PosEncConfig(**ENCODINGS[encoding]))
     randomize_position_tables(model)
     return model

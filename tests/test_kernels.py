@@ -18,6 +18,7 @@ ALIBI_LIKE = Capabilities(route="bias", bias_form="diagonal", kernels=("dense", 
 BANDED = Capabilities(route="bias", bias_form="banded", tables=("table",), kernels=("dense", "diagonal_tiles"))
 DENSE = Capabilities(route="bias", bias_form="dense", kernels=("dense",))
 ATTEND = Capabilities(route="attend", needs_logits=True, causal_only=True)
+TWO_POSITION_ROPE = Capabilities(route="two_position_rope", causal_only=True, extends_rope=True)
 PREFILL = kernels.Call(device="cpu", dtype=torch.float32, backend="sdpa", queries=16)
 
 
@@ -71,7 +72,7 @@ def test_selector_refuses_softcap_for_an_encoding_that_needs_the_logits():
 
 
 def test_every_kernel_is_reachable():
-    cases = [(c, call(**k)) for c in (ALIBI_LIKE, BANDED, ATTEND) for k in
+    cases = [(c, call(**k)) for c in (ALIBI_LIKE, BANDED, ATTEND, TWO_POSITION_ROPE) for k in
              ({}, {"queries": 1}, {"backend": "eager"}, {"compiling": True}, {"dtype": torch.bfloat16})]
     assert {kernels.select(c, x) for c, x in cases} == set(kernels.KERNELS)
 

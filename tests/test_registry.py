@@ -24,6 +24,8 @@ EXPECTED_PREFILL_KERNEL = {
     "alibi": ("key_fold_cpu", "diagonal_tiles_cpu"),
     "t5_bias": ("diagonal_tiles_cpu", "diagonal_tiles_cpu"),
     "cope": ("attend", "attend"),
+    "self_extend": ("two_position_rope", "two_position_rope"),
+    "rerope": ("two_position_rope", "two_position_rope"),
 }
 DTYPES = (torch.float32, torch.bfloat16)
 
@@ -43,7 +45,8 @@ def test_entry_is_consistent(kind):
     entry = registry.get(kind)
     registry.check_entry(entry)
     assert type(PosEncConfig(kind=kind)) is entry.config_class
-    assert entry.paper.startswith("https://arxiv.org/abs/")
+    # ReRoPE was published as a blog post (Su 2023); every other kind has an arXiv paper.
+    assert entry.paper.startswith("https://kexue.fm/" if kind == "rerope" else "https://arxiv.org/abs/")
     assert entry.display_name and cards.describe_encoding({"kind": kind}) == entry.display_name
 
 
@@ -66,7 +69,7 @@ def test_prefill_kernels():
 
 
 def test_unknown_kind_names_the_registered_ones():
-    with pytest.raises(ValueError, match=r"kind='alibl'; allowed: \['alibi', 'cope', 'nope', 'rope', 't5_bias'"):
+    with pytest.raises(ValueError, match=r"kind='alibl'; allowed: \['alibi', 'cope', 'nope', 'rerope', 'rope', 'self_extend', 't5_bias'"):
         registry.get("alibl")
     with pytest.raises(ValueError, match="allowed:"):
         PosEncConfig(kind="alibl")

@@ -13,6 +13,8 @@ from .nope import NopeConfig
 from .alibi import AlibiBias, AlibiConfig, alibi_slopes
 from .t5_bias import T5Bias, T5BiasConfig, relative_position_bucket
 from .cope import CoPE, CopeConfig
+from .self_extend import SelfExtend, SelfExtendConfig
+from .rerope import ReRoPE, ReRopeConfig
 from .base import PositionModule
 
 for _module in sorted(info.name for info in pkgutil.iter_modules(__path__)):
@@ -25,8 +27,12 @@ __all__ = [
     "CopeConfig",
     "NopeConfig",
     "PositionModule",
+    "ReRoPE",
+    "ReRopeConfig",
     "RopeConfig",
     "RotaryPosition",
+    "SelfExtend",
+    "SelfExtendConfig",
     "T5Bias",
     "T5BiasConfig",
     "alibi_slopes",

@@ -3,11 +3,13 @@
 A converted attention module carries its encoding as ``attn.posenc`` (a ``PositionModule``), so that
 PEFT's ``modules_to_save=["posenc"]`` can make learned tables trainable and save them in the adapter.
 Which hook the attention function (``hf_posenc.attention``) uses is declared in the encoding's registry
-entry (``hf_posenc.registry.Capabilities.route``), one of three:
+entry (``hf_posenc.registry.Capabilities.route``), one of four:
 
 * ``rotate(q, k, q_pos, k_pos)``: rotated queries/keys (RoPE family), or
 * ``bias(q_pos, k_pos, causal)``: an additive score bias ``[1, H, q, kv]`` (ALiBi, T5), or
-* ``attend(...)``: the whole attention, for encodings that need the logits (CoPE).
+* ``attend(...)``: the whole attention, for encodings that need the logits (CoPE), or
+* ``attend(query, key, value, q_pos, k_pos, ...)`` from unrotated q/k (``two_position_rope``: Self-Extend
+  and ReRoPE rotate at two position sets inside their own exact two-pass attention).
 """
 
 from __future__ import annotations
