@@ -274,7 +274,8 @@ class TwoPositionRope(RotaryPosition):
         if angles.dim() == 3:  # per-row positions: broadcast over heads
             angles = angles[:, None]
         cos, sin = (angles.cos() * scaling).to(x.dtype), (angles.sin() * scaling).to(x.dtype)
-        if self.layout == "half" and not (torch.is_grad_enabled() and x.requires_grad):
+        # In place into one output tensor (fast decode), except where autograd or dynamo (no `out=` ops) trace.
+        if self.layout == "half" and not (torch.is_grad_enabled() and x.requires_grad) and not torch.compiler.is_compiling():
             return _rotate_half_layout_into(x, cos, sin, self.rotary_dim)
         if self.layout == "half":
             cos, sin = torch.cat((cos, cos), -1), torch.cat((sin, sin), -1)
