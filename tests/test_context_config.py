@@ -164,10 +164,13 @@ def test_every_shipped_config_loads_and_opens_with_its_command(path):
 
 
 def test_compare_configs_list_the_standard_variants():
-    for name in ("compare_quick.yaml", "compare_tiny.yaml", "compare_smollm2.yaml"):
-        cfg = load_config(CompareConfig, CONFIGS / name)
-        assert [v.name for v in cfg.variants] == ["rope", "rope_finetuned", "rope_linear", "rope_yarn",
-                                                  "rope_dynamic", "nope", "alibi", "t5_bias", "cope"]
+    standard = ["rope", "rope_finetuned", "rope_linear", "rope_yarn", "rope_dynamic", "nope", "alibi", "t5_bias", "cope"]
+    for name in ("compare_quick.yaml", "compare_tiny.yaml"):
+        assert [v.name for v in load_config(CompareConfig, CONFIGS / name).variants] == standard
+    # The SmolLM2 preset also runs the training-free RoPE extensions, zero-shot.
+    smollm2 = load_config(CompareConfig, CONFIGS / "compare_smollm2.yaml").variants
+    assert [v.name for v in smollm2] == standard + ["self_extend", "rerope"]
+    assert not any(v.finetune for v in smollm2[-2:])
 
 
 @pytest.mark.parametrize(

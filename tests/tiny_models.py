@@ -110,8 +110,12 @@ def allowed_kinds(arch: str) -> list[str]:
     """The kinds the architecture's tiny config takes (the others are refused: see the refusal tests)."""
     config, row = tiny_config(arch), ARCHITECTURES[arch]
     causal = row.causal if row.causal is not None else config.is_decoder
-    return [k for k in KINDS
-            if row.refusal(k, config) is None and (causal or not registry.get(k).capabilities.causal_only)]
+    def takes(kind: str) -> bool:
+        caps = registry.get(kind).capabilities
+        return (row.refusal(kind, config) is None and (causal or not caps.causal_only)
+                and not (caps.extends_rope and row.rope == "none"))  # nothing to extend on a RoPE-less model
+
+    return [k for k in KINDS if takes(k)]
 
 
 def tiny_config(arch: str):
