@@ -247,7 +247,10 @@ def identity_cases():
 def test_windows_beyond_the_sequence_equal_the_models_own_rope(arch, kind, backend):
     """W (or w) >= length: every key is near, so the logits are stock RoPE's (max abs diff <= 1e-5);
     small windows do change them."""
-    stock = tiny_model(arch, backend)
+    # Soft-capping rows (Gemma 2) against stock eager: stock sdpa of older transformers drops the soft-cap
+    # (measured on 5.5: stock eager vs stock sdpa differ by 1.59; ours matches stock eager to 2e-6).
+    softcaps = getattr(tiny_config(arch), "attn_logit_softcapping", None)
+    stock = tiny_model(arch, "eager" if softcaps else backend)
     x = input_ids(2, 20)
     with torch.no_grad():
         expected = stock(x).logits
