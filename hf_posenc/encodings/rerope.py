@@ -81,10 +81,7 @@ registry.register(registry.Encoding(
     kind="rerope",
     config_class=ReRopeConfig,
     module_class=ReRoPE,
-    build=lambda config, layer: ReRoPE(
-        layer.rope_parameters, layer.head_dim,
-        layer.rope_parameters.get("original_max_position_embeddings", layer.max_position_embeddings),
-        layer.rope_layout, window=config.window, leak=config.leak),
+    build=lambda config, layer: ReRoPE.from_layer(layer, window=config.window, leak=config.leak),
     capabilities=registry.Capabilities(route="two_position_rope", causal_only=True, extends_rope=True),
     display_name="ReRoPE",
     paper="https://kexue.fm/archives/9708",

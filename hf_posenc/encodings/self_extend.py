@@ -84,10 +84,8 @@ registry.register(registry.Encoding(
     kind="self_extend",
     config_class=SelfExtendConfig,
     module_class=SelfExtend,
-    build=lambda config, layer: SelfExtend(
-        layer.rope_parameters, layer.head_dim,
-        layer.rope_parameters.get("original_max_position_embeddings", layer.max_position_embeddings),
-        layer.rope_layout, group_size=config.group_size, neighbor_window=config.neighbor_window),
+    build=lambda config, layer: SelfExtend.from_layer(layer, group_size=config.group_size,
+                                                      neighbor_window=config.neighbor_window),
     capabilities=registry.Capabilities(route="two_position_rope", causal_only=True, extends_rope=True),
     display_name="Self-Extend",
     paper="https://arxiv.org/abs/2401.01325",

@@ -260,6 +260,13 @@ class TwoPositionRope(RotaryPosition):
         super().__init__(rope_parameters, head_dim, max_position_embeddings, layout)
         self.window = int(window)
 
+    @classmethod
+    def from_layer(cls, layer, **params) -> TwoPositionRope:
+        """The module of one converted layer, on that layer's own RoPE (a ``registry.LayerSpec``): its
+        parameters, head dimension, pretraining length and layout; ``params`` are the kind's own."""
+        original = layer.rope_parameters.get("original_max_position_embeddings", layer.max_position_embeddings)
+        return cls(layer.rope_parameters, layer.head_dim, original, layer.rope_layout, **params)
+
     def far_positions(self, q_pos: torch.Tensor, k_pos: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Rotation positions of the far regime for query and key positions (same shapes, any float)."""
         raise NotImplementedError
