@@ -96,7 +96,7 @@ def test_stopped_base_pretraining_resumes_to_identical_weights(tmp_path, tmp_pat
     monkeypatch.setenv(base_model.THREADS_ENV, "1")
     real_train = base_model.train_bpe_tokenizer  # a small tokenizer sample keeps the test fast
     monkeypatch.setattr(base_model, "train_bpe_tokenizer",
-                        lambda texts, size: real_train(texts, size, max_chars=200_000))
+                        lambda texts, size, **kwargs: real_train(texts, size, max_chars=200_000, **kwargs))
     spec = PretrainConfig(vocab_size=300, hidden_size=16, num_layers=1, num_heads=2, intermediate_size=32,
                           seq_len=32, batch_size=2, steps=11, warmup_steps=2)
     uninterrupted = tmp_path / "a"

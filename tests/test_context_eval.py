@@ -103,7 +103,7 @@ def test_passkey_prompt_length_and_needle_depth(tokenizer, template, depth):
     assert len(prompt.input_ids) == 500
     text = tokenizer.decode(prompt.input_ids)
     assert text.count("48213") >= 2  # the needle states the key more than once
-    head, needle, question = evaluation._TEMPLATES[template]
+    head, needle, question = evaluation.PASSKEY_TEMPLATES[template]
     assert text.endswith(question)
     needle_ids = tokenizer(needle.format(key="48213"), add_special_tokens=False)["input_ids"]
     n_head = len(tokenizer(head, add_special_tokens=False)["input_ids"])

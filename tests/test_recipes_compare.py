@@ -164,3 +164,95 @@ def test_cli_compare_resumes_prints_the_table_and_fills_a_readme(compared, tmp_p
     assert machine["torch_threads"] >= 1 and len(machine["load_average_end"]) == 3
     assert {p.name: p.stat().st_mtime_ns for p in (out / "variants").glob("*.json")} == before  # all reused
     assert "](results/" in readme.read_text() and (tmp_path / "results" / out.name / "results.json").is_file()
+
+
+# -- seeds and spread ----------------------------------------------------------------------------------
+
+
+def _seeded(name, finetuned, by_seed, seeds=(0, 1, 2)):
+    """A merged record of per-seed perplexities ``by_seed`` = {length: [one value per seed]}."""
+    from hf_posenc.context_extension.spread import merge_seeds
+
+    runs = []
+    for i, seed in enumerate(seeds if finetuned else (None,)):
+        table = {str(n): values[i] for n, values in by_seed.items()}
+        runs.append({"name": name, "posenc": {"kind": "rope"}, "finetuned": finetuned, "train_tokens": 8, "seed": seed,
+                     "perplexity": {"non_overlapping": table, "sliding": table}, "passkey": {"8": 0.5}})
+    return merge_seeds(runs) if finetuned else runs[0]
+
+
+def test_merge_seeds_means_std_and_t_interval():
+    import statistics
+
+    from hf_posenc.context_extension.spread import interval
+
+    record = _seeded("alibi", True, {8: [10.0, 11.0, 13.0]})
+    assert record["perplexity"]["non_overlapping"]["8"] == pytest.approx(34.0 / 3)
+    assert record["spread"]["std"]["perplexity"]["sliding"]["8"] == pytest.approx(statistics.stdev([10.0, 11.0, 13.0]))
+    assert record["spread"]["values"]["perplexity"]["non_overlapping"]["8"] == [10.0, 11.0, 13.0]
+    assert record["spread"]["n"] == 3 and "seed" not in record
+    mean, low, high = interval([10.0, 11.0, 13.0])
+    # 95 % t-interval with 2 degrees of freedom: t = 4.303 (tables), s = 1.5275, n = 3.
+    assert (high - low) / 2 == pytest.approx(4.303 * statistics.stdev([10.0, 11.0, 13.0]) / 3 ** 0.5, rel=1e-6)
+    assert interval([5.0]) == (5.0, 5.0, 5.0)
+
+
+def test_orderings_and_checks_are_decided_by_the_spread():
+    from hf_posenc.context_extension.report import direction_checks, markdown_table, orderings
+
+    results = {"base_model": "m", "train_length": 8, "seeds": [0, 1, 2], "variants": [
+        _seeded("rope", False, {8: [10.0], 64: [30.0]}),
+        _seeded("rope_linear", True, {8: [11.0, 11.2, 10.8], 32: [12.0, 12.1, 11.9]}),   # tight
+        _seeded("rope_yarn", True, {8: [10.5, 11.5, 9.5], 32: [11.0, 14.0, 12.5]}),      # wide
+        _seeded("alibi", True, {8: [12.0, 12.1, 11.9], 64: [13.0, 20.0, 16.0]}),
+    ]}
+    at_8 = next(o for o in orderings(results) if o["length"] == 8)
+    assert [r[0] for r in at_8["ranking"]] == ["rope", "rope_yarn", "rope_linear", "alibi"]
+    relations = {(a, b): rel for a, rel, b in at_8["pairs"]}
+    assert relations[("rope_yarn", "rope_linear")] == "not separable at this budget"  # yarn's interval is wide
+    assert relations[("rope_linear", "alibi")] == "<"  # 11.0 +- 0.5 vs 12.0 +- 0.25
+    checks = {c["name"].split(":")[0]: c for c in direction_checks(results)}
+    # ALiBi ratios 13/12, 20/12.1, 16/11.9: mean 1.37, but the interval reaches past 1.5.
+    assert checks["ALiBi"]["verdict"] == "not separable at this budget" and not checks["ALiBi"]["passed"]
+    assert checks["ALiBi"]["ci"][0] < 1.5 < checks["ALiBi"]["ci"][1]
+    assert checks["unscaled RoPE"]["verdict"] == "holds"  # deterministic: 30 / 10 = 3
+    best = checks["best of fine-tuned PI / YaRN"]
+    assert best["variant"] == "rope_linear" and best["verdict"] == "holds"  # 12 / 10 = 1.2, tight interval
+    table = markdown_table(results)
+    assert "11.00 ± 0.20" in table and "| rope | no | 8 | 1 | 10.00 |" in table  # deterministic: one run, no ±
+
+
+def test_single_seed_claims_no_ordering_of_fine_tuned_variants():
+    from hf_posenc.context_extension.report import orderings
+
+    results = {"base_model": "m", "train_length": 8, "variants": [
+        _seeded("rope", False, {8: [10.0]}), _seeded("rope_linear", False, {8: [12.0]})]}
+    results["variants"][1]["finetuned"] = True
+    assert orderings(results)[0]["pairs"] == [("rope", "not separable at this budget", "rope_linear")]
+
+
+def test_seeds_run_each_fine_tuned_variant_once_per_seed_and_resume(tmp_path, monkeypatch):
+    import statistics
+
+    monkeypatch.setenv("HF_POSENC_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    overrides = ["seeds=[0,1]", "only=[rope,rope_finetuned,alibi]", "eval.ruler=null"]
+    paths = run_compare(TINY, tmp_path / "out", overrides=overrides, progress=False)
+    runs = sorted(p.name for p in (tmp_path / "out" / "variants").glob("*.json"))
+    assert runs == ["alibi@seed0.json", "alibi@seed1.json", "rope.json", "rope_finetuned@seed0.json",
+                    "rope_finetuned@seed1.json"]
+    results = json.loads(paths["json"].read_text())
+    validate_results(results)
+    by_name = {v["name"]: v for v in results["variants"]}
+    assert "spread" not in by_name["rope"] and results["seeds"] == [0, 1]
+    for name in ("rope_finetuned", "alibi"):
+        seeds = [json.loads((tmp_path / "out" / "variants" / f"{name}@seed{s}.json").read_text()) for s in (0, 1)]
+        assert [r["seed"] for r in seeds] == [0, 1]
+        values = [r["perplexity"]["non_overlapping"]["64"] for r in seeds]
+        assert values[0] != values[1]  # different seeds, different LoRA initialisations and batches
+        merged = by_name[name]
+        assert merged["perplexity"]["non_overlapping"]["64"] == pytest.approx(statistics.fmean(values))
+        assert merged["spread"]["std"]["perplexity"]["non_overlapping"]["64"] == pytest.approx(statistics.stdev(values))
+    assert "±" in paths["markdown"].read_text() and paths["spread_plot"].read_bytes()[:4] == b"\x89PNG"
+    run_compare(TINY, tmp_path / "out", overrides=overrides, progress=False)
+    assert (tmp_path / "out" / "compare.log").read_text().count("already done") == 5

@@ -40,14 +40,14 @@ def test_prompt_has_the_length_the_needles_and_the_depth(tokenizer, filler, task
     prompt = ruler.needle_prompt(task, tokenizer, filler, 200, depth, rng)
     assert prompt.input_ids.shape == (200,)
     # Rebuild the same trial's lines from a generator in the same state: the needles must be in the prompt.
-    lines, question, answers = ruler._task_lines(task, random.Random(3))
+    lines, question, answers = ruler.task_lines(task, random.Random(3))
     assert answers == prompt.answers and all(a.isdigit() and len(a) == 5 for a in answers)
     encode = lambda text: torch.tensor(tokenizer(text, add_special_tokens=False)["input_ids"])  # noqa: E731
     starts = [_needle_starts(prompt.input_ids, encode(line)) for line in lines]
     assert all(starts), f"a needle line is missing from the {task} prompt"
     assert torch.equal(prompt.input_ids[-len(encode(question)) :], encode(question))
     # The asked-for needle sits at the requested depth of the filler (within one token of rounding).
-    head = len(encode(ruler._HEAD))
+    head = len(encode(ruler.HEAD))
     room = 200 - head - sum(len(encode(line)) for line in lines) - len(encode(question))
     assert abs(starts[0][0] - (head + round(depth * room))) <= 1 or task in ("multi_key",)
     if task in ("multi_value", "variable_tracking"):  # the chain is in order: it can be followed
@@ -157,3 +157,53 @@ def test_config_names_bad_tasks_and_bounds():
     with pytest.raises(ValueError, match="min_trials"):
         RulerConfig(min_trials=50, max_trials=10)
     assert RulerConfig().tasks == list(ruler.TASKS)
+
+
+# -- retrieval pretraining windows (the base model's in-distribution retrieval) ---------------------------
+
+
+@pytest.fixture(scope="module")
+def digit_tokenizer():
+    return train_bpe_tokenizer(TEXTS, vocab_size=300, digit_tokens=True)
+
+
+def test_digit_tokens_spell_every_number_one_digit_at_a_time(tokenizer, digit_tokenizer):
+    pieces = digit_tokenizer.convert_ids_to_tokens(digit_tokenizer(" = 12345", add_special_tokens=False)["input_ids"])
+    assert pieces[-5:] == list("12345")
+    # The plain BPE of the same corpus merged the corpus's number into one token.
+    assert "12345" in "".join(t for t in tokenizer.convert_ids_to_tokens(tokenizer(" 12345")["input_ids"]) if len(t) > 2)
+    assert digit_tokenizer.decode(digit_tokenizer(TEXTS[1])["input_ids"]) == TEXTS[1]  # still lossless
+
+
+@pytest.mark.parametrize("seed", range(8))
+def test_retrieval_window_is_a_task_answered_at_its_end(digit_tokenizer, seed):
+    from hf_posenc.context_extension import retrieval_pretraining
+
+    filler = torch.tensor(digit_tokenizer("\n".join(TEXTS) * 3)["input_ids"])
+    window = retrieval_pretraining.retrieval_window(digit_tokenizer, filler, 320, random.Random(seed))
+    assert window.shape == (320,)
+    text = digit_tokenizer.decode(window)
+    needles = [line for line in text.splitlines() if line[:1].isupper() and (" = " in line or " += " in line)]
+    names = {line.split(" ")[0] for line in needles}
+    assert names and not names & set(ruler._NAMES)  # never the evaluation's names
+    values = {word.strip("[],") for line in needles for word in line.split() if word.strip("[],").isdigit()}
+    # The window ends on the answer: the asked-for value(s) right after the question, then a newline.
+    last_line = text.rstrip("\n").splitlines()[-1]
+    answered = [word.strip("[],") for word in last_line.split("== ")[-1].split("= ")[-1].split()]
+    assert text.endswith("\n") and answered and set(answered) <= values, text
+
+
+def test_pretraining_windows_mix_in_the_given_fraction(digit_tokenizer):
+    from hf_posenc.context_extension import base_model
+    from hf_posenc.context_extension.config import PretrainConfig
+
+    stream = torch.tensor(digit_tokenizer("\n".join(TEXTS) * 12)["input_ids"])
+    plain = PretrainConfig(seq_len=320)
+    mixed = PretrainConfig(seq_len=320, retrieval_fraction=0.5)
+    rng = random.Random(0)
+    assert all(torch.equal(base_model._window(stream, s, plain, digit_tokenizer, rng), stream[s : s + 320])
+               for s in range(0, 200, 20))
+    rng = random.Random(0)
+    windows = [base_model._window(stream, 7, mixed, digit_tokenizer, rng) for _ in range(200)]
+    synthetic = sum(not torch.equal(w, stream[7:327]) for w in windows)
+    assert all(w.shape == (320,) for w in windows) and 70 <= synthetic <= 130  # Binomial(200, 0.5)

@@ -30,6 +30,7 @@ from filelock import FileLock
 
 from .config import PretrainConfig
 from .data import cache_dir, load_stdlib_dataset, token_stream
+from .retrieval_pretraining import retrieval_window
 
 logger = logging.getLogger(__name__)
 
@@ -62,7 +63,7 @@ def _batches(texts: Iterable[str], max_chars: int, batch: int = 64) -> Iterator[
         yield buffer
 
 
-def train_bpe_tokenizer(texts: Iterable[str], vocab_size: int, max_chars: int = 8_000_000):
+def train_bpe_tokenizer(texts: Iterable[str], vocab_size: int, max_chars: int = 8_000_000, digit_tokens: bool = False):
     """Train a byte-level BPE tokenizer and wrap it as a ``PreTrainedTokenizerFast``.
 
     Args:
@@ -70,6 +71,8 @@ def train_bpe_tokenizer(texts: Iterable[str], vocab_size: int, max_chars: int = 
             stabilise long before the whole corpus is read, and training time is linear in it).
         vocab_size: Final vocabulary size, the 256 byte symbols and the end-of-text token included.
         max_chars: Character budget for training the merges.
+        digit_tokens: Split every digit into a token of its own before the byte-level split (as LLaMA's
+            and PaLM's tokenizers do), so a number is spelt the same wherever it occurs.
 
     Returns:
         A ``transformers.PreTrainedTokenizerFast`` whose ``eos_token`` (also used as padding) is
@@ -81,7 +84,9 @@ def train_bpe_tokenizer(texts: Iterable[str], vocab_size: int, max_chars: int = 
     if vocab_size <= 257:
         raise ValueError(f"vocab_size must exceed the 256 byte symbols plus one special token, got {vocab_size}")
     tokenizer = Tokenizer(models.BPE())
-    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    byte_level = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tokenizer.pre_tokenizer = (pre_tokenizers.Sequence([pre_tokenizers.Digits(individual_digits=True), byte_level])
+                               if digit_tokens else byte_level)
     tokenizer.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(
         vocab_size=vocab_size,
@@ -179,6 +184,14 @@ def build_llama_config(spec: PretrainConfig, tokenizer):
     )
 
 
+def _window(stream: torch.Tensor, start: int, spec: PretrainConfig, tokenizer, rng: random.Random) -> torch.Tensor:
+    """One ``[seq_len]`` pretraining window: code from ``start``, or (``retrieval_fraction`` of the time)
+    a synthetic retrieval task hidden in it."""
+    if spec.retrieval_fraction and rng.random() < spec.retrieval_fraction:
+        return retrieval_window(tokenizer, stream[start:], spec.seq_len, rng)
+    return stream[start : start + spec.seq_len]
+
+
 def pretrain(spec: PretrainConfig, out_dir: Path, held_out_percent: int = 5, progress: bool = True) -> dict:
     """Train the tokenizer and the base model from scratch and save both to ``out_dir``.
 
@@ -204,7 +217,7 @@ def pretrain(spec: PretrainConfig, out_dir: Path, held_out_percent: int = 5, pro
 
         tokenizer = PreTrainedTokenizerFast.from_pretrained(str(out_dir))
     else:
-        tokenizer = train_bpe_tokenizer(texts, spec.vocab_size)
+        tokenizer = train_bpe_tokenizer(texts, spec.vocab_size, digit_tokens=spec.digit_tokens)
     tokenizer_s = time.time() - started
 
     needed = spec.steps * spec.batch_size * spec.seq_len
@@ -242,8 +255,8 @@ def pretrain(spec: PretrainConfig, out_dir: Path, held_out_percent: int = 5, pro
         used = threads.threads_for(step)
         for group in optimizer.param_groups:
             group["lr"] = _lr_at(step, spec)
-        starts = [rng.randint(0, last_start) for _ in range(spec.batch_size)]
-        batch = torch.stack([stream[s : s + spec.seq_len] for s in starts])
+        batch = torch.stack([_window(stream, rng.randint(0, last_start), spec, tokenizer, rng)
+                             for _ in range(spec.batch_size)])
         loss = model(input_ids=batch, labels=batch).loss
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)

@@ -20,6 +20,7 @@ from typing import Any
 import torch
 
 from .config import CompareConfig, VariantConfig, encoding_dict, load_config
+from .spread import merge_seeds
 
 logger = logging.getLogger(__name__)
 
@@ -47,15 +48,20 @@ def _setup_logging(out_dir: Path) -> logging.Handler:
 
 
 def run_variant(cfg: CompareConfig, variant: VariantConfig, source, tokenizer, held_out, get_train_texts,
-                out_dir: Path, progress: bool) -> dict[str, Any]:
-    """Produce one variant's record (see ``results.json`` in the module docs of ``report``)."""
+                out_dir: Path, progress: bool, run_name: str | None = None) -> dict[str, Any]:
+    """Produce one run's record (see ``results.json`` in the module docs of ``report``).
+
+    ``run_name`` names its folder under ``variants/`` (default: the variant's name; ``name@seedN`` for one
+    seed of several).
+    """
     from accelerate.utils import set_seed
 
     from .evaluation import evaluate_context
     from .models import apply_encoding, load_model
     from .training import finetune_lora, make_accelerator
 
-    workdir = out_dir / "variants" / variant.name
+    run_name = run_name or variant.name
+    workdir = out_dir / "variants" / run_name
     workdir.mkdir(parents=True, exist_ok=True)
     # Mid-run checkpoints (train.checkpoint_every) let an interrupted fine-tune resume, but only
     # if they were written under the same settings.
@@ -73,7 +79,7 @@ def run_variant(cfg: CompareConfig, variant: VariantConfig, source, tokenizer, h
         train_cfg = cfg.variant_train(variant)
         accelerator = make_accelerator(train_cfg)  # single process: the grid runs its variants in turn
         peft_model, stats = finetune_lora(accelerator, model, tokenizer, get_train_texts(), cfg.lora, train_cfg,
-                                          workdir / "checkpoints", progress=progress, desc=f"finetune {variant.name}")
+                                          workdir / "checkpoints", progress=progress, desc=f"finetune {run_name}")
         peft_model.save_pretrained(str(workdir / "adapter"))
         model = peft_model.merge_and_unload()
         accelerator.free_memory()
@@ -81,11 +87,12 @@ def run_variant(cfg: CompareConfig, variant: VariantConfig, source, tokenizer, h
     started = time.time()
     with torch.no_grad():
         evaluation = evaluate_context(model, tokenizer, held_out, cfg.eval, progress=progress,
-                                      desc=f"evaluate {variant.name}")
+                                      desc=f"evaluate {run_name}")
     return {
         "name": variant.name,
         "posenc": encoding_dict(variant.posenc),
         "finetuned": variant.finetune,
+        **({"seed": cfg.variant_train(variant).seed} if run_name != variant.name else {}),
         "train_tokens": int(stats["train_tokens"]),
         "perplexity": evaluation["perplexity"],
         "passkey": evaluation["passkey"],
@@ -162,25 +169,34 @@ def run_compare(config_path: str | Path, out_dir: str | Path, overrides: list[st
             return train_texts
 
         records = []
-        bar = tqdm(cfg.selected_variants(), desc="variants", disable=not progress)
-        for variant in bar:
-            bar.set_postfix(variant=variant.name)
-            path = out_dir / "variants" / f"{variant.name}.json"
+        runs = [(variant, run) for variant in cfg.selected_variants() for run in cfg.variant_runs(variant)]
+        by_variant: dict[str, list[dict]] = {}
+        bar = tqdm(runs, desc="runs" if cfg.seeds else "variants", disable=not progress)
+        for variant, (run_name, run) in bar:
+            bar.set_postfix(run=run_name)
+            path = out_dir / "variants" / f"{run_name}.json"
+            record = None
             if path.is_file():
                 record = json.loads(path.read_text())
-                if record.get("fingerprint") == _fingerprint(cfg, variant):
-                    logger.info("variant %s already done: reusing %s", variant.name, path)
-                    records.append(record)
-                    continue
-                logger.info("variant %s changed since its last run: recomputing", variant.name)
-            record = run_variant(cfg, variant, source, tokenizer, held_out, get_train_texts, out_dir, progress)
-            path.write_text(json.dumps(record, indent=2))
-            logger.info("variant %s: %s", variant.name, json.dumps(record["perplexity"]))
-            records.append(record)
+                if record.get("fingerprint") == _fingerprint(cfg, run):
+                    logger.info("run %s already done: reusing %s", run_name, path)
+                else:
+                    logger.info("run %s changed since its last run: recomputing", run_name)
+                    record = None
+            if record is None:
+                record = run_variant(cfg, run, source, tokenizer, held_out, get_train_texts, out_dir, progress,
+                                     run_name=run_name)
+                path.write_text(json.dumps(record, indent=2))
+                logger.info("run %s: %s", run_name, json.dumps(record["perplexity"]))
+            by_variant.setdefault(variant.name, []).append(record)
+        for variant in cfg.selected_variants():
+            seeded = by_variant[variant.name]
+            records.append(merge_seeds(seeded) if len(cfg.variant_runs(variant)) > 1 else seeded[0])
         results = {
             "base_model": source.label,
             "train_length": cfg.base_length,
             "variants": records,
+            **({"seeds": cfg.seeds} if cfg.seeds else {}),
             "eval": cfg.eval.model_dump(mode="json"),
             "seconds": {"base_model": base_seconds, "total_this_run": round(time.time() - started, 1)},
             # What the timings were measured under: a shared machine can be several times slower.

@@ -102,6 +102,12 @@ class PretrainConfig(Section):
     warmup_steps: int = 50
     weight_decay: float = 0.1
     seed: int = 0
+    #: Split numbers into one token per digit (a BPE merges digit strings irregularly, so the same value
+    #: can be spelt by different tokens in the needle and in the answer, and copying it is harder to learn).
+    digit_tokens: bool = False
+    #: Fraction of pretraining windows that carry a synthetic retrieval task (RULER-style needles in the
+    #: code, answered at the window's end; :mod:`.retrieval_pretraining`): the base then retrieves at L.
+    retrieval_fraction: float = Field(0.0, ge=0.0, le=1.0)
 
     @model_validator(mode="after")
     def _heads_divide_hidden_size(self) -> PretrainConfig:
@@ -300,6 +306,10 @@ class CompareConfig(Section):
     eval: EvalConfig = Field(default_factory=EvalConfig)
     #: Run only these variants (by name); ``null``: all. E.g. ``only=[rope,rope_yarn]`` on the command line.
     only: list[str] | None = None
+    #: Fine-tune seeds: every fine-tuned variant runs once per seed (its ``train.seed`` replaced) and the
+    #: report shows mean ± std and decides orderings by the spread (:mod:`.spread`); ``null``: one run with
+    #: ``train.seed``. Variants that are not fine-tuned are deterministic and run once.
+    seeds: Annotated[list[int], Field(min_length=1)] | None = None
 
     @model_validator(mode="after")
     def _variant_names_are_known(self) -> CompareConfig:
@@ -309,7 +319,18 @@ class CompareConfig(Section):
         unknown = sorted(set(self.only or ()) - set(names))
         if unknown:
             raise ValueError(f"only: unknown variant(s) {unknown}; allowed: {names}")
+        if self.seeds is not None and len(set(self.seeds)) != len(self.seeds):
+            raise ValueError(f"seeds must be distinct, got {self.seeds}")
         return self
+
+    def variant_runs(self, variant: VariantConfig) -> list[tuple[str, VariantConfig]]:
+        """The runs of one variant as ``(run name, variant)``: one per seed (``rope_yarn@seed1``, its train
+        seed set) for a fine-tuned variant when ``seeds`` is set, else the variant itself under its name."""
+        if not self.seeds or not variant.finetune:
+            return [(variant.name, variant)]
+        return [(f"{variant.name}@seed{seed}",
+                 variant.model_copy(update={"train": variant.train.model_copy(update={"seed": seed})}))
+                for seed in self.seeds]
 
     def variant_train(self, variant: VariantConfig) -> TrainConfig:
         """The ``train`` section with the variant's own changes applied (each was checked on load)."""

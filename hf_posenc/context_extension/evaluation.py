@@ -96,7 +96,7 @@ class PasskeyPrompt:
     depth: float
 
 
-_TEMPLATES = {
+PASSKEY_TEMPLATES = {
     # For models trained on source code: the key is an assignment hidden in real code.
     "code": (
         "# There is a pass key hidden in this file. Find it and remember it.\n",
@@ -116,7 +116,7 @@ _TEXT_FILLER = "The grass is green. The sky is blue. The sun is yellow. Here we 
 
 def passkey_prompt(tokenizer, filler: torch.Tensor, length: int, depth: float, key: str, template: str) -> PasskeyPrompt:
     """Build a prompt of exactly ``length`` tokens with the key line at relative ``depth`` of the filler."""
-    head, needle, question = _TEMPLATES[template]
+    head, needle, question = PASSKEY_TEMPLATES[template]
 
     def encode(text: str) -> torch.Tensor:
         return torch.tensor(tokenizer(text, add_special_tokens=False)["input_ids"], dtype=torch.long)

@@ -11,10 +11,12 @@ from __future__ import annotations
 
 import json
 import math
+import statistics
 from pathlib import Path
 from typing import Any
 
 from ..cards import EvalSummary, comparison_rows, plot_results, records_from_rows
+from .spread import NOT_SEPARABLE, compare_intervals, interval, seed_values
 
 # Keys every variant record must have, with their types (``results.json`` is read by other tools:
 # the model-card generator and the Hub push).
@@ -67,52 +69,106 @@ def _fmt(value: float | None) -> str:
     return f"{value:.2f}"
 
 
+def _cell(v: dict[str, Any], table: str, *keys: str, fmt=_fmt) -> str:
+    """A table cell: the value, with ``± std`` over the seeds when the record merges several."""
+    node = v[table]
+    for key in keys:
+        node = node.get(key) if isinstance(node, dict) else None
+    if node is None:
+        return "-"
+    spread = v.get("spread")
+    if not spread or spread["n"] < 2 or table not in spread["std"]:
+        return fmt(node)
+    std = spread["std"][table]
+    for key in keys:
+        std = std[key]
+    return f"{fmt(node)} ± {fmt(std)}"
+
+
 def markdown_table(results: dict[str, Any]) -> str:
-    """Perplexity (non-overlapping / sliding) and passkey accuracy by length, one row per variant."""
+    """Perplexity (non-overlapping / sliding) and passkey accuracy by length, one row per variant
+    (mean ± std over the fine-tune seeds when the comparison ran several)."""
     lengths = _lengths(results)
     pk_lengths = sorted({k for v in results["variants"] for k in v["passkey"]}, key=int)
-    head = ["variant", "fine-tuned", "train tokens"]
+    head = ["variant", "fine-tuned", "train tokens"] + (["seeds"] if results.get("seeds") else [])
     head += [f"ppl@{n}" for n in lengths] + [f"slide@{n}" for n in lengths] + [f"passkey@{n}" for n in pk_lengths]
     rows = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for v in results["variants"]:
-        ppl, slide = v["perplexity"]["non_overlapping"], v["perplexity"]["sliding"]
         cells = [v["name"], "yes" if v["finetuned"] else "no", f"{v['train_tokens']:,}"]
-        cells += [_fmt(ppl.get(n)) for n in lengths] + [_fmt(slide.get(n)) for n in lengths]
-        cells += [("-" if v["passkey"].get(n) is None else f"{v['passkey'][n]:.2f}") for n in pk_lengths]
+        if results.get("seeds"):
+            cells.append(str(v["spread"]["n"]) if v.get("spread") else "1")
+        cells += [_cell(v, "perplexity", "non_overlapping", n) for n in lengths]
+        cells += [_cell(v, "perplexity", "sliding", n) for n in lengths]
+        cells += [_cell(v, "passkey", n, fmt=lambda x: f"{x:.2f}") for n in pk_lengths]
         rows.append("| " + " | ".join(cells) + " |")
+    seeds = (f" Fine-tuned variants: mean ± std over seeds {results['seeds']}; the others are deterministic "
+             "(one run)." if results.get("seeds") else " One seed: no ordering in this table is a claim.")
     note = (f"\nBase model: `{results['base_model']}`, trained at L = {results['train_length']} tokens. "
             "ppl = per-token perplexity in non-overlapping windows of that length; slide = sliding window "
-            "of that length with a fixed stride; passkey = retrieval accuracy over all depths.\n")
+            "of that length with a fixed stride; passkey = retrieval accuracy over all depths." + seeds + "\n")
     return "\n".join(rows) + "\n" + note
+
+
+def _ppl_values(results: dict[str, Any], name: str, length: int) -> list[float] | None:
+    """Per-seed non-overlapping perplexities of variant ``name`` at ``length`` (None if absent)."""
+    for v in results["variants"]:
+        if v["name"] == name and str(length) in v["perplexity"]["non_overlapping"]:
+            return seed_values(v, "perplexity", "non_overlapping", str(length))
+    return None
+
+
+def _check(name: str, ratios: list[float], threshold: float, below: bool) -> dict[str, Any]:
+    """A direction check from its per-seed ratios: it holds (or fails) only when the ratio's 95 % interval
+    lies wholly on one side of the threshold; with one run, by the value itself."""
+    mean, low, high = interval(ratios)
+    if below:
+        verdict = "holds" if high <= threshold else ("fails" if low > threshold else NOT_SEPARABLE)
+    else:
+        verdict = "holds" if low >= threshold else ("fails" if high < threshold else NOT_SEPARABLE)
+    return {"name": name, "value": mean, "ci": [low, high], "n": len(ratios), "threshold": threshold,
+            "verdict": verdict, "passed": verdict == "holds"}
+
+
+def _ratios(numerators: list[float], denominators: list[float]) -> list[float]:
+    """Per-seed ratios; a deterministic (single-run) side pairs with every seed of the other."""
+    if len(numerators) == len(denominators):
+        return [a / b for a, b in zip(numerators, denominators)]
+    if len(denominators) == 1:
+        return [a / denominators[0] for a in numerators]
+    if len(numerators) == 1:
+        return [numerators[0] / b for b in denominators]
+    raise ValueError(f"cannot pair {len(numerators)} seeds with {len(denominators)}")
 
 
 def direction_checks(results: dict[str, Any]) -> list[dict[str, Any]]:
     """The literature's expected directions, computed from the results (unscaled RoPE
     breaks past its training length, PI/YaRN recover after a short fine-tune, ALiBi degrades gracefully).
 
-    Each check has ``name``, ``value`` (the measured ratio), ``threshold`` and ``passed``; checks
-    whose variants or lengths are missing are left out. Results that disagree are reported, not hidden.
+    Each check has ``name``, ``value`` (the measured ratio, the mean over seeds), ``ci`` (its 95 % interval
+    over seeds), ``n``, ``threshold``, ``verdict`` ("holds", "fails" or "not separable at this budget") and
+    ``passed``; checks whose variants or lengths are missing are left out. Results that disagree are
+    reported, not hidden.
     """
     L = results["train_length"]
-    ppl = {v["name"]: {int(k): x for k, x in v["perplexity"]["non_overlapping"].items()} for v in results["variants"]}
     checks = []
-    rope = ppl.get("rope", {})
-    if L in rope and 8 * L in rope:
-        longer = [rope[n] for n in sorted(rope) if n >= L]
-        growing = all(b > a for a, b in zip(longer, longer[1:]))
-        ratio = rope[8 * L] / rope[L]
-        checks.append({"name": "unscaled RoPE: ppl@8L / ppl@L >= 1.5 and growing with length",
-                       "value": ratio, "threshold": 1.5, "passed": ratio >= 1.5 and growing})
-    extended = [ppl[n][4 * L] for n in ("rope_linear", "rope_yarn") if 4 * L in ppl.get(n, {})]
-    if extended and L in rope:
-        ratio = min(extended) / rope[L]
-        checks.append({"name": "best of fine-tuned PI / YaRN: ppl@4L / base ppl@L <= 1.3",
-                       "value": ratio, "threshold": 1.3, "passed": ratio <= 1.3})
-    alibi = ppl.get("alibi", {})
-    if L in alibi and 8 * L in alibi:
-        ratio = alibi[8 * L] / alibi[L]
-        checks.append({"name": "ALiBi: ppl@8L / its ppl@L <= 1.5", "value": ratio, "threshold": 1.5,
-                       "passed": ratio <= 1.5})
+    rope = {n: _ppl_values(results, "rope", n) for n in (L, 2 * L, 4 * L, 8 * L)}
+    if rope[L] and rope[8 * L]:
+        longer = [rope[n][0] for n in sorted(rope) if rope[n]]
+        check = _check("unscaled RoPE: ppl@8L / ppl@L >= 1.5 and growing with length",
+                       _ratios(rope[8 * L], rope[L]), 1.5, below=False)
+        if not all(b > a for a, b in zip(longer, longer[1:])) and check["verdict"] == "holds":
+            check.update(verdict="fails", passed=False)
+        checks.append(check)
+    extended = {n: _ppl_values(results, n, 4 * L) for n in ("rope_linear", "rope_yarn")}
+    extended = {n: values for n, values in extended.items() if values}
+    if extended and rope[L]:
+        best = min(extended, key=lambda n: statistics.fmean(extended[n]))
+        check = _check("best of fine-tuned PI / YaRN: ppl@4L / base ppl@L <= 1.3", _ratios(extended[best], rope[L]),
+                       1.3, below=True)
+        checks.append({**check, "variant": best})
+    alibi = {n: _ppl_values(results, "alibi", n) for n in (L, 8 * L)}
+    if alibi[L] and alibi[8 * L]:
+        checks.append(_check("ALiBi: ppl@8L / its ppl@L <= 1.5", _ratios(alibi[8 * L], alibi[L]), 1.5, below=True))
     return checks
 
 
@@ -120,9 +176,52 @@ def checks_markdown(results: dict[str, Any]) -> str:
     checks = direction_checks(results)
     if not checks:
         return ""
-    rows = ["| expected direction (literature) | measured | holds |", "|---|---|---|"]
-    rows += [f"| {c['name']} | {c['value']:.2f} | {'yes' if c['passed'] else '**no**'} |" for c in checks]
+    rows = ["| expected direction (literature) | measured (95 % interval over seeds) | holds |", "|---|---|---|"]
+    for c in checks:
+        measured = f"{c['value']:.2f}" + (f" [{c['ci'][0]:.2f}, {c['ci'][1]:.2f}], n={c['n']}" if c["n"] > 1 else "")
+        verdict = {"holds": "yes", "fails": "**no**"}.get(c["verdict"], c["verdict"])
+        rows.append(f"| {c['name']} | {measured} | {verdict} |")
     return "\n".join(rows) + "\n"
+
+
+def orderings(results: dict[str, Any]) -> list[dict[str, Any]]:
+    """Which variant has the lower perplexity, at every evaluated length, decided by the spread.
+
+    Variants are sorted by mean perplexity; each neighbouring pair is compared by the 95 % intervals of
+    their means over seeds: ``"<"`` when they separate, else "not separable at this budget". With a single
+    seed no ordering is claimed (every pair of fine-tuned variants is not separable).
+
+    Returns:
+        ``[{"length": n, "ranking": [(name, mean, low, high), ...], "pairs": [(a, relation, b), ...]}]``.
+    """
+    out = []
+    single_seed = not results.get("seeds")
+    for length in _lengths(results):
+        ranking = []
+        for v in results["variants"]:
+            if length in v["perplexity"]["non_overlapping"]:
+                values = seed_values(v, "perplexity", "non_overlapping", length)
+                ranking.append((v["name"], *interval(values), v["finetuned"]))
+        ranking.sort(key=lambda r: r[1])
+        pairs = []
+        for a, b in zip(ranking, ranking[1:]):
+            unknown_spread = single_seed and (a[4] or b[4])
+            separated = not unknown_spread and compare_intervals(a[1:4], b[1:4]) < 0
+            pairs.append((a[0], "<" if separated else NOT_SEPARABLE, b[0]))
+        out.append({"length": int(length), "ranking": [r[:4] for r in ranking], "pairs": pairs})
+    return out
+
+
+def orderings_markdown(results: dict[str, Any]) -> str:
+    """The orderings of :func:`orderings` as one line per length."""
+    lines = ["Orderings by perplexity (lower first; `<` only where the 95 % intervals over seeds separate):", ""]
+    for entry in orderings(results):
+        text = entry["ranking"][0][0]
+        for _, relation, b in entry["pairs"]:
+            text += f" < {b}" if relation == "<" else f" ~ {b}"
+        lines.append(f"- @{entry['length']}: {text}")
+    lines += ["", f"`~`: {NOT_SEPARABLE}."]
+    return "\n".join(lines) + "\n"
 
 
 def eval_summary(results: dict[str, Any]) -> EvalSummary:
@@ -209,6 +308,45 @@ def plot_ruler(results: dict[str, Any], task: str, path: Path) -> None:
     plt.close(fig)
 
 
+def plot_seed_spread(results: dict[str, Any], path: Path) -> bool:
+    """Perplexity vs length with every seed's value as a dot and the mean ± std as an error bar.
+
+    Returns False (and writes nothing) when no variant merges several seeds.
+    """
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    if not any(v.get("spread") for v in results["variants"]):
+        return False
+    lengths = [int(n) for n in _lengths(results)]
+    fig, ax = plt.subplots(figsize=(9, 5))
+    for i, v in enumerate(results["variants"]):
+        table = v["perplexity"]["non_overlapping"]
+        xs = [n for n in lengths if str(n) in table]
+        # Offset each variant a little along x so that the bars of close variants do not hide each other.
+        shift = 1 + 0.02 * (i - len(results["variants"]) / 2)
+        per_seed = [seed_values(v, "perplexity", "non_overlapping", str(n)) for n in xs]
+        means = [table[str(n)] for n in xs]
+        stds = [statistics.stdev(s) if len(s) > 1 else 0.0 for s in per_seed]
+        line = ax.errorbar([n * shift for n in xs], means, yerr=stds, marker="o", capsize=3, label=v["name"])
+        for n, seeds in zip(xs, per_seed):
+            ax.scatter([n * shift] * len(seeds), seeds, s=8, color=line[0].get_color(), alpha=0.5)
+    ax.axvline(results["train_length"], color="grey", linestyle=":", label="train length L")
+    ax.set_xscale("log", base=2)
+    ax.set_yscale("log")
+    ax.set_xlabel("evaluation length (tokens)")
+    ax.set_ylabel("perplexity (non-overlapping windows)")
+    ax.set_title(f"perplexity by length: mean ± std over seeds {results.get('seeds')}, dots: single seeds")
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1))
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return True
+
+
 def plot_loss_by_position(results: dict[str, Any], path: Path) -> bool:
     """Mean loss per position bucket at the longest length (where a model stops using context).
 
@@ -251,17 +389,22 @@ def write_report(results: dict[str, Any], out_dir: Path) -> dict[str, Path]:
         "perplexity_plot": out_dir / "perplexity_vs_length.png",
         "passkey_plot": out_dir / "passkey_heatmap.png",
     }
-    paths["json"].write_text(json.dumps(results, indent=2))
     summary = eval_summary(results)
     summary.write_csv(paths["csv"])
     results["direction_checks"] = direction_checks(results)
+    results["orderings"] = orderings(results)
+    paths["json"].write_text(json.dumps(results, indent=2))
     checks = checks_markdown(results)
     ruler_tables = ruler_markdown(results)
     paths["markdown"].write_text(markdown_table(results) + ("\n" + checks if checks else "")
+                                 + "\n" + orderings_markdown(results)
                                  + ("\n" + ruler_tables if ruler_tables else ""))
     plot_results(summary, paths["perplexity_plot"], metrics=("perplexity", "perplexity_sliding"),
                  mark_length=results["train_length"])
     plot_passkey(results, paths["passkey_plot"])
+    spread_plot = out_dir / "perplexity_spread.png"
+    if plot_seed_spread(results, spread_plot):
+        paths["spread_plot"] = spread_plot
     position_plot = out_dir / "loss_by_position.png"
     if plot_loss_by_position(results, position_plot):
         paths["position_plot"] = position_plot
@@ -300,6 +443,7 @@ def update_readme(readme: Path, paths: dict[str, Path], assets_dir: Path | None 
         README_BEGIN, "", paths["markdown"].read_text().strip(), "",
         f"![perplexity vs length]({rel['perplexity_plot']})", "",
         f"![passkey accuracy]({rel['passkey_plot']})", "",
+        *([f"![perplexity spread over seeds]({rel['spread_plot']})", ""] if "spread_plot" in rel else []),
         *([f"![loss by position]({rel['position_plot']})", ""] if "position_plot" in rel else []),
         *[f"![RULER {key[6:-5]}]({rel[key]})\n" for key in rel if key.startswith("ruler_")],
         f"Full results: [`{rel['json']}`]({rel['json']}) (JSON), [`{rel['csv']}`]({rel['csv']}) (CSV).", README_END,

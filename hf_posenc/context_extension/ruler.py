@@ -34,7 +34,7 @@ _NAMES = (
     "ALPHA", "BRAVO", "CEDAR", "DELTA", "EMBER", "FJORD", "GLYPH", "HAVEN", "IVORY", "JOULE", "KARMA", "LOTUS",
     "MAPLE", "NOVEL", "OPERA", "PIXEL", "QUOTA", "RIVER", "SOLAR", "TIGER", "ULTRA", "VIVID", "WALTZ", "YIELD",
 )
-_HEAD = "# There is information hidden in this file. Find it and remember it.\n"
+HEAD = "# There is information hidden in this file. Find it and remember it.\n"
 
 
 @dataclass(frozen=True)
@@ -49,23 +49,31 @@ def _value(rng: random.Random) -> str:
     return str(rng.randint(10000, 99999))
 
 
-def _task_lines(task: str, rng: random.Random) -> tuple[list[str], str, tuple[str, ...]]:
-    """The needle lines (the asked-for one first), the question and the answers of one trial."""
+def task_lines(task: str, rng: random.Random, names: tuple[str, ...] = _NAMES
+               ) -> tuple[list[str], str, tuple[str, ...]]:
+    """The needle lines (the asked-for one first), the question and the answers of one trial.
+
+    Args:
+        task: One of :data:`TASKS`.
+        rng: Source of the values and names.
+        names: Identifiers to name the needles with (the evaluation's fixed list by default; the
+            base model's retrieval pretraining draws fresh ones so that it never sees these).
+    """
     if task == "single_needle":
         key = _value(rng)
         return ([f"\nPASS_KEY = {key}  # the pass key is {key}. Remember it. {key} is the pass key.\n"],
                 "\n# What is the pass key?\nPASS_KEY = ", (key,))
     if task == "multi_key":
-        names = rng.sample(_NAMES, 4)
+        names = rng.sample(names, 4)
         values = [_value(rng) for _ in names]
         return ([f"\n{name} = {value}\n" for name, value in zip(names, values)],
                 f"\n# What is {names[0]}?\n{names[0]} = ", (values[0],))
     if task == "multi_value":
-        name = rng.choice(_NAMES)
+        name = rng.choice(names)
         values = tuple(_value(rng) for _ in range(3))
         return ([f"\n{name} += [{value}]\n" for value in values], f"\n# What is in {name}?\n{name} == [", values)
     if task == "variable_tracking":
-        first, second, third = rng.sample(_NAMES, 3)
+        first, second, third = rng.sample(names, 3)
         value = _value(rng)
         return ([f"\n{first} = {value}\n", f"\n{second} = {first}\n", f"\n{third} = {second}\n"],
                 f"\n# What number is {third}?\nassert {third} == ", (value,))
@@ -86,12 +94,22 @@ def needle_prompt(task: str, tokenizer, filler: torch.Tensor, length: int, depth
     """
     if not 0.0 <= depth <= 1.0:
         raise ValueError(f"depth must be in [0, 1], got {depth}")
-    lines, question, answers = _task_lines(task, rng)
+    lines, question, answers = task_lines(task, rng)
+    return NeedlePrompt(assemble(task, tokenizer, filler, length, depth, lines, question, rng), answers)
+
+
+def assemble(task: str, tokenizer, filler: torch.Tensor, length: int, depth: float, lines: list[str], question: str,
+             rng: random.Random, head: str = HEAD) -> torch.Tensor:
+    """The ``[length]`` token ids of one trial: ``head``, filler with the needle ``lines`` hidden in it, ``question``.
+
+    The first line sits at relative ``depth`` of the filler; the others at random depths (after it, in
+    order, for the tasks whose later lines refer to earlier ones).
+    """
 
     def encode(text: str) -> torch.Tensor:
         return torch.tensor(tokenizer(text, add_special_tokens=False)["input_ids"], dtype=torch.long)
 
-    head, needles, tail = encode(_HEAD), [encode(line) for line in lines], encode(question)
+    head, needles, tail = encode(head), [encode(line) for line in lines], encode(question)
     room = length - len(head) - sum(len(n) for n in needles) - len(tail)
     if room < 0:
         raise ValueError(f"RULER length {length} is too short for the {task} template ({length - room} tokens)")
@@ -112,7 +130,7 @@ def needle_prompt(task: str, tokenizer, filler: torch.Tensor, length: int, depth
     pieces += [filler[previous:room], tail]
     input_ids = torch.cat(pieces)
     assert len(input_ids) == length, (len(input_ids), length)
-    return NeedlePrompt(input_ids, answers)
+    return input_ids
 
 
 @torch.no_grad()

@@ -1,0 +1,124 @@
+"""Seeds and spread: one variant's runs under several fine-tune seeds, summarised as mean ± std.
+
+A comparison with one seed cannot say that one encoding beats another: the difference between two
+fine-tunes of the *same* encoding under different seeds is often as large as the difference between
+encodings at a small budget. With ``seeds: [0, 1, 2]`` in a compare config every fine-tuned variant runs
+once per seed; this module merges those runs into one record whose numbers are the means, keeps the
+standard deviations and the per-seed values under ``"spread"``, and decides orderings with 95 %
+confidence intervals of the mean (Student's t, since n is small): an ordering is stated only when the
+intervals separate, otherwise it is "not separable at this budget".
+
+Variants that are not fine-tuned (zero-shot RoPE, dynamic NTK, Self-Extend) are deterministic and run once;
+their interval is a point.
+"""
+
+from __future__ import annotations
+
+import math
+import statistics
+from typing import Any
+
+# Two-sided 95 % quantiles of Student's t by degrees of freedom (standard tables); beyond 30, the normal's.
+_T_975 = (12.706, 4.303, 3.182, 2.776, 2.571, 2.447, 2.365, 2.306, 2.262, 2.228, 2.201, 2.179, 2.160, 2.145,
+          2.131, 2.120, 2.110, 2.101, 2.093, 2.086, 2.080, 2.074, 2.069, 2.064, 2.060, 2.056, 2.052, 2.048,
+          2.045, 2.042)
+#: What a comparison that cannot be decided says.
+NOT_SEPARABLE = "not separable at this budget"
+
+
+def t_quantile(dof: int) -> float:
+    """The two-sided 95 % quantile of Student's t with ``dof`` degrees of freedom."""
+    return _T_975[dof - 1] if dof <= len(_T_975) else 1.96
+
+
+def interval(values: list[float]) -> tuple[float, float, float]:
+    """``(mean, low, high)``: the 95 % t-interval of the mean of ``values`` (a point for one value)."""
+    mean = statistics.fmean(values)
+    if len(values) < 2:
+        return mean, mean, mean
+    half = t_quantile(len(values) - 1) * statistics.stdev(values) / math.sqrt(len(values))
+    return mean, mean - half, mean + half
+
+
+def _merge(values: list[Any]) -> tuple[Any, Any, Any]:
+    """Mean, std and per-seed values of matching nested mappings of numbers."""
+    if isinstance(values[0], dict):
+        keys = [k for k in values[0] if all(k in v for v in values)]
+        merged = {k: _merge([v[k] for v in values]) for k in keys}
+        return ({k: m[0] for k, m in merged.items()}, {k: m[1] for k, m in merged.items()},
+                {k: m[2] for k, m in merged.items()})
+    numbers = [float(v) for v in values]
+    return statistics.fmean(numbers), (statistics.stdev(numbers) if len(numbers) > 1 else 0.0), numbers
+
+
+#: The numeric tables of a record that are averaged over seeds.
+_TABLES = ("perplexity", "passkey", "passkey_by_depth", "loss_by_position")
+
+
+def merge_seeds(records: list[dict[str, Any]]) -> dict[str, Any]:
+    """One variant's record from its per-seed records: means in place, ``"spread"`` beside them.
+
+    The RULER cells keep their structure; their accuracies are averaged (the pooled trials of every seed
+    count in ``trials``), and the Wilson bounds are those of the pooled trials.
+
+    Returns:
+        The first record with its tables replaced by means, and ``"spread": {"seeds", "n", "std": {...},
+        "values": {...}}`` (std and values shaped like the tables; ``"ruler"``: ``{task: {length: ...}}``).
+    """
+    merged = dict(records[0])
+    std: dict[str, Any] = {}
+    values: dict[str, Any] = {}
+    for table in _TABLES:
+        if all(table in r for r in records):
+            merged[table], std[table], values[table] = _merge([r[table] for r in records])
+    if all("ruler" in r for r in records):
+        merged["ruler"], std["ruler"], values["ruler"] = _merge_ruler([r["ruler"] for r in records])
+    merged["train_tokens"] = records[0]["train_tokens"]
+    merged["spread"] = {"seeds": [r.get("seed") for r in records], "n": len(records), "std": std, "values": values}
+    merged.pop("seed", None)
+    return merged
+
+
+def wilson_pooled(cells: list[dict[str, Any]]) -> dict[str, Any]:
+    """One RULER cell from the same cell of several seeds: the mean accuracy, all trials pooled, and the
+    95 % Wilson interval of the pooled trials."""
+    from ..counting import wilson_interval
+
+    successes = sum(round(c["accuracy"] * c["trials"]) for c in cells)
+    trials = sum(c["trials"] for c in cells)
+    low, high = wilson_interval(successes, trials)
+    return {"accuracy": statistics.fmean(c["accuracy"] for c in cells), "ci_low": low, "ci_high": high,
+            "trials": trials}
+
+
+def _merge_ruler(tables: list[dict]) -> tuple[dict, dict, dict]:
+    means, stds, per_seed = {}, {}, {}
+    for task in tables[0]:
+        means[task], stds[task], per_seed[task] = {}, {}, {}
+        for length in tables[0][task]:
+            cells = [t[task][length] for t in tables]
+            accuracies = [c["accuracy"] for c in cells]
+            _, std, _ = _merge(accuracies)
+            means[task][length] = {**wilson_pooled(cells), "by_depth": {
+                depth: wilson_pooled([c["by_depth"][depth] for c in cells]) for depth in cells[0]["by_depth"]}}
+            stds[task][length], per_seed[task][length] = std, accuracies
+    return means, stds, per_seed
+
+
+def seed_values(record: dict[str, Any], table: str, *keys: str) -> list[float]:
+    """The per-seed values of one number of a (merged or single-seed) record, e.g. ``("perplexity",
+    "non_overlapping", "1024")``."""
+    spread = record.get("spread")
+    node = spread["values"][table] if spread and table in spread["values"] else record[table]
+    for key in keys:
+        node = node[key]
+    return node if isinstance(node, list) else [float(node)]
+
+
+def compare_intervals(a: tuple[float, float, float], b: tuple[float, float, float]) -> int:
+    """-1 if ``a``'s interval lies wholly below ``b``'s, 1 if wholly above, 0 if they overlap."""
+    if a[2] < b[1]:
+        return -1
+    if a[1] > b[2]:
+        return 1
+    return 0
