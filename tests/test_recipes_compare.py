@@ -256,3 +256,70 @@ def test_seeds_run_each_fine_tuned_variant_once_per_seed_and_resume(tmp_path, mo
     assert "±" in paths["markdown"].read_text() and paths["spread_plot"].read_bytes()[:4] == b"\x89PNG"
     run_compare(TINY, tmp_path / "out", overrides=overrides, progress=False)
     assert (tmp_path / "out" / "compare.log").read_text().count("already done") == 5
+
+
+# -- recalibration curves and stronger recalibrations -----------------------------------------------------
+
+
+def test_recalibration_curves_longlora_and_full_attention(tmp_path, monkeypatch):
+    monkeypatch.setenv("HF_POSENC_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    config = tmp_path / "compare_recal.yaml"
+    config.write_text(
+        "include: compare_tiny.yaml\n"
+        "eval: {curve_every: 1, curve_tokens: 256, ruler: null}\n"
+        "variants:\n"
+        "  - {name: rope, posenc: {kind: rope}, finetune: false}\n"
+        "  - {name: alibi, posenc: {kind: alibi}, train: {seq_len: 32, batch_size: 2}}\n"
+        "  - {name: alibi_longlora, posenc: {kind: alibi}, train: {seq_len: 32, batch_size: 2},\n"
+        "     lora: {train_embeddings_and_norms: true}}\n"
+        "  - {name: alibi_attention, posenc: {kind: alibi}, train: {seq_len: 32, batch_size: 2, lr: 1.0e-2},\n"
+        "     lora: {full_attention: true}}\n")
+    paths = run_compare(config, tmp_path / "out", progress=False)
+    results = json.loads(paths["json"].read_text())
+    by_name = {v["name"]: v for v in results["variants"]}
+    assert "curve" not in by_name["rope"]
+    for name in ("alibi", "alibi_longlora", "alibi_attention"):
+        curve = by_name[name]["curve"]
+        assert [p["step"] for p in curve] == [0, 1, 2] and [p["train_tokens"] for p in curve] == [0, 64, 128]
+        # The last point is the trained model at L on the same tokens the evaluation scores (eval_tokens = 256).
+        assert curve[-1]["perplexity"] == pytest.approx(by_name[name]["perplexity"]["non_overlapping"]["32"], rel=1e-4)
+    # Step 0 is the converted model before any training: the same model for all three.
+    assert len({round(by_name[n]["curve"][0]["perplexity"], 6) for n in ("alibi", "alibi_longlora", "alibi_attention")}) == 1
+    assert not (tmp_path / "out" / "variants" / "alibi_attention" / "adapter").exists()  # no adapter: trained in full
+    assert (tmp_path / "out" / "variants" / "alibi_longlora" / "adapter").is_dir()
+    table = paths["markdown"].read_text()
+    assert "**Recalibration**" in table and table.count("| alibi") >= 6 and paths["curves_plot"].read_bytes()[:4] == b"\x89PNG"
+
+
+def test_full_attention_trains_only_attention_projections_and_tables():
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    import hf_posenc
+    from hf_posenc import PosEncConfig
+    from hf_posenc.context_extension.training import train_attention_only
+
+    model = LlamaForCausalLM(LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                         num_attention_heads=4, num_key_value_heads=4))
+    hf_posenc.convert(model, PosEncConfig(kind="t5_bias", num_buckets=8, max_distance=16))
+    train_attention_only(model)
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    assert trainable and all(".self_attn." in n for n in trainable)
+    assert {n.split(".")[-2] for n in trainable} == {"q_proj", "k_proj", "v_proj", "o_proj", "posenc"}
+
+
+def test_recalibration_verdicts():
+    from hf_posenc.context_extension.report import recalibration
+
+    def variant(name, curve_ppl, ppl_at_l):
+        curve = [{"step": i, "train_tokens": 1000 * i, "perplexity": p} for i, p in enumerate(curve_ppl)]
+        table = {"8": ppl_at_l}
+        return {"name": name, "posenc": {"kind": "rope"}, "finetuned": bool(curve_ppl), "train_tokens": 0,
+                "perplexity": {"non_overlapping": table, "sliding": table}, "passkey": {}, "curve": curve}
+
+    results = {"train_length": 8, "variants": [
+        variant("rope", [], 10.0), variant("a", [40, 20, 10.5, 10.4, 10.4], 10.4),
+        variant("b", [60, 40, 30, 25, 20], 20), variant("c", [60, 30, 25, 25.1, 25.0], 25)]}
+    verdicts = {r["name"]: r["verdict"] for r in recalibration(results)}
+    assert verdicts == {"a": "recovered (within 10 % of the base)", "b": "still improving: under-trained at this budget",
+                        "c": "plateaued at 2.50x the base"}

@@ -11,6 +11,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import math
 import os
 import shutil
 import time
@@ -30,7 +31,7 @@ def _fingerprint(cfg: CompareConfig, variant: VariantConfig) -> str:
     payload = {
         "variant": variant.model_dump(mode="json"),
         "train": cfg.variant_train(variant).model_dump(mode="json") if variant.finetune else None,
-        "lora": cfg.lora.model_dump(mode="json") if variant.finetune else None,
+        "lora": cfg.variant_lora(variant).model_dump(mode="json") if variant.finetune else None,
         "model": cfg.model.model_dump(mode="json"),
         "data": cfg.data.model_dump(mode="json"),
         "eval": cfg.eval.model_dump(mode="json"),
@@ -75,13 +76,25 @@ def run_variant(cfg: CompareConfig, variant: VariantConfig, source, tokenizer, h
     set_seed(cfg.variant_train(variant).seed)
     model = apply_encoding(model, variant.posenc)
     stats: dict[str, Any] = {"train_tokens": 0, "seconds": 0.0}
+    curve: list[dict[str, Any]] = []
     if variant.finetune:
+        from peft import PeftModel
+
         train_cfg = cfg.variant_train(variant)
+        on_step = None
+        if cfg.eval.curve_every:
+            on_step = _curve_recorder(curve, held_out[: cfg.eval.curve_tokens], cfg.base_length, cfg.eval.curve_every,
+                                      train_cfg)
+            on_step(0, model)
         accelerator = make_accelerator(train_cfg)  # single process: the grid runs its variants in turn
-        peft_model, stats = finetune_lora(accelerator, model, tokenizer, get_train_texts(), cfg.lora, train_cfg,
-                                          workdir / "checkpoints", progress=progress, desc=f"finetune {run_name}")
-        peft_model.save_pretrained(str(workdir / "adapter"))
-        model = peft_model.merge_and_unload()
+        trained, stats = finetune_lora(accelerator, model, tokenizer, get_train_texts(), cfg.variant_lora(variant),
+                                       train_cfg, workdir / "checkpoints", progress=progress,
+                                       desc=f"finetune {run_name}", on_step=on_step)
+        if isinstance(trained, PeftModel):
+            trained.save_pretrained(str(workdir / "adapter"))
+            model = trained.merge_and_unload()
+        else:  # attention trained in full: nothing to merge (and no adapter to keep)
+            model = trained.eval()
         accelerator.free_memory()
         stats["seq_len"] = train_cfg.seq_len
     started = time.time()
@@ -99,10 +112,31 @@ def run_variant(cfg: CompareConfig, variant: VariantConfig, source, tokenizer, h
         "passkey_by_depth": evaluation["passkey_by_depth"],
         "loss_by_position": evaluation["loss_by_position"],
         **({"ruler": evaluation["ruler"]} if "ruler" in evaluation else {}),
+        **({"curve": curve} if curve else {}),
         "train": {k: v for k, v in stats.items() if k != "train_tokens"},
         "eval_seconds": round(time.time() - started, 1),
         "fingerprint": fingerprint,
     }
+
+
+def _curve_recorder(curve: list[dict[str, Any]], tokens: torch.Tensor, length: int, every: int, train_cfg):
+    """An ``on_step`` callback that appends ``{"step", "train_tokens", "perplexity"}`` (at ``length``, over
+    ``tokens`` in non-overlapping windows) to ``curve`` at step 0 and every ``every`` steps."""
+    from .evaluation import non_overlapping
+
+    tokens_per_step = train_cfg.batch_size * train_cfg.grad_accum * train_cfg.seq_len
+
+    def record(step: int, model) -> None:
+        if step % every and step != train_cfg.steps:
+            return
+        was_training = model.training
+        model.eval()
+        nll, _ = non_overlapping(model, tokens, length, batch_size=4)
+        model.train(was_training)
+        curve.append({"step": step, "train_tokens": step * tokens_per_step,
+                      "perplexity": math.exp(math.fsum(nll) / len(nll))})
+
+    return record
 
 
 def _load_average() -> list[float] | None:

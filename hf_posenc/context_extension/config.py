@@ -149,6 +149,9 @@ class LoraSettings(Section):
     modules_to_save: list[str] = Field(default_factory=list)
     #: LongLoRA (Chen et al. 2023, https://arxiv.org/abs/2309.12307): also train embeddings and norms.
     train_embeddings_and_norms: bool = False
+    #: No adapter: train the attention projections (``target_modules``, default the architecture's) in
+    #: full, with the position tables; the stronger recalibration a LoRA budget is compared against.
+    full_attention: bool = False
 
 
 class TrainConfig(Section):
@@ -173,13 +176,18 @@ class TrainConfig(Section):
     mixed_precision: Literal["no", "bf16", "fp16"] | None = None
 
 
-#: A variant's changes to the shared ``train`` section: any subset of its keys, each checked as there.
-TrainPatch = create_model(
-    "TrainPatch",
-    __base__=Section,
-    __doc__="Some keys of ``train``, each with the type and bounds it has in :class:`TrainConfig`.",
-    **{name: (info.rebuild_annotation() | None, None) for name, info in TrainConfig.model_fields.items()},
-)
+def _patch_of(section: type[Section]) -> type[Section]:
+    """A variant's changes to a shared section: any subset of its keys, each checked as there."""
+    return create_model(
+        f"{section.__name__.removesuffix('Config').removesuffix('Settings')}Patch",
+        __base__=Section,
+        __doc__=f"Some keys of the shared section, each with the type and bounds it has in :class:`{section.__name__}`.",
+        **{name: (info.rebuild_annotation() | None, None) for name, info in section.model_fields.items()},
+    )
+
+
+TrainPatch = _patch_of(TrainConfig)
+LoraPatch = _patch_of(LoraSettings)
 
 
 class OutputConfig(Section):
@@ -253,6 +261,10 @@ class EvalConfig(Section):
     sliding_stride: Positive = 256
     sliding_tokens: Positive = 4096
     bucket_size: Positive = 256
+    #: Recalibration curves: every this many fine-tune steps (and before the first), perplexity at L on
+    #: the first ``curve_tokens`` held-out tokens; ``null``: no curve.
+    curve_every: Positive | None = None
+    curve_tokens: Positive = 4096
     passkey: PasskeyConfig = Field(default_factory=PasskeyConfig)
     #: ``null``: no RULER-style tasks.
     ruler: RulerConfig | None = None
@@ -289,6 +301,8 @@ class VariantConfig(Section):
     finetune: bool = True
     #: Per-variant changes to the shared ``train`` section (e.g. a shorter ``seq_len`` for CoPE).
     train: TrainPatch = Field(default_factory=TrainPatch)
+    #: Per-variant changes to the shared ``lora`` section (e.g. LongLoRA, or ``full_attention``).
+    lora: LoraPatch = Field(default_factory=LoraPatch)
 
 
 class CompareConfig(Section):
@@ -331,6 +345,10 @@ class CompareConfig(Section):
         return [(f"{variant.name}@seed{seed}",
                  variant.model_copy(update={"train": variant.train.model_copy(update={"seed": seed})}))
                 for seed in self.seeds]
+
+    def variant_lora(self, variant: VariantConfig) -> LoraSettings:
+        """The ``lora`` section with the variant's own changes applied."""
+        return self.lora.model_copy(update=variant.lora.model_dump(exclude_unset=True))
 
     def variant_train(self, variant: VariantConfig) -> TrainConfig:
         """The ``train`` section with the variant's own changes applied (each was checked on load)."""

@@ -224,6 +224,90 @@ def orderings_markdown(results: dict[str, Any]) -> str:
     return "\n".join(lines) + "\n"
 
 
+#: A recalibration that ends within this factor of the base's ppl@L has recovered.
+RECOVERED_WITHIN = 1.10
+#: A curve whose last quarter still lowers ppl@L by more than this fraction is still learning.
+STILL_FALLING = 0.03
+
+
+def _mean_curve(v: dict[str, Any]) -> list[tuple[int, float]]:
+    """``[(train_tokens, ppl@L)]`` of a record's curve (the mean over seeds when it merges several)."""
+    curves = [r["curve"] for r in v.get("spread", {}).get("runs", [])] or [v.get("curve") or []]
+    points: dict[int, list[float]] = {}
+    for curve in curves:
+        for point in curve:
+            points.setdefault(point["train_tokens"], []).append(point["perplexity"])
+    return [(t, statistics.fmean(points[t])) for t in sorted(points)]
+
+
+def recalibration(results: dict[str, Any]) -> list[dict[str, Any]]:
+    """For every variant with a curve: ppl@L along its fine-tune and whether it is bad or only under-trained.
+
+    The verdict compares the end of the curve with the base model's ppl@L (variant ``rope``, not fine-tuned):
+    ``recovered`` within 10 %; ``still improving: under-trained at this budget`` when the last quarter of
+    the run still lowered ppl@L by more than 3 %; else ``plateaued at N x the base``: more of the same
+    budget would not close the gap, so the encoding (or this way of recalibrating it) is the limit here.
+    """
+    L = str(results["train_length"])
+    base = next((v["perplexity"]["non_overlapping"].get(L) for v in results["variants"] if v["name"] == "rope"), None)
+    out = []
+    for v in results["variants"]:
+        curve = _mean_curve(v)
+        if len(curve) < 2:
+            continue
+        final_tokens, final = curve[-1]
+        quarter = next(p for t, p in curve if t >= 0.75 * final_tokens)
+        if base is not None and final <= RECOVERED_WITHIN * base:
+            verdict = "recovered (within 10 % of the base)"
+        elif (quarter - final) / quarter > STILL_FALLING:
+            verdict = "still improving: under-trained at this budget"
+        else:
+            verdict = f"plateaued at {final / base:.2f}x the base" if base else "plateaued"
+        out.append({"name": v["name"], "curve": curve, "base": base, "final": final, "verdict": verdict})
+    return out
+
+
+def recalibration_markdown(results: dict[str, Any]) -> str:
+    """The recalibration curves as a table: ppl@L at each checkpoint, and the verdict."""
+    rows = recalibration(results)
+    if not rows:
+        return ""
+    L = results["train_length"]
+    lines = [f"**Recalibration**: ppl@{L} along each fine-tune (train tokens), against the base's "
+             f"{_fmt(rows[0]['base'])}", "", "| variant | curve (tokens: ppl) | verdict |", "|---|---|---|"]
+    for row in rows:
+        points = ", ".join(f"{t // 1000}k: {_fmt(p)}" for t, p in row["curve"])
+        lines.append(f"| {row['name']} | {points} | {row['verdict']} |")
+    return "\n".join(lines) + "\n"
+
+
+def plot_recalibration(results: dict[str, Any], path: Path) -> bool:
+    """ppl@L against recalibration tokens, one line per variant with a curve; False if there is none."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = recalibration(results)
+    if not rows:
+        return False
+    fig, ax = plt.subplots(figsize=(9, 5))
+    for row in rows:
+        ax.plot([t for t, _ in row["curve"]], [p for _, p in row["curve"]], marker=".", label=row["name"])
+    if rows[0]["base"] is not None:
+        ax.axhline(rows[0]["base"], color="grey", linestyle=":", label="base (RoPE, not fine-tuned)")
+    ax.set_yscale("log")
+    ax.set_xlabel("recalibration tokens")
+    ax.set_ylabel(f"perplexity at L = {results['train_length']}")
+    ax.set_title("recalibration curves")
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1))
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return True
+
+
 def eval_summary(results: dict[str, Any]) -> EvalSummary:
     """The numbers by length of a comparison as the cards' results model (one method per variant)."""
     return EvalSummary(records_from_rows(comparison_rows(results)))
@@ -398,10 +482,14 @@ def write_report(results: dict[str, Any], out_dir: Path) -> dict[str, Path]:
     ruler_tables = ruler_markdown(results)
     paths["markdown"].write_text(markdown_table(results) + ("\n" + checks if checks else "")
                                  + "\n" + orderings_markdown(results)
+                                 + ("\n" + recalibration_markdown(results) if recalibration(results) else "")
                                  + ("\n" + ruler_tables if ruler_tables else ""))
     plot_results(summary, paths["perplexity_plot"], metrics=("perplexity", "perplexity_sliding"),
                  mark_length=results["train_length"])
     plot_passkey(results, paths["passkey_plot"])
+    curves_plot = out_dir / "recalibration_curves.png"
+    if plot_recalibration(results, curves_plot):
+        paths["curves_plot"] = curves_plot
     spread_plot = out_dir / "perplexity_spread.png"
     if plot_seed_spread(results, spread_plot):
         paths["spread_plot"] = spread_plot
@@ -444,6 +532,7 @@ def update_readme(readme: Path, paths: dict[str, Path], assets_dir: Path | None 
         f"![perplexity vs length]({rel['perplexity_plot']})", "",
         f"![passkey accuracy]({rel['passkey_plot']})", "",
         *([f"![perplexity spread over seeds]({rel['spread_plot']})", ""] if "spread_plot" in rel else []),
+        *([f"![recalibration curves]({rel['curves_plot']})", ""] if "curves_plot" in rel else []),
         *([f"![loss by position]({rel['position_plot']})", ""] if "position_plot" in rel else []),
         *[f"![RULER {key[6:-5]}]({rel[key]})\n" for key in rel if key.startswith("ruler_")],
         f"Full results: [`{rel['json']}`]({rel['json']}) (JSON), [`{rel['csv']}`]({rel['csv']}) (CSV).", README_END,

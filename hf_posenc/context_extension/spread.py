@@ -74,8 +74,10 @@ def merge_seeds(records: list[dict[str, Any]]) -> dict[str, Any]:
     if all("ruler" in r for r in records):
         merged["ruler"], std["ruler"], values["ruler"] = _merge_ruler([r["ruler"] for r in records])
     merged["train_tokens"] = records[0]["train_tokens"]
-    merged["spread"] = {"seeds": [r.get("seed") for r in records], "n": len(records), "std": std, "values": values}
+    merged["spread"] = {"seeds": [r.get("seed") for r in records], "n": len(records), "std": std, "values": values,
+                        "runs": [{"seed": r.get("seed"), "curve": r["curve"]} for r in records if "curve" in r]}
     merged.pop("seed", None)
+    merged.pop("curve", None)  # one seed's curve; every seed's is in spread.runs
     return merged
 
 

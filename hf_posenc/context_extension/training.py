@@ -17,7 +17,9 @@ import os
 import signal
 import time
 import warnings
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -105,7 +107,7 @@ def requested_processes() -> int | None:
 
 
 def train(accelerator, model, windows: torch.Tensor, cfg: TrainConfig, ckpt_root: Path | None,
-          progress: bool = True, desc: str = "finetune") -> dict:
+          progress: bool = True, desc: str = "finetune", on_step: Callable[[int, Any], None] | None = None) -> dict:
     """Train ``model`` (a PEFT model) for ``cfg.steps`` optimizer steps on ``windows``.
 
     Args:
@@ -117,6 +119,8 @@ def train(accelerator, model, windows: torch.Tensor, cfg: TrainConfig, ckpt_root
         ckpt_root: Where ``save_state`` checkpoints go (``None``: no checkpoints, no resume).
         progress: Show a progress bar on the main process.
         desc: Progress-bar label.
+        on_step: Called as ``on_step(step, model)`` after every optimizer step (``step`` counts from 1;
+            e.g. a recalibration curve's evaluation; it must leave the model in training mode).
 
     Returns:
         Statistics: ``train_tokens`` (over all processes), ``seconds``, ``final_loss``,
@@ -168,6 +172,8 @@ def train(accelerator, model, windows: torch.Tensor, cfg: TrainConfig, ckpt_root
         scheduler.step()
         step += 1
         bar.update(1)
+        if on_step is not None:
+            on_step(step, model)
         if step % cfg.log_every == 0 or step == cfg.steps:
             recent = losses[-cfg.log_every * cfg.grad_accum :]
             bar.set_postfix(loss=f"{sum(recent) / len(recent):.3f}")
@@ -196,8 +202,10 @@ def train(accelerator, model, windows: torch.Tensor, cfg: TrainConfig, ckpt_root
 
 
 def finetune_lora(accelerator, model, tokenizer, texts: list[str], lora: LoraSettings, cfg: TrainConfig,
-                  ckpt_root: Path | None, progress: bool = True, desc: str = "finetune"):
-    """Wrap ``model`` with LoRA and train it on windows of ``texts``.
+                  ckpt_root: Path | None, progress: bool = True, desc: str = "finetune",
+                  on_step: Callable[[int, Any], None] | None = None):
+    """Wrap ``model`` with LoRA and train it on windows of ``texts`` (or, with ``lora.full_attention``, train
+    its attention projections in full: :func:`train_attention_only`).
 
     The adapter targets the architecture's attention projections (unless ``lora.target_modules`` is
     set) and trains, in full, the encoding's ``posenc`` tables whenever they have parameters (a fresh
@@ -214,21 +222,47 @@ def finetune_lora(accelerator, model, tokenizer, texts: list[str], lora: LoraSet
         ckpt_root: Checkpoint folder (resumed from when it holds one); None: no checkpoints.
         progress: Show a progress bar on the main process.
         desc: Progress-bar and log label.
+        on_step: See :func:`train`.
 
     Returns:
         ``(peft_model, stats)``: the trained ``PeftModel``, unwrapped from Accelerate (save it with
-        ``save_pretrained`` or merge it with ``merge_and_unload``), and the statistics of :func:`train`.
+        ``save_pretrained`` or merge it with ``merge_and_unload``), and the statistics of :func:`train`;
+        with ``lora.full_attention`` the trained model itself.
     """
     from peft import get_peft_model
 
     from ..peft_utils import lora_config
     from .data import training_windows
 
+    windows = training_windows(texts, tokenizer, cfg)
+    if lora.full_attention:
+        train_attention_only(model, lora.target_modules)
+        trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+        logger.info("%s: attention in full, %d of %d parameters trainable", desc, trainable,
+                    sum(p.numel() for p in model.parameters()))
+        stats = train(accelerator, model, windows, cfg, ckpt_root, progress=progress, desc=desc, on_step=on_step)
+        return accelerator.unwrap_model(model), stats
     peft_model = get_peft_model(model, lora_config(
         model, r=lora.r, alpha=lora.alpha, dropout=lora.dropout, longlora=lora.train_embeddings_and_norms,
         target_modules=lora.target_modules, modules_to_save=lora.modules_to_save, task_type="CAUSAL_LM"))
     trainable, total = peft_model.get_nb_trainable_parameters()
     logger.info("%s: %d of %d parameters trainable (%.2f%%)", desc, trainable, total, 100 * trainable / total)
-    windows = training_windows(texts, tokenizer, cfg)
-    stats = train(accelerator, peft_model, windows, cfg, ckpt_root, progress=progress, desc=desc)
+    stats = train(accelerator, peft_model, windows, cfg, ckpt_root, progress=progress, desc=desc, on_step=on_step)
     return accelerator.unwrap_model(peft_model), stats
+
+
+def train_attention_only(model, target_modules: list[str] | None = None) -> None:
+    """Freeze ``model`` except its attention projections and position tables (full fine-tuning of attention).
+
+    Args:
+        model: A (converted) model of a supported architecture.
+        target_modules: Projection names; default the architecture's LoRA targets (its attention projections).
+    """
+    from ..peft_utils import POSENC_MODULE, lora_target_modules
+
+    names = set(target_modules or lora_target_modules(model))
+    model.requires_grad_(False)
+    for name, module in model.named_modules():
+        parts = name.split(".")
+        if parts[-1] in names or POSENC_MODULE in parts:
+            module.requires_grad_(True)
