@@ -46,6 +46,7 @@ ENCODINGS = {
     "alibi": dict(kind="alibi"),
     "t5_bias": dict(kind="t5_bias"),
     "cope": dict(kind="cope"),
+    "kerple": dict(kind="kerple", kernel="power"),
 }
 #: name -> (weight dtype or None for fp32 weights, autocast dtype or None).
 MODES = {
