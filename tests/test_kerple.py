@@ -178,3 +178,16 @@ def test_kernel_is_a_typed_field():
     assert PosEncConfig.from_dict({"kind": "kerple", "kernel": "power"}).to_dict()["kernel"] == "power"
     with pytest.raises(ValueError, match=r"kind='kerple'\): invalid kernel='exp'; allowed: one of \['log', 'power'\]"):
         PosEncConfig(kind="kerple", kernel="exp")
+
+
+def test_usable_as_a_comparison_variant(tmp_path):
+    from pathlib import Path
+
+    from hf_posenc.context_extension.config import CompareConfig, load_config
+
+    preset = Path(__file__).resolve().parent.parent / "recipes" / "configs" / "compare_tiny.yaml"
+    text = preset.read_text()
+    assert text.rstrip().endswith("}")  # its variants list comes last: one more item can be appended
+    (tmp_path / "compare.yaml").write_text(text + "  - {name: kerple, posenc: {kind: kerple, kernel: power}}\n")
+    variant = load_config(CompareConfig, tmp_path / "compare.yaml").variants[-1]
+    assert variant.name == "kerple" and variant.posenc == PosEncConfig(kind="kerple", kernel="power")
