@@ -10,7 +10,7 @@ Usage::
 What is measured (``mode``), for ``stock_sdpa``, ``stock_eager``, ``rope``, ``rope_yarn``, ``nope``,
 ``alibi``, ``t5_bias``, ``cope``, ``cope_naive`` (the paper's formulation with full ``[B, H, T, T]``
 tensors and gather interpolation, defined here as the baseline the fast path is judged against),
-``self_extend`` (G=4, W=256) and ``rerope`` (w=256):
+``self_extend`` (G=4, W=256), ``rerope`` (w=256) and ``kerple`` / ``kerple_power`` (log / power kernel):
 
 * ``forward`` (no grad, eval) and ``forward_backward`` (train mode, loss.backward()) of a small Llama
   (``scope="model"``: d=256, 4 layers, 4 heads of 64, byte vocabulary) and of one attention call
@@ -65,11 +65,12 @@ from hf_posenc import PosEncConfig  # noqa: E402
 from hf_posenc._hf import cache_kwargs  # noqa: E402
 from hf_posenc.attention import posenc_sdpa_attention  # noqa: E402
 from hf_posenc.encodings import AlibiBias, CoPE, RotaryPosition, T5Bias  # noqa: E402
+from hf_posenc.encodings.kerple import KerpleBias  # noqa: E402
 from hf_posenc.encodings.rerope import ReRoPE  # noqa: E402
 from hf_posenc.encodings.self_extend import SelfExtend  # noqa: E402
 
 ENCODINGS = ("stock_sdpa", "stock_eager", "rope", "rope_yarn", "nope", "alibi", "t5_bias", "cope", "cope_naive",
-             "self_extend", "rerope")
+             "self_extend", "rerope", "kerple", "kerple_power")
 POSENC = {
     "rope": dict(kind="rope"),
     "rope_yarn": dict(kind="rope", rope_type="yarn", factor=2.0),
@@ -81,6 +82,8 @@ POSENC = {
     # Windows shorter than every benchmarked T, so that both passes run (a window >= T is the near pass alone).
     "self_extend": dict(kind="self_extend", group_size=4, neighbor_window=256),
     "rerope": dict(kind="rerope", window=256),
+    "kerple": dict(kind="kerple"),
+    "kerple_power": dict(kind="kerple", kernel="power"),
 }
 MODES = ("forward", "forward_backward", "decode", "lora_train")
 #: The full-tensor baseline keeps ~10 [B, H, T, T] fp32 tensors per layer for backward: above this length
@@ -252,6 +255,8 @@ def attention_step(encoding: str, batch: int, heads: int, length: int, dim: int,
         "cope_naive": lambda: NaiveCoPE(dim),
         "self_extend": lambda: SelfExtend(rope_params, dim, 8192, group_size=4, neighbor_window=256),
         "rerope": lambda: ReRoPE(rope_params, dim, 8192, window=256),
+        "kerple": lambda: KerpleBias(heads),
+        "kerple_power": lambda: KerpleBias(heads, "power"),
     }.get(encoding, lambda: None)()
     layer = _Layer(posenc)
     if grad:

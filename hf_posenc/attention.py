@@ -144,11 +144,11 @@ def _diagonals(posenc, capabilities, q_pos, k_pos, dtype):
     """The causal bias per diagonal ``[H, q + kv - 1]`` and the band its gradient comes from.
 
     A ``banded`` bias gives its values relative to the far constant (zero past the band); a ``diagonal``
-    one varies at every distance, so its band is every distance.
+    one varies at every distance, so its band is every distance a causal query sees: ``0 .. kv - 1``.
     """
     if capabilities.bias_form == "banded":
         return posenc.banded_diagonals(q_pos, k_pos, dtype)
-    return posenc.bias_diagonals(q_pos, k_pos, True), q_pos.shape[0] + k_pos.shape[0]
+    return posenc.bias_diagonals(q_pos, k_pos, True), k_pos.shape[0]
 
 
 def diagonal_tiles_cpu(query, key, value, posenc, capabilities, allowed, q_pos, k_pos, scaling, diagonal):

@@ -46,6 +46,7 @@ ENCODINGS = {
     "alibi": dict(kind="alibi"),
     "t5_bias": dict(kind="t5_bias"),
     "cope": dict(kind="cope"),
+    "kerple": dict(kind="kerple", kernel="power"),
 }
 #: name -> (weight dtype or None for fp32 weights, autocast dtype or None).
 MODES = {
@@ -57,6 +58,11 @@ MODES = {
 FORWARD_TOL = {torch.bfloat16: 4e-2, torch.float16: 6e-3}
 GRAD_TOL = {torch.bfloat16: 6e-2, torch.float16: 1e-2}
 COPE_GRAD_TOL = 0.15
+#: KERPLE's r1/r2 gradients in bf16: each is one sum over every (query, key) pair of dS * k(d), and a row's dS
+#: sums to 0, so the terms cancel down to the variation of the kernel along the row. Measured on the Llama
+#: case: 0.083 (eager, bf16 autocast; the dense autograd path every bias kind shares), 0.053 (tiled kernel);
+#: fp16 stays at 0.005 and every other parameter within GRAD_TOL.
+KERPLE_BF16_TABLE_TOL = 0.1
 #: Weight scale of the test models: HF's 0.02 init gives near-uniform attention on a 32-wide model, where
 #: RoPE changes the logits by less than bf16 rounding (nothing to test). N(0, 0.2) gives O(1) logits.
 WEIGHT_STD = 0.2
@@ -176,6 +182,8 @@ def test_training_step_with_checkpointing_matches_fp32(arch, encoding, backend):
         error = relative_error(torch.cat([got[n].flatten() for n in expected]),
                                torch.cat([expected[n].flatten() for n in expected]))
         assert error <= tolerance, f"{mode}: gradient relative error {error:.3g}"
+        if encoding == "kerple" and precision == torch.bfloat16:
+            tolerance = KERPLE_BF16_TABLE_TOL
         for name in (n for n in expected if ".posenc." in n):  # the tables' gradients come from our kernels
             error = relative_error(got[name], expected[name])
             assert error <= tolerance, f"{mode} {name}: relative error {error:.3g}"

@@ -30,6 +30,7 @@ ENCODINGS = {
     "alibi": ("llama", {"kind": "alibi"}),
     "t5_bias": ("llama", {"kind": "t5_bias", "num_buckets": 8, "max_distance": 16}),
     "cope": ("llama", {"kind": "cope", "npos_max": 16}),
+    "kerple": ("llama", {"kind": "kerple"}),
     "alibi-gpt2": ("gpt2", {"kind": "alibi"}),
 }
 

@@ -20,6 +20,7 @@ SETTINGS = {
     "alibi": {},
     "t5_bias": {"num_buckets": 8, "max_distance": 20},
     "cope": {"npos_max": 16},
+    "kerple": {"kernel": "power"},
 }
 ARCHS = {"rope": ["llama"], "nope": ["llama"], "alibi": ["llama", "gpt2"], "t5_bias": ["qwen3", "bert"],
          "cope": ["llama", "gpt_neox"]}

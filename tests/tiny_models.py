@@ -17,6 +17,7 @@ from transformers import AutoModel, AutoModelForCausalLM
 import hf_posenc
 from hf_posenc import registry
 from hf_posenc.architectures import ARCHITECTURES
+from hf_posenc.encodings.kerple import KerpleBias
 
 VOCAB = 101
 _COMMON = dict(vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
@@ -151,6 +152,12 @@ def randomize_position_tables(model, seed: int = 1) -> None:
         for name, param in model.named_parameters():
             if ".posenc." in name:
                 param.copy_(torch.randn(param.shape, generator=generator) * 0.5)
+        for module in model.modules():
+            if isinstance(module, KerpleBias):
+                # The paper's r1, r2 are positive: a negative r1 reads as 0 (projected), a bias-free head
+                # whose r2 has no gradient at all, which would leave r2 untested.
+                module.r1.abs_()
+                module.r2.abs_()
 
 
 def input_ids(batch: int = 2, length: int = 12, seed: int = 0) -> torch.Tensor:
