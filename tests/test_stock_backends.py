@@ -17,7 +17,8 @@ from hf_posenc import PosEncConfig, _hf
 #: Every encoding through its plug-in route (RoPE with the interleaved layout is not native).
 # Windows shorter than the tests' sequences, so that the training-free extensions run both regimes.
 SETTINGS = {"rope": {"layout": "interleaved"}, "nope": {}, "alibi": {}, "t5_bias": {"num_buckets": 8},
-            "cope": {"npos_max": 8}, "self_extend": {"group_size": 2, "neighbor_window": 3}, "rerope": {"window": 3}}
+            "cope": {"npos_max": 8}, "self_extend": {"group_size": 2, "neighbor_window": 3}, "rerope": {"window": 3},
+            "contextual_rope": {}}
 ALLOWED = r"allowed: \['eager', 'hf_posenc_eager', 'hf_posenc_sdpa', 'sdpa'\]"
 
 
