@@ -265,7 +265,7 @@ def test_generation_with_trained_widths_follows_its_positions():
 @pytest.mark.parametrize("arch", ["gpt2", "bert"])
 def test_models_without_rope_are_refused(arch):
     with pytest.raises(ValueError, match=rf"kind='contextual_rope'\) cannot be applied to {arch!r}: the model has "
-                                         r"no RoPE to extend .*allowed: .*llama"):
+                                         r"no RoPE to extend .*allowed: architectures with RoPE \(llama, .*modernbert\)"):
         hf_posenc.convert(tiny_model(arch), PosEncConfig(kind="contextual_rope"))
 
 
