@@ -41,8 +41,12 @@ from torch.autograd.function import once_differentiable
 
 from .. import registry
 from ..config import PosEncConfig
-from .rope import RotaryPosition, rotate_half, rotate_interleaved, rotate_pairs, rotation_cos_sin
+from .rope import RotaryPosition, rotate_pairs, rotation_cos_sin
 from .windowed_rope_attention import check_every_layer
+
+
+#: Rows per chunk of the backward's rotations (bounds its temporaries to a chunk's cos/sin and unrotated keys).
+CHUNK_ROWS = 128
 
 
 @dataclass(frozen=True)
@@ -80,15 +84,20 @@ def _widths_and_positions(key: torch.Tensor, direction: torch.Tensor, first: tor
 def _angle_gradient(grad: torch.Tensor, rotated: torch.Tensor, rotary_dim: int, layout: str) -> torch.Tensor:
     """``dL/d angle`` per rotation pair, ``[..., n, rotary_dim / 2]``.
 
-    The derivative of a rotated pair by its angle is the pair turned by another 90 degrees (``rotate_half``
-    of the output: the cos/sin factor is already in it), so ``dL/da = g . rotate(y)`` summed over the pair.
+    A rotated pair ``(y1, y2)`` moves with its angle as the pair turned by another 90 degrees, ``(-y2, y1)``
+    (the cos/sin factor is already in ``y``), so ``dL/da = g2 y1 - g1 y2``.
     """
-    rotate = rotate_half if layout == "half" else rotate_interleaved
-    product = grad[..., :rotary_dim] * rotate(rotated[..., :rotary_dim])
     if layout == "half":
         half = rotary_dim // 2
-        return product[..., :half] + product[..., half:]
-    return product[..., 0::2] + product[..., 1::2]
+        first, second = slice(0, half), slice(half, rotary_dim)
+    else:
+        first, second = slice(0, rotary_dim, 2), slice(1, rotary_dim, 2)
+    return torch.mul(grad[..., second], rotated[..., first]).addcmul_(grad[..., first], rotated[..., second], value=-1)
+
+
+def _chunks(length: int, rows: int = CHUNK_ROWS):
+    for start in range(0, length, rows):
+        yield slice(start, min(start + rows, length))
 
 
 class _ContextualRotation(torch.autograd.Function):
@@ -106,18 +115,25 @@ class _ContextualRotation(torch.autograd.Function):
     """
 
     @staticmethod
+    def _query_cos_sin(k_cos, k_sin, positions, q_index, inv_freq, scaling, dtype):
+        """cos/sin of the queries, ``[B, Hkv, 1, q, rotary_dim / 2]``: the keys' own in a prefill (every key is
+        a query), else from the queries' positions."""
+        if q_index.shape[0] == positions.shape[-1] and dtype == k_cos.dtype:
+            return k_cos[:, :, None], k_sin[:, :, None]
+        return rotation_cos_sin(positions.index_select(-1, q_index)[:, :, None], inv_freq, scaling, dtype)
+
+    @staticmethod
     def forward(ctx, query, key, direction, q_index, first, inv_freq, scaling, rotary_dim, layout):
         batch, heads, q_len, dim = query.shape
         kv_heads = key.shape[1]
         widths, positions = _widths_and_positions(key, direction, first)
-        # Query heads grouped by their KV head (a view): they broadcast against their group's positions.
-        grouped = query.reshape(batch, kv_heads, heads // kv_heads, q_len, dim)
-        q_positions = positions.index_select(-1, q_index)[:, :, None]  # [B, Hkv, 1, q]
-        q_cos, q_sin = rotation_cos_sin(q_positions, inv_freq, scaling, query.dtype)
-        q_rot = rotate_pairs(grouped, q_cos, q_sin, rotary_dim, layout).reshape(batch, heads, q_len, dim)
-        del q_cos, q_sin
         k_cos, k_sin = rotation_cos_sin(positions, inv_freq, scaling, key.dtype)  # [B, Hkv, kv, rotary_dim / 2]
         k_rot = rotate_pairs(key, k_cos, k_sin, rotary_dim, layout)
+        q_cos, q_sin = _ContextualRotation._query_cos_sin(k_cos, k_sin, positions, q_index, inv_freq, scaling,
+                                                          query.dtype)
+        # Query heads grouped by their KV head (a view): they broadcast against their group's positions.
+        grouped = query.reshape(batch, kv_heads, heads // kv_heads, q_len, dim)
+        q_rot = rotate_pairs(grouped, q_cos, q_sin, rotary_dim, layout).reshape(batch, heads, q_len, dim)
         # The rotations are what the attention kernel keeps for its own backward: saving them costs nothing.
         ctx.save_for_backward(q_rot, k_rot, direction, widths, positions, q_index, inv_freq)
         ctx.config = (scaling, rotary_dim, layout, query.dtype, key.dtype)
@@ -137,23 +153,33 @@ class _ContextualRotation(torch.autograd.Function):
         freq = inv_freq.to(acc)
         d_pos = _angle_gradient(grad_k, k_rot.to(acc), rotary_dim, layout) @ freq  # [B, Hkv, kv]
         q_rotated = q_rot.to(acc).reshape(grad_q.shape)
-        d_q_pos = (_angle_gradient(grad_q, q_rotated, rotary_dim, layout) @ freq).sum(2)  # [B, Hkv, q]
+        d_pos.index_add_(-1, q_index, (_angle_gradient(grad_q, q_rotated, rotary_dim, layout) @ freq).sum(2))
         del q_rotated
-        d_pos = d_pos.index_add(-1, q_index, d_q_pos)
         # p_j = first + sum_{t <= j} w_t - 1, so dL/dw_t = sum_{j >= t} dL/dp_j; w = 2 sigmoid(l): dw/dl = w (1 - w/2).
         d_widths = d_pos.flip(-1).cumsum(-1).flip(-1)
         d_logits = d_widths * widths * (1 - widths / 2)  # [B, Hkv, kv]
-        # The rotation is orthogonal up to its cos/sin factor s: rotating by -a multiplies by s, undoing it
-        # divides by s (on the rotary dimensions; the others pass).
-        q_cos, q_sin = rotation_cos_sin(positions.index_select(-1, q_index)[:, :, None], inv_freq, 1.0, acc)
-        d_query = rotate_pairs(grad_q, q_cos * scaling, -q_sin * scaling, rotary_dim, layout)
-        del q_cos, q_sin, grad_q
-        k_cos, k_sin = rotation_cos_sin(positions, inv_freq, 1.0, acc)
-        key = rotate_pairs(k_rot.to(acc), k_cos / scaling, -k_sin / scaling, rotary_dim, layout)  # unrotated
-        d_direction = torch.einsum("bhn,bhnd->hd", d_logits, key)
-        del key
-        d_key = rotate_pairs(grad_k, k_cos * scaling, -k_sin * scaling, rotary_dim, layout)
-        d_key += d_logits[..., None] * direction.to(acc)[:, None, :]
+
+        # The rotation is orthogonal up to its cos/sin factor s: the gradient turns back by the angle, times s;
+        # the unrotated key (for du) is the rotated one turned back, divided by s. Rows in chunks, so that no
+        # cos/sin table or unrotated copy of the whole key exists: the peak is the two gradients themselves.
+        def turn_back(x, positions, factor):
+            cos, sin = rotation_cos_sin(positions, inv_freq, factor, acc)
+            return rotate_pairs(x.to(acc), cos, sin, rotary_dim, layout, inverse=True)
+
+        d_key, d_query = torch.empty_like(grad_k), torch.empty_like(grad_q)
+        d_direction = d_logits.new_zeros(kv_heads, dim)
+        prefill = q_len == positions.shape[-1]  # every key is a query: one pass over both
+        for rows in _chunks(positions.shape[-1]):
+            key = turn_back(k_rot[:, :, rows], positions[..., rows], 1.0 / scaling)
+            d_direction += torch.matmul(d_logits[:, :, None, rows], key).sum(0)[:, 0]  # [Hkv, D]
+            d_key[:, :, rows] = turn_back(grad_k[:, :, rows], positions[..., rows], scaling)
+            if prefill:
+                d_query[:, :, :, rows] = turn_back(grad_q[:, :, :, rows], positions[:, :, None, rows], scaling)
+        if not prefill:
+            q_positions = positions.index_select(-1, q_index)[:, :, None]  # [B, Hkv, 1, q]
+            for rows in _chunks(q_len):
+                d_query[:, :, :, rows] = turn_back(grad_q[:, :, :, rows], q_positions[..., rows], scaling)
+        d_key.addcmul_(d_logits[..., None], direction.to(acc)[:, None, :])  # the widths read the key too
         return (d_query.reshape(batch, heads, q_len, dim).to(q_dtype), d_key.to(k_dtype),
                 d_direction.to(direction.dtype), None, None, None, None, None, None)
 

@@ -86,7 +86,8 @@ def rotation_cos_sin(positions: torch.Tensor, inv_freq: torch.Tensor, scaling: f
     return (angles.cos() * scaling).to(dtype), (angles.sin() * scaling).to(dtype)
 
 
-def rotate_pairs(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, rotary_dim: int, layout: str) -> torch.Tensor:
+def rotate_pairs(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, rotary_dim: int, layout: str,
+                 inverse: bool = False) -> torch.Tensor:
     """``x [..., n, head_dim]`` with its first ``rotary_dim`` dimensions rotated pair by pair; the rest pass.
 
     Args:
@@ -94,10 +95,13 @@ def rotate_pairs(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, rotary_d
         cos, sin: Per-pair ``[..., n, rotary_dim / 2]`` (from :func:`rotation_cos_sin`), broadcast against ``x``.
         rotary_dim: Rotated dimensions.
         layout: ``"half"`` (``i`` pairs with ``i + rotary_dim / 2``) or ``"interleaved"`` (``2i`` with ``2i + 1``).
+        inverse: Rotate by the opposite angles (the transposed rotation: gradients, undoing a rotation).
     """
     # In place into one output tensor (fast decode), except where autograd or dynamo (no `out=` ops) trace.
     if layout == "half" and not (torch.is_grad_enabled() and x.requires_grad) and not torch.compiler.is_compiling():
-        return _rotate_half_layout_into(x, cos, sin, rotary_dim)
+        return _rotate_half_layout_into(x, cos, sin, rotary_dim, -1.0 if inverse else 1.0)
+    if inverse:
+        sin = -sin
     if layout == "half":
         cos, sin = torch.cat((cos, cos), -1), torch.cat((sin, sin), -1)
     else:
@@ -108,7 +112,8 @@ def rotate_pairs(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, rotary_d
     return torch.cat((x_rot, x_pass), dim=-1) if x_pass.shape[-1] else x_rot
 
 
-def _rotate_half_layout_into(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, rotary_dim: int) -> torch.Tensor:
+def _rotate_half_layout_into(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, rotary_dim: int,
+                             direction: float = 1.0) -> torch.Tensor:
     """The half-layout rotation written into one output tensor (no autograd: inference, decode, backward).
 
     Decode re-rotates the whole cache every step; the differentiable form makes four cache-sized
@@ -116,13 +121,14 @@ def _rotate_half_layout_into(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tens
 
     Args:
         x: ``[..., n, head_dim]``; cos, sin: ``[..., n, rotary_dim / 2]`` in ``x``'s dtype.
+        direction: 1.0, or -1.0 for the opposite angles.
     """
     half = rotary_dim // 2
     x1, x2 = x[..., :half], x[..., half:rotary_dim]
     out = torch.empty_like(x)
     low, high = out[..., :half], out[..., half:rotary_dim]
-    torch.mul(x1, cos, out=low).addcmul_(x2, sin, value=-1)  # x1 cos - x2 sin
-    torch.mul(x2, cos, out=high).addcmul_(x1, sin)  # x2 cos + x1 sin
+    torch.mul(x1, cos, out=low).addcmul_(x2, sin, value=-direction)  # x1 cos - x2 sin
+    torch.mul(x2, cos, out=high).addcmul_(x1, sin, value=direction)  # x2 cos + x1 sin
     if rotary_dim < x.shape[-1]:
         out[..., rotary_dim:] = x[..., rotary_dim:]
     return out
