@@ -10,7 +10,8 @@ Usage::
 What is measured (``mode``), for ``stock_sdpa``, ``stock_eager``, ``rope``, ``rope_yarn``, ``nope``,
 ``alibi``, ``t5_bias``, ``cope``, ``cope_naive`` (the paper's formulation with full ``[B, H, T, T]``
 tensors and gather interpolation, defined here as the baseline the fast path is judged against),
-``self_extend`` (G=4, W=256), ``rerope`` (w=256) and ``kerple`` / ``kerple_power`` (log / power kernel):
+``self_extend`` (G=4, W=256), ``rerope`` (w=256), ``kerple`` / ``kerple_power`` (log / power kernel)
+and ``contextual_rope`` (learned widths, u ~ N(0, 0.1)):
 
 * ``forward`` (no grad, eval) and ``forward_backward`` (train mode, loss.backward()) of a small Llama
   (``scope="model"``: d=256, 4 layers, 4 heads of 64, byte vocabulary) and of one attention call
@@ -65,12 +66,13 @@ from hf_posenc import PosEncConfig  # noqa: E402
 from hf_posenc._hf import cache_kwargs  # noqa: E402
 from hf_posenc.attention import posenc_sdpa_attention  # noqa: E402
 from hf_posenc.encodings import AlibiBias, CoPE, RotaryPosition, T5Bias  # noqa: E402
+from hf_posenc.encodings.contextual_rope import ContextualRope  # noqa: E402
 from hf_posenc.encodings.kerple import KerpleBias  # noqa: E402
 from hf_posenc.encodings.rerope import ReRoPE  # noqa: E402
 from hf_posenc.encodings.self_extend import SelfExtend  # noqa: E402
 
 ENCODINGS = ("stock_sdpa", "stock_eager", "rope", "rope_yarn", "nope", "alibi", "t5_bias", "cope", "cope_naive",
-             "self_extend", "rerope", "kerple", "kerple_power")
+             "self_extend", "rerope", "kerple", "kerple_power", "contextual_rope")
 POSENC = {
     "rope": dict(kind="rope"),
     "rope_yarn": dict(kind="rope", rope_type="yarn", factor=2.0),
@@ -84,6 +86,7 @@ POSENC = {
     "rerope": dict(kind="rerope", window=256),
     "kerple": dict(kind="kerple"),
     "kerple_power": dict(kind="kerple", kernel="power"),
+    "contextual_rope": dict(kind="contextual_rope"),
 }
 MODES = ("forward", "forward_backward", "decode", "lora_train")
 #: The full-tensor baseline keeps ~10 [B, H, T, T] fp32 tensors per layer for backward: above this length
@@ -257,7 +260,11 @@ def attention_step(encoding: str, batch: int, heads: int, length: int, dim: int,
         "rerope": lambda: ReRoPE(rope_params, dim, 8192, window=256),
         "kerple": lambda: KerpleBias(heads),
         "kerple_power": lambda: KerpleBias(heads, "power"),
+        "contextual_rope": lambda: ContextualRope(rope_params, dim, 8192, num_key_value_heads=heads),
     }.get(encoding, lambda: None)()
+    if encoding == "contextual_rope":  # trained-looking widths, as build_model gives the model scope
+        with torch.no_grad():
+            posenc.width_direction.copy_(torch.randn(heads, dim, generator=generator) * 0.1)
     layer = _Layer(posenc)
     if grad:
         layer.train()
@@ -536,6 +543,14 @@ def targets(records: list[dict]) -> str:
     for (enc, length, mode), r in sorted(by.items()):
         if mode == "lora_train" and enc not in ("stock_sdpa", "stock_eager", "cope_naive"):
             add(f"{enc} LoRA time per token vs sdpa, T={length}", r["time_ratio_vs_sdpa"], 2.0 if enc == "cope" else 1.1)
+    plugin, contextual = (next((r for r in records if r["scope"] == "attention" and r["T"] == 2048
+                                and r["mode"] == "forward_backward" and r["encoding"] == e), None)
+                          for e in ("rope", "contextual_rope"))
+    if plugin and contextual:  # issue 10: against the plug-in rotation it replaces (attention scope)
+        add("contextual_rope / plug-in rope fwd+bwd time, attention, T=2048", contextual["time_s"] / plugin["time_s"],
+            1.15)
+        add("contextual_rope / plug-in rope fwd+bwd peak memory, attention, T=2048",
+            contextual["peak_mem_bytes"] / plugin["peak_mem_bytes"], 1.05)
     return "\n".join(lines)
 
 

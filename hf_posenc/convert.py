@@ -172,10 +172,12 @@ def validate(posenc: PosEncConfig, config, attn_implementation: str | None = Non
     causal = is_causal(arch, config)
     entry = registry.get(posenc.kind)
     if entry.capabilities.extends_rope and arch.rope == "none":
-        allowed = ", ".join(a for a, row in ARCHITECTURES.items() if row.rope != "none" and row.causal is True)
+        causal_only = entry.capabilities.causal_only
+        allowed = ", ".join(a for a, row in ARCHITECTURES.items()
+                            if row.rope != "none" and (row.causal is True or not causal_only))
         raise ValueError(f"PosEncConfig(kind={posenc.kind!r}) cannot be applied to {config.model_type!r}: the model "
-                         f"has no RoPE to extend ({entry.display_name} re-uses the model's own); allowed: causal "
-                         f"architectures with RoPE ({allowed}).")
+                         f"has no RoPE to extend ({entry.display_name} re-uses the model's own); allowed: "
+                         f"{'causal ' if causal_only else ''}architectures with RoPE ({allowed}).")
     if entry.capabilities.causal_only and not causal:
         allowed = ", ".join(e.kind for e in registry.entries() if not e.capabilities.causal_only)
         raise ValueError(

@@ -119,7 +119,8 @@ def layer_spec(config, arch: Architecture, layer_idx: int = 0) -> registry.Layer
     """What the position module of layer ``layer_idx`` is built from (see ``registry.Encoding.build``)."""
     return registry.LayerSpec(num_heads=num_heads(config), head_dim=head_dim(config),
                               rope_parameters=current_rope_parameters(config, arch, layer_idx),
-                              max_position_embeddings=config.max_position_embeddings, rope_layout=arch.rope_layout)
+                              max_position_embeddings=config.max_position_embeddings, rope_layout=arch.rope_layout,
+                              num_key_value_heads=getattr(config, "num_key_value_heads", None) or num_heads(config))
 
 
 def make_position_module(posenc: PosEncConfig, config, arch: Architecture, layer_idx: int = 0) -> PositionModule | None:

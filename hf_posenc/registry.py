@@ -87,6 +87,7 @@ class LayerSpec:
         rope_parameters: The layer's own stock RoPE parameters (defaults on models without RoPE).
         max_position_embeddings: The model's context length.
         rope_layout: The architecture's native RoPE layout (``"half"`` or ``"interleaved"``).
+        num_key_value_heads: Key/value heads (GQA; 0: as many as ``num_heads``).
     """
 
     num_heads: int
@@ -94,6 +95,7 @@ class LayerSpec:
     rope_parameters: dict = field(default_factory=dict)
     max_position_embeddings: int = 0
     rope_layout: str = "half"
+    num_key_value_heads: int = 0
 
 
 @dataclass(frozen=True)

@@ -23,7 +23,7 @@ SETTINGS = {
     "kerple": {"kernel": "power"},
 }
 ARCHS = {"rope": ["llama"], "nope": ["llama"], "alibi": ["llama", "gpt2"], "t5_bias": ["qwen3", "bert"],
-         "cope": ["llama", "gpt_neox"]}
+         "cope": ["llama", "gpt_neox"], "contextual_rope": ["llama", "gpt_neox"]}
 CASES = [(kind, arch) for kind in KINDS for arch in ARCHS.get(kind, ["llama"])]
 
 

@@ -27,6 +27,7 @@ EXPECTED_PREFILL_KERNEL = {
     "self_extend": ("two_position_rope", "two_position_rope"),
     "rerope": ("two_position_rope", "two_position_rope"),
     "kerple": ("diagonal_tiles_cpu", "diagonal_tiles_cpu"),
+    "contextual_rope": ("sdpa", "sdpa"),
 }
 DTYPES = (torch.float32, torch.bfloat16)
 
@@ -70,7 +71,7 @@ def test_prefill_kernels():
 
 
 def test_unknown_kind_names_the_registered_ones():
-    with pytest.raises(ValueError, match=r"kind='alibl'; allowed: \['alibi', 'cope', 'kerple', 'nope', 'rerope', 'rope', 'self_extend', 't5_bias'"):
+    with pytest.raises(ValueError, match=r"kind='alibl'; allowed: \['alibi', 'contextual_rope', 'cope', 'kerple', 'nope', 'rerope', 'rope', 'self_extend', 't5_bias'"):
         registry.get("alibl")
     with pytest.raises(ValueError, match="allowed:"):
         PosEncConfig(kind="alibl")

@@ -18,7 +18,8 @@ from hf_posenc import PosEncConfig, _hf
 # Windows shorter than the tests' sequences, so that the training-free extensions run both regimes.
 SETTINGS = {"rope": {"layout": "interleaved"}, "nope": {}, "alibi": {}, "t5_bias": {"num_buckets": 8},
             "cope": {"npos_max": 8}, "self_extend": {"group_size": 2, "neighbor_window": 3}, "rerope": {"window": 3},
-            "kerple": {"kernel": "power"}}
+            "kerple": {"kernel": "power"},
+            "contextual_rope": {}}
 ALLOWED = r"allowed: \['eager', 'hf_posenc_eager', 'hf_posenc_sdpa', 'sdpa'\]"
 
 

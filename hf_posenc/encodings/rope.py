@@ -73,6 +73,67 @@ def rotate_interleaved(x: torch.Tensor) -> torch.Tensor:
     return torch.stack((-x2, x1), dim=-1).flatten(-2)
 
 
+def rotation_cos_sin(positions: torch.Tensor, inv_freq: torch.Tensor, scaling: float,
+                     dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-pair ``cos, sin`` ``[*positions.shape, rotary_dim / 2]`` of RoPE at any (fractional) positions,
+    times the cos/sin factor, in ``dtype``.
+
+    The angles are fp32 as in stock RoPE (positions times ``inv_freq``, then cast like stock cos/sin); fp64
+    inputs (reference tests) get fp64 angles from the same frequencies.
+    """
+    precision = torch.promote_types(dtype, torch.float32)
+    angles = positions.to(precision)[..., None] * inv_freq.to(precision)
+    return (angles.cos() * scaling).to(dtype), (angles.sin() * scaling).to(dtype)
+
+
+def rotate_pairs(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, rotary_dim: int, layout: str,
+                 inverse: bool = False) -> torch.Tensor:
+    """``x [..., n, head_dim]`` with its first ``rotary_dim`` dimensions rotated pair by pair; the rest pass.
+
+    Args:
+        x: Queries or keys, ``[..., n, head_dim]``.
+        cos, sin: Per-pair ``[..., n, rotary_dim / 2]`` (from :func:`rotation_cos_sin`), broadcast against ``x``.
+        rotary_dim: Rotated dimensions.
+        layout: ``"half"`` (``i`` pairs with ``i + rotary_dim / 2``) or ``"interleaved"`` (``2i`` with ``2i + 1``).
+        inverse: Rotate by the opposite angles (the transposed rotation: gradients, undoing a rotation).
+    """
+    # In place into one output tensor (fast decode), except where autograd or dynamo (no `out=` ops) trace.
+    if layout == "half" and not (torch.is_grad_enabled() and x.requires_grad) and not torch.compiler.is_compiling():
+        return _rotate_half_layout_into(x, cos, sin, rotary_dim, -1.0 if inverse else 1.0)
+    if inverse:
+        sin = -sin
+    if layout == "half":
+        cos, sin = torch.cat((cos, cos), -1), torch.cat((sin, sin), -1)
+    else:
+        cos, sin = cos.repeat_interleave(2, -1), sin.repeat_interleave(2, -1)
+    rotate = rotate_half if layout == "half" else rotate_interleaved
+    x_rot, x_pass = x[..., :rotary_dim], x[..., rotary_dim:]
+    x_rot = x_rot * cos + rotate(x_rot) * sin
+    return torch.cat((x_rot, x_pass), dim=-1) if x_pass.shape[-1] else x_rot
+
+
+def _rotate_half_layout_into(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, rotary_dim: int,
+                             direction: float = 1.0) -> torch.Tensor:
+    """The half-layout rotation written into one output tensor (no autograd: inference, decode, backward).
+
+    Decode re-rotates the whole cache every step; the differentiable form makes four cache-sized
+    temporaries, which cost 5x more here than the arithmetic (fresh large allocations fault their pages).
+
+    Args:
+        x: ``[..., n, head_dim]``; cos, sin: ``[..., n, rotary_dim / 2]`` in ``x``'s dtype.
+        direction: 1.0, or -1.0 for the opposite angles.
+    """
+    half = rotary_dim // 2
+    x1, x2 = x[..., :half], x[..., half:rotary_dim]
+    out = torch.empty_like(x)
+    low, high = out[..., :half], out[..., half:rotary_dim]
+    torch.mul(x1, cos, out=low).addcmul_(x2, sin, value=-direction)  # x1 cos - x2 sin
+    torch.mul(x2, cos, out=high).addcmul_(x1, sin, value=direction)  # x2 cos + x1 sin
+    if rotary_dim < x.shape[-1]:
+        out[..., rotary_dim:] = x[..., rotary_dim:]
+    return out
+
+
 class RotaryPosition(PositionModule):
     """RoPE applied to queries and keys at attention time.
 
@@ -103,6 +164,14 @@ class RotaryPosition(PositionModule):
         config.standardize_rope_params()
         self._rope_config = config
         self._cache: dict = {}
+
+    @classmethod
+    def from_layer(cls, layer, **params) -> RotaryPosition:
+        """The module of one converted layer on that layer's own RoPE (a ``registry.LayerSpec``): its
+        parameters, head dimension, pretraining length and layout; ``params`` are the subclass's own (the
+        extensions of the model's RoPE: Self-Extend, ReRoPE, contextual RoPE)."""
+        original = layer.rope_parameters.get("original_max_position_embeddings", layer.max_position_embeddings)
+        return cls(layer.rope_parameters, layer.head_dim, original, layer.rope_layout, **params)
 
     def frequencies(self, seq_len: int, device) -> tuple[torch.Tensor, float]:
         """Inverse frequencies ``[rotary_dim // 2]`` (fp32) and the cos/sin scaling for ``seq_len`` keys."""
@@ -147,6 +216,15 @@ class RotaryPosition(PositionModule):
         q_cos, q_sin = self.cos_sin(q_pos, seq_len)
         k_cos, k_sin = self.cos_sin(k_pos, seq_len)
         return self._rotate_one(query, q_cos, q_sin), self._rotate_one(key, k_cos, k_sin)
+
+    def rotate_at(self, x: torch.Tensor, positions: torch.Tensor, seq_len: int) -> torch.Tensor:
+        """``x [B, H, n, head_dim]`` rotated at ``positions`` (``[n]``, ``[B, n]`` per row or ``[B, H, n]``, any
+        float), with the model's frequencies and cos/sin scaling for ``seq_len`` keys, in ``x``'s dtype."""
+        inv_freq, scaling = self.frequencies(seq_len, x.device)
+        if positions.dim() == 2:  # per-row positions: broadcast over heads
+            positions = positions[:, None]
+        cos, sin = rotation_cos_sin(positions, inv_freq, scaling, x.dtype)  # [(B, H,) n, rotary_dim / 2]
+        return rotate_pairs(x, cos, sin, self.rotary_dim, self.layout)
 
     def extra_repr(self) -> str:
         return f"rope_parameters={self.rope_parameters}, rotary_dim={self.rotary_dim}, layout={self.layout!r}"

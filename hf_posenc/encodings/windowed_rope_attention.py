@@ -42,7 +42,7 @@ from __future__ import annotations
 import torch
 from torch.autograd.function import once_differentiable
 
-from .rope import RotaryPosition, rotate_half, rotate_interleaved
+from .rope import RotaryPosition
 
 #: Query rows per tile of :class:`_TwoPassAttention`. Larger tiles make larger unmasked far pieces;
 #: smaller ones waste less of the masked band and the triangle at the diagonal.
@@ -260,38 +260,9 @@ class TwoPositionRope(RotaryPosition):
         super().__init__(rope_parameters, head_dim, max_position_embeddings, layout)
         self.window = int(window)
 
-    @classmethod
-    def from_layer(cls, layer, **params) -> TwoPositionRope:
-        """The module of one converted layer, on that layer's own RoPE (a ``registry.LayerSpec``): its
-        parameters, head dimension, pretraining length and layout; ``params`` are the kind's own."""
-        original = layer.rope_parameters.get("original_max_position_embeddings", layer.max_position_embeddings)
-        return cls(layer.rope_parameters, layer.head_dim, original, layer.rope_layout, **params)
-
     def far_positions(self, q_pos: torch.Tensor, k_pos: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Rotation positions of the far regime for query and key positions (same shapes, any float)."""
         raise NotImplementedError
-
-    def rotate_at(self, x: torch.Tensor, positions: torch.Tensor, seq_len: int) -> torch.Tensor:
-        """``x [B, H, n, head_dim]`` rotated at ``positions`` (``[n]``, or ``[B, n]`` per row), with the model's
-        frequencies and cos/sin scaling, in ``x``'s dtype."""
-        inv_freq, scaling = self.frequencies(seq_len, x.device)
-        # fp32 angles as stock RoPE; fp64 inputs (reference tests) get fp64 angles from the same frequencies.
-        precision = torch.promote_types(x.dtype, torch.float32)
-        angles = positions.to(precision)[..., None] * inv_freq.to(precision)  # [(B,) n, rotary_dim / 2]
-        if angles.dim() == 3:  # per-row positions: broadcast over heads
-            angles = angles[:, None]
-        cos, sin = (angles.cos() * scaling).to(x.dtype), (angles.sin() * scaling).to(x.dtype)
-        # In place into one output tensor (fast decode), except where autograd or dynamo (no `out=` ops) trace.
-        if self.layout == "half" and not (torch.is_grad_enabled() and x.requires_grad) and not torch.compiler.is_compiling():
-            return _rotate_half_layout_into(x, cos, sin, self.rotary_dim)
-        if self.layout == "half":
-            cos, sin = torch.cat((cos, cos), -1), torch.cat((sin, sin), -1)
-        else:
-            cos, sin = cos.repeat_interleave(2, -1), sin.repeat_interleave(2, -1)
-        rotate = rotate_half if self.layout == "half" else rotate_interleaved
-        x_rot, x_pass = x[..., : self.rotary_dim], x[..., self.rotary_dim :]
-        x_rot = x_rot * cos + rotate(x_rot) * sin
-        return torch.cat((x_rot, x_pass), dim=-1) if x_pass.shape[-1] else x_rot
 
     @staticmethod
     def row_offsets(q_pos: torch.Tensor, position_ids: torch.Tensor | None, batch: int) -> torch.Tensor | None:
@@ -351,26 +322,6 @@ class TwoPositionRope(RotaryPosition):
 
     def extra_repr(self) -> str:
         return super().extra_repr() + f", window={self.window}"
-
-
-def _rotate_half_layout_into(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, rotary_dim: int) -> torch.Tensor:
-    """The half-layout rotation written into one output tensor (no autograd: inference and decode).
-
-    Decode re-rotates the whole cache every step; the differentiable form makes four cache-sized
-    temporaries, which cost 5x more here than the arithmetic (fresh large allocations fault their pages).
-
-    Args:
-        x: ``[B, H, n, head_dim]``; cos, sin: ``[(B, 1,) n, rotary_dim / 2]`` in ``x``'s dtype.
-    """
-    half = rotary_dim // 2
-    x1, x2 = x[..., :half], x[..., half:rotary_dim]
-    out = torch.empty_like(x)
-    low, high = out[..., :half], out[..., half:rotary_dim]
-    torch.mul(x1, cos, out=low).addcmul_(x2, sin, value=-1)  # x1 cos - x2 sin
-    torch.mul(x2, cos, out=high).addcmul_(x1, sin)  # x2 cos + x1 sin
-    if rotary_dim < x.shape[-1]:
-        out[..., rotary_dim:] = x[..., rotary_dim:]
-    return out
 
 
 def _expand(x: torch.Tensor, num_heads: int) -> torch.Tensor:
