@@ -3,9 +3,9 @@
 A patch at grid row ``y`` and column ``x`` rotates each query/key frequency pair ``t`` by the angle
 ``theta_t^x * x + theta_t^y * y``:
 
-* **RoPE-Axial** (the paper's eq. 11-12): the first ``d/4`` frequencies rotate by the column only, the other
-  ``d/4`` by the row only, each axis with ``theta_t = base^(-t / (d/4))`` (``base`` 100 in the paper's code).
-* **RoPE-Mixed** (eq. 13-14): every frequency rotates by both axes with frequencies ``(theta^x, theta^y)``
+* **RoPE-Axial**: the first ``d/4`` frequencies rotate by the column only, the other
+  ``d/4`` by the row only, each axis with ``theta_t = base^(-t / (d/4))`` (``base`` 100, the authors' ``rope_theta``).
+* **RoPE-Mixed**: every frequency rotates by both axes with frequencies ``(theta^x, theta^y)``
   learned per layer and head (the ``theta`` table, fp32). At conversion each head gets the paper's
   initialisation: magnitudes ``base^(-t / (d/4))`` (``base`` 10), the first ``d/4`` pointing along a random
   direction ``phi_h`` in the ``(x, y)`` plane and the other ``d/4`` along ``phi_h + pi/2``.
@@ -83,7 +83,7 @@ class Rope2D(PositionModule):
                              f"per axis); this model has head_dim={head_dim}.")
         self.num_heads, self.head_dim, self.variant, self.base = num_heads, head_dim, variant, base
         if variant == "mixed":
-            # [axis (row, column), H, d/2]: fp32 whatever the model dtype (angles reach hundreds of radians).
+            # [axis (row, column), H, d/2], created fp32: angles reach tens of radians on large grids.
             self.theta = nn.Parameter(torch.empty(2, num_heads, head_dim // 2, dtype=torch.float32))
             self.reset_parameters()
 
