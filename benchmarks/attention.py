@@ -37,6 +37,11 @@ worker that the OS has descheduled makes every parallel op wait for it (a 2 MB f
 on 1 thread and 12 ms on 2 threads under load here), which swamps ratios; ``--threads N`` on a quiet
 machine.
 
+Image models (``scope="vit_model"``: a ViT with d=256, 4 layers, 4 heads of 64, 16-pixel patches, read at
+its training size; ``scope="vit_attention"``: one bidirectional attention call ``B=1, H=4, D=64``), for
+``stock_sdpa``, ``stock_eager``, ``nope``, ``rope_2d_axial`` and ``rope_2d_mixed``, in ``forward`` and
+``forward_backward``: ``T`` is the number of tokens, a ``g x g`` patch grid plus CLS (``--vision-grids``).
+
 On Llama, ``rope`` and ``rope_yarn`` take hf_posenc's native route (stock ``rope_parameters``), so the
 model scope shows that conversion costs nothing; the attention scope runs the plug-in's own rotation
 (``RotaryPosition``) through ``hf_posenc_sdpa``.
@@ -69,6 +74,7 @@ from hf_posenc.encodings import AlibiBias, CoPE, RotaryPosition, T5Bias  # noqa:
 from hf_posenc.encodings.contextual_rope import ContextualRope  # noqa: E402
 from hf_posenc.encodings.kerple import KerpleBias  # noqa: E402
 from hf_posenc.encodings.rerope import ReRoPE  # noqa: E402
+from hf_posenc.encodings.rope_2d import Rope2D  # noqa: E402
 from hf_posenc.encodings.self_extend import SelfExtend  # noqa: E402
 
 ENCODINGS = ("stock_sdpa", "stock_eager", "rope", "rope_yarn", "nope", "alibi", "t5_bias", "cope", "cope_naive",
@@ -89,6 +95,14 @@ POSENC = {
     "contextual_rope": dict(kind="contextual_rope"),
 }
 MODES = ("forward", "forward_backward", "decode", "lora_train")
+#: The image-model rows (scopes ``vit_model`` and ``vit_attention``), against stock ViT attention.
+VISION_ENCODINGS = ("stock_sdpa", "stock_eager", "nope", "rope_2d_axial", "rope_2d_mixed")
+VISION_POSENC = {
+    "nope": dict(kind="nope"),
+    "rope_2d_axial": dict(kind="rope_2d", variant="axial"),
+    "rope_2d_mixed": dict(kind="rope_2d", variant="mixed"),
+}
+VISION_SCOPES = ("vit_model", "vit_attention")
 #: The full-tensor baseline keeps ~10 [B, H, T, T] fp32 tensors per layer for backward: above this length
 #: it would take several GB of a shared machine, so it is only run forward there.
 NAIVE_MAX_TRAIN_T = 2048
@@ -293,6 +307,105 @@ def attention_step(encoding: str, batch: int, heads: int, length: int, dim: int,
 
 
 # ---------------------------------------------------------------------------------------------------
+# Image models: a ViT, and one bidirectional attention call over a patch grid
+# ---------------------------------------------------------------------------------------------------
+def vit_config(grid: int, tiny: bool):
+    """A ViT whose training size is a ``grid x grid`` patch grid (so stock reads it without interpolating)."""
+    from transformers import ViTConfig
+
+    patch = 4 if tiny else 16
+    size = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2) if tiny else \
+        dict(hidden_size=256, intermediate_size=1024, num_hidden_layers=4, num_attention_heads=4)
+    return ViTConfig(**size, image_size=grid * patch, patch_size=patch, attention_probs_dropout_prob=0.0,
+                     hidden_dropout_prob=0.0)
+
+
+def build_vit(encoding: str, grid: int, tiny: bool):
+    """The same random weights for every encoding."""
+    from transformers import ViTModel
+
+    torch.manual_seed(0)
+    backend = "eager" if encoding == "stock_eager" else "sdpa"
+    model = ViTModel._from_config(vit_config(grid, tiny), attn_implementation=backend)
+    if encoding in VISION_POSENC:
+        hf_posenc.convert(model, PosEncConfig(**VISION_POSENC[encoding]))
+    return model
+
+
+def vit_step(model, grid: int, mode: str, batch: int):
+    config = model.config
+    pixels = torch.randn(batch, 3, grid * config.patch_size, grid * config.patch_size,
+                         generator=torch.Generator().manual_seed(2))
+
+    def forward():
+        model.eval()
+        with torch.no_grad():
+            model(pixel_values=pixels)
+
+    def forward_backward():
+        model.train()
+        model(pixel_values=pixels).last_hidden_state.sum().backward()
+        model.zero_grad(set_to_none=True)
+
+    return forward if mode == "forward" else forward_backward
+
+
+def vit_attention_step(encoding: str, heads: int, grid: int, dim: int, mode: str):
+    """One bidirectional attention call on fixed random q/k/v ``[1, H, grid^2 + 1, D]`` (CLS first)."""
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+    from transformers.models.vit.modeling_vit import eager_attention_forward
+
+    length = grid * grid + 1
+    generator = torch.Generator().manual_seed(3)
+    grad = mode == "forward_backward"
+    q, k, v = (torch.randn(1, heads, length, dim, generator=generator).requires_grad_(grad) for _ in range(3))
+    layer = _Layer()
+    layer.is_causal = False
+    if encoding in VISION_POSENC and encoding != "nope":
+        torch.manual_seed(0)
+        layer.posenc = Rope2D(heads, dim, VISION_POSENC[encoding]["variant"],
+                              base=100.0 if encoding == "rope_2d_axial" else 10.0)
+    layer.train(grad)
+
+    def run():
+        with torch.set_grad_enabled(grad):
+            if encoding in ("stock_sdpa", "stock_eager"):
+                fn = sdpa_attention_forward if encoding == "stock_sdpa" else eager_attention_forward
+                out, _ = fn(layer, q, k, v, None, scaling=dim ** -0.5, dropout=0.0)
+            else:
+                out, _ = posenc_sdpa_attention(layer, q, k, v, None, scaling=dim ** -0.5, posenc_grid=(grid, grid))
+            if grad:
+                out.sum().backward()
+                for t in (q, k, v, *layer.parameters()):
+                    t.grad = None
+
+    return run
+
+
+def vision_benchmark(args) -> list[dict]:
+    """The image-model records (ratios added by the caller)."""
+    records = []
+    heads, dim = (2, 16) if args.tiny else (4, 64)
+    for grid in args.vision_grids:
+        length = grid * grid + 1
+        models = {name: build_vit(name, grid, args.tiny) for name in VISION_ENCODINGS}
+        for mode in ("forward", "forward_backward"):
+            for scope in VISION_SCOPES:
+                if scope == "vit_model":
+                    steps = {e: vit_step(models[e], grid, mode, args.batch) for e in VISION_ENCODINGS}
+                else:
+                    steps = {e: vit_attention_step(e, heads, grid, dim, mode) for e in VISION_ENCODINGS}
+                log(f"[{scope}] grid {grid}x{grid} (T={length}) {mode}: {', '.join(VISION_ENCODINGS)}")
+                times = run_interleaved(steps, args.reps)
+                for name in VISION_ENCODINGS:
+                    records.append(record(name, length, mode, scope, times[name], peak_memory(steps[name]),
+                                          grid=grid, batch=args.batch if scope == "vit_model" else 1))
+                del steps
+                gc.collect()
+    return records
+
+
+# ---------------------------------------------------------------------------------------------------
 # ALiBi fold precision
 # ---------------------------------------------------------------------------------------------------
 #: Query rows the fold error is measured on: the first rows (largest folded magnitudes before the tiled fold),
@@ -472,6 +585,7 @@ def benchmark(args) -> list[dict]:
         for name, step in steps.items():
             records.append(record(name, args.lora_length, "lora_train", "model",
                                   [t / per_token for t in times[name]], peak_memory(step), batch=args.batch))
+    records += vision_benchmark(args)
     add_ratios(records)
     return records
 
@@ -493,7 +607,7 @@ def markdown(records: list[dict]) -> str:
         lines.append(f"**{scope}, {titles[mode]}**: time / stock sdpa (peak memory / stock eager)\n")
         lines.append("| encoding | " + " | ".join(f"T={t}" for t in lengths) + " |")
         lines.append("|---|" + "---|" * len(lengths))
-        for name in ENCODINGS:
+        for name in VISION_ENCODINGS if scope in VISION_SCOPES else ENCODINGS:
             cells = []
             for t in lengths:
                 r = by.get((name, t))
@@ -565,6 +679,8 @@ def parse_args(argv=None):
     parser.add_argument("--batch", type=int, default=1)
     parser.add_argument("--encodings", nargs="+", default=list(ENCODINGS), choices=ENCODINGS)
     parser.add_argument("--scopes", nargs="+", default=["model", "attention"], choices=["model", "attention"])
+    parser.add_argument("--vision-grids", type=int, nargs="*", default=[14, 28],
+                        help="patch-grid sides of the image-model rows (T = side^2 + 1; none: skip them)")
     parser.add_argument("--decode-contexts", type=int, nargs="*", default=[1024, 4096])
     parser.add_argument("--decode-steps", type=int, help="generated tokens per decode measurement")
     parser.add_argument("--lora-length", type=int, default=512, help="LoRA training length (0: skip)")

@@ -160,6 +160,42 @@ def cache_past_length(cache, layer_idx: int):
     return past.clone() if isinstance(past, torch.Tensor) else past
 
 
+#: The method of the stock image embeddings (ViT, DeiT, DINOv2, DINOv2 with registers) that returns the learned
+#: absolute table resized to the image (bicubic interpolation of the patch part). DINOv2's forward always adds
+#: what it returns; ViT's and DeiT's only with ``interpolate_pos_encoding=True`` and otherwise add the table as
+#: it is, after refusing any image size but the configured one.
+PATCH_TABLE_METHOD = "interpolate_pos_encoding"
+
+
+def _no_patch_table(embeddings: torch.Tensor, height: int, width: int) -> torch.Tensor:
+    # embeddings: [B, n, D] -> zeros [1, 1, D], broadcast over every token and any image size.
+    return embeddings.new_zeros(1, 1, embeddings.shape[-1])
+
+
+def _through_the_table_method(module, args, kwargs):
+    kwargs["interpolate_pos_encoding"] = True  # the branch that asks PATCH_TABLE_METHOD, at every image size
+    return args, kwargs
+
+
+def drop_patch_position_table(embeddings: torch.nn.Module, name: str) -> list:
+    """Stop the image embeddings ``embeddings`` from adding their learned absolute table ``embeddings.<name>``.
+
+    The table parameter becomes None (out of ``parameters()``, checkpoints and the stock ``_init_weights``, which
+    all skip a None table), :data:`PATCH_TABLE_METHOD` is shadowed on this instance only by one returning zeros,
+    and where the forward takes ``interpolate_pos_encoding`` a pre-hook sets it, so every image size is accepted
+    and no table is interpolated. The caller keeps the parameter, deletes the instance attribute and removes the
+    returned hook handles to undo it.
+
+    Returns:
+        The forward pre-hook handles added.
+    """
+    setattr(embeddings, name, None)
+    embeddings.__dict__[PATCH_TABLE_METHOD] = _no_patch_table
+    if "interpolate_pos_encoding" not in inspect.signature(embeddings.forward).parameters:
+        return []
+    return [embeddings.register_forward_pre_hook(_through_the_table_method, with_kwargs=True)]
+
+
 def share_weight_conversions(stock: str, ours: str) -> None:
     """Give ``ours`` (a converted ``model_type`` or class name) the checkpoint key renamings of ``stock``.
 

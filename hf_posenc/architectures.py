@@ -22,16 +22,20 @@ class Refusal:
         why: The reason, quoted in the error (say what the architecture does that the encoding cannot).
         capability: Also refuse every kind that declares this boolean capability
             (``hf_posenc.registry.Capabilities``, e.g. ``"needs_logits"``), so a new kind is covered by its entry.
+        except_kinds: Also refuse every kind not listed here (an allow-list: a new kind is refused until a row
+            takes it and tests it).
     """
 
     kinds: tuple[str, ...]
     when: str
     why: str
     capability: str = ""
+    except_kinds: tuple[str, ...] = ()
 
     def refuses(self, kind: str) -> bool:
-        """Whether the rule names ``kind``, directly or through its declared capability (config aside)."""
-        if kind in self.kinds:
+        """Whether the rule names ``kind``, directly, through its declared capability or by not excepting it
+        (config aside)."""
+        if kind in self.kinds or (self.except_kinds and kind not in self.except_kinds):
             return True
         return bool(self.capability) and bool(getattr(registry.get(kind).capabilities, self.capability))
 
@@ -67,6 +71,9 @@ class Architecture:
             RoPE request without ``layers`` leaves them without, so it stays the identity.
         rope_types: The ``rope_type`` values the stock config accepts (None: all); others run in the plug-in.
         cache: False for encoder-only attention modules whose forward takes no KV cache at all.
+        patch_grid: Image models: the path (from the base model) of the patch embedding's convolution, whose
+            output ``[B, D, rows, columns]`` gives each forward's patch grid; ``absolute`` then names the learned
+            table parameter of the image embeddings. None: a model of token sequences.
         refusals: Encodings this architecture cannot take, and why.
         name: Display name (README table).
         notes: What the architecture does around attention that hf_posenc honours (README table).
@@ -87,6 +94,7 @@ class Architecture:
     nope_layers: tuple[str, object] | None = None
     rope_types: tuple[str, ...] | None = None
     cache: bool = True
+    patch_grid: str | None = None
     refusals: tuple[Refusal, ...] = ()
     name: str = ""
     notes: str = ""
@@ -114,6 +122,15 @@ _SOFTCAP_NEEDS_LOGITS = Refusal(
 )
 _BERT_LIKE = dict(rope="none", absolute=("embeddings.position_embeddings",), causal=None, q_proj="query",
                   k_proj="key", lora_targets=("query", "key", "value"))
+
+#: Image models take the encodings tested on their patch grids; 1-D kinds over the flattened patches would
+#: ignore the rows of the image, and are refused until a row takes and tests them.
+_PATCH_GRID_KINDS = Refusal(
+    (), "", "an image model takes only the encodings tested on patch grids (rope_2d, nope); a 1-D encoding of the "
+    "flattened patch sequence would not see the rows of the image", except_kinds=("nope", "rope_2d"),
+)
+_VIT_LIKE = dict(rope="none", absolute=("embeddings.position_embeddings",), causal=False, cache=False,
+                 patch_grid="embeddings.patch_embeddings.projection", refusals=(_PATCH_GRID_KINDS,))
 
 ARCHITECTURES: dict[str, Architecture] = {
     row.model_type: row
@@ -193,6 +210,14 @@ ARCHITECTURES: dict[str, Architecture] = {
             k_proj="Wqkv", fused="qkv", lora_targets=("Wqkv", "attn.Wo"), cache=False, name="ModernBERT",
             notes="global/local RoPE bases, local attention window, fused Wqkv",
         ),
+        Architecture("vit", layers="layers", attention="attention", **_VIT_LIKE, name="ViT",
+                     notes="CLS token unrotated"),
+        Architecture("deit", layers="layers", attention="attention", **_VIT_LIKE, name="DeiT",
+                     notes="CLS and distillation tokens unrotated"),
+        Architecture("dinov2", layers="encoder.layer", attention="attention", **_VIT_LIKE, name="DINOv2",
+                     notes="CLS token unrotated"),
+        Architecture("dinov2_with_registers", layers="encoder.layer", attention="attention", **_VIT_LIKE,
+                     name="DINOv2 with registers", notes="CLS and register tokens unrotated"),
     )
 }
 

@@ -47,6 +47,27 @@ def positions(past, q_len: int, kv_len: int, device) -> tuple[torch.Tensor, torc
     return q_pos, k_pos
 
 
+def grid_positions(grid: tuple[int, int] | None, length: int, device) -> torch.Tensor:
+    """``(row, column)`` positions ``[length, 2]`` (int64) of an image model's tokens: the patches of a
+    ``rows x columns`` grid come last, row by row; the tokens before them (CLS, distillation, registers) get
+    ``(0, 0)``, where a 2-D rotation is the identity.
+
+    Raises:
+        ValueError: No grid was recorded, or it has more patches than the sequence has tokens.
+    """
+    if grid is None:
+        raise ValueError("This attention layer rotates by the patch grid of the image, and none was recorded in this "
+                         "forward: call the image model itself with pixel_values (the grid is read from its patch "
+                         "embeddings), not its encoder layers on their own.")
+    rows, columns = grid
+    if rows * columns > length:
+        raise ValueError(f"The recorded patch grid {rows}x{columns} has more patches than the {length} tokens this "
+                         "attention layer received.")
+    patches = torch.stack(torch.meshgrid(torch.arange(rows, device=device), torch.arange(columns, device=device),
+                                         indexing="ij"), dim=-1).reshape(-1, 2)  # [rows * columns, 2]
+    return torch.cat((patches.new_zeros(length - rows * columns, 2), patches))
+
+
 def causal_diagonal(past, q_len: int, kv_len: int) -> int:
     """``q_pos[0] - k_pos[0]`` of :func:`positions`: causal query row ``r`` may see key index ``j`` iff
     ``j <= r + diagonal``. A Python int, as it sizes tiles: not for use under ``torch.compile``."""
@@ -233,6 +254,8 @@ def posenc_attention(
         dropout: Attention dropout probability (training only).
         backend: ``"eager"`` or ``"sdpa"``.
         posenc_past: Tokens cached before this forward (set by the conversion pre-hook).
+        posenc_grid (in kwargs): The ``(rows, columns)`` patch grid of an image model's forward (set by the
+            conversion's hooks), read by encodings that rotate by it.
 
     Returns:
         ``(output [B, q, H, D], probabilities [B, H, q, kv] or None)``.
@@ -243,7 +266,10 @@ def posenc_attention(
     softcap = kwargs.get("softcap")
     scaling = query.shape[-1] ** -0.5 if scaling is None else scaling
     q_len, kv_len = query.shape[2], key.shape[2]
-    q_pos, k_pos = positions(posenc_past, q_len, kv_len, query.device)
+    if capabilities.patch_grid:  # an image encoder: no cache, queries are the keys
+        q_pos = k_pos = grid_positions(kwargs.get("posenc_grid"), q_len, query.device)
+    else:
+        q_pos, k_pos = positions(posenc_past, q_len, kv_len, query.device)
     dtype = compute_dtype(query, key, value)
     training = module.training
     call = kernels.Call(

@@ -178,6 +178,11 @@ def validate(posenc: PosEncConfig, config, attn_implementation: str | None = Non
         raise ValueError(f"PosEncConfig(kind={posenc.kind!r}) cannot be applied to {config.model_type!r}: the model "
                          f"has no RoPE to extend ({entry.display_name} re-uses the model's own); allowed: "
                          f"{'causal ' if causal_only else ''}architectures with RoPE ({allowed}).")
+    if entry.capabilities.patch_grid and not arch.patch_grid:
+        allowed = ", ".join(a for a, row in ARCHITECTURES.items() if row.patch_grid)
+        raise ValueError(f"PosEncConfig(kind={posenc.kind!r}) cannot be applied to {config.model_type!r}: "
+                         f"{entry.display_name} rotates by the 2-D patch grid of an image and this model reads "
+                         f"sequences of tokens; allowed: image models ({allowed}).")
     if entry.capabilities.causal_only and not causal:
         allowed = ", ".join(e.kind for e in registry.entries() if not e.capabilities.causal_only)
         raise ValueError(

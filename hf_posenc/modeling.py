@@ -39,6 +39,7 @@ TASKS = {
     "token-classification": ("AutoModelForTokenClassification", "MODEL_FOR_TOKEN_CLASSIFICATION_MAPPING_NAMES"),
     "question-answering": ("AutoModelForQuestionAnswering", "MODEL_FOR_QUESTION_ANSWERING_MAPPING_NAMES"),
     "multiple-choice": ("AutoModelForMultipleChoice", "MODEL_FOR_MULTIPLE_CHOICE_MAPPING_NAMES"),
+    "image-classification": ("AutoModelForImageClassification", "MODEL_FOR_IMAGE_CLASSIFICATION_MAPPING_NAMES"),
 }
 _AUTO_CLASSES = tuple((getattr(transformers, auto), getattr(modeling_auto, names)) for auto, names in TASKS.values())
 _classes: dict[str, type] = {}
@@ -65,14 +66,25 @@ def _stock_checkpoint_expected(stock_type: str, own_type: str):
         logger.removeFilter(expected)
 
 
-def auto_map(model_type: str) -> dict[str, str]:
+def _stock_names(names: dict, model_type: str) -> tuple[str, ...]:
+    """The stock classes an Auto class maps ``model_type`` to: transformers names one, or several (DeiT's image
+    classifiers, with and without the distillation head; the first is the default)."""
+    value = names.get(model_type, ())
+    return (value,) if isinstance(value, str) else tuple(value)
+
+
+def auto_map(model_type: str, architectures=()) -> dict[str, str]:
     """The ``auto_map`` of a converted checkpoint of the stock ``model_type``: AutoConfig and every Auto
-    class the architecture has, each to its ``HfPosenc`` class in the remote-code stub."""
+    class the architecture has, each to its ``HfPosenc`` class in the remote-code stub (where an Auto class
+    has several, the one the checkpoint's ``architectures`` names)."""
     stub = STUB_MODULE.rpartition(".")[2]
     out = {"AutoConfig": f"{stub}.{CLASS_PREFIX}{CONFIG_MAPPING[model_type].__name__}"}
+    saved = {name.removeprefix(CLASS_PREFIX) for name in architectures or ()}
     for auto, names in _AUTO_CLASSES:
-        if model_type in names:
-            out[auto.__name__] = f"{stub}.{CLASS_PREFIX}{names[model_type]}"
+        stock = _stock_names(names, model_type)
+        if stock:
+            chosen = next((name for name in stock if name in saved), stock[0])
+            out[auto.__name__] = f"{stub}.{CLASS_PREFIX}{chosen}"
     return out
 
 
@@ -109,7 +121,7 @@ def posenc_config_class(base: type) -> type:
 
         def to_dict(self):
             output = base.to_dict(self)
-            output["auto_map"] = {**output.get("auto_map", {}), **auto_map(base.model_type)}
+            output["auto_map"] = {**output.get("auto_map", {}), **auto_map(base.model_type, self.architectures)}
             return output
 
         namespace = {
@@ -130,7 +142,7 @@ def posenc_config_class(base: type) -> type:
 
 def _auto_class_name(base: type) -> str:
     for auto, names in _AUTO_CLASSES:
-        if names.get(base.config_class.model_type) == base.__name__:
+        if base.__name__ in _stock_names(names, base.config_class.model_type):
             return auto.__name__
     return "AutoModel"
 
@@ -263,9 +275,10 @@ def register_auto_classes() -> None:
             AutoConfig.register(config_cls.model_type, config_cls)
         _hf.share_weight_conversions(model_type, config_cls.model_type)
         for auto, names in _AUTO_CLASSES:
-            stock_name = names.get(model_type)
-            if stock_name is None:
+            stock = _stock_names(names, model_type)
+            if not stock:
                 continue
-            model_cls = posenc_class(getattr(transformers, stock_name))
+            # Several classes: transformers' Auto class picks the one the config's `architectures` names.
+            model_cls = tuple(posenc_class(getattr(transformers, name)) for name in stock)
             if config_cls not in auto._model_mapping._extra_content:
-                auto.register(config_cls, model_cls)
+                auto.register(config_cls, model_cls[0] if len(model_cls) == 1 else model_cls)

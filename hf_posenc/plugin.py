@@ -6,7 +6,8 @@ config) both call :func:`install`; ``hf_posenc.revert`` undoes it through :func:
 neither of them, so neither imports the other back.
 
 :func:`install` neutralises the model's own encoding (native RoPE gets cos=1/sin=0 through a forward
-pre-hook on each attention module; learned absolute embeddings are replaced by a zero module), attaches
+pre-hook on each attention module; learned absolute embeddings are replaced by a zero module, an image
+model's table parameter is dropped: ``_hf.drop_patch_position_table``), attaches
 each converted layer's position module (``attn.posenc``, built by the kind's registry entry), and
 dispatches the model to ``hf_posenc_eager``/``hf_posenc_sdpa`` where the kind has a route.
 """
@@ -78,6 +79,26 @@ class State:
     attn_implementation: str | None = None
     classes: tuple | None = None  # (model class, config class) before the swap
     buffers: list = field(default_factory=list)  # (module, buffer name, original tensor)
+    overrides: list = field(default_factory=list)  # (module, attribute) set on the instance, deleted by remove
+
+
+class PatchGrid:
+    """The ``(rows, columns)`` patch grid of the images in the current forward of an image model.
+
+    Recorded by a forward hook on the patch embedding's convolution (its output is ``[B, D, rows, columns]``)
+    and handed to each attention module as ``posenc_grid``, so a converted model reads any resolution. Both
+    hooks are methods of one object: a deep copy of the model gets its own grid.
+    """
+
+    def __init__(self):
+        self.shape: tuple[int, int] | None = None
+
+    def record(self, module, args, output) -> None:
+        self.shape = tuple(output.shape[-2:])
+
+    def pass_to_attention(self, module, args, kwargs):
+        kwargs["posenc_grid"] = self.shape
+        return args, kwargs
 
 
 def num_layers(config) -> int:
@@ -119,7 +140,9 @@ def layer_spec(config, arch: Architecture, layer_idx: int = 0) -> registry.Layer
     """What the position module of layer ``layer_idx`` is built from (see ``registry.Encoding.build``)."""
     return registry.LayerSpec(num_heads=num_heads(config), head_dim=head_dim(config),
                               rope_parameters=current_rope_parameters(config, arch, layer_idx),
-                              max_position_embeddings=config.max_position_embeddings, rope_layout=arch.rope_layout,
+                              # Image models have no context length.
+                              max_position_embeddings=getattr(config, "max_position_embeddings", 0),
+                              rope_layout=arch.rope_layout,
                               num_key_value_heads=getattr(config, "num_key_value_heads", None) or num_heads(config))
 
 
@@ -127,14 +150,15 @@ def make_position_module(posenc: PosEncConfig, config, arch: Architecture, layer
     """The ``attn.posenc`` module of converted layer ``layer_idx`` (None for a kind that attaches none).
 
     Raises:
-        TypeError: The module's learned parameters differ from the ``tables`` its registry entry declares.
+        TypeError: The module has learned parameters its registry entry does not declare in ``tables`` (a
+            variant may have fewer: 2-D RoPE's axial form has none).
     """
     entry = registry.get(posenc.kind)
     if entry.build is None:
         return None
     module = entry.build(posenc, layer_spec(config, arch, layer_idx))
     tables = tuple(name for name, _ in module.named_parameters())
-    if set(tables) != set(entry.capabilities.tables):
+    if not set(tables) <= set(entry.capabilities.tables):
         raise TypeError(f"{type(module).__name__} has learned parameters {list(tables)} but kind={posenc.kind!r} "
                         f"declares tables={list(entry.capabilities.tables)}: update its registry entry.")
     return module
@@ -167,8 +191,12 @@ def install(model, posenc: PosEncConfig, arch: Architecture, classes: tuple[type
         parent = _get(base, parent_path) if parent_path else base
         old = getattr(parent, name)
         state.replaced.append((parent, name, old))
-        setattr(parent, name, ZeroPositionEmbedding(old))
-    if "embeddings.position_embeddings" in arch.absolute:
+        if arch.patch_grid:  # an image model's table is a bare parameter, resized by a method of its embeddings
+            state.hooks.extend(_hf.drop_patch_position_table(parent, name))
+            state.overrides.append((parent, _hf.PATCH_TABLE_METHOD))
+        else:
+            setattr(parent, name, ZeroPositionEmbedding(old))
+    if "embeddings.position_embeddings" in arch.absolute and not arch.patch_grid:
         _extend_position_buffers(base.embeddings, state)
     # 2. Attach the per-layer encodings and the pre-hook.
     neutralise_rope = arch.rope != "none"
@@ -181,7 +209,12 @@ def install(model, posenc: PosEncConfig, arch: Architecture, classes: tuple[type
     # the model's own RoPE requested again is the identity.
     rotary_everywhere = (entry.capabilities.route == "rotate" or entry.capabilities.extends_rope) and posenc.layers is None
     skip = arch.native_nope_layers(config) if rotary_everywhere else set()
+    grid = PatchGrid() if entry.capabilities.patch_grid else None
+    if grid is not None:
+        state.hooks.append(_get(base, arch.patch_grid).register_forward_hook(grid.record))
     for layer_idx, attn in enumerate(modules):
+        if grid is not None:
+            state.hooks.append(attn.register_forward_pre_hook(grid.pass_to_attention, with_kwargs=True))
         if posenc.applies_to(layer_idx) and layer_idx not in skip:
             module = make_position_module(posenc, config, arch, layer_idx)
             if module is not None:
@@ -207,6 +240,8 @@ def remove(model, state: State) -> None:
         setattr(parent, name, old)
     for module, name, tensor in state.buffers:
         setattr(module, name, tensor)
+    for module, attribute in state.overrides:
+        del module.__dict__[attribute]
     for attn in attention_modules(model, arch):
         if "posenc" in attn._modules:
             del attn._modules["posenc"]

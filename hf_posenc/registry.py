@@ -60,6 +60,9 @@ class Capabilities:
             kernels flush them to zero.
         extends_rope: It re-uses the model's own RoPE (frequencies, scaling, layout): refused on
             architectures without RoPE, and, like RoPE, it leaves natively RoPE-less layers without.
+        patch_grid: Its positions are the 2-D patch grid of an image (RoPE-ViT): only architectures whose
+            row records the grid (``Architecture.patch_grid``) take it, and its ``rotate`` receives
+            ``(row, column)`` positions ``[n, 2]`` instead of sequence positions ``[n]``.
     """
 
     route: str | None = None
@@ -70,6 +73,7 @@ class Capabilities:
     kernels: tuple[str, ...] = ()
     flush_denormals: bool = False
     extends_rope: bool = False
+    patch_grid: bool = False
 
     def required_methods(self) -> tuple[str, ...]:
         """Every method of the position module these capabilities rely on."""
@@ -162,6 +166,8 @@ def _check(entry: Encoding) -> None:
         raise bad("kernels", caps.kernels, "'diagonal_tiles' only with bias_form 'diagonal' or 'banded'")
     if caps.needs_logits != (caps.route == "attend"):
         raise bad("needs_logits", caps.needs_logits, "True exactly for the attend route")
+    if caps.patch_grid and caps.route != "rotate":
+        raise bad("patch_grid", caps.patch_grid, "True only for the rotate route (grid positions rotate q/k)")
     if entry.backends is not None and not set(entry.backends) <= set(OWN_BACKENDS):
         raise bad("backends", entry.backends, f"None or a subset of {list(OWN_BACKENDS)}")
     if entry.needs_attention_function and entry.backends is None:

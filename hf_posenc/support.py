@@ -24,7 +24,7 @@ END = "<!-- architectures: end -->"
 
 def _name(row: Architecture) -> str:
     label = row.name or row.model_type
-    label += " (encoder)" if row.causal is not True else ""
+    label += " (image encoder)" if row.patch_grid else " (encoder)" if row.causal is not True else ""
     return f"{label}: {row.notes}" if row.notes else label
 
 
@@ -36,7 +36,13 @@ def _own(row: Architecture) -> str:
     return own + (f", NoPE where `{row.nope_layers[0]}` says" if row.nope_layers else "")
 
 
+def _always_refused(row: Architecture, kind: str) -> bool:
+    return any(r.refuses(kind) and not r.when for r in row.refusals)
+
+
 def _rope(row: Architecture) -> str:
+    if _always_refused(row, "rope"):
+        return "✗"
     if row.rope == "none":
         return "plug-in"
     cell = "native (partial)" if row.rope == "native_partial" else "native"
@@ -47,9 +53,10 @@ def _rope(row: Architecture) -> str:
 
 def _kind(kind: str) -> Callable[[Architecture], str]:
     def cell(row: Architecture) -> str:
-        always = next((r for r in row.refusals if r.refuses(kind) and not r.when), None)
-        if always is not None:
+        if _always_refused(row, kind):
             return "✗"
+        if registry.get(kind).capabilities.patch_grid and not row.patch_grid:
+            return "✗ no patch grid"
         if registry.get(kind).capabilities.extends_rope and row.rope == "none":
             return "✗ no RoPE"
         if row.causal is not True:

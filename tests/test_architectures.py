@@ -41,9 +41,16 @@ except KeyError:
 
 
 def test_every_row_is_tested_and_every_tested_config_is_a_row():
-    assert sorted(ARCHITECTURES) == TESTED, "tests/tiny_models.py CONFIGS and ARCHITECTURES drifted apart"
+    from tiny_vision_models import VISION_CONFIGS, vision_config
+
+    assert sorted(ARCHITECTURES) == sorted(TESTED + list(VISION_CONFIGS)), \
+        "tests/tiny_models.py CONFIGS + tests/tiny_vision_models.py VISION_CONFIGS and ARCHITECTURES drifted apart"
+    assert not set(TESTED) & set(VISION_CONFIGS)
+    assert all(bool(ARCHITECTURES[arch].patch_grid) == (arch in VISION_CONFIGS) for arch in ARCHITECTURES)
     for arch in TESTED:
         assert tiny_config(arch).model_type == arch
+    for arch in VISION_CONFIGS:
+        assert vision_config(arch).model_type == arch
     assert len(ARCHITECTURES) >= 24
 
 

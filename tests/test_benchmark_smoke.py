@@ -22,7 +22,7 @@ def bench():
 def run(bench, tmp_path_factory):
     out = tmp_path_factory.mktemp("bench")
     argv = ["--tiny", "--lengths", "24", "--reps", "1", "--decode-contexts", "8", "16", "--decode-steps", "1",
-            "--lora-length", "16", "--json", str(out / "r.json"), "--markdown", str(out / "r.md")]
+            "--lora-length", "16", "--vision-grids", "3", "--json", str(out / "r.json"), "--markdown", str(out / "r.md")]
     bench.main(argv)
     return json.loads((out / "r.json").read_text()), (out / "r.md").read_text()
 
@@ -42,10 +42,14 @@ def test_records_follow_the_issue_schema(bench, run):
     # Every mode, both decode contexts, and every encoding in each group.
     assert {(s, m) for s, m, _ in groups} == {("model", "forward"), ("model", "forward_backward"), ("model", "decode"),
                                               ("model", "lora_train"), ("attention", "forward"),
-                                              ("attention", "forward_backward")}
+                                              ("attention", "forward_backward"), ("vit_model", "forward"),
+                                              ("vit_model", "forward_backward"), ("vit_attention", "forward"),
+                                              ("vit_attention", "forward_backward")}
+    assert {t for s, m, t in groups if s.startswith("vit_")} == {3 * 3 + 1}
     assert {t for s, m, t in groups if m == "decode"} == {8, 16}
     for (scope, mode, length), rows in groups.items():
-        assert sorted(r["encoding"] for r in rows) == sorted(bench.ENCODINGS)
+        expected = bench.VISION_ENCODINGS if scope in bench.VISION_SCOPES else bench.ENCODINGS
+        assert sorted(r["encoding"] for r in rows) == sorted(expected)
         by = {r["encoding"]: r for r in rows}
         assert by["stock_sdpa"]["time_ratio_vs_sdpa"] == 1.0 and by["stock_eager"]["peak_mem_ratio_vs_eager"] == 1.0
         for r in rows:  # the ratios are the medians divided by the same group's stock numbers
@@ -56,8 +60,9 @@ def test_records_follow_the_issue_schema(bench, run):
 
 def test_markdown_has_a_row_per_encoding(bench, run):
     _, table = run
-    for name in bench.ENCODINGS:
+    for name in (*bench.ENCODINGS, *bench.VISION_ENCODINGS):
         assert f"| {name} |" in table
+    assert "**vit_model, forward**" in table and "**vit_attention, forward+backward**" in table
     assert "**model, forward+backward**" in table and "**model, decode" in table
 
 

@@ -8,7 +8,7 @@ import hf_posenc
 from hf_posenc import PosEncConfig
 
 INVALID_CONFIGS = [
-    (dict(kind="sinusoidal"), r"Unknown positional encoding kind='sinusoidal'; allowed: \['alibi', 'contextual_rope', 'cope', 'kerple', 'nope', 'rerope', 'rope', 'self_extend', 't5_bias'\]"),
+    (dict(kind="sinusoidal"), r"Unknown positional encoding kind='sinusoidal'; allowed: \['alibi', 'contextual_rope', 'cope', 'kerple', 'nope', 'rerope', 'rope', 'rope_2d', 'self_extend', 't5_bias'\]"),
     (dict(), r"Unknown positional encoding kind=None"),
     (dict(kind="rope", rope_type="ntk"), r"rope_type='ntk'; allowed: default, linear, dynamic, yarn, llama3, longrope"),
     (dict(kind="rope", rope_type="linear"), r"factor=None; allowed: a value \(required by rope_type='linear'\)"),

@@ -28,6 +28,7 @@ EXPECTED_PREFILL_KERNEL = {
     "rerope": ("two_position_rope", "two_position_rope"),
     "kerple": ("diagonal_tiles_cpu", "diagonal_tiles_cpu"),
     "contextual_rope": ("sdpa", "sdpa"),
+    "rope_2d": ("sdpa", "sdpa"),
 }
 DTYPES = (torch.float32, torch.bfloat16)
 
@@ -38,11 +39,14 @@ def prefill_kernels() -> dict[str, tuple[str, str]]:
 
 
 def test_kinds_come_from_the_registry():
-    assert hf_posenc.KINDS == registry.kinds() == tuple(KINDS)
-    assert set(EXPECTED_PREFILL_KERNEL) <= set(KINDS)
+    from tiny_vision_models import GRID_KINDS
+
+    assert hf_posenc.KINDS == registry.kinds()
+    assert sorted(KINDS + GRID_KINDS) == sorted(registry.kinds())  # each kind in one matrix: tokens or patch grids
+    assert set(EXPECTED_PREFILL_KERNEL) <= set(registry.kinds())
 
 
-@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("kind", registry.kinds())
 def test_entry_is_consistent(kind):
     entry = registry.get(kind)
     registry.check_entry(entry)
@@ -71,7 +75,7 @@ def test_prefill_kernels():
 
 
 def test_unknown_kind_names_the_registered_ones():
-    with pytest.raises(ValueError, match=r"kind='alibl'; allowed: \['alibi', 'contextual_rope', 'cope', 'kerple', 'nope', 'rerope', 'rope', 'self_extend', 't5_bias'"):
+    with pytest.raises(ValueError, match=r"kind='alibl'; allowed: \['alibi', 'contextual_rope', 'cope', 'kerple', 'nope', 'rerope', 'rope', 'rope_2d', 'self_extend', 't5_bias'"):
         registry.get("alibl")
     with pytest.raises(ValueError, match="allowed:"):
         PosEncConfig(kind="alibl")

@@ -89,13 +89,14 @@ SLIDING = [a for a in CONFIGS if getattr(CONFIGS[a](), "sliding_window", None)]
 #: Where the expensive generate tests run the full backend x kind matrix; every other decoder runs every
 #: kind on one backend (the attention functions are shared, what differs per row is around them).
 REPRESENTATIVE = ["llama", "gpt_neox", "gpt2", "gemma2", "phi3"]
-#: Every registered kind: a new kind's registry entry puts it in the whole matrix.
-KINDS = list(registry.kinds())
+#: Every registered kind of token-sequence models: a new kind's registry entry puts it in the whole matrix. Kinds
+#: that rotate by an image's patch grid have a matrix of their own (``tests/tiny_vision_models.py``).
+KINDS = [kind for kind in registry.kinds() if not registry.get(kind).capabilities.patch_grid]
 
 
 def kinds_where(predicate) -> list[str]:
-    """The registered kinds whose declared capabilities satisfy ``predicate``."""
-    return [entry.kind for entry in registry.entries() if predicate(entry.capabilities)]
+    """The kinds of :data:`KINDS` whose declared capabilities satisfy ``predicate``."""
+    return [entry.kind for entry in registry.entries() if entry.kind in KINDS and predicate(entry.capabilities)]
 
 
 #: Kinds that run our attention functions (a route), with an additive bias, with learned tables.
