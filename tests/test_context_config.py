@@ -196,3 +196,25 @@ def test_scripts_stop_before_any_work(tmp_path, script, args, error):
     assert proc.returncode != 0
     assert f"config error: {error}" in proc.stderr, proc.stderr
     assert not (cache / "base").exists() and not (tmp_path / "out").exists()
+
+
+def test_standard_preset_runs_every_text_kind_with_seeds():
+    """Every registered encoding for token models is a variant of the standard preset (the registry, not a list
+    kept by hand, says which kinds exist), each fine-tuned one under 3 seeds; training-free ones zero-shot."""
+    from hf_posenc import registry
+
+    cfg = load_config(CompareConfig, CONFIGS / "compare_standard.yaml")
+    text_kinds = {e.kind for e in registry.entries() if not e.capabilities.patch_grid}
+    assert {v.posenc.kind for v in cfg.variants} == text_kinds
+    assert cfg.seeds == [0, 1, 2] and cfg.eval.curve_every
+    for v in cfg.variants:
+        runs = cfg.variant_runs(v)
+        assert len(runs) == (3 if v.finetune else 1)
+        if v.posenc.kind in ("self_extend", "rerope"):
+            assert not v.finetune
+    recalibration = load_config(CompareConfig, CONFIGS / "compare_recalibration.yaml")
+    swapped = {v.posenc.kind for v in recalibration.variants if v.finetune}
+    assert swapped == {"nope", "alibi", "t5_bias", "kerple", "cope"}
+    modes = {(v.posenc.kind, recalibration.variant_lora(v).train_embeddings_and_norms,
+              recalibration.variant_lora(v).full_attention) for v in recalibration.variants if v.finetune}
+    assert len(modes) == 3 * len(swapped)  # LoRA, LongLoRA and full attention for each
