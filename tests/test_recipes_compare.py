@@ -284,6 +284,8 @@ def test_recalibration_curves_longlora_and_full_attention(tmp_path, monkeypatch)
         assert [p["step"] for p in curve] == [0, 1, 2] and [p["train_tokens"] for p in curve] == [0, 64, 128]
         # The last point is the trained model at L on the same tokens the evaluation scores (eval_tokens = 256).
         assert curve[-1]["perplexity"] == pytest.approx(by_name[name]["perplexity"]["non_overlapping"]["32"], rel=1e-4)
+    # The yardstick: the base itself on the curves' tokens (= the rope row's ppl@L here: curve_tokens = eval_tokens).
+    assert results["curve_reference"]["perplexity"] == pytest.approx(by_name["rope"]["perplexity"]["non_overlapping"]["32"], rel=1e-6)
     # Step 0 is the converted model before any training: the same model for all three.
     assert len({round(by_name[n]["curve"][0]["perplexity"], 6) for n in ("alibi", "alibi_longlora", "alibi_attention")}) == 1
     assert not (tmp_path / "out" / "variants" / "alibi_attention" / "adapter").exists()  # no adapter: trained in full
@@ -317,8 +319,8 @@ def test_recalibration_verdicts():
         return {"name": name, "posenc": {"kind": "rope"}, "finetuned": bool(curve_ppl), "train_tokens": 0,
                 "perplexity": {"non_overlapping": table, "sliding": table}, "passkey": {}, "curve": curve}
 
-    results = {"train_length": 8, "variants": [
-        variant("rope", [], 10.0), variant("a", [40, 20, 10.5, 10.4, 10.4], 10.4),
+    results = {"train_length": 8, "curve_reference": {"perplexity": 10.0, "tokens": 64}, "variants": [
+        variant("rope", [], 12.0), variant("a", [40, 20, 10.5, 10.4, 10.4], 10.4),
         variant("b", [60, 40, 30, 25, 20], 20), variant("c", [60, 30, 25, 25.1, 25.0], 25)]}
     verdicts = {r["name"]: r["verdict"] for r in recalibration(results)}
     assert verdicts == {"a": "recovered (within 10 % of the base)", "b": "still improving: under-trained at this budget",

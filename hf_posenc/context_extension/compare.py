@@ -202,6 +202,17 @@ def run_compare(config_path: str | Path, out_dir: str | Path, overrides: list[st
                 train_texts.extend(load_texts(cfg.data, cfg.data.train_split))
             return train_texts
 
+        curve_reference = None
+        if cfg.eval.curve_every:
+            # The curves' yardstick: the base model itself on the curves' tokens (the table's ppl@L is
+            # measured on more tokens, so it is not comparable with a curve point).
+            from .evaluation import non_overlapping
+            from .models import load_model
+
+            base = load_model(source, cfg.model.dtype).eval()
+            nll, _ = non_overlapping(base, held_out[: cfg.eval.curve_tokens], cfg.base_length, batch_size=4)
+            curve_reference = {"perplexity": math.exp(math.fsum(nll) / len(nll)), "tokens": cfg.eval.curve_tokens}
+            del base
         records = []
         runs = [(variant, run) for variant in cfg.selected_variants() for run in cfg.variant_runs(variant)]
         by_variant: dict[str, list[dict]] = {}
@@ -231,6 +242,7 @@ def run_compare(config_path: str | Path, out_dir: str | Path, overrides: list[st
             "train_length": cfg.base_length,
             "variants": records,
             **({"seeds": cfg.seeds} if cfg.seeds else {}),
+            **({"curve_reference": curve_reference} if curve_reference else {}),
             "eval": cfg.eval.model_dump(mode="json"),
             "seconds": {"base_model": base_seconds, "total_this_run": round(time.time() - started, 1)},
             # What the timings were measured under: a shared machine can be several times slower.

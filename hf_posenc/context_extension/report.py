@@ -243,13 +243,13 @@ def _mean_curve(v: dict[str, Any]) -> list[tuple[int, float]]:
 def recalibration(results: dict[str, Any]) -> list[dict[str, Any]]:
     """For every variant with a curve: ppl@L along its fine-tune and whether it is bad or only under-trained.
 
-    The verdict compares the end of the curve with the base model's ppl@L (variant ``rope``, not fine-tuned):
+    The verdict compares the end of the curve with the base model's ppl@L on the same tokens
+    (``results["curve_reference"]``, measured by the comparison):
     ``recovered`` within 10 %; ``still improving: under-trained at this budget`` when the last quarter of
     the run still lowered ppl@L by more than 3 %; else ``plateaued at N x the base``: more of the same
     budget would not close the gap, so the encoding (or this way of recalibrating it) is the limit here.
     """
-    L = str(results["train_length"])
-    base = next((v["perplexity"]["non_overlapping"].get(L) for v in results["variants"] if v["name"] == "rope"), None)
+    base = (results.get("curve_reference") or {}).get("perplexity")
     out = []
     for v in results["variants"]:
         curve = _mean_curve(v)
@@ -273,7 +273,9 @@ def recalibration_markdown(results: dict[str, Any]) -> str:
     if not rows:
         return ""
     L = results["train_length"]
-    lines = [f"**Recalibration**: ppl@{L} along each fine-tune (train tokens), against the base's "
+    reference = results.get("curve_reference") or {}
+    lines = [f"**Recalibration**: ppl@{L} along each fine-tune (train tokens), on the first "
+             f"{reference.get('tokens', '?')} held-out tokens, where the base (RoPE, not fine-tuned) has "
              f"{_fmt(rows[0]['base'])}", "", "| variant | curve (tokens: ppl) | verdict |", "|---|---|---|"]
     for row in rows:
         points = ", ".join(f"{t // 1000}k: {_fmt(p)}" for t, p in row["curve"])
