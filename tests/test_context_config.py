@@ -29,7 +29,7 @@ def test_unknown_key_names_file_key_suggestion_and_allowed_keys(tmp_path):
     with pytest.raises(ConfigError) as caught:
         load_config(FinetuneConfig, path)
     assert str(caught.value) == ("cfg.yaml: lora: unknown key 'alpah' (did you mean 'alpha'?); allowed keys: "
-                                 "r, alpha, dropout, target_modules, modules_to_save, train_embeddings_and_norms")
+                                 "r, alpha, dropout, target_modules, modules_to_save, train_embeddings_and_norms, full_attention")
     with pytest.raises(ConfigError, match=r"^cfg.yaml: top level: unknown key 'trian' \(did you mean 'train'\?\)"):
         load_config(FinetuneConfig, _write(tmp_path, {"posenc": {"kind": "nope"}, "trian": {}}))
 

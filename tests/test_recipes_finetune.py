@@ -196,3 +196,26 @@ def test_merged_yarn_checkpoint_keeps_its_scaling_for_inference(tmp_path, cache_
     base = AutoModelForCausalLM.from_pretrained(out / "merged", rope_parameters={"rope_type": "default",
                                                 "rope_theta": saved.rope_parameters["rope_theta"]})
     assert not torch.allclose(reloaded.model.rotary_emb.inv_freq, base.model.rotary_emb.inv_freq)
+
+
+def test_full_attention_saves_the_trained_model_and_no_adapter(tmp_path, cache_env, monkeypatch):
+    """``lora.full_attention``: no adapter; the saved model differs from the base in attention and tables only."""
+    from transformers import AutoModelForCausalLM
+
+    import hf_posenc  # noqa: F401  (the saved T5-bias model needs the plug-in to load)
+    from hf_posenc.context_extension.config import FinetuneConfig, ModelConfig, PretrainConfig, load_config
+    from hf_posenc.context_extension.models import apply_encoding, load_model, resolve
+
+    out = tmp_path / "full"
+    config = _config(tmp_path, out, steps=2, checkpoint_every=0)
+    proc = _run([sys.executable, "recipes/finetune_lora.py", "--config", str(config), "lora.full_attention=true",
+                 "output.save_merged=false"], cache_env)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert not (out / "adapter").exists() and (out / "merged" / "config.json").is_file()
+    trained = AutoModelForCausalLM.from_pretrained(str(out / "merged")).state_dict()
+    monkeypatch.setenv("HF_POSENC_CACHE", cache_env["HF_POSENC_CACHE"])
+    base = apply_encoding(load_model(resolve(ModelConfig(builtin=PretrainConfig(**TINY["model"]["builtin"])),
+                                             progress=False)), load_config(FinetuneConfig, config).posenc).state_dict()
+    changed = {k for k in base if not torch.equal(base[k], trained[k])}
+    assert changed and all(".self_attn." in k for k in changed)
+    assert any(k.endswith("q_proj.weight") for k in changed) and any(".posenc." in k for k in changed)

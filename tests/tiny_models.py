@@ -156,9 +156,10 @@ def randomize_position_tables(model, seed: int = 1) -> None:
         for module in model.modules():
             if isinstance(module, KerpleBias):
                 # The paper's r1, r2 are positive: a negative r1 reads as 0 (projected), a bias-free head
-                # whose r2 has no gradient at all, which would leave r2 untested.
-                module.r1.abs_()
-                module.r2.abs_()
+                # whose r2 has no gradient at all, which would leave r2 untested. Away from 0 too: with a
+                # power r2 near 0 every distance gets the same bias, which softmax cancels (no effect to test).
+                module.r1.abs_().add_(0.5)
+                module.r2.abs_().add_(0.5)
 
 
 def input_ids(batch: int = 2, length: int = 12, seed: int = 0) -> torch.Tensor:
