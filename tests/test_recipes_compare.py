@@ -211,6 +211,10 @@ def test_orderings_and_checks_are_decided_by_the_spread():
     relations = {(a, b): rel for a, rel, b in at_8["pairs"]}
     assert relations[("rope_yarn", "rope_linear")] == "not separable at this budget"  # yarn's interval is wide
     assert relations[("rope_linear", "alibi")] == "<"  # 11.0 +- 0.5 vs 12.0 +- 0.25
+    # Two deterministic variants (point intervals) within 1 %: not separable either.
+    results["variants"].append(_seeded("rope_dynamic", False, {8: [10.05], 64: [31.0]}))
+    at_8 = next(o for o in orderings(results) if o["length"] == 8)
+    assert ("rope", "not separable at this budget", "rope_dynamic") in at_8["pairs"]
     checks = {c["name"].split(":")[0]: c for c in direction_checks(results)}
     # ALiBi ratios 13/12, 20/12.1, 16/11.9: mean 1.37, but the interval reaches past 1.5.
     assert checks["ALiBi"]["verdict"] == "not separable at this budget" and not checks["ALiBi"]["passed"]
@@ -322,6 +326,11 @@ def test_recalibration_verdicts():
     results = {"train_length": 8, "curve_reference": {"perplexity": 10.0, "tokens": 64}, "variants": [
         variant("rope", [], 12.0), variant("a", [40, 20, 10.5, 10.4, 10.4], 10.4),
         variant("b", [60, 40, 30, 25, 20], 20), variant("c", [60, 30, 25, 25.1, 25.0], 25)]}
+    # Sparse checkpoints: the last quarter is measured from the last point before it (40k of 0/40k/80k/120k).
+    sparse = variant("d", [77, 49, 34.5, 32.4], 32.4)
+    for i, point in enumerate(sparse["curve"]):
+        point["train_tokens"] = 40_000 * i
+    results["variants"].append(sparse)
     verdicts = {r["name"]: r["verdict"] for r in recalibration(results)}
     assert verdicts == {"a": "recovered (within 10 % of the base)", "b": "still improving: under-trained at this budget",
-                        "c": "plateaued at 2.50x the base"}
+                        "c": "plateaued at 2.50x the base", "d": "still improving: under-trained at this budget"}

@@ -184,12 +184,18 @@ def checks_markdown(results: dict[str, Any]) -> str:
     return "\n".join(rows) + "\n"
 
 
+#: Relative gap between two means below which no ordering is claimed, whatever the seeds say.
+MIN_GAP = 0.01
+
+
 def orderings(results: dict[str, Any]) -> list[dict[str, Any]]:
     """Which variant has the lower perplexity, at every evaluated length, decided by the spread.
 
     Variants are sorted by mean perplexity; each neighbouring pair is compared by the 95 % intervals of
-    their means over seeds: ``"<"`` when they separate, else "not separable at this budget". With a single
-    seed no ordering is claimed (every pair of fine-tuned variants is not separable).
+    their means over seeds: ``"<"`` when they separate and the means differ by more than
+    :data:`MIN_GAP` (a margin for the evaluation's own noise, which seeds do not measure: a deterministic
+    variant's interval is a point), else "not separable at this budget". With a single seed no ordering
+    of fine-tuned variants is claimed.
 
     Returns:
         ``[{"length": n, "ranking": [(name, mean, low, high), ...], "pairs": [(a, relation, b), ...]}]``.
@@ -206,7 +212,8 @@ def orderings(results: dict[str, Any]) -> list[dict[str, Any]]:
         pairs = []
         for a, b in zip(ranking, ranking[1:]):
             unknown_spread = single_seed and (a[4] or b[4])
-            separated = not unknown_spread and compare_intervals(a[1:4], b[1:4]) < 0
+            separated = (not unknown_spread and compare_intervals(a[1:4], b[1:4]) < 0
+                         and b[1] > (1 + MIN_GAP) * a[1])
             pairs.append((a[0], "<" if separated else NOT_SEPARABLE, b[0]))
         out.append({"length": int(length), "ranking": [r[:4] for r in ranking], "pairs": pairs})
     return out
@@ -214,7 +221,8 @@ def orderings(results: dict[str, Any]) -> list[dict[str, Any]]:
 
 def orderings_markdown(results: dict[str, Any]) -> str:
     """The orderings of :func:`orderings` as one line per length."""
-    lines = ["Orderings by perplexity (lower first; `<` only where the 95 % intervals over seeds separate):", ""]
+    lines = ["Orderings by perplexity (lower first; `<` only where the 95 % intervals over seeds separate and the "
+             f"means differ by more than {MIN_GAP:.0%}):", ""]
     for entry in orderings(results):
         text = entry["ranking"][0][0]
         for _, relation, b in entry["pairs"]:
@@ -256,7 +264,7 @@ def recalibration(results: dict[str, Any]) -> list[dict[str, Any]]:
         if len(curve) < 2:
             continue
         final_tokens, final = curve[-1]
-        quarter = next(p for t, p in curve if t >= 0.75 * final_tokens)
+        quarter = [p for t, p in curve if t <= 0.75 * final_tokens][-1]  # the last point before the last quarter
         if base is not None and final <= RECOVERED_WITHIN * base:
             verdict = "recovered (within 10 % of the base)"
         elif (quarter - final) / quarter > STILL_FALLING:
