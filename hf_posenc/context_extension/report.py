@@ -424,9 +424,12 @@ def plot_seed_spread(results: dict[str, Any], path: Path) -> bool:
         per_seed = [seed_values(v, "perplexity", "non_overlapping", str(n)) for n in xs]
         means = [table[str(n)] for n in xs]
         stds = [statistics.stdev(s) if len(s) > 1 else 0.0 for s in per_seed]
-        line = ax.errorbar([n * shift for n in xs], means, yerr=stds, marker="o", capsize=3, label=v["name"])
+        # tab20 and a marker cycle: the default 10 colours repeat on a 13-variant grid.
+        color = plt.get_cmap("tab20")(i % 20)
+        ax.errorbar([n * shift for n in xs], means, yerr=stds, marker="osD^v<>"[i % 7], capsize=3, color=color,
+                    label=v["name"])
         for n, seeds in zip(xs, per_seed):
-            ax.scatter([n * shift] * len(seeds), seeds, s=8, color=line[0].get_color(), alpha=0.5)
+            ax.scatter([n * shift] * len(seeds), seeds, s=8, color=color, alpha=0.5)
     ax.axvline(results["train_length"], color="grey", linestyle=":", label="train length L")
     ax.set_xscale("log", base=2)
     ax.set_yscale("log")
