@@ -262,5 +262,24 @@ def _get(root, path: str):
 
 
 def attention_modules(model, arch: Architecture) -> list:
-    """The attention module of every block, in layer order."""
-    return [_get(block, arch.attention) for block in _get(model.base_model, arch.layers)]
+    """The attention module of every block, in layer order.
+
+    Raises:
+        ValueError: This transformers version lays the model out otherwise than the row says (transformers
+            5.24 rewrote the image models: ViT, DeiT and DINOv2 had ``encoder.layer[i].attention.attention``
+            with ``query``/``key``/``value`` before).
+    """
+    import transformers
+
+    try:
+        modules = [_get(block, arch.attention) for block in _get(model.base_model, arch.layers)]
+        for module in modules:
+            _get(module, arch.fused or arch.q_proj)
+    except AttributeError as error:
+        raise ValueError(
+            f"{arch.name}: transformers {transformers.__version__} lays {arch.model_type!r} out otherwise than "
+            f"hf_posenc's row for it (blocks at `{arch.layers}`, attention at `{arch.attention}`, query projection "
+            f"`{arch.fused or arch.q_proj}`: {error}); the row follows the layout of the transformers release it "
+            "was written for, upgrade transformers (image rows: 5.24 or newer)."
+        ) from None
+    return modules

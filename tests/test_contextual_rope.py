@@ -188,7 +188,10 @@ def identity_cases():
 def test_conversion_equals_the_models_own_rope(arch, backend):
     """u = 0 at conversion: every width is 1, the positions are the stock ones and the logits the stock
     model's (max abs diff <= 1e-5) on every RoPE architecture; a nonzero u changes them by more."""
-    stock = tiny_model(arch, backend)
+    # Soft-capping rows (Gemma 2) against stock eager: stock sdpa of older transformers drops the soft-cap
+    # (5.5: stock eager and stock sdpa differ by 1.59 on this config), ours applies it on both backends.
+    softcaps = getattr(tiny_config(arch), "attn_logit_softcapping", None)
+    stock = tiny_model(arch, "eager" if softcaps else backend)
     model = hf_posenc.convert(tiny_model(arch, backend), PosEncConfig(kind="contextual_rope"),
                               attn_implementation=backend)
     x = input_ids(2, 20)

@@ -20,7 +20,8 @@ import transformers
 from peft import get_peft_model
 from test_persistence import run_python
 from tiny_models import tiny_model
-from tiny_vision_models import (GRID_KINDS, IMAGE, NUM_LABELS, PREFIX, VISION, allowed_vision_kinds, pixels,
+from tiny_vision_models import (GRID_KINDS, IMAGE, LAYOUT_MATCHES, NUM_LABELS, PREFIX, VISION, allowed_vision_kinds,
+                                needs_row_layout, pixels,
                                 vision_config, vision_converted, vision_model)
 from transformers import AttentionInterface
 
@@ -146,6 +147,7 @@ def test_bad_configs_name_the_field(params, message):
         PosEncConfig(kind="rope_2d", **params)
 
 
+@needs_row_layout
 def test_a_head_dim_not_divisible_by_4_is_refused():
     config = vision_config("vit")
     config.hidden_size, config.num_attention_heads = 24, 4  # head_dim 6
@@ -210,6 +212,7 @@ def reference_output(arch: str, converted, x: torch.Tensor, head: bool = False) 
         return stock(pixel_values=x, **kwargs)[0]
 
 
+@needs_row_layout
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("arch", VISION)
 def test_nope_is_the_stock_model_without_its_table(arch, backend):
@@ -222,6 +225,7 @@ def test_nope_is_the_stock_model_without_its_table(arch, backend):
     assert not any("position_embeddings" in name for name, _ in model.named_parameters())
 
 
+@needs_row_layout
 @pytest.mark.parametrize("scale", [1, 2], ids=["trained-size", "2x"])
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("variant", VARIANTS)
@@ -246,6 +250,7 @@ def test_converted_model_equals_the_reference_at_any_resolution(monkeypatch, arc
         assert (nope(pixel_values=x)[0] - got).abs().max() > 1e-3  # the rotation changes the model
 
 
+@needs_row_layout
 def test_a_non_square_image_rotates_rows_and_columns_apart():
     """12x20 pixels: a 3x5 grid (rows != columns, so a transposed grid would not match the reference)."""
     model = vision_converted("vit", variant="mixed")
@@ -296,6 +301,7 @@ def saved(tmp_path_factory):
     return out
 
 
+@needs_row_layout
 @pytest.mark.parametrize("route", ["import", "remote_code"])
 def test_every_image_row_reloads_in_a_fresh_process(saved, route):
     prelude, extra = ("import hf_posenc", "") if route == "import" else ("", ", trust_remote_code=True")
@@ -313,6 +319,7 @@ def test_every_image_row_reloads_in_a_fresh_process(saved, route):
             assert config["auto_map"]["AutoModelForImageClassification"].endswith(f".HfPosenc{HEADS[arch]}")
 
 
+@needs_row_layout
 @pytest.mark.parametrize("arch", VISION)
 def test_patched_config_loads_a_stock_checkpoint(tmp_path, arch):
     """A stock checkpoint loaded with ``patch_config``: its table is left unused (transformers reports it
@@ -335,6 +342,7 @@ def test_patched_config_loads_a_stock_checkpoint(tmp_path, arch):
     torch.testing.assert_close(theta.norm(dim=0)[0, :2], torch.tensor([1.0, 10 ** -0.5]), rtol=1e-6, atol=0)
 
 
+@needs_row_layout
 @pytest.mark.parametrize("arch", VISION)
 def test_lora_trains_the_mixed_frequencies_and_reloads(tmp_path, arch):
     model = vision_converted(arch, variant="mixed", head=True)
@@ -366,6 +374,7 @@ def test_lora_trains_the_mixed_frequencies_and_reloads(tmp_path, arch):
         hf_posenc.load_adapter(vision_converted(arch, "nope", head=True), tmp_path / "adapter")
 
 
+@needs_row_layout
 @pytest.mark.parametrize("arch", VISION)
 def test_revert_restores_the_stock_model_exactly(arch):
     stock = vision_model(arch, head=True)
@@ -390,3 +399,13 @@ def test_revert_restores_the_stock_model_exactly(arch):
         with pytest.raises(ValueError, match="doesn't match model"):
             model(pixel_values=pixels(height=2 * IMAGE, width=2 * IMAGE))
 
+
+
+@pytest.mark.skipif(LAYOUT_MATCHES, reason="this transformers lays image models out as their rows say")
+@pytest.mark.parametrize("arch", VISION)
+def test_an_older_image_layout_is_refused_by_name(arch):
+    """Before transformers 5.24 the image models had other module paths: conversion says so instead of failing
+    on a missing attribute (or converting the wrong modules)."""
+    model = transformers.AutoModel.from_config(vision_config(arch))
+    with pytest.raises(ValueError, match=r"lays .* out otherwise than hf_posenc's row .* upgrade transformers"):
+        hf_posenc.convert(model, PosEncConfig(kind="rope_2d"))
