@@ -274,12 +274,12 @@ def attention_modules(model, arch: Architecture) -> list:
     try:
         modules = [_get(block, arch.attention) for block in _get(model.base_model, arch.layers)]
         for module in modules:
-            _get(module, arch.fused or arch.q_proj)
+            _get(module, arch.q_proj)
     except AttributeError as error:
         raise ValueError(
             f"{arch.name}: transformers {transformers.__version__} lays {arch.model_type!r} out otherwise than "
             f"hf_posenc's row for it (blocks at `{arch.layers}`, attention at `{arch.attention}`, query projection "
-            f"`{arch.fused or arch.q_proj}`: {error}); the row follows the layout of the transformers release it "
+            f"`{arch.q_proj}`: {error}); the row follows the layout of the transformers release it "
             "was written for, upgrade transformers (image rows: 5.24 or newer)."
         ) from None
     return modules
