@@ -46,6 +46,8 @@ PRODUCED = {
     "results.json/.csv/.md": "recipes/results/compare_quick/results.csv",
     "bench.json": "benchmarks/results_cpu.json",
 }
+# Folders a long run creates inside its run folder and that are not committed -> the module that creates them.
+RUN_FOLDERS = {"variants/": "hf_posenc/context_extension/compare.py"}
 PATH_LIKE = re.compile(r"/|\.(py|ya?ml|md|json|csv|png|gguf|whl|toml)$")
 
 
@@ -250,6 +252,10 @@ def test_every_stated_file_exists_or_is_produced(readme):
     missing = []
     for name in sorted(_stated_names(readme)):
         if name in PLACEHOLDERS:
+            continue
+        if name in RUN_FOLDERS:  # not committed: the code must still create it under that name
+            if f'"{name.rstrip("/")}"' not in (REPO / RUN_FOLDERS[name]).read_text():
+                missing.append(name)
             continue
         if name in PRODUCED:
             name = PRODUCED[name]
