@@ -153,6 +153,31 @@ def test_evaluate_context_buckets_average_to_the_mean(model, tokenizer):
     assert math.exp(mean) == pytest.approx(out["perplexity"]["non_overlapping"]["64"], rel=1e-9)
 
 
+def test_a_sliding_window_that_equals_the_non_overlapping_one_is_not_recomputed(model, tokenizer):
+    """Lengths 32 and 64 with stride >= length over the same 256 tokens: both modes score the same
+    windows, so the sliding value is reused (one forward per window), and it equals a direct sliding
+    computation. Length 16 with stride 8 overlaps and is still computed."""
+    stream = torch.randint(0, 300, (1200,), generator=torch.Generator().manual_seed(3))
+    cfg = EvalConfig(lengths=[16, 32, 64], eval_tokens=256, sliding_stride=64, sliding_tokens=256, bucket_size=16,
+                     passkey=PasskeyConfig(lengths=[400], depths=[0.5], trials=1, max_new_tokens=1))
+    calls = []
+    handle = model.register_forward_pre_hook(lambda module, args, kwargs: calls.append(
+        kwargs["input_ids"].shape[-1]), with_kwargs=True)
+    try:
+        out = evaluation.evaluate_context(model, tokenizer, stream, cfg, progress=False)
+    finally:
+        handle.remove()
+    assert calls.count(64) == 4 and calls.count(32) == 8  # non-overlapping only, not twice
+    for length in (32, 64):
+        nll, pos = evaluation.sliding(model, stream[:256], length, length)
+        assert out["perplexity"]["sliding"][str(length)] == pytest.approx(math.exp(np.mean(nll)), rel=1e-6)
+    cfg16 = cfg.model_copy(update={"sliding_stride": 8})
+    out16 = evaluation.evaluate_context(model, tokenizer, stream, cfg16, progress=False)
+    nll, _ = evaluation.sliding(model, stream[:256], 16, 8)
+    assert out16["perplexity"]["sliding"]["16"] == pytest.approx(math.exp(np.mean(nll)), rel=1e-6)
+    assert out16["perplexity"]["sliding"]["16"] != out16["perplexity"]["non_overlapping"]["16"]
+
+
 def test_longlora_switch_keeps_tied_embeddings_tied():
     """Training a tied input table through modules_to_save must not untie it from the head on merge."""
     from peft import get_peft_model
