@@ -291,6 +291,15 @@ def recalibration_markdown(results: dict[str, Any]) -> str:
     return "\n".join(lines) + "\n"
 
 
+def _save(fig, path: Path) -> None:
+    """Write one report figure (the same layout and resolution for all) and free it."""
+    import matplotlib.pyplot as plt
+
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
 def plot_recalibration(results: dict[str, Any], path: Path) -> bool:
     """ppl@L against recalibration tokens, one line per variant with a curve; False if there is none."""
     import matplotlib
@@ -312,9 +321,7 @@ def plot_recalibration(results: dict[str, Any], path: Path) -> bool:
     ax.set_title("recalibration curves")
     ax.grid(True, which="both", alpha=0.3)
     ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1))
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    _save(fig, path)
     return True
 
 
@@ -343,9 +350,7 @@ def plot_passkey(results: dict[str, Any], path: Path) -> None:
     ax.set_xlabel("prompt length (tokens)")
     ax.set_title("passkey retrieval accuracy")
     fig.colorbar(image, ax=ax)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    _save(fig, path)
 
 
 def _ruler_tasks(results: dict[str, Any]) -> list[str]:
@@ -397,9 +402,7 @@ def plot_ruler(results: dict[str, Any], task: str, path: Path) -> None:
     ax.set_xlabel("prompt length (tokens) @ needle depth")
     ax.set_title(f"RULER-style {task}: exact-match accuracy")
     fig.colorbar(image, ax=ax)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    _save(fig, path)
 
 
 def plot_seed_spread(results: dict[str, Any], path: Path) -> bool:
@@ -438,9 +441,7 @@ def plot_seed_spread(results: dict[str, Any], path: Path) -> bool:
     ax.set_title(f"perplexity by length: mean ± std over seeds {results.get('seeds')}, dots: single seeds")
     ax.grid(True, which="both", alpha=0.3)
     ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1))
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    _save(fig, path)
     return True
 
 
@@ -469,9 +470,7 @@ def plot_loss_by_position(results: dict[str, Any], path: Path) -> bool:
     ax.set_title("loss by position")
     ax.grid(True, alpha=0.3)
     ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1))
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    _save(fig, path)
     return True
 
 
