@@ -207,3 +207,56 @@ def test_pretraining_windows_mix_in_the_given_fraction(digit_tokenizer):
     windows = [base_model._window(stream, 7, mixed, digit_tokenizer, rng) for _ in range(200)]
     synthetic = sum(not torch.equal(w, stream[7:327]) for w in windows)
     assert all(w.shape == (320,) for w in windows) and 70 <= synthetic <= 130  # Binomial(200, 0.5)
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_retrieval_example_counts_the_answer_tokens_it_ends_with(digit_tokenizer, seed):
+    from hf_posenc.context_extension import retrieval_pretraining
+
+    filler = torch.tensor(digit_tokenizer("\n".join(TEXTS) * 3)["input_ids"])
+    window, n = retrieval_pretraining.retrieval_example(digit_tokenizer, filler, 320, random.Random(seed))
+    assert torch.equal(window, retrieval_pretraining.retrieval_window(digit_tokenizer, filler, 320, random.Random(seed)))
+    answer = digit_tokenizer.decode(window[-n:])
+    before = digit_tokenizer.decode(window[:-n])
+    assert answer.endswith("\n") and answer.strip("[], \n").replace(", ", "").isdigit()
+    assert before.rstrip().endswith(("=", "[", "==")) or before.endswith(" ")  # the question, then the answer
+
+
+def test_answer_weighted_loss_adds_the_answer_tokens_mean_loss():
+    """Reference: transformers' own loss, once over every token and once with labels only on the answers."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from hf_posenc.context_extension import base_model
+
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(LlamaConfig(vocab_size=50, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                                         num_attention_heads=2, num_key_value_heads=2))
+    batch = torch.randint(0, 50, (3, 12))
+    lengths = [4, 0, 2]
+    loss, answer = base_model._loss(model, batch, lengths, answer_weight=0.5)
+    labels = torch.full_like(batch, -100)
+    labels[0, -4:], labels[2, -2:] = batch[0, -4:], batch[2, -2:]
+    with torch.no_grad():
+        every = model(input_ids=batch, labels=batch).loss.item()
+        only_answers = model(input_ids=batch, labels=labels).loss.item()
+    assert answer == pytest.approx(only_answers, rel=1e-5)
+    assert loss.item() == pytest.approx(every + 0.5 * only_answers, rel=1e-5)
+    plain, none = base_model._loss(model, batch, lengths, answer_weight=0.0)
+    assert none is None and plain.item() == pytest.approx(every, rel=1e-6)
+
+
+def test_answer_weight_needs_retrieval_windows_and_keeps_old_cache_keys():
+    import json
+    from pathlib import Path
+
+    from hf_posenc.context_extension.base_model import base_model_dir
+    from hf_posenc.context_extension.config import PretrainConfig
+
+    with pytest.raises(ValueError, match="set retrieval_fraction > 0"):
+        PretrainConfig(answer_loss_weight=1.0)
+    mixed = PretrainConfig(retrieval_fraction=0.25)
+    assert base_model_dir(mixed) != base_model_dir(mixed.model_copy(update={"answer_loss_weight": 1.0}))
+    # The committed standard results were built from the default spec before the field existed.
+    results = Path(__file__).resolve().parents[1] / "recipes" / "results" / "compare_standard" / "results.json"
+    built = json.loads(results.read_text())["base_model"]  # "hf_posenc:tiny-stdlib-llama (<cache key>)"
+    assert f"({base_model_dir(PretrainConfig()).name})" in built

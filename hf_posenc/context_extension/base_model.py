@@ -26,11 +26,12 @@ from collections.abc import Iterable, Iterator
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
 from filelock import FileLock
 
 from .config import PretrainConfig
 from .data import cache_dir, load_stdlib_dataset, token_stream
-from .retrieval_pretraining import retrieval_window
+from .retrieval_pretraining import retrieval_example
 
 logger = logging.getLogger(__name__)
 
@@ -149,8 +150,10 @@ class ThreadChooser:
 
 def base_model_dir(spec: PretrainConfig, held_out_percent: int = 5) -> Path:
     """Folder of the cached base model built from ``spec``."""
-    payload = json.dumps({"spec": spec.model_dump(), "held_out": held_out_percent, "v": BUILD_VERSION},
-                         sort_keys=True)
+    fields = spec.model_dump()
+    if not fields["answer_loss_weight"]:  # added later: at its neutral default, the cache keys stay as they were
+        del fields["answer_loss_weight"]
+    payload = json.dumps({"spec": fields, "held_out": held_out_percent, "v": BUILD_VERSION}, sort_keys=True)
     return cache_dir() / "base" / hashlib.sha256(payload.encode()).hexdigest()[:12]
 
 
@@ -184,12 +187,34 @@ def build_llama_config(spec: PretrainConfig, tokenizer):
     )
 
 
-def _window(stream: torch.Tensor, start: int, spec: PretrainConfig, tokenizer, rng: random.Random) -> torch.Tensor:
-    """One ``[seq_len]`` pretraining window: code from ``start``, or (``retrieval_fraction`` of the time)
-    a synthetic retrieval task hidden in it."""
+def _example(stream: torch.Tensor, start: int, spec: PretrainConfig, tokenizer,
+             rng: random.Random) -> tuple[torch.Tensor, int]:
+    """One ``[seq_len]`` pretraining window and the length of the answer it ends with: code from
+    ``start`` (no answer: 0), or (``retrieval_fraction`` of the time) a synthetic retrieval task hidden in it."""
     if spec.retrieval_fraction and rng.random() < spec.retrieval_fraction:
-        return retrieval_window(tokenizer, stream[start:], spec.seq_len, rng)
-    return stream[start : start + spec.seq_len]
+        return retrieval_example(tokenizer, stream[start:], spec.seq_len, rng)
+    return stream[start : start + spec.seq_len], 0
+
+
+def _window(stream: torch.Tensor, start: int, spec: PretrainConfig, tokenizer, rng: random.Random) -> torch.Tensor:
+    """The window of :func:`_example`."""
+    return _example(stream, start, spec, tokenizer, rng)[0]
+
+
+def _loss(model, batch: torch.Tensor, answer_lengths: list[int], answer_weight: float) -> tuple[torch.Tensor, float | None]:
+    """Mean next-token loss of ``batch [B, T]``, plus ``answer_weight`` x the mean loss of the answer tokens
+    (the last ``answer_lengths[b]`` tokens of row b). Returns (loss, answer loss or None)."""
+    if not answer_weight or not any(answer_lengths):
+        return model(input_ids=batch, labels=batch).loss, None
+    logits = model(input_ids=batch).logits[:, :-1]  # [B, T-1, V]: position t predicts token t+1
+    nll = F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), batch[:, 1:].reshape(-1),
+                          reduction="none").view(batch.shape[0], -1)  # [B, T-1]
+    answers = torch.zeros_like(nll, dtype=torch.bool)
+    for row, n in enumerate(answer_lengths):
+        if n:
+            answers[row, -n:] = True
+    answer_loss = nll[answers].mean()
+    return nll.mean() + answer_weight * answer_loss, answer_loss.item()
 
 
 def pretrain(spec: PretrainConfig, out_dir: Path, held_out_percent: int = 5, progress: bool = True) -> dict:
@@ -237,6 +262,7 @@ def pretrain(spec: PretrainConfig, out_dir: Path, held_out_percent: int = 5, pro
     )
     rng = random.Random(spec.seed)
     losses: list[float] = []
+    answer_losses: list[float] = []  # not checkpointed: a resumed build reports the answers since it resumed
     first_step = 0
     if checkpoint.is_file():
         state = torch.load(checkpoint, weights_only=False)
@@ -255,9 +281,11 @@ def pretrain(spec: PretrainConfig, out_dir: Path, held_out_percent: int = 5, pro
         used = threads.threads_for(step)
         for group in optimizer.param_groups:
             group["lr"] = _lr_at(step, spec)
-        batch = torch.stack([_window(stream, rng.randint(0, last_start), spec, tokenizer, rng)
-                             for _ in range(spec.batch_size)])
-        loss = model(input_ids=batch, labels=batch).loss
+        examples = [_example(stream, rng.randint(0, last_start), spec, tokenizer, rng) for _ in range(spec.batch_size)]
+        batch = torch.stack([ids for ids, _ in examples])  # [B, seq_len]
+        loss, answer_loss = _loss(model, batch, [n for _, n in examples], spec.answer_loss_weight)
+        if answer_loss is not None:
+            answer_losses.append(answer_loss)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         optimizer.step()
@@ -286,6 +314,7 @@ def pretrain(spec: PretrainConfig, out_dir: Path, held_out_percent: int = 5, pro
         "train_tokens": needed,
         "corpus_tokens_used": int(len(stream)),
         "final_train_loss": sum(losses[-20:]) / len(losses[-20:]),
+        "final_answer_loss": sum(answer_losses[-20:]) / len(answer_losses[-20:]) if answer_losses else None,
         "resumed_from_step": first_step,
         "threads": threads.history or threads.candidates,
         "seconds": {"tokenizer": round(tokenizer_s, 1), "tokenize": round(tokenize_s, 1),

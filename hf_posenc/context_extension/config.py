@@ -108,11 +108,19 @@ class PretrainConfig(Section):
     #: Fraction of pretraining windows that carry a synthetic retrieval task (RULER-style needles in the
     #: code, answered at the window's end; :mod:`.retrieval_pretraining`): the base then retrieves at L.
     retrieval_fraction: float = Field(0.0, ge=0.0, le=1.0)
+    #: Extra weight of the retrieval answers in the loss: the batch's mean token loss plus this times the
+    #: mean loss of the answer tokens. 0: an answer token counts like any other, i.e. a few tokens in
+    #: thousands, too weak a signal for a small model to learn copying at this budget (see
+    #: ``benchmarks/induction_probe.py``: with the loss on the copy alone it forms in a few hundred steps).
+    answer_loss_weight: float = Field(0.0, ge=0.0)
 
     @model_validator(mode="after")
     def _heads_divide_hidden_size(self) -> PretrainConfig:
         if self.hidden_size % self.num_heads:
             raise ValueError(f"hidden_size ({self.hidden_size}) must be divisible by num_heads ({self.num_heads})")
+        if self.answer_loss_weight and not self.retrieval_fraction:
+            raise ValueError("answer_loss_weight weights the answers of retrieval windows: set retrieval_fraction > 0 "
+                             "as well (0 means no retrieval windows, so there is no answer to weight)")
         return self
 
 

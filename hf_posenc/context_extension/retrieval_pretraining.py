@@ -52,6 +52,11 @@ def retrieval_window(tokenizer, filler: torch.Tensor, seq_len: int, rng: random.
         seq_len: Window length.
         rng: Source of the task, depth, names and values.
     """
+    return retrieval_example(tokenizer, filler, seq_len, rng)[0]
+
+
+def retrieval_example(tokenizer, filler: torch.Tensor, seq_len: int, rng: random.Random) -> tuple[torch.Tensor, int]:
+    """:func:`retrieval_window` and the length of its answer (the window's last tokens)."""
     task = rng.choice(ruler.TASKS)
     lines, question, answers = ruler.task_lines(task, rng, names=training_names(rng, 4))
     answer = torch.tensor(tokenizer(_answer_text(task, answers), add_special_tokens=False)["input_ids"],
@@ -59,4 +64,4 @@ def retrieval_window(tokenizer, filler: torch.Tensor, seq_len: int, rng: random.
     head = _HEADS[1] if task == "single_needle" and rng.random() < 0.5 else _HEADS[0]
     prompt = ruler.assemble(task, tokenizer, filler, seq_len - len(answer), rng.random(), lines, question, rng,
                             head=head)
-    return torch.cat([prompt, answer])  # [seq_len]
+    return torch.cat([prompt, answer]), len(answer)  # [seq_len], answer tokens at the end
