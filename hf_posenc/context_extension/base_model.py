@@ -26,11 +26,11 @@ from collections.abc import Iterable, Iterator
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 from filelock import FileLock
 
 from .config import PretrainConfig
 from .data import cache_dir, load_stdlib_dataset, token_stream
+from .evaluation import next_token_nll
 from .retrieval_pretraining import retrieval_example
 
 logger = logging.getLogger(__name__)
@@ -206,9 +206,7 @@ def _loss(model, batch: torch.Tensor, answer_lengths: list[int], answer_weight: 
     (the last ``answer_lengths[b]`` tokens of row b). Returns (loss, answer loss or None)."""
     if not answer_weight or not any(answer_lengths):
         return model(input_ids=batch, labels=batch).loss, None
-    logits = model(input_ids=batch).logits[:, :-1]  # [B, T-1, V]: position t predicts token t+1
-    nll = F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), batch[:, 1:].reshape(-1),
-                          reduction="none").view(batch.shape[0], -1)  # [B, T-1]
+    nll = next_token_nll(model(input_ids=batch).logits, batch)  # [B, T-1]
     answers = torch.zeros_like(nll, dtype=torch.bool)
     for row, n in enumerate(answer_lengths):
         if n:

@@ -34,17 +34,22 @@ def load_metric(name: str, config_name: str | None = None):
     return evaluate.load(str(recipes_dir() / "metrics" / name), config_name)
 
 
+def next_token_nll(logits: torch.Tensor, input_ids: torch.Tensor) -> torch.Tensor:
+    """Per-token NLL ``[B, T-1]`` from ``logits [B, T, V]`` of ``input_ids [B, T]`` (token t+1 predicted
+    from tokens <= t); differentiable, so pretraining's weighted losses use it too."""
+    # float32 log-softmax: bf16 logits would round the loss of every token.
+    nll = F.cross_entropy(
+        logits[:, :-1].float().reshape(-1, logits.shape[-1]), input_ids[:, 1:].reshape(-1), reduction="none"
+    )
+    return nll.view(input_ids.shape[0], -1)
+
+
 @torch.no_grad()
 def token_nll(model, input_ids: torch.Tensor) -> torch.Tensor:
     """Per-token NLL ``[B, T-1]`` of ``input_ids`` ``[B, T]`` (token t+1 predicted from tokens <= t)."""
     device = next(model.parameters()).device
     input_ids = input_ids.to(device)
-    logits = model(input_ids=input_ids, use_cache=False).logits
-    # float32 log-softmax: bf16 logits would round the loss of every token.
-    nll = F.cross_entropy(
-        logits[:, :-1].float().reshape(-1, logits.shape[-1]), input_ids[:, 1:].reshape(-1), reduction="none"
-    )
-    return nll.view(input_ids.shape[0], -1).cpu()
+    return next_token_nll(model(input_ids=input_ids, use_cache=False).logits, input_ids).cpu()
 
 
 def non_overlapping(model, stream: torch.Tensor, length: int, batch_size: int = 1) -> tuple[list[float], list[int]]:
