@@ -154,3 +154,32 @@ def test_thread_chooser_keeps_the_faster_count_and_measures_again(monkeypatch):
         assert base_model.ThreadChooser().candidates == [3]
     finally:
         torch.set_num_threads(before)
+
+
+def test_retrieval_warmup_trains_on_retrieval_answers_alone_then_on_the_mix(tmp_path, tmp_path_factory, monkeypatch):
+    """The first ``retrieval_warmup_steps`` batches are all retrieval windows scored on their answers alone;
+    later batches follow ``retrieval_fraction`` and the weighted loss."""
+    from hf_posenc.context_extension import base_model
+    from hf_posenc.context_extension.config import PretrainConfig
+
+    monkeypatch.setenv(corpus.CACHE_ENV, str(tmp_path_factory.getbasetemp() / "hf_posenc_cache"))  # shared corpus
+    monkeypatch.setenv(base_model.THREADS_ENV, "1")
+    real_train, real_loss = base_model.train_bpe_tokenizer, base_model._loss
+    monkeypatch.setattr(base_model, "train_bpe_tokenizer",
+                        lambda texts, size, **kwargs: real_train(texts, size, max_chars=200_000, **kwargs))
+    calls = []
+
+    def recording_loss(model, batch, answers, weight, answers_only=False):
+        calls.append((answers_only, [answer.stop > answer.start for answer in answers]))
+        return real_loss(model, batch, answers, weight, answers_only)
+
+    monkeypatch.setattr(base_model, "_loss", recording_loss)
+    spec = PretrainConfig(vocab_size=300, hidden_size=16, num_layers=1, num_heads=2, intermediate_size=32,
+                          seq_len=256, batch_size=4, steps=6, warmup_steps=1, digit_tokens=True,
+                          retrieval_fraction=0.5, answer_loss_weight=2.0, retrieval_tasks=["single_needle"],
+                          retrieval_warmup_steps=3)
+    info = base_model.pretrain(spec, tmp_path / "base", progress=False)
+    assert [only for only, _ in calls] == [True] * 3 + [False] * 3
+    assert all(all(rows) for _, rows in calls[:3])  # every warm-up row is a retrieval window
+    assert not all(all(rows) for _, rows in calls[3:])  # then code joins (P(all 12 synthetic) = 2^-12)
+    assert info["final_answer_loss"] is not None

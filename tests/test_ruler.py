@@ -176,21 +176,51 @@ def test_digit_tokens_spell_every_number_one_digit_at_a_time(tokenizer, digit_to
 
 
 @pytest.mark.parametrize("seed", range(8))
-def test_retrieval_window_is_a_task_answered_at_its_end(digit_tokenizer, seed):
+def test_retrieval_example_is_a_task_answered_in_the_window_then_more_code(digit_tokenizer, seed):
     from hf_posenc.context_extension import retrieval_pretraining
 
     filler = torch.tensor(digit_tokenizer("\n".join(TEXTS) * 3)["input_ids"])
-    window = retrieval_pretraining.retrieval_window(digit_tokenizer, filler, 320, random.Random(seed))
-    assert window.shape == (320,)
-    text = digit_tokenizer.decode(window)
+    example = retrieval_pretraining.retrieval_example(digit_tokenizer, filler, 320, random.Random(seed))
+    window, answer = example.input_ids, example.answer
+    assert window.shape == (320,) and 160 <= answer.stop <= 320
+    text = digit_tokenizer.decode(window[: answer.stop])
     needles = [line for line in text.splitlines() if line[:1].isupper() and (" = " in line or " += " in line)]
     names = {line.split(" ")[0] for line in needles}
     assert names and not names & set(ruler._NAMES)  # never the evaluation's names
     values = {word.strip("[],") for line in needles for word in line.split() if word.strip("[],").isdigit()}
-    # The window ends on the answer: the asked-for value(s) right after the question, then a newline.
-    last_line = text.rstrip("\n").splitlines()[-1]
-    answered = [word.strip("[],") for word in last_line.split("== ")[-1].split("= ")[-1].split()]
-    assert text.endswith("\n") and answered and set(answered) <= values, text
+    # The answer: the asked-for value(s) right after the question, then a newline.
+    said = digit_tokenizer.decode(window[answer])
+    before = digit_tokenizer.decode(window[: answer.start])
+    assert said.endswith("\n") and set(said.strip("] \n").split(", ")) <= values, text
+    assert before.rstrip().endswith(("=", "[", "==")) or before.endswith(" ")  # the question, then the answer
+    # Then a new document: end-of-text and the code that follows the filler the task used.
+    rest = window[answer.stop :]
+    if len(rest):
+        assert rest[0] == digit_tokenizer.eos_token_id
+        assert torch.equal(rest[1:], filler[answer.stop : 320 - 1])
+
+
+def test_retrieval_answers_end_anywhere_in_the_second_half_of_the_window(digit_tokenizer):
+    """A model trained with the answer always in the window's last tokens retrieves only there."""
+    from hf_posenc.context_extension import retrieval_pretraining
+
+    filler = torch.tensor(digit_tokenizer("\n".join(TEXTS) * 3)["input_ids"])
+    rng = random.Random(0)
+    ends = [retrieval_pretraining.retrieval_example(digit_tokenizer, filler, 320, rng).answer.stop for _ in range(200)]
+    assert min(ends) >= 160 and max(ends) <= 320
+    assert sum(e < 240 for e in ends) > 50 and sum(e >= 280 for e in ends) > 30  # ~uniform over [160, 320]
+
+
+def test_retrieval_example_draws_only_the_given_tasks(digit_tokenizer):
+    from hf_posenc.context_extension import retrieval_pretraining
+
+    filler = torch.tensor(digit_tokenizer("\n".join(TEXTS) * 3)["input_ids"])
+    rng = random.Random(0)
+    for _ in range(20):
+        example = retrieval_pretraining.retrieval_example(digit_tokenizer, filler, 320, rng, tasks=("single_needle",))
+        assert "PASS_KEY = " in digit_tokenizer.decode(example.input_ids[: example.answer.start])
+    with pytest.raises(ValueError, match="needs as many filler tokens"):
+        retrieval_pretraining.retrieval_example(digit_tokenizer, filler[:100], 320, rng)
 
 
 def test_pretraining_windows_mix_in_the_given_fraction(digit_tokenizer):
@@ -201,25 +231,16 @@ def test_pretraining_windows_mix_in_the_given_fraction(digit_tokenizer):
     plain = PretrainConfig(seq_len=320)
     mixed = PretrainConfig(seq_len=320, retrieval_fraction=0.5)
     rng = random.Random(0)
-    assert all(torch.equal(base_model._window(stream, s, plain, digit_tokenizer, rng), stream[s : s + 320])
-               for s in range(0, 200, 20))
+    for start in range(0, 200, 20):
+        window, answer = base_model._example(stream, start, plain, digit_tokenizer, rng)
+        assert torch.equal(window, stream[start : start + 320]) and answer == slice(0, 0)
     rng = random.Random(0)
-    windows = [base_model._window(stream, 7, mixed, digit_tokenizer, rng) for _ in range(200)]
-    synthetic = sum(not torch.equal(w, stream[7:327]) for w in windows)
-    assert all(w.shape == (320,) for w in windows) and 70 <= synthetic <= 130  # Binomial(200, 0.5)
-
-
-@pytest.mark.parametrize("seed", range(4))
-def test_retrieval_example_counts_the_answer_tokens_it_ends_with(digit_tokenizer, seed):
-    from hf_posenc.context_extension import retrieval_pretraining
-
-    filler = torch.tensor(digit_tokenizer("\n".join(TEXTS) * 3)["input_ids"])
-    window, n = retrieval_pretraining.retrieval_example(digit_tokenizer, filler, 320, random.Random(seed))
-    assert torch.equal(window, retrieval_pretraining.retrieval_window(digit_tokenizer, filler, 320, random.Random(seed)))
-    answer = digit_tokenizer.decode(window[-n:])
-    before = digit_tokenizer.decode(window[:-n])
-    assert answer.endswith("\n") and answer.strip("[], \n").replace(", ", "").isdigit()
-    assert before.rstrip().endswith(("=", "[", "==")) or before.endswith(" ")  # the question, then the answer
+    examples = [base_model._example(stream, 7, mixed, digit_tokenizer, rng) for _ in range(200)]
+    synthetic = sum(answer.stop > answer.start for _, answer in examples)
+    assert all(window.shape == (320,) for window, _ in examples) and 70 <= synthetic <= 130  # Binomial(200, 0.5)
+    assert all(torch.equal(w, stream[7:327]) for w, a in examples if a.stop == a.start)
+    # The warm-up asks for retrieval windows whatever the fraction.
+    assert all(base_model._example(stream, 7, plain, digit_tokenizer, rng, retrieval=True)[1].stop for _ in range(20))
 
 
 def test_answer_weighted_loss_adds_the_answer_tokens_mean_loss():
@@ -232,17 +253,19 @@ def test_answer_weighted_loss_adds_the_answer_tokens_mean_loss():
     model = LlamaForCausalLM(LlamaConfig(vocab_size=50, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
                                          num_attention_heads=2, num_key_value_heads=2))
     batch = torch.randint(0, 50, (3, 12))
-    lengths = [4, 0, 2]
-    loss, answer = base_model._loss(model, batch, lengths, answer_weight=0.5)
+    answers = [slice(5, 9), slice(0, 0), slice(10, 12)]
+    loss, answer = base_model._loss(model, batch, answers, answer_weight=0.5)
     labels = torch.full_like(batch, -100)
-    labels[0, -4:], labels[2, -2:] = batch[0, -4:], batch[2, -2:]
+    labels[0, 5:9], labels[2, 10:12] = batch[0, 5:9], batch[2, 10:12]
     with torch.no_grad():
         every = model(input_ids=batch, labels=batch).loss.item()
         only_answers = model(input_ids=batch, labels=labels).loss.item()
     assert answer == pytest.approx(only_answers, rel=1e-5)
     assert loss.item() == pytest.approx(every + 0.5 * only_answers, rel=1e-5)
-    plain, none = base_model._loss(model, batch, lengths, answer_weight=0.0)
+    plain, none = base_model._loss(model, batch, answers, answer_weight=0.0)
     assert none is None and plain.item() == pytest.approx(every, rel=1e-6)
+    alone, answer = base_model._loss(model, batch, answers, answer_weight=0.0, answers_only=True)  # the warm-up's
+    assert alone.item() == pytest.approx(only_answers, rel=1e-5) and answer == pytest.approx(only_answers, rel=1e-5)
 
 
 def test_answer_weight_needs_retrieval_windows_and_keeps_old_cache_keys():
@@ -256,6 +279,12 @@ def test_answer_weight_needs_retrieval_windows_and_keeps_old_cache_keys():
         PretrainConfig(answer_loss_weight=1.0)
     mixed = PretrainConfig(retrieval_fraction=0.25)
     assert base_model_dir(mixed) != base_model_dir(mixed.model_copy(update={"answer_loss_weight": 1.0}))
+    for later in ({"retrieval_tasks": ["single_needle"]}, {"retrieval_warmup_steps": 10}):
+        assert base_model_dir(mixed) != base_model_dir(mixed.model_copy(update=later))
+    with pytest.raises(ValueError, match=r"retrieval_warmup_steps \(20\) must not exceed steps \(10\)"):
+        PretrainConfig(steps=10, retrieval_warmup_steps=20)
+    with pytest.raises(ValueError, match="multi_needle"):
+        PretrainConfig(retrieval_tasks=["multi_needle"])
     # The committed standard results were built from the default spec before the field existed.
     results = Path(__file__).resolve().parents[1] / "recipes" / "results" / "compare_standard" / "results.json"
     built = json.loads(results.read_text())["base_model"]  # "hf_posenc:tiny-stdlib-llama (<cache key>)"

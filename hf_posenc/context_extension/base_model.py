@@ -151,8 +151,10 @@ class ThreadChooser:
 def base_model_dir(spec: PretrainConfig, held_out_percent: int = 5) -> Path:
     """Folder of the cached base model built from ``spec``."""
     fields = spec.model_dump()
-    if not fields["answer_loss_weight"]:  # added later: at its neutral default, the cache keys stay as they were
-        del fields["answer_loss_weight"]
+    # Fields added later: at their defaults, the cache keys (and committed results' base hashes) stay as they were.
+    for name in ("answer_loss_weight", "retrieval_tasks", "retrieval_warmup_steps"):
+        if fields[name] == PretrainConfig.model_fields[name].get_default(call_default_factory=True):
+            del fields[name]
     payload = json.dumps({"spec": fields, "held_out": held_out_percent, "v": BUILD_VERSION}, sort_keys=True)
     return cache_dir() / "base" / hashlib.sha256(payload.encode()).hexdigest()[:12]
 
@@ -187,32 +189,34 @@ def build_llama_config(spec: PretrainConfig, tokenizer):
     )
 
 
-def _example(stream: torch.Tensor, start: int, spec: PretrainConfig, tokenizer,
-             rng: random.Random) -> tuple[torch.Tensor, int]:
-    """One ``[seq_len]`` pretraining window and the length of the answer it ends with: code from
-    ``start`` (no answer: 0), or (``retrieval_fraction`` of the time) a synthetic retrieval task hidden in it."""
-    if spec.retrieval_fraction and rng.random() < spec.retrieval_fraction:
-        return retrieval_example(tokenizer, stream[start:], spec.seq_len, rng)
-    return stream[start : start + spec.seq_len], 0
+def _example(stream: torch.Tensor, start: int, spec: PretrainConfig, tokenizer, rng: random.Random,
+             retrieval: bool = False) -> tuple[torch.Tensor, slice]:
+    """One ``[seq_len]`` pretraining window and the positions of its answer tokens: code from ``start`` (no
+    answer: an empty slice), or a synthetic retrieval task hidden in code (``retrieval_fraction`` of the
+    time, or always when ``retrieval``)."""
+    if retrieval or (spec.retrieval_fraction and rng.random() < spec.retrieval_fraction):
+        example = retrieval_example(tokenizer, stream[start:], spec.seq_len, rng, tuple(spec.retrieval_tasks))
+        return example.input_ids, example.answer
+    return stream[start : start + spec.seq_len], slice(0, 0)
 
 
-def _window(stream: torch.Tensor, start: int, spec: PretrainConfig, tokenizer, rng: random.Random) -> torch.Tensor:
-    """The window of :func:`_example`."""
-    return _example(stream, start, spec, tokenizer, rng)[0]
+def _loss(model, batch: torch.Tensor, answers: list[slice], answer_weight: float,
+          answers_only: bool = False) -> tuple[torch.Tensor, float | None]:
+    """The pretraining loss of ``batch [B, T]`` and the mean loss of its answer tokens (None without answers).
 
-
-def _loss(model, batch: torch.Tensor, answer_lengths: list[int], answer_weight: float) -> tuple[torch.Tensor, float | None]:
-    """Mean next-token loss of ``batch [B, T]``, plus ``answer_weight`` x the mean loss of the answer tokens
-    (the last ``answer_lengths[b]`` tokens of row b). Returns (loss, answer loss or None)."""
-    if not answer_weight or not any(answer_lengths):
+    The loss is the mean next-token loss plus ``answer_weight`` x the answers' mean loss (``answers[b]``: the
+    positions of row b's answer tokens), or the answers' mean loss alone when ``answers_only``.
+    """
+    if not answers_only and (not answer_weight or not any(a.stop > a.start for a in answers)):
         return model(input_ids=batch, labels=batch).loss, None
-    nll = next_token_nll(model(input_ids=batch).logits, batch)  # [B, T-1]
-    answers = torch.zeros_like(nll, dtype=torch.bool)
-    for row, n in enumerate(answer_lengths):
-        if n:
-            answers[row, -n:] = True
-    answer_loss = nll[answers].mean()
-    return nll.mean() + answer_weight * answer_loss, answer_loss.item()
+    nll = next_token_nll(model(input_ids=batch).logits, batch)  # [B, T-1]: column t predicts token t + 1
+    scored = torch.zeros_like(nll, dtype=torch.bool)
+    for row, answer in enumerate(answers):
+        if answer.stop > answer.start:
+            scored[row, answer.start - 1 : answer.stop - 1] = True
+    answer_loss = nll[scored].mean()
+    loss = answer_loss if answers_only else nll.mean() + answer_weight * answer_loss
+    return loss, answer_loss.item()
 
 
 def pretrain(spec: PretrainConfig, out_dir: Path, held_out_percent: int = 5, progress: bool = True) -> dict:
@@ -279,9 +283,14 @@ def pretrain(spec: PretrainConfig, out_dir: Path, held_out_percent: int = 5, pro
         used = threads.threads_for(step)
         for group in optimizer.param_groups:
             group["lr"] = _lr_at(step, spec)
-        examples = [_example(stream, rng.randint(0, last_start), spec, tokenizer, rng) for _ in range(spec.batch_size)]
+        # The first retrieval_warmup_steps train on retrieval windows alone, scored on their answers alone:
+        # the copy circuit forms there, which it does not under the code's loss (see the config field).
+        warm_up = step < spec.retrieval_warmup_steps
+        examples = [_example(stream, rng.randint(0, last_start), spec, tokenizer, rng, retrieval=warm_up)
+                    for _ in range(spec.batch_size)]
         batch = torch.stack([ids for ids, _ in examples])  # [B, seq_len]
-        loss, answer_loss = _loss(model, batch, [n for _, n in examples], spec.answer_loss_weight)
+        loss, answer_loss = _loss(model, batch, [answer for _, answer in examples], spec.answer_loss_weight,
+                                  answers_only=warm_up)
         if answer_loss is not None:
             answer_losses.append(answer_loss)
         loss.backward()
