@@ -118,8 +118,9 @@ class PretrainConfig(Section):
     retrieval_tasks: list[Literal["single_needle", "multi_key", "multi_value", "variable_tracking"]] = Field(
         default_factory=lambda: ["single_needle", "multi_key", "multi_value", "variable_tracking"], min_length=1)
     #: The first N of ``steps`` train on retrieval windows alone with the loss on their answers alone, before
-    #: the code's loss joins. Measured (``recipes/README.md``): copying forms within a few hundred such steps,
-    #: but not in 800 steps of code mixed with retrieval windows, whatever the answers' weight.
+    #: the code's loss joins. Measured on the quick base (single needle, exact match at L on held-out code):
+    #: 0.97 after 400 such steps at lr 1e-3 (0.03 after 500 at 2e-3 or 3e-3), and it stays at 1.00 once
+    #: code is mixed in; mixed into code from the start (answer weight 1 or 4), 0.00 after 600-800 steps.
     retrieval_warmup_steps: int = Field(0, ge=0)
 
     @model_validator(mode="after")

@@ -63,9 +63,10 @@ def retrieval_example(tokenizer, filler: torch.Tensor, seq_len: int, rng: random
     """One ``[seq_len]`` training window: a random RULER-style task hidden in ``filler``, then more code.
 
     The task is ``seq_len // 2`` (or its template's length, if longer) to ``seq_len`` tokens long, drawn
-    uniformly, so its answer ends anywhere in the second half of the window: a model that only ever saw the answer in the window's last tokens learns
-    to retrieve *there* (measured: exact match 1.00 with the answer at positions 250-255 of 256, 0.06 when
-    the same prompt is 6 tokens longer), and the passkey test asks at position L, past any training window.
+    uniformly, so its answer ends anywhere in the second half of the window. A model that only ever saw the
+    answer in the window's last tokens learns to retrieve *there* (measured: exact match 1.00 with the
+    answer at positions 250-255 of 256, 0.06 when the same prompt is 6 tokens longer), and the passkey
+    test asks at position L, past any training window.
 
     Args:
         tokenizer: The base model's tokenizer.
