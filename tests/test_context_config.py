@@ -218,3 +218,17 @@ def test_standard_preset_runs_every_text_kind_with_seeds():
     modes = {(v.posenc.kind, recalibration.variant_lora(v).train_embeddings_and_norms,
               recalibration.variant_lora(v).full_attention) for v in recalibration.variants if v.finetune}
     assert len(modes) == 3 * len(swapped)  # LoRA, LongLoRA and full attention for each
+
+
+@pytest.mark.parametrize("name", ["compare_quick", "compare_standard", "compare_recalibration"])
+def test_preset_describes_the_run_committed_for_it(name):
+    """A preset and its committed results agree on the base model (cache key) and the evaluation, so the
+    results are what running the preset gives (the standard and recalibration presets pin the first base)."""
+    import json
+
+    from hf_posenc.context_extension.base_model import base_model_dir
+
+    cfg = load_config(CompareConfig, CONFIGS / f"{name}.yaml")
+    results = json.loads((ROOT / "recipes" / "results" / name / "results.json").read_text())
+    assert results["base_model"] == f"hf_posenc:tiny-stdlib-llama ({base_model_dir(cfg.model.builtin).name})"
+    assert cfg.eval.model_dump(mode="json") == results["eval"]

@@ -156,11 +156,14 @@ def test_thread_chooser_keeps_the_faster_count_and_measures_again(monkeypatch):
         torch.set_num_threads(before)
 
 
-def test_retrieval_warmup_trains_on_retrieval_answers_alone_then_on_the_mix(tmp_path, tmp_path_factory, monkeypatch):
-    """The first ``retrieval_warmup_steps`` batches are all retrieval windows scored on their answers alone;
-    later batches follow ``retrieval_fraction`` and the weighted loss."""
+def test_retrieval_stage_continues_the_cached_code_base_on_the_mix(tmp_path, tmp_path_factory, monkeypatch):
+    """With a retrieval stage, the code-only base is built first and cached under its own key; the stage starts
+    from its weights and tokenizer and trains on code mixed with retrieval windows, answers weighted."""
+    import torch
+    from safetensors.torch import load_file
+
     from hf_posenc.context_extension import base_model
-    from hf_posenc.context_extension.config import PretrainConfig
+    from hf_posenc.context_extension.config import PretrainConfig, RetrievalStageConfig
 
     monkeypatch.setenv(corpus.CACHE_ENV, str(tmp_path_factory.getbasetemp() / "hf_posenc_cache"))  # shared corpus
     monkeypatch.setenv(base_model.THREADS_ENV, "1")
@@ -169,17 +172,23 @@ def test_retrieval_warmup_trains_on_retrieval_answers_alone_then_on_the_mix(tmp_
                         lambda texts, size, **kwargs: real_train(texts, size, max_chars=200_000, **kwargs))
     calls = []
 
-    def recording_loss(model, batch, answers, weight, answers_only=False):
-        calls.append((answers_only, [answer.stop > answer.start for answer in answers]))
-        return real_loss(model, batch, answers, weight, answers_only)
+    def recording_loss(model, batch, answers, weight):
+        weights = {name: t.detach().clone() for name, t in model.state_dict().items()} if len(calls) == 3 else None
+        calls.append(([answer.stop > answer.start for answer in answers], weight, weights))
+        return real_loss(model, batch, answers, weight)
 
     monkeypatch.setattr(base_model, "_loss", recording_loss)
     spec = PretrainConfig(vocab_size=300, hidden_size=16, num_layers=1, num_heads=2, intermediate_size=32,
-                          seq_len=256, batch_size=4, steps=6, warmup_steps=1, digit_tokens=True,
-                          retrieval_fraction=0.5, answer_loss_weight=2.0, retrieval_tasks=["single_needle"],
-                          retrieval_warmup_steps=3)
+                          seq_len=256, batch_size=4, steps=3, warmup_steps=1, digit_tokens=True,
+                          retrieval=RetrievalStageConfig(steps=3, warmup_steps=1, fraction=0.5, answer_loss_weight=2.0))
     info = base_model.pretrain(spec, tmp_path / "base", progress=False)
-    assert [only for only, _ in calls] == [True] * 3 + [False] * 3
-    assert all(all(rows) for _, rows in calls[:3])  # every warm-up row is a retrieval window
-    assert not all(all(rows) for _, rows in calls[3:])  # then code joins (P(all 12 synthetic) = 2^-12)
+
+    code_base = base_model.base_model_dir(spec.model_copy(update={"retrieval": None}))
+    assert info["code_base"] == code_base.name and (code_base / "build_info.json").is_file()
+    assert [weight for _, weight, _ in calls] == [0.0] * 3 + [2.0] * 3
+    assert not any(any(rows) for rows, _, _ in calls[:3])  # the code stage: code only
+    assert any(any(rows) for rows, _, _ in calls[3:])  # then retrieval windows (P(none of 12) = 2^-12)
+    first, saved = calls[3][2], load_file(code_base / "model.safetensors")
+    assert saved.keys() == first.keys() and all(torch.equal(first[name], saved[name]) for name in saved)
+    assert (tmp_path / "base" / "tokenizer.json").read_text() == (code_base / "tokenizer.json").read_text()
     assert info["final_answer_loss"] is not None

@@ -225,22 +225,21 @@ def test_retrieval_example_draws_only_the_given_tasks(digit_tokenizer):
 
 def test_pretraining_windows_mix_in_the_given_fraction(digit_tokenizer):
     from hf_posenc.context_extension import base_model
-    from hf_posenc.context_extension.config import PretrainConfig
+    from hf_posenc.context_extension.config import RetrievalStageConfig
 
     stream = torch.tensor(digit_tokenizer("\n".join(TEXTS) * 12)["input_ids"])
-    plain = PretrainConfig(seq_len=320)
-    mixed = PretrainConfig(seq_len=320, retrieval_fraction=0.5)
     rng = random.Random(0)
-    for start in range(0, 200, 20):
-        window, answer = base_model._example(stream, start, plain, digit_tokenizer, rng)
+    for start in range(0, 200, 20):  # the code-only stage: the stream itself, and no random draw
+        window, answer = base_model._example(stream, start, 320, digit_tokenizer, rng)
         assert torch.equal(window, stream[start : start + 320]) and answer == slice(0, 0)
-    rng = random.Random(0)
-    examples = [base_model._example(stream, 7, mixed, digit_tokenizer, rng) for _ in range(200)]
+    assert rng.getstate() == random.Random(0).getstate()
+    examples = [base_model._example(stream, 7, 320, digit_tokenizer, rng, RetrievalStageConfig(fraction=0.5))
+                for _ in range(200)]
     synthetic = sum(answer.stop > answer.start for _, answer in examples)
     assert all(window.shape == (320,) for window, _ in examples) and 70 <= synthetic <= 130  # Binomial(200, 0.5)
     assert all(torch.equal(w, stream[7:327]) for w, a in examples if a.stop == a.start)
-    # The warm-up asks for retrieval windows whatever the fraction.
-    assert all(base_model._example(stream, 7, plain, digit_tokenizer, rng, retrieval=True)[1].stop for _ in range(20))
+    everything = RetrievalStageConfig(fraction=1.0)
+    assert all(base_model._example(stream, 7, 320, digit_tokenizer, rng, everything)[1].stop for _ in range(20))
 
 
 def test_answer_weighted_loss_adds_the_answer_tokens_mean_loss():
@@ -262,30 +261,29 @@ def test_answer_weighted_loss_adds_the_answer_tokens_mean_loss():
         only_answers = model(input_ids=batch, labels=labels).loss.item()
     assert answer == pytest.approx(only_answers, rel=1e-5)
     assert loss.item() == pytest.approx(every + 0.5 * only_answers, rel=1e-5)
-    plain, none = base_model._loss(model, batch, answers, answer_weight=0.0)
-    assert none is None and plain.item() == pytest.approx(every, rel=1e-6)
-    alone, answer = base_model._loss(model, batch, answers, answer_weight=0.0, answers_only=True)  # the warm-up's
-    assert alone.item() == pytest.approx(only_answers, rel=1e-5) and answer == pytest.approx(only_answers, rel=1e-5)
+    unweighted, answer = base_model._loss(model, batch, answers, answer_weight=0.0)
+    assert unweighted.item() == pytest.approx(every, rel=1e-5) and answer == pytest.approx(only_answers, rel=1e-5)
+    code, none = base_model._loss(model, batch, [slice(0, 0)] * 3, answer_weight=0.5)
+    assert none is None and code.item() == pytest.approx(every, rel=1e-6)
 
 
-def test_answer_weight_needs_retrieval_windows_and_keeps_old_cache_keys():
+def test_retrieval_stage_is_validated_and_keeps_old_cache_keys():
     import json
     from pathlib import Path
 
     from hf_posenc.context_extension.base_model import base_model_dir
-    from hf_posenc.context_extension.config import PretrainConfig
+    from hf_posenc.context_extension.config import PretrainConfig, RetrievalStageConfig
 
-    with pytest.raises(ValueError, match="set retrieval_fraction > 0"):
-        PretrainConfig(answer_loss_weight=1.0)
-    mixed = PretrainConfig(retrieval_fraction=0.25)
-    assert base_model_dir(mixed) != base_model_dir(mixed.model_copy(update={"answer_loss_weight": 1.0}))
-    for later in ({"retrieval_tasks": ["single_needle"]}, {"retrieval_warmup_steps": 10}):
-        assert base_model_dir(mixed) != base_model_dir(mixed.model_copy(update=later))
-    with pytest.raises(ValueError, match=r"retrieval_warmup_steps \(20\) must not exceed steps \(10\)"):
-        PretrainConfig(steps=10, retrieval_warmup_steps=20)
-    with pytest.raises(ValueError, match="multi_needle"):
-        PretrainConfig(retrieval_tasks=["multi_needle"])
-    # The committed standard results were built from the default spec before the field existed.
+    stage = PretrainConfig(retrieval=RetrievalStageConfig())
+    assert base_model_dir(stage) != base_model_dir(PretrainConfig())
+    for change in ({"answer_loss_weight": 1.0}, {"tasks": ["multi_key"]}, {"fraction": 0.25}, {"steps": 10}):
+        changed = stage.retrieval.model_copy(update=change)
+        assert base_model_dir(stage) != base_model_dir(stage.model_copy(update={"retrieval": changed}))
+    for bad, message in (({"tasks": ["multi_needle"]}, "multi_needle"), ({"tasks": []}, "at least 1"),
+                         ({"fraction": 0.0}, "greater than 0"), ({"steps": 0}, "greater than 0")):
+        with pytest.raises(ValueError, match=message):
+            RetrievalStageConfig(**bad)
+    # The committed standard results were built from the default spec before the stage existed.
     results = Path(__file__).resolve().parents[1] / "recipes" / "results" / "compare_standard" / "results.json"
     built = json.loads(results.read_text())["base_model"]  # "hf_posenc:tiny-stdlib-llama (<cache key>)"
     assert f"({base_model_dir(PretrainConfig()).name})" in built

@@ -28,7 +28,7 @@ from pathlib import Path
 import torch
 from filelock import FileLock
 
-from .config import PretrainConfig
+from .config import PretrainConfig, RetrievalStageConfig
 from .data import cache_dir, load_stdlib_dataset, token_stream
 from .evaluation import next_token_nll
 from .retrieval_pretraining import retrieval_example
@@ -151,16 +151,17 @@ class ThreadChooser:
 def base_model_dir(spec: PretrainConfig, held_out_percent: int = 5) -> Path:
     """Folder of the cached base model built from ``spec``."""
     fields = spec.model_dump()
-    # Fields added later: at their defaults, the cache keys (and committed results' base hashes) stay as they were.
-    for name in ("answer_loss_weight", "retrieval_tasks", "retrieval_warmup_steps"):
-        if fields[name] == PretrainConfig.model_fields[name].get_default(call_default_factory=True):
-            del fields[name]
+    if fields["retrieval"] is None:
+        # A code-only base keeps the key it had before the retrieval stage existed, when the config held a
+        # mixing fraction instead (always 0 in a released preset): committed results name their base by it.
+        del fields["retrieval"]
+        fields["retrieval_fraction"] = 0.0
     payload = json.dumps({"spec": fields, "held_out": held_out_percent, "v": BUILD_VERSION}, sort_keys=True)
     return cache_dir() / "base" / hashlib.sha256(payload.encode()).hexdigest()[:12]
 
 
-def _lr_at(step: int, spec: PretrainConfig) -> float:
-    """Linear warm-up then cosine decay to 10% (the usual small-LM schedule)."""
+def _lr_at(step: int, spec: PretrainConfig | RetrievalStageConfig) -> float:
+    """Linear warm-up then cosine decay to 10% (the usual small-LM schedule), for either stage."""
     if step < spec.warmup_steps:
         return spec.lr * (step + 1) / spec.warmup_steps
     progress = (step - spec.warmup_steps) / max(1, spec.steps - spec.warmup_steps)
@@ -189,25 +190,25 @@ def build_llama_config(spec: PretrainConfig, tokenizer):
     )
 
 
-def _example(stream: torch.Tensor, start: int, spec: PretrainConfig, tokenizer, rng: random.Random,
-             retrieval: bool = False) -> tuple[torch.Tensor, slice]:
+def _example(stream: torch.Tensor, start: int, seq_len: int, tokenizer, rng: random.Random,
+             stage: RetrievalStageConfig | None = None) -> tuple[torch.Tensor, slice]:
     """One ``[seq_len]`` pretraining window and the positions of its answer tokens: code from ``start`` (no
-    answer: an empty slice), or a synthetic retrieval task hidden in code (``retrieval_fraction`` of the
-    time, or always when ``retrieval``)."""
-    if retrieval or (spec.retrieval_fraction and rng.random() < spec.retrieval_fraction):
-        example = retrieval_example(tokenizer, stream[start:], spec.seq_len, rng, tuple(spec.retrieval_tasks))
+    answer: an empty slice), or, in the retrieval stage, ``stage.fraction`` of the time a synthetic retrieval
+    task hidden in the code from ``start``."""
+    # No random draw without a stage: the code-only base is built from the same draws as before the stage.
+    if stage is not None and rng.random() < stage.fraction:
+        example = retrieval_example(tokenizer, stream[start:], seq_len, rng, tuple(stage.tasks))
         return example.input_ids, example.answer
-    return stream[start : start + spec.seq_len], slice(0, 0)
+    return stream[start : start + seq_len], slice(0, 0)
 
 
-def _loss(model, batch: torch.Tensor, answers: list[slice], answer_weight: float,
-          answers_only: bool = False) -> tuple[torch.Tensor, float | None]:
+def _loss(model, batch: torch.Tensor, answers: list[slice], answer_weight: float) -> tuple[torch.Tensor, float | None]:
     """The pretraining loss of ``batch [B, T]`` and the mean loss of its answer tokens (None without answers).
 
     The loss is the mean next-token loss plus ``answer_weight`` x the answers' mean loss (``answers[b]``: the
-    positions of row b's answer tokens), or the answers' mean loss alone when ``answers_only``.
+    positions of row b's answer tokens).
     """
-    if not answers_only and (not answer_weight or not any(a.stop > a.start for a in answers)):
+    if not any(a.stop > a.start for a in answers):
         return model(input_ids=batch, labels=batch).loss, None
     nll = next_token_nll(model(input_ids=batch).logits, batch)  # [B, T-1]: column t predicts token t + 1
     scored = torch.zeros_like(nll, dtype=torch.bool)
@@ -215,12 +216,14 @@ def _loss(model, batch: torch.Tensor, answers: list[slice], answer_weight: float
         if answer.stop > answer.start:
             scored[row, answer.start - 1 : answer.stop - 1] = True
     answer_loss = nll[scored].mean()
-    loss = answer_loss if answers_only else nll.mean() + answer_weight * answer_loss
-    return loss, answer_loss.item()
+    return nll.mean() + answer_weight * answer_loss, answer_loss.item()
 
 
 def pretrain(spec: PretrainConfig, out_dir: Path, held_out_percent: int = 5, progress: bool = True) -> dict:
     """Train the tokenizer and the base model from scratch and save both to ``out_dir``.
+
+    With ``spec.retrieval``, the code-only base (``spec`` without the stage) is built first, or taken from
+    the cache, and then trained on the retrieval stage's mix here.
 
     Resumable: every ``CHECKPOINT_EVERY`` steps the model, optimizer and sampler state are saved to
     ``out_dir/checkpoint.pt`` (with the tokenizer), and a call on a folder that holds a checkpoint
@@ -232,35 +235,40 @@ def pretrain(spec: PretrainConfig, out_dir: Path, held_out_percent: int = 5, pro
         ``build_info.json``.
     """
     from tqdm.auto import tqdm
-    from transformers import LlamaForCausalLM
+    from transformers import LlamaForCausalLM, PreTrainedTokenizerFast
 
+    stage = spec.retrieval
+    code_base = ensure_base_model(spec.model_copy(update={"retrieval": None}), held_out_percent, progress) if stage else None
     started = time.time()
     dataset = load_stdlib_dataset(held_out_percent, cache=cache_dir() / "datasets")
     # Shuffle files once (seeded) so both the tokenizer and the token budget see a mix of modules.
     texts = dataset["train"].shuffle(seed=spec.seed)["text"]
     checkpoint = out_dir / "checkpoint.pt"
-    if checkpoint.is_file():  # resuming: the checkpoint's batches index this tokenizer's stream
-        from transformers import PreTrainedTokenizerFast
-
+    if code_base is not None:
+        tokenizer = PreTrainedTokenizerFast.from_pretrained(str(code_base))
+    elif checkpoint.is_file():  # resuming: the checkpoint's batches index this tokenizer's stream
         tokenizer = PreTrainedTokenizerFast.from_pretrained(str(out_dir))
     else:
         tokenizer = train_bpe_tokenizer(texts, spec.vocab_size, digit_tokens=spec.digit_tokens)
     tokenizer_s = time.time() - started
 
-    needed = spec.steps * spec.batch_size * spec.seq_len
+    schedule = stage or spec  # steps, lr and warm-up of what is trained here
+    needed = schedule.steps * spec.batch_size * spec.seq_len
     # Random windows from a stream ~2x the tokens we train on, so windows rarely repeat.
     stream = token_stream(texts, tokenizer, 2 * needed + spec.seq_len + 1)
     tokenize_s = time.time() - started - tokenizer_s
 
     torch.manual_seed(spec.seed)
-    config = build_llama_config(spec, tokenizer)
-    model = LlamaForCausalLM(config)
+    if code_base is not None:
+        model = LlamaForCausalLM.from_pretrained(str(code_base))
+    else:
+        model = LlamaForCausalLM(build_llama_config(spec, tokenizer))
     model.train()
     decay = [p for n, p in model.named_parameters() if p.ndim >= 2]
     no_decay = [p for n, p in model.named_parameters() if p.ndim < 2]
     optimizer = torch.optim.AdamW(
         [{"params": decay, "weight_decay": spec.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
-        lr=spec.lr, betas=(0.9, 0.95),
+        lr=schedule.lr, betas=(0.9, 0.95),
     )
     rng = random.Random(spec.seed)
     losses: list[float] = []
@@ -272,25 +280,23 @@ def pretrain(spec: PretrainConfig, out_dir: Path, held_out_percent: int = 5, pro
         optimizer.load_state_dict(state["optimizer"])
         rng.setstate(state["rng"])
         losses, first_step = state["losses"], state["step"]
-        logger.info("resuming the base-model pretraining from %s (step %d of %d)", checkpoint, first_step, spec.steps)
+        logger.info("resuming the base-model pretraining from %s (step %d of %d)", checkpoint, first_step,
+                    schedule.steps)
     last_start = len(stream) - spec.seq_len - 1
     threads = ThreadChooser()
-    bar = tqdm(range(first_step, spec.steps), desc="pretrain base", disable=not progress, initial=first_step,
-               total=spec.steps)
+    bar = tqdm(range(first_step, schedule.steps), desc="retrieval stage" if stage else "pretrain base",
+               disable=not progress, initial=first_step, total=schedule.steps)
     train_started = time.time()
     for step in bar:
         step_started = time.perf_counter()
         used = threads.threads_for(step)
         for group in optimizer.param_groups:
-            group["lr"] = _lr_at(step, spec)
-        # The first retrieval_warmup_steps train on retrieval windows alone, scored on their answers alone:
-        # the copy circuit forms there, which it does not under the code's loss (see the config field).
-        warm_up = step < spec.retrieval_warmup_steps
-        examples = [_example(stream, rng.randint(0, last_start), spec, tokenizer, rng, retrieval=warm_up)
+            group["lr"] = _lr_at(step, schedule)
+        examples = [_example(stream, rng.randint(0, last_start), spec.seq_len, tokenizer, rng, stage)
                     for _ in range(spec.batch_size)]
         batch = torch.stack([ids for ids, _ in examples])  # [B, seq_len]
-        loss, answer_loss = _loss(model, batch, [answer for _, answer in examples], spec.answer_loss_weight,
-                                  answers_only=warm_up)
+        loss, answer_loss = _loss(model, batch, [answer for _, answer in examples],
+                                  stage.answer_loss_weight if stage else 0.0)
         if answer_loss is not None:
             answer_losses.append(answer_loss)
         loss.backward()
@@ -301,7 +307,7 @@ def pretrain(spec: PretrainConfig, out_dir: Path, held_out_percent: int = 5, pro
         threads.record(step, used, time.perf_counter() - step_started)
         if step % 10 == 0:
             bar.set_postfix(loss=f"{sum(losses[-10:]) / len(losses[-10:]):.3f}", threads=used)
-        if (step + 1) % CHECKPOINT_EVERY == 0 and step + 1 < spec.steps:
+        if (step + 1) % CHECKPOINT_EVERY == 0 and step + 1 < schedule.steps:
             # Write-then-rename: a build stopped mid-save still finds the previous checkpoint whole.
             out_dir.mkdir(parents=True, exist_ok=True)
             if first_step == 0 and step + 1 == CHECKPOINT_EVERY:
@@ -317,6 +323,7 @@ def pretrain(spec: PretrainConfig, out_dir: Path, held_out_percent: int = 5, pro
     checkpoint.unlink(missing_ok=True)
     info = {
         "spec": spec.model_dump(),
+        "code_base": code_base.name if code_base else None,
         "parameters": sum(p.numel() for p in model.parameters()),
         "train_tokens": needed,
         "corpus_tokens_used": int(len(stream)),

@@ -4,8 +4,9 @@ A 1.4M-parameter model pretrained on source code alone never learns to copy a nu
 context: passkey accuracy stays at zero even at the training length, and then no encoding can be told
 apart by how far retrieval extends. The usual remedy for small models is to put the skill in the data
 (the associative-recall and copy tasks of Olsson et al. 2022, https://arxiv.org/abs/2209.11895, and of
-the RULER suite, Hsieh et al. 2024, https://arxiv.org/abs/2404.06654): a fraction of the pretraining
-windows are code with needle lines hidden in it, a question at the end and its answer after it.
+the RULER suite, Hsieh et al. 2024, https://arxiv.org/abs/2404.06654): in a second pretraining stage
+(:class:`~.config.RetrievalStageConfig`), a fraction of the windows are code with needle lines hidden in
+it, a question and its answer after it, then more code.
 
 The windows are built with the same task code as the evaluation (:mod:`.ruler`), but with names the
 evaluation never uses (random upper-case identifiers, not the evaluation's word list), fresh random
