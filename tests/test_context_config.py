@@ -223,7 +223,7 @@ def test_standard_preset_runs_every_text_kind_with_seeds():
 @pytest.mark.parametrize("name", ["compare_quick", "compare_standard", "compare_recalibration"])
 def test_preset_describes_the_run_committed_for_it(name):
     """A preset and its committed results agree on the base model (cache key) and the evaluation, so the
-    results are what running the preset gives (the standard and recalibration presets pin the first base)."""
+    results are what running the preset gives."""
     import json
 
     from hf_posenc.context_extension.base_model import base_model_dir

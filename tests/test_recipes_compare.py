@@ -81,6 +81,9 @@ def test_resume_reuses_finished_variants_and_redoes_changed_ones(compared, tmp_p
     log = (out / "compare.log").read_text()
     assert log.count("already done") >= 8 and "alibi changed since its last run" in log
     assert json.loads((out / "variants" / "alibi.json").read_text())["train_tokens"] == 1 * 2 * 32
+    # The run's time covers the one run it computed, and its results say so.
+    seconds = json.loads((out / "results.json").read_text())["seconds"]
+    assert (seconds["runs_computed"], seconds["runs_reused"]) == (1, len(records) - 1)
 
 
 def test_schema_violations_are_named(compared):
@@ -159,7 +162,9 @@ def test_cli_compare_resumes_prints_the_table_and_fills_a_readme(compared, tmp_p
     assert cli.main(["compare", str(TINY), "--out", str(out), "--readme", str(readme)]) == 0
     printed = capsys.readouterr().out
     assert "| rope_yarn | yes |" in printed and f"perplexity_plot: {out}" in printed
-    assert re.search(r"finished in \d+ min \d+ s \(base model \d+ s; \d+ CPUs, load average \[", printed)
+    runs = len(before)
+    assert re.search(rf"finished in \d+ min \d+ s; {runs} of {runs} runs reused from an earlier run of this folder, "
+                     r"not timed here \(base model \d+ s; \d+ CPUs, load average \[", printed), printed
     machine = json.loads((out / "results.json").read_text())["machine"]
     assert machine["torch_threads"] >= 1 and len(machine["load_average_end"]) == 3
     assert {p.name: p.stat().st_mtime_ns for p in (out / "variants").glob("*.json")} == before  # all reused
@@ -195,6 +200,27 @@ def test_merge_seeds_means_std_and_t_interval():
     # 95 % t-interval with 2 degrees of freedom: t = 4.303 (tables), s = 1.5275, n = 3.
     assert (high - low) / 2 == pytest.approx(4.303 * statistics.stdev([10.0, 11.0, 13.0]) / 3 ** 0.5, rel=1e-6)
     assert interval([5.0]) == (5.0, 5.0, 5.0)
+
+
+def test_merged_ruler_cell_is_the_pooled_rate_inside_its_interval():
+    """Seeds stop drawing trials at different counts: the merged cell is successes / trials over all of them,
+    with that rate's Wilson interval (the mean of the seeds' rates, 0.37 here, lies outside it)."""
+    from hf_posenc.context_extension.spread import merge_seeds
+    from hf_posenc.counting import wilson_interval
+
+    def cell(successes, trials):
+        return {"accuracy": successes / trials, "ci_low": 0.0, "ci_high": 1.0, "trials": trials}
+
+    runs = [{"name": "yarn", "posenc": {"kind": "rope"}, "finetuned": True, "train_tokens": 8, "seed": seed,
+             "ruler": {"single_needle": {"512": {**cell(*c), "by_depth": {"0.5": cell(*c)}}}}}
+            for seed, c in enumerate([(12, 12), (12, 120), (0, 12)])]
+    merged = merge_seeds(runs)["ruler"]["single_needle"]["512"]
+    assert merged["accuracy"] == pytest.approx(24 / 144) and merged["trials"] == 144
+    assert (merged["ci_low"], merged["ci_high"]) == pytest.approx(wilson_interval(24, 144))
+    assert merged["ci_low"] <= merged["accuracy"] <= merged["ci_high"] < (1.0 + 0.1 + 0.0) / 3
+    assert merged["by_depth"]["0.5"]["accuracy"] == pytest.approx(24 / 144)
+    spread = merge_seeds(runs)["spread"]
+    assert spread["values"]["ruler"]["single_needle"]["512"] == [1.0, 0.1, 0.0]
 
 
 def test_orderings_and_checks_are_decided_by_the_spread():

@@ -151,7 +151,10 @@ def timing_summary(paths: dict[str, Path]) -> str:
     results = json.loads(Path(paths["json"]).read_text())
     seconds, machine = results["seconds"], results.get("machine", {})
     total = seconds["total_this_run"]
-    return (f"finished in {int(total // 60)} min {total % 60:.0f} s (base model {seconds['base_model']:.0f} s; "
+    # A resumed run times only what it computed: say so, or "2 s" reads as the cost of the whole grid.
+    reused = (f"; {seconds['runs_reused']} of {seconds['runs_reused'] + seconds['runs_computed']} runs reused "
+              "from an earlier run of this folder, not timed here") if seconds.get("runs_reused") else ""
+    return (f"finished in {int(total // 60)} min {total % 60:.0f} s{reused} (base model {seconds['base_model']:.0f} s; "
             f"{machine.get('cpus')} CPUs, load average {machine.get('load_average_start')} at the start, "
             f"{machine.get('load_average_end')} at the end)")
 
@@ -216,6 +219,7 @@ def run_compare(config_path: str | Path, out_dir: str | Path, overrides: list[st
         records = []
         runs = [(variant, run) for variant in cfg.selected_variants() for run in cfg.variant_runs(variant)]
         by_variant: dict[str, list[dict]] = {}
+        reused = 0  # runs whose record an earlier run of this folder wrote (their time is not in this run's)
         bar = tqdm(runs, desc="runs" if cfg.seeds else "variants", disable=not progress)
         for variant, (run_name, run) in bar:
             bar.set_postfix(run=run_name)
@@ -225,6 +229,7 @@ def run_compare(config_path: str | Path, out_dir: str | Path, overrides: list[st
                 record = json.loads(path.read_text())
                 if record.get("fingerprint") == _fingerprint(cfg, run):
                     logger.info("run %s already done: reusing %s", run_name, path)
+                    reused += 1
                 else:
                     logger.info("run %s changed since its last run: recomputing", run_name)
                     record = None
@@ -244,7 +249,8 @@ def run_compare(config_path: str | Path, out_dir: str | Path, overrides: list[st
             **({"seeds": cfg.seeds} if cfg.seeds else {}),
             **({"curve_reference": curve_reference} if curve_reference else {}),
             "eval": cfg.eval.model_dump(mode="json"),
-            "seconds": {"base_model": base_seconds, "total_this_run": round(time.time() - started, 1)},
+            "seconds": {"base_model": base_seconds, "total_this_run": round(time.time() - started, 1),
+                        "runs_computed": len(runs) - reused, "runs_reused": reused},
             # What the timings were measured under: a shared machine can be several times slower.
             "machine": {"cpus": os.cpu_count(), "torch_threads": torch.get_num_threads(),
                         "load_average_start": load_at_start, "load_average_end": _load_average()},
