@@ -237,6 +237,12 @@ def test_orderings_and_checks_are_decided_by_the_spread():
     relations = {(a, b): rel for a, rel, b in at_8["pairs"]}
     assert relations[("rope_yarn", "rope_linear")] == "not separable at this budget"  # yarn's interval is wide
     assert relations[("rope_linear", "alibi")] == "<"  # 11.0 +- 0.5 vs 12.0 +- 0.25
+    # Every pair counts, not only neighbours: across yarn's wide [8.0, 13.0], rope (a point at 10) separates from
+    # linear's [10.5, 11.5] and from alibi; yarn separates from nothing. Letters say exactly that.
+    assert at_8["letters"] == {"rope": "a", "rope_yarn": "abc", "rope_linear": "b", "alibi": "c"}
+    from hf_posenc.context_extension.report import orderings_markdown
+
+    assert "- @8: rope 10.00 (a), rope_yarn 10.50 (abc), rope_linear 11.00 (b), alibi 12.00 (c)" in orderings_markdown(results)
     # Two deterministic variants (point intervals) within 1 %: not separable either.
     results["variants"].append(_seeded("rope_dynamic", False, {8: [10.05], 64: [31.0]}))
     at_8 = next(o for o in orderings(results) if o["length"] == 8)
@@ -250,6 +256,27 @@ def test_orderings_and_checks_are_decided_by_the_spread():
     assert best["variant"] == "rope_linear" and best["verdict"] == "holds"  # 12 / 10 = 1.2, tight interval
     table = markdown_table(results)
     assert "11.00 ± 0.20" in table and "| rope | no | 8 | 1 | 10.00 |" in table  # deterministic: one run, no ±
+
+
+@pytest.mark.parametrize("seed", range(20))
+def test_letters_are_shared_exactly_by_the_pairs_that_do_not_separate(seed):
+    """The compact letter display is faithful: for any separability relation (random intervals), two variants
+    share a letter if and only if they do not separate."""
+    import random
+
+    from hf_posenc.context_extension.report import letter_groups
+
+    rng = random.Random(seed)
+    names = [f"v{i}" for i in range(rng.randint(2, 12))]
+    centres = sorted(rng.uniform(0, 10) for _ in names)
+    bounds = [(c - rng.uniform(0, 3), c + rng.uniform(0, 3)) for c in centres]
+    apart = {(names[i], names[j]) for i in range(len(names)) for j in range(i + 1, len(names))
+             if bounds[i][1] < bounds[j][0]}
+    letters = letter_groups(names, apart)
+    for i, a in enumerate(names):
+        assert letters[a]
+        for b in names[i + 1 :]:
+            assert bool(set(letters[a]) & set(letters[b])) == ((a, b) not in apart), (a, b, letters)
 
 
 def test_single_seed_claims_no_ordering_of_fine_tuned_variants():

@@ -188,20 +188,57 @@ def checks_markdown(results: dict[str, Any]) -> str:
 MIN_GAP = 0.01
 
 
+def letter_groups(names: list[str], separated: set[tuple[str, str]]) -> dict[str, str]:
+    """Compact letter display of pairwise comparisons (Piepho 2004, https://doi.org/10.1198/1061860043515).
+
+    Separability by intervals is not transitive (a tight interval can separate from one two places away but
+    not from the wide one between them), so no chain ``a < b < c`` states it faithfully. Letters do: two
+    variants share a letter exactly when they are *not* separable.
+
+    Args:
+        names: The variants, lowest mean first (letters then run a, b, c... from the lowest).
+        separated: The pairs ``(a, b)`` that separate, in either order.
+
+    Returns:
+        ``{name: letters}``, e.g. ``{"rerope": "a", "rope_yarn": "ab", "rope_linear": "b"}``.
+    """
+    import string
+
+    groups = [list(names)]  # each group: variants no two of which separate
+    for a, b in sorted(separated, key=lambda pair: sorted(names.index(n) for n in pair)):
+        # Insert: a group holding both is split into one without b and one without a...
+        split = []
+        for group in groups:
+            split += [[n for n in group if n != b], [n for n in group if n != a]] if a in group and b in group else [group]
+        # ...absorb: a group inside another (or a repeat) says nothing more.
+        groups = [g for i, g in enumerate(split)
+                  if not any(j != i and set(g) <= set(h) and (set(g) < set(h) or j < i) for j, h in enumerate(split))]
+    groups.sort(key=lambda g: sorted(names.index(n) for n in g))
+    alphabet = string.ascii_lowercase + string.ascii_uppercase
+    symbols = [alphabet[k] if k < len(alphabet) else f"[{k}]" for k in range(len(groups))]  # > 52 groups: numbered
+    return {n: "".join(symbols[k] for k, g in enumerate(groups) if n in g) for n in names}
+
+
 def orderings(results: dict[str, Any]) -> list[dict[str, Any]]:
     """Which variant has the lower perplexity, at every evaluated length, decided by the spread.
 
-    Variants are sorted by mean perplexity; each neighbouring pair is compared by the 95 % intervals of
-    their means over seeds: ``"<"`` when they separate and the means differ by more than
-    :data:`MIN_GAP` (a margin for the evaluation's own noise, which seeds do not measure: a deterministic
-    variant's interval is a point), else "not separable at this budget". With a single seed no ordering
-    of fine-tuned variants is claimed.
+    Two variants separate when the 95 % intervals of their means over seeds do and the means differ by more
+    than :data:`MIN_GAP` (a margin for the evaluation's own noise, which seeds do not measure: a deterministic
+    variant's interval is a point); otherwise they are "not separable at this budget". With a single seed no
+    pair with a fine-tuned variant separates. Every pair is compared, and :func:`letter_groups` gives the
+    result as letters; ``pairs`` keeps the comparison of each neighbouring pair in the mean order.
 
     Returns:
-        ``[{"length": n, "ranking": [(name, mean, low, high), ...], "pairs": [(a, relation, b), ...]}]``.
+        ``[{"length": n, "ranking": [(name, mean, low, high), ...], "pairs": [(a, relation, b), ...],
+        "letters": {name: letters}}]``.
     """
     out = []
     single_seed = not results.get("seeds")
+
+    def separated(a: tuple, b: tuple) -> bool:  # a, b: (name, mean, low, high, finetuned), a's mean lower
+        unknown_spread = single_seed and (a[4] or b[4])
+        return not unknown_spread and compare_intervals(a[1:4], b[1:4]) < 0 and b[1] > (1 + MIN_GAP) * a[1]
+
     for length in _lengths(results):
         ranking = []
         for v in results["variants"]:
@@ -209,26 +246,21 @@ def orderings(results: dict[str, Any]) -> list[dict[str, Any]]:
                 values = seed_values(v, "perplexity", "non_overlapping", length)
                 ranking.append((v["name"], *interval(values), v["finetuned"]))
         ranking.sort(key=lambda r: r[1])
-        pairs = []
-        for a, b in zip(ranking, ranking[1:]):
-            unknown_spread = single_seed and (a[4] or b[4])
-            separated = (not unknown_spread and compare_intervals(a[1:4], b[1:4]) < 0
-                         and b[1] > (1 + MIN_GAP) * a[1])
-            pairs.append((a[0], "<" if separated else NOT_SEPARABLE, b[0]))
-        out.append({"length": int(length), "ranking": [r[:4] for r in ranking], "pairs": pairs})
+        pairs = [(a[0], "<" if separated(a, b) else NOT_SEPARABLE, b[0]) for a, b in zip(ranking, ranking[1:])]
+        apart = {(a[0], b[0]) for i, a in enumerate(ranking) for b in ranking[i + 1 :] if separated(a, b)}
+        out.append({"length": int(length), "ranking": [r[:4] for r in ranking], "pairs": pairs,
+                    "letters": letter_groups([r[0] for r in ranking], apart)})
     return out
 
 
 def orderings_markdown(results: dict[str, Any]) -> str:
-    """The orderings of :func:`orderings` as one line per length."""
-    lines = ["Orderings by perplexity (lower first; `<` only where the 95 % intervals over seeds separate and the "
-             f"means differ by more than {MIN_GAP:.0%}):", ""]
+    """The orderings of :func:`orderings` as one line per length: variants by mean perplexity with letters."""
+    lines = ["Orderings by perplexity (lowest mean first; two variants separate only where they share no letter: "
+             f"their 95 % intervals over seeds separate and the means differ by more than {MIN_GAP:.0%}):", ""]
     for entry in orderings(results):
-        text = entry["ranking"][0][0]
-        for _, relation, b in entry["pairs"]:
-            text += f" < {b}" if relation == "<" else f" ~ {b}"
-        lines.append(f"- @{entry['length']}: {text}")
-    lines += ["", f"`~`: {NOT_SEPARABLE}."]
+        cells = [f"{name} {mean:.2f} ({entry['letters'][name]})" for name, mean, _, _ in entry["ranking"]]
+        lines.append(f"- @{entry['length']}: " + ", ".join(cells))
+    lines += ["", f"A shared letter: {NOT_SEPARABLE}."]
     return "\n".join(lines) + "\n"
 
 
