@@ -255,7 +255,7 @@ def orderings(results: dict[str, Any]) -> list[dict[str, Any]]:
 
 def orderings_markdown(results: dict[str, Any]) -> str:
     """The orderings of :func:`orderings` as one line per length: variants by mean perplexity with letters."""
-    lines = ["Orderings by perplexity (lowest mean first; two variants separate only where they share no letter: "
+    lines = ["Orderings by perplexity (lowest mean first; two variants separate exactly where they share no letter: "
              f"their 95 % intervals over seeds separate and the means differ by more than {MIN_GAP:.0%}):", ""]
     for entry in orderings(results):
         cells = [f"{name} {mean:.2f} ({entry['letters'][name]})" for name, mean, _, _ in entry["ranking"]]
