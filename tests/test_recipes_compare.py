@@ -260,8 +260,9 @@ def test_orderings_and_checks_are_decided_by_the_spread():
 
 @pytest.mark.parametrize("seed", range(20))
 def test_letters_are_shared_exactly_by_the_pairs_that_do_not_separate(seed):
-    """The compact letter display is faithful: for any separability relation (random intervals), two variants
-    share a letter if and only if they do not separate."""
+    """The compact letter display is faithful: for any separability relation, two variants share a letter if and
+    only if they do not separate. Even seeds: separation by random intervals; odd seeds: random pairs (the
+    1 % gap and single-seed rows make the report's relation more than an interval order)."""
     import random
 
     from hf_posenc.context_extension.report import letter_groups
@@ -271,7 +272,7 @@ def test_letters_are_shared_exactly_by_the_pairs_that_do_not_separate(seed):
     centres = sorted(rng.uniform(0, 10) for _ in names)
     bounds = [(c - rng.uniform(0, 3), c + rng.uniform(0, 3)) for c in centres]
     apart = {(names[i], names[j]) for i in range(len(names)) for j in range(i + 1, len(names))
-             if bounds[i][1] < bounds[j][0]}
+             if (bounds[i][1] < bounds[j][0] if seed % 2 == 0 else rng.random() < 0.5)}
     letters = letter_groups(names, apart)
     for i, a in enumerate(names):
         assert letters[a]
