@@ -246,8 +246,8 @@ def orderings(results: dict[str, Any]) -> list[dict[str, Any]]:
                 values = seed_values(v, "perplexity", "non_overlapping", length)
                 ranking.append((v["name"], *interval(values), v["finetuned"]))
         ranking.sort(key=lambda r: r[1])
-        pairs = [(a[0], "<" if separated(a, b) else NOT_SEPARABLE, b[0]) for a, b in zip(ranking, ranking[1:])]
         apart = {(a[0], b[0]) for i, a in enumerate(ranking) for b in ranking[i + 1 :] if separated(a, b)}
+        pairs = [(a[0], "<" if (a[0], b[0]) in apart else NOT_SEPARABLE, b[0]) for a, b in zip(ranking, ranking[1:])]
         out.append({"length": int(length), "ranking": [r[:4] for r in ranking], "pairs": pairs,
                     "letters": letter_groups([r[0] for r in ranking], apart)})
     return out
