@@ -11,13 +11,12 @@ Example:
     >>> model = hf_posenc.convert(model, hf_posenc.PosEncConfig(kind="alibi"))
 """
 
-from . import _hf, registry
+from . import _hf, attention, registry
 from .architectures import ARCHITECTURES, lora_target_modules
 from .config import PosEncConfig
 from .encodings import AlibiConfig, CopeConfig, NopeConfig, ReRopeConfig, RopeConfig, SelfExtendConfig, T5BiasConfig
 from .encodings.rope import ROPE_TYPES
-from .convert import convert, patch_config, posenc_of, revert, set_backend
-from .layout import rope_layout
+from .convert import convert, patch_config, posenc_of, revert, rope_layout, set_backend
 from .modeling import register_auto_classes
 from . import modeling_hf_posenc  # noqa: F401,E402  (the module the HfPosenc classes live in)
 
@@ -26,7 +25,7 @@ __version__ = "0.1.0"
 KINDS = registry.kinds()
 
 _hf.check_transformers_version()
-_hf.register_attention()
+attention.register()
 register_auto_classes()
 
 # Imported on first use: peft and huggingface_hub's upload stack are not needed to convert or load.

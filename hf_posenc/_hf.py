@@ -18,29 +18,23 @@ from transformers import AttentionInterface
 from transformers.cache_utils import Cache
 from transformers.masking_utils import AttentionMaskInterface, eager_mask, sdpa_mask
 
-from . import attention
-
 #: The transformers range these internals were checked against (the same string as in pyproject.toml;
 #: a test keeps them equal). 5.5 is the floor: see the comment in pyproject.toml.
 SUPPORTED_TRANSFORMERS = ">=5.5,<6"
 
-_registered = False
+#: transformers' mask function for each stock backend whose masks an attention function takes.
+_MASK_FUNCTIONS = {"eager": eager_mask, "sdpa": sdpa_mask}
 
 
-def register_attention() -> None:
-    """Register ``hf_posenc_eager`` / ``hf_posenc_sdpa`` and their mask functions (idempotent).
+def register_attention(name: str, function, masks: str) -> None:
+    """Register an attention function under ``name``, with the mask function of the stock backend ``masks``
+    (``"eager"``: float masks, ``"sdpa"``: bool masks). Registering the same name again replaces it.
 
     The mask function matters: for an attention name without one, ``create_causal_mask`` returns None
     and padding would be silently ignored. This adds names only; no stock model changes.
     """
-    global _registered
-    if _registered:
-        return
-    AttentionInterface.register(attention.EAGER, attention.posenc_eager_attention)
-    AttentionInterface.register(attention.SDPA, attention.posenc_sdpa_attention)
-    AttentionMaskInterface.register(attention.EAGER, eager_mask)
-    AttentionMaskInterface.register(attention.SDPA, sdpa_mask)
-    _registered = True
+    AttentionInterface.register(name, function)
+    AttentionMaskInterface.register(name, _MASK_FUNCTIONS[masks])
 
 
 def attn_implementation(model) -> str:
@@ -73,21 +67,21 @@ ATTN_IMPLEMENTATION_CHECK = "_check_and_adjust_attn_implementation"
 
 
 @contextlib.contextmanager
-def stock_backend_name(config):
-    """Show transformers' config checks ``"eager"`` while ``config`` runs ``hf_posenc_eager``.
+def stock_backend_name(config, own_eager: str):
+    """Show transformers' config checks ``"eager"`` while ``config`` runs ``own_eager`` (``hf_posenc_eager``).
 
     Its ``output_attentions`` checks (the setter; the strict ``validate_output_attentions`` of 5.2x, run at
     save time) accept only the literal ``"eager"``, although ours returns the weights too. The internal
     attribute is set directly so that sub-configs are not touched.
     """
-    if config._attn_implementation_internal != attention.EAGER:
+    if config._attn_implementation_internal != own_eager:
         yield
         return
     config._attn_implementation_internal = "eager"
     try:
         yield
     finally:
-        config._attn_implementation_internal = attention.EAGER
+        config._attn_implementation_internal = own_eager
 
 
 #: Names the attention modules' forward has used for the KV cache, newest first: ``cache`` (transformers

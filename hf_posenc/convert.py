@@ -28,10 +28,11 @@ from transformers.models.auto.configuration_auto import CONFIG_MAPPING
 from . import _hf, attention, plugin, registry
 from .architectures import ARCHITECTURES, MODEL_TYPE_PREFIX, Architecture, architecture_of, attention_modules, is_causal
 from .config import CONFIG_KEY, NATIVE_KEY, PosEncConfig
-from .encodings.rope import RopeConfig, resolve_rope_parameters
+from .encodings.rope import ROPE_LAYOUTS, RopeConfig, resolve_rope_parameters
+from .layout import layout_permutation, permute_attention
+from .model_shape import current_rope_parameters, head_dim, num_layers, rope_layer_types
 from .modeling import CLASS_PREFIX, STUB_MODULE, posenc_class, posenc_config_class, stock_class
-from .plugin import (STATE_ATTR as _STATE_ATTR, State as _State, current_rope_parameters, head_dim, num_layers,
-                     rope_layer_types)
+from .plugin import STATE_ATTR as _STATE_ATTR, State as _State
 
 _ORIGIN_ATTR = "_hf_posenc_origin"
 
@@ -382,11 +383,9 @@ def revert(model: nn.Module) -> nn.Module:
     if state is not None:
         undo_conversion(model)
     if origin.permutations:
-        from .layout import _permute_attention
-
         arch = architecture_of(model.config)
         for attn, perm in reversed(origin.permutations):
-            _permute_attention(attn, arch, model.config, torch.argsort(perm))
+            permute_attention(attn, arch, model.config, torch.argsort(perm))
     config = model.config
     model.__class__, config.__class__ = origin.model_class, origin.config_class
     config.__dict__.clear()
@@ -454,4 +453,58 @@ def patch_config(config, posenc_config):
     return patched
 
 
-__all__ = ["convert", "patch_config", "revert", "posenc_of", "set_backend"]
+def rope_layout(model, layout: str):
+    """Convert a RoPE model, in place, to the ``"interleaved"`` (GPT-J) or ``"half"`` (GPT-NeoX) layout.
+
+    The query/key projection rows are permuted and the model's encoding switches to the target layout
+    (the interleaved layout runs through the plug-in; the half layout returns a native-RoPE model to
+    stock). Logits do not change.
+
+    Args:
+        model: A model with native RoPE, or converted with ``PosEncConfig(kind="rope")``.
+        layout: ``"interleaved"`` or ``"half"``.
+
+    Returns:
+        The same model.
+
+    Raises:
+        ValueError: Unknown layout, or the model does not use RoPE.
+    """
+    if layout not in ROPE_LAYOUTS:
+        raise ValueError(f"Unknown layout={layout!r}; allowed: {', '.join(ROPE_LAYOUTS)}.")
+    config = model.config
+    arch = architecture_of(config)
+    posenc = posenc_of(model) if getattr(model, _STATE_ATTR, None) is not None else None
+    if posenc is None:
+        if arch.rope == "none":
+            raise ValueError(f"rope_layout needs a RoPE model; {config.model_type!r} has learned absolute positions. "
+                             "Convert it first with PosEncConfig(kind='rope').")
+        params = current_rope_parameters(config, arch)
+        if rope_layer_types(config) is not None:
+            # Several layer types with their own RoPE (Gemma 3 local/global bases): keep only what they share,
+            # so that the unset fields (None) keep each type's own values.
+            per_type = [current_rope_parameters(config, arch, i) for i in range(len(config.layer_types))]
+            params = {k: v for k, v in params.items() if all(p.get(k) == v for p in per_type)}
+        fields = {f.name for f in dataclasses.fields(RopeConfig)}
+        posenc = RopeConfig(**{k: v for k, v in params.items() if k in fields and k != "kind"},
+                            layout=arch.rope_layout)
+    elif not isinstance(posenc, RopeConfig):
+        raise ValueError(f"rope_layout needs a RoPE model; this one was converted to kind={posenc.kind!r}.")
+    if posenc.layout == layout:
+        return model
+    partial = posenc.partial_rotary_factor or current_rope_parameters(config, arch).get("partial_rotary_factor", 1.0)
+    rotary_dim = int(head_dim(config) * partial)
+    rotary_dim -= rotary_dim % 2
+    perm = layout_permutation(rotary_dim, head_dim(config), posenc.layout, layout)
+    # hf_posenc.revert undoes the permutations too (in reverse order), back to the original rows.
+    origin = remember_origin(model)
+    for layer_idx, attn in enumerate(attention_modules(model, arch)):
+        if posenc.applies_to(layer_idx):
+            permute_attention(attn, arch, config, perm)
+            origin.permutations.append((attn, perm))
+    if getattr(model, _STATE_ATTR, None) is not None:
+        undo_conversion(model)
+    return convert(model, dataclasses.replace(posenc, layout=layout))
+
+
+__all__ = ["convert", "patch_config", "revert", "rope_layout", "posenc_of", "set_backend"]

@@ -61,17 +61,7 @@ _MODEL_IDENTITY_KEYS = ("model_type", "architectures", "posenc", "hidden_size", 
 _ADAPTER_IDENTITY_KEYS = ("peft_type", "base_model_name_or_path", "target_modules", "r", "modules_to_save")
 
 
-_REPO_ID = re.compile(r"(?:\w[\w.-]*/)?\w[\w.-]*")
 _HUB_REPO_ID = re.compile(r"[\w.-]+/[\w.-]+")
-
-
-def missing_local_folder(source: str | os.PathLike) -> bool:
-    """Whether ``source`` can only mean a local path (it is no Hub repo id) and nothing exists there.
-
-    Loaders that take "a folder or a Hub id" otherwise report such a path as an invalid repo id.
-    """
-    text = os.fspath(source)
-    return not Path(text).expanduser().exists() and not _REPO_ID.fullmatch(text)
 
 
 class HubPushError(RuntimeError):

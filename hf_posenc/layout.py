@@ -3,19 +3,15 @@
 Both layouts rotate pairs of query/key dimensions by the same frequencies; they differ only in which
 dimensions form a pair (``i`` with ``i + d/2``, or ``2i`` with ``2i + 1``). Permuting the rows of the
 query and key projections of every head by a fixed permutation therefore moves a checkpoint from one
-layout to the other without changing a logit.
+layout to the other without changing a logit. :func:`hf_posenc.convert.rope_layout` applies them to a
+model (and :func:`hf_posenc.convert.revert` undoes them).
 """
 
 from __future__ import annotations
 
-import dataclasses
-
 import torch
 
-from .architectures import Architecture, architecture_of, attention_modules
-from .encodings.rope import ROPE_LAYOUTS, RopeConfig
-from .convert import (_STATE_ATTR, convert, current_rope_parameters, head_dim, posenc_of, remember_origin,
-                      rope_layer_types, undo_conversion)
+from .architectures import Architecture
 
 
 def layout_permutation(rotary_dim: int, head_dim_: int, source: str, target: str) -> torch.Tensor:
@@ -42,7 +38,8 @@ def _permute_heads(tensor: torch.Tensor, dim: int, start: int, stop: int, perm: 
     part.copy_(heads.index_select(dim + 1, perm.to(tensor.device)).flatten(dim, dim + 1))
 
 
-def _permute_attention(attn, arch: Architecture, config, perm: torch.Tensor) -> None:
+def permute_attention(attn, arch: Architecture, config, perm: torch.Tensor) -> None:
+    """Permute, in place, the query and key rows (and q/k norms) of every head of ``attn`` by ``perm``."""
     d = perm.numel()
     hidden_q = config.num_attention_heads * d
     hidden_k = getattr(config, "num_key_value_heads", None) or config.num_attention_heads
@@ -87,57 +84,3 @@ def _permute_attention(attn, arch: Architecture, config, perm: torch.Tensor) -> 
                 raise ValueError(f"{type(attn).__name__}.{name} has a parameter of shape {tuple(tensor.shape)}, not "
                                  f"in blocks of head_dim={d}: rope_layout cannot permute it.")
             _permute_heads(tensor.view(-1), 0, 0, tensor.numel(), perm)
-
-
-def rope_layout(model, layout: str):
-    """Convert a RoPE model, in place, to the ``"interleaved"`` (GPT-J) or ``"half"`` (GPT-NeoX) layout.
-
-    The query/key projection rows are permuted and the model's encoding switches to the target layout
-    (the interleaved layout runs through the plug-in; the half layout returns a native-RoPE model to
-    stock). Logits do not change.
-
-    Args:
-        model: A model with native RoPE, or converted with ``PosEncConfig(kind="rope")``.
-        layout: ``"interleaved"`` or ``"half"``.
-
-    Returns:
-        The same model.
-
-    Raises:
-        ValueError: Unknown layout, or the model does not use RoPE.
-    """
-    if layout not in ROPE_LAYOUTS:
-        raise ValueError(f"Unknown layout={layout!r}; allowed: {', '.join(ROPE_LAYOUTS)}.")
-    config = model.config
-    arch = architecture_of(config)
-    posenc = posenc_of(model) if getattr(model, _STATE_ATTR, None) is not None else None
-    if posenc is None:
-        if arch.rope == "none":
-            raise ValueError(f"rope_layout needs a RoPE model; {config.model_type!r} has learned absolute positions. "
-                             "Convert it first with PosEncConfig(kind='rope').")
-        params = current_rope_parameters(config, arch)
-        if rope_layer_types(config) is not None:
-            # Several layer types with their own RoPE (Gemma 3 local/global bases): keep only what they share,
-            # so that the unset fields (None) keep each type's own values.
-            per_type = [current_rope_parameters(config, arch, i) for i in range(len(config.layer_types))]
-            params = {k: v for k, v in params.items() if all(p.get(k) == v for p in per_type)}
-        fields = {f.name for f in dataclasses.fields(RopeConfig)}
-        posenc = RopeConfig(**{k: v for k, v in params.items() if k in fields and k != "kind"},
-                            layout=arch.rope_layout)
-    elif not isinstance(posenc, RopeConfig):
-        raise ValueError(f"rope_layout needs a RoPE model; this one was converted to kind={posenc.kind!r}.")
-    if posenc.layout == layout:
-        return model
-    partial = posenc.partial_rotary_factor or current_rope_parameters(config, arch).get("partial_rotary_factor", 1.0)
-    rotary_dim = int(head_dim(config) * partial)
-    rotary_dim -= rotary_dim % 2
-    perm = layout_permutation(rotary_dim, head_dim(config), posenc.layout, layout)
-    # hf_posenc.revert undoes the permutations too (in reverse order), back to the original rows.
-    origin = remember_origin(model)
-    for layer_idx, attn in enumerate(attention_modules(model, arch)):
-        if posenc.applies_to(layer_idx):
-            _permute_attention(attn, arch, config, perm)
-            origin.permutations.append((attn, perm))
-    if getattr(model, _STATE_ATTR, None) is not None:
-        undo_conversion(model)
-    return convert(model, dataclasses.replace(posenc, layout=layout))

@@ -8,9 +8,24 @@ and training although the weights are plain tensors.
 
 from __future__ import annotations
 
+import os
+import re
 from pathlib import Path
 
+from . import _hf
 from .modeling import TASKS
+
+#: What a Hub repo id may look like (``name`` or ``owner/name``).
+_REPO_ID = re.compile(r"(?:\w[\w.-]*/)?\w[\w.-]*")
+
+
+def missing_local_folder(source: str | os.PathLike) -> bool:
+    """Whether ``source`` can only mean a local path (it is no Hub repo id) and nothing exists there.
+
+    Loaders that take "a folder or a Hub id" otherwise report such a path as an invalid repo id.
+    """
+    text = os.fspath(source)
+    return not Path(text).expanduser().exists() and not _REPO_ID.fullmatch(text)
 
 
 def gguf_location(source: str, gguf_file: str | None = None) -> tuple[str, str | None]:
@@ -31,8 +46,6 @@ def check_source(source: str) -> None:
     Raises:
         FileNotFoundError: A missing ``.gguf`` file, or a path that cannot be a Hub id and does not exist.
     """
-    from .hub import missing_local_folder
-
     if Path(source).suffix == ".gguf":
         if not Path(source).is_file():
             raise FileNotFoundError(f"GGUF file not found: {source}")
@@ -77,9 +90,7 @@ def load_model(source: str, dtype: str = "auto", attn_implementation: str | None
         model_class = transformers.AutoModelForCausalLM if causal else transformers.AutoModel
     model = model_class.from_pretrained(location, **kwargs)
     if gguf_file:
-        from ._hf import forget_gguf_quantizer
-
-        forget_gguf_quantizer(model)
+        _hf.forget_gguf_quantizer(model)
     return model
 
 

@@ -116,7 +116,7 @@ def posenc_config_class(base: type) -> type:
         def validate(self):
             # The stock save-time validation refuses output_attentions with any backend but "eager": show it
             # the stock name of ours while it runs (its other checks are unchanged).
-            with _hf.stock_backend_name(self):
+            with _hf.stock_backend_name(self, attention.EAGER):
                 base.validate(self)
 
         def to_dict(self):

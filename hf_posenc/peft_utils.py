@@ -17,6 +17,7 @@ from peft.utils import load_peft_weights
 from torch import nn
 
 from .architectures import lora_target_modules
+from .loading import missing_local_folder
 
 POSENC_MODULE = "posenc"
 _OWN_ARGUMENTS = ("r", "alpha", "dropout", "train_position_tables", "longlora", "target_modules", "modules_to_save")
@@ -114,8 +115,6 @@ def load_adapter(model: nn.Module, adapter_path: str | os.PathLike, **kwargs) ->
         ValueError: The adapter carries position tables that the base model lacks (convert the base
             with the same ``PosEncConfig`` first), or of another kind.
     """
-    from .hub import missing_local_folder
-
     if missing_local_folder(adapter_path):
         raise FileNotFoundError(f"load_adapter: the adapter folder {os.fspath(adapter_path)!r} does not exist "
                                 "(pass a folder written by PeftModel.save_pretrained, or a Hub repo id).")

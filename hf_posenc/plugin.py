@@ -20,14 +20,13 @@ import torch
 from torch import nn
 
 from . import _hf, attention, registry
-from .architectures import Architecture, _get, attention_modules, architecture_of
+from .architectures import Architecture, _get, architecture_of, attention_modules
 from .config import PosEncConfig
 from .encodings.base import PositionModule
+from .model_shape import current_rope_parameters, head_dim, num_heads
 
 #: Attribute of a converted model holding its :class:`State`.
 STATE_ATTR = "_hf_posenc_state"
-#: RoPE base given to architectures without RoPE.
-DEFAULT_ROPE_THETA = 10000.0
 
 
 class ZeroPositionEmbedding(nn.Module):
@@ -99,41 +98,6 @@ class PatchGrid:
     def pass_to_attention(self, module, args, kwargs):
         kwargs["posenc_grid"] = self.shape
         return args, kwargs
-
-
-def num_layers(config) -> int:
-    """Number of transformer blocks."""
-    return config.num_hidden_layers
-
-
-def num_heads(config) -> int:
-    """Number of query heads."""
-    return config.num_attention_heads
-
-
-def head_dim(config) -> int:
-    """Per-head dimension (``config.head_dim`` where the config sets it)."""
-    return getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
-
-
-def rope_layer_types(config) -> list[str] | None:
-    """The layer types with RoPE parameters of their own (Gemma 3, ModernBERT: local and global bases), or
-    None when ``config.rope_parameters`` is one set for every layer."""
-    params = getattr(config, "rope_parameters", None) or {}
-    if params and all(isinstance(value, dict) for value in params.values()):
-        return list(params)
-    return None
-
-
-def current_rope_parameters(config, arch: Architecture, layer_idx: int = 0) -> dict:
-    """The RoPE parameters of layer ``layer_idx`` (a default set for architectures without RoPE)."""
-    if arch.rope == "none":
-        return {"rope_type": "default", "rope_theta": DEFAULT_ROPE_THETA, "partial_rotary_factor": 1.0}
-    params = dict(config.rope_parameters)
-    if rope_layer_types(config) is not None:
-        params = dict(params[config.layer_types[layer_idx]])
-    params.setdefault("partial_rotary_factor", getattr(config, "partial_rotary_factor", None) or 1.0)
-    return params
 
 
 def layer_spec(config, arch: Architecture, layer_idx: int = 0) -> registry.LayerSpec:

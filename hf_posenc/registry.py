@@ -25,7 +25,7 @@ ROUTES = ("rotate", "bias", "attend", "two_position_rope")
 #: How a bias encoding gives its bias: a ``[1, H, q, kv]`` tensor only (``dense``), once per diagonal
 #: (``diagonal``: shift-invariant), or per diagonal and constant beyond a band of distances (``banded``).
 BIAS_FORMS = ("dense", "diagonal", "banded")
-#: Kernel families an encoding may declare (the selector in :mod:`hf_posenc.kernels` picks one per call):
+#: Kernel families an encoding may declare (:func:`hf_posenc.kernels.select.select` picks one per call):
 #: ``dense``: a materialised bias on eager/SDPA; ``diagonal_tiles``: causal tiles of per-diagonal biases;
 #: ``key_fold``: a causal bias ``-m_h (i - j)`` folded into an extra head dimension (ALiBi).
 KERNEL_FAMILIES = ("dense", "diagonal_tiles", "key_fold")
@@ -37,7 +37,7 @@ REQUIRED_METHODS: dict[tuple[str, str], tuple[str, ...]] = {
     ("route", "rotate"): ("rotate",),
     ("route", "bias"): ("bias",),
     ("route", "attend"): ("attend",),
-    ("route", "two_position_rope"): ("attend", "far_positions"),
+    ("route", "two_position_rope"): ("near_and_far", "far_positions"),
     ("bias_form", "diagonal"): ("bias_diagonals",),
     ("bias_form", "banded"): ("bias_diagonals", "banded_diagonals"),
     ("kernel", "key_fold"): ("slopes",),

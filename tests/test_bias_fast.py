@@ -9,8 +9,9 @@ biases (T5, ALiBi in other dtypes).
 import pytest
 import torch
 
-from hf_posenc import attention, cpu_attention, tiling
+from hf_posenc import attention
 from hf_posenc.encodings import AlibiBias, T5Bias, relative_position_bucket
+from hf_posenc.kernels import cpu_fused, tiling
 
 
 class Layer(torch.nn.Module):
@@ -102,7 +103,7 @@ def test_t5_gradients_from_the_band_match_explicit_attention(monkeypatch, case):
     the gradients of explicit attention for q, k, v and the table; tiles and band blocks are small here
     so that several of each, partial ones included, are exercised."""
     monkeypatch.setattr(tiling, "TILE_ROWS", 8)
-    monkeypatch.setattr(cpu_attention, "BAND_ROWS", 4)
+    monkeypatch.setattr(cpu_fused, "BAND_ROWS", 4)
     torch.manual_seed(2)
     num_buckets, max_distance = (8, 12) if case != "band_wider_than_cache" else (32, 4096)
     posenc = T5Bias(4, num_buckets=num_buckets, max_distance=max_distance)
@@ -167,6 +168,6 @@ def test_alibi_flushes_denormals_only_inside_its_kernels(monkeypatch, user_flush
         torch.testing.assert_close(got.double(), expected, rtol=tolerance, atol=tolerance)
         for a, b in zip(got_grads, expected_grads):
             torch.testing.assert_close(a.double(), b.double(), rtol=tolerance, atol=tolerance)
-        assert cpu_attention._flush_enabled() == user_flush
+        assert cpu_fused._flush_enabled() == user_flush
     finally:
         torch.set_flush_denormal(False)

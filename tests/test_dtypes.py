@@ -32,7 +32,7 @@ from test_cope_fast import causal, make_inputs, naive_cope
 from tiny_models import DECODERS, input_ids, randomize_position_tables, tiny_model
 
 import hf_posenc
-from hf_posenc import PosEncConfig, attention
+from hf_posenc import PosEncConfig, attention, kernels
 from hf_posenc.encodings import AlibiBias, T5Bias
 from hf_posenc.encodings.cope import cope_attention
 
@@ -222,8 +222,8 @@ def test_alibi_fold_stays_the_fp32_path(monkeypatch):
     """The fp32 fast path (ALiBi in an extra head dimension on the fused causal kernel) is still taken in
     fp32, and only there: bf16 weights and autocast take the tiles."""
     calls = []
-    fold = attention.key_fold_cpu
-    monkeypatch.setattr(attention, "key_fold_cpu", lambda query, *a: calls.append(query.dtype) or fold(query, *a))
+    fold = kernels.KERNELS["key_fold_cpu"]
+    monkeypatch.setitem(kernels.KERNELS, "key_fold_cpu", lambda call: calls.append(call.dtype) or fold(call))
     model = build("llama", "alibi", "sdpa")
     x = input_ids(1, 16)
     with torch.no_grad():

@@ -8,8 +8,9 @@ import pytest
 import torch
 from test_bias_fast import attention_case
 
-from hf_posenc import attention, cpu_attention, kernels
+from hf_posenc import attention, kernels
 from hf_posenc.encodings import AlibiBias
+from hf_posenc.kernels import cpu_fused
 from hf_posenc.registry import Capabilities
 
 ROTATE = Capabilities(route="rotate")
@@ -123,9 +124,9 @@ def test_fold_is_exact_to_fp32_rounding_at_long_range(monkeypatch):
     with torch.no_grad():
         got, _ = attention.posenc_sdpa_attention(Layer(posenc), q, k, v, None)
     assert worst_row_error(got.transpose(1, 2)[:, :, rows].double(), expected) <= FOLD_TOLERANCE
-    monkeypatch.setattr(cpu_attention, "FOLD_TILE_ROWS", length)  # one tile: keys measured from the last one
+    monkeypatch.setattr(cpu_fused, "FOLD_TILE_ROWS", length)  # one tile: keys measured from the last one
     with torch.no_grad():
-        untiled = cpu_attention.TiledFoldAttention.apply(q, k, v, posenc.slopes("cpu"), None, 0, 16 ** -0.5)
+        untiled = cpu_fused.TiledFoldAttention.apply(q, k, v, posenc.slopes("cpu"), None, 0, 16 ** -0.5)
     assert worst_row_error(untiled[:, :, rows].double(), expected) > 5 * FOLD_TOLERANCE
 
 
@@ -133,7 +134,7 @@ def test_fold_is_exact_to_fp32_rounding_at_long_range(monkeypatch):
 def test_fold_forward_and_gradients_match_fp64(monkeypatch, case):
     """Several tiles (8 rows), partial ones included, with and without the caller's mask: the output and the
     q/k/v gradients equal the fp64 equations."""
-    monkeypatch.setattr(cpu_attention, "FOLD_TILE_ROWS", 8)
+    monkeypatch.setattr(cpu_fused, "FOLD_TILE_ROWS", 8)
     torch.manual_seed(1)
     default = (0, 37 if case == "partial_tile" else 32, 0)
     past, q_len, spare = {"cached": (13, 21, 0), "static_cache": (9, 20, 6)}.get(case, default)
@@ -143,8 +144,8 @@ def test_fold_forward_and_gradients_match_fp64(monkeypatch, case):
     kv_heads = k.shape[1]
     posenc = AlibiBias(4)
     chosen = []
-    fold = attention.key_fold_cpu
-    monkeypatch.setattr(attention, "key_fold_cpu", lambda *a: chosen.append(True) or fold(*a))
+    fold = kernels.KERNELS["key_fold_cpu"]
+    monkeypatch.setitem(kernels.KERNELS, "key_fold_cpu", lambda *a: chosen.append(True) or fold(*a))
     got, _ = attention.posenc_sdpa_attention(Layer(posenc).train(), q, k, v, mask, posenc_past=past)
     assert chosen, "the fold did not run"
     groups = 4 // kv_heads

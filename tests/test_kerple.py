@@ -3,7 +3,7 @@
 The reference builds the full ``[H, q, kv]`` bias from the positions and the paper's kernels (§4):
 ``-r1 log(1 + r2 |i - j|)`` and ``-r1 |i - j| ** r2``, then explicit softmax attention; the module gives its
 bias once per diagonal, which the causal path runs tile by tile on the fused CPU kernel (its parameters'
-gradients from :func:`hf_posenc.cpu_attention.band_bias_gradient`) and the eager and encoder paths as a
+gradients from :func:`hf_posenc.kernels.cpu_fused.band_bias_gradient`) and the eager and encoder paths as a
 dense bias.
 """
 
@@ -11,8 +11,9 @@ import pytest
 import torch
 from test_bias_fast import Layer, attention_case
 
-from hf_posenc import PosEncConfig, attention, cpu_attention, tiling
+from hf_posenc import PosEncConfig, attention
 from hf_posenc.encodings.kerple import KerpleBias
+from hf_posenc.kernels import cpu_fused, tiling
 
 KERNELS = ("log", "power")
 
@@ -67,10 +68,10 @@ def tiled_calls(monkeypatch):
     """Small tiles and band blocks (several of each, partial ones included), and a count of the calls that
     reach the fused tiled kernel."""
     monkeypatch.setattr(tiling, "TILE_ROWS", 8)
-    monkeypatch.setattr(cpu_attention, "BAND_ROWS", 4)
+    monkeypatch.setattr(cpu_fused, "BAND_ROWS", 4)
     calls = []
-    apply = cpu_attention.TiledBiasAttention.apply
-    monkeypatch.setattr(cpu_attention.TiledBiasAttention, "apply", lambda *a: calls.append(1) or apply(*a))
+    apply = cpu_fused.TiledBiasAttention.apply
+    monkeypatch.setattr(cpu_fused.TiledBiasAttention, "apply", lambda *a: calls.append(1) or apply(*a))
     return calls
 
 

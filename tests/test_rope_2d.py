@@ -26,7 +26,7 @@ from tiny_vision_models import (GRID_KINDS, IMAGE, LAYOUT_MATCHES, NUM_LABELS, P
 from transformers import AttentionInterface
 
 import hf_posenc
-from hf_posenc import PosEncConfig, attention, registry
+from hf_posenc import PosEncConfig, attention, positions, registry
 from hf_posenc.architectures import ARCHITECTURES, attention_modules
 from hf_posenc.encodings.rope_2d import Rope2D
 
@@ -126,12 +126,12 @@ def test_mixed_frequencies_start_as_the_paper_initialises_them():
 
 
 def test_grid_positions_put_the_patches_last_row_by_row():
-    positions = attention.grid_positions((2, 3), 8, "cpu")
+    positions = positions.grid_positions((2, 3), 8, "cpu")
     assert positions.tolist() == [[0, 0], [0, 0], [0, 0], [0, 1], [0, 2], [1, 0], [1, 1], [1, 2]]
     with pytest.raises(ValueError, match="none was recorded"):
-        attention.grid_positions(None, 8, "cpu")
+        positions.grid_positions(None, 8, "cpu")
     with pytest.raises(ValueError, match="2x5 has more patches than the 8 tokens"):
-        attention.grid_positions((2, 5), 8, "cpu")
+        positions.grid_positions((2, 5), 8, "cpu")
 
 
 # ---------------------------------------------------------------------------------------------------

@@ -13,10 +13,10 @@ from transformers import AutoModelForCausalLM
 from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
 
 import hf_posenc
-from hf_posenc import PosEncConfig
-from hf_posenc.encodings import windowed_rope_attention
+from hf_posenc import PosEncConfig, kernels
 from hf_posenc.encodings.rerope import ReRoPE
 from hf_posenc.encodings.self_extend import SelfExtend
+from hf_posenc.kernels import two_position as two_position_kernels
 
 #: The RoPE architectures the issue names; the tiny configs cover GQA, q/k norms and partial rotary.
 ARCHS = ["llama", "mistral", "qwen2", "qwen3", "phi", "gpt_neox"]
@@ -100,6 +100,15 @@ CASES = [
 ]
 
 
+def two_position(module, query, key, value, q_pos, k_pos, allowed, scaling, position_ids=None, explicit=False):
+    """The two-position kernel (tiled, or explicit scores) on a call at cache positions ``q_pos``, ``k_pos``."""
+    call = kernels.Call(
+        device=query.device.type, dtype=query.dtype, backend="sdpa", queries=query.shape[2], query=query, key=key,
+        value=value, attention_mask=allowed, q_pos=q_pos, k_pos=k_pos, past=int(q_pos[0]), scaling=scaling,
+        posenc=module, capabilities=module.registry_entry().capabilities, position_ids=position_ids)
+    return kernels.KERNELS["two_position_explicit" if explicit else "two_position_tiled"](call)
+
+
 def build(kind, params, rope, head_dim):
     cls = SelfExtend if kind == "self_extend" else ReRoPE
     return cls(dict(rope), head_dim, 32, "half", **params)
@@ -118,7 +127,7 @@ def distance_of(kind, params, i, j):
 def test_attention_matches_the_papers_equations(monkeypatch, case, q_len, kv_len, dtype, path):
     """Forward and gradients of q/k/v against the dense fp64 reference; padded rows (position_ids from the
     mask, as generate makes them), GQA (4 query heads on 2 key heads), partial rotary, YaRN's scaling."""
-    monkeypatch.setattr(windowed_rope_attention, "TILE_ROWS", 16)  # several tiles, edges included
+    monkeypatch.setattr(two_position_kernels, "TILE_ROWS", 16)  # several tiles, edges included
     kind, params, rope = CASES[case][0], CASES[case][1](), CASES[case][2]
     head_dim, batch, heads, kv_heads, pads = 16, 2, 4, 2, 6
     module = build(kind, params, rope, head_dim)
@@ -145,8 +154,8 @@ def test_attention_matches_the_papers_equations(monkeypatch, case, q_len, kv_len
     expected_grads = torch.autograd.grad(expected, leaves, grad_out)
 
     ours = [t.clone().to(dtype).requires_grad_() for t in (query, key, value)]
-    got, _ = module.attend(*ours, q_pos, k_pos, allowed[:, None], scale, diagonal=kv_len - q_len,
-                           position_ids=position_ids, explicit=path == "explicit")
+    got, _ = two_position(module, *ours, q_pos, k_pos, allowed[:, None], scale, position_ids=position_ids,
+                          explicit=path == "explicit")
     got_grads = torch.autograd.grad(got, ours, grad_out.to(dtype))
     tol = dict(rtol=0, atol=1e-10) if dtype == torch.float64 else dict(rtol=0, atol=2e-5)
     rows = torch.ones(batch, 1, q_len, 1, dtype=torch.bool)
@@ -162,8 +171,8 @@ def test_the_far_regime_really_differs_from_rope():
     plain = SelfExtend(dict(ROPE), 16, 32, group_size=3, neighbor_window=100)
     q, k, v = (torch.randn(1, 2, 40, 16) for _ in range(3))
     pos = torch.arange(40)
-    a, _ = module.attend(q, k, v, pos, pos, None, 0.25, diagonal=0)
-    b, _ = plain.attend(q, k, v, pos, pos, None, 0.25, diagonal=0)
+    a, _ = two_position(module, q, k, v, pos, pos, None, 0.25)
+    b, _ = two_position(plain, q, k, v, pos, pos, None, 0.25)
     assert (a - b).abs().max() > 1e-2
 
 
@@ -175,7 +184,7 @@ def test_no_full_score_matrix_is_kept_for_backward():
     saved = []
     pos = torch.arange(length)
     with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t.numel()) or t, lambda t: t):
-        out, _ = module.attend(q, k, v, pos, pos, None, 0.25, diagonal=0)
+        out, _ = two_position(module, q, k, v, pos, pos, None, 0.25)
     out.sum().backward()
     assert max(saved) <= 2 * length * 16  # the largest saved tensor is one [B, H, T, D]
 

@@ -9,7 +9,7 @@ import torch
 
 from .. import registry
 from ..config import PosEncConfig, check_positive
-from ..tiling import distance_diagonals, toeplitz
+from ..kernels.tiling import distance_diagonals, toeplitz
 from .base import PositionModule
 
 
@@ -60,7 +60,7 @@ class AlibiBias(PositionModule):
         return alibi_slopes(self.num_heads, self.max_bias).to(device)
 
     def bias_diagonals(self, q_pos: torch.Tensor, k_pos: torch.Tensor, causal: bool) -> torch.Tensor:
-        """The bias once per diagonal, ``[H, q + kv - 1]`` fp32 (see :func:`hf_posenc.tiling.toeplitz`).
+        """The bias once per diagonal, ``[H, q + kv - 1]`` fp32 (see :func:`hf_posenc.kernels.tiling.toeplitz`).
         Positions must be consecutive ranges."""
         distances = distance_diagonals(q_pos, k_pos)  # [q + kv - 1]
         magnitude = distances.to(torch.float32)

@@ -8,8 +8,9 @@ entry (``hf_posenc.registry.Capabilities.route``), one of four:
 * ``rotate(q, k, q_pos, k_pos)``: rotated queries/keys (RoPE family), or
 * ``bias(q_pos, k_pos, causal)``: an additive score bias ``[1, H, q, kv]`` (ALiBi, T5), or
 * ``attend(...)``: the whole attention, for encodings that need the logits (CoPE), or
-* ``attend(query, key, value, q_pos, k_pos, ...)`` from unrotated q/k (``two_position_rope``: Self-Extend
-  and ReRoPE rotate at two position sets inside their own exact two-pass attention).
+* ``near_and_far(query, key, q_pos, k_pos, ...)``: unrotated q/k rotated at two position sets
+  (``two_position_rope``: Self-Extend and ReRoPE), which the two-position kernels
+  (:mod:`hf_posenc.kernels.two_position`) merge exactly.
 """
 
 from __future__ import annotations

@@ -6,7 +6,7 @@ Each head adds a learned conditionally positive definite kernel of the distance 
 * ``power``: ``b(i, j) = -r1_h * |i - j| ** r2_h``,         ``r1 > 0``, ``0 < r2 <= 2``.
 
 The bias depends on ``|i - j|`` only, so it is given once per diagonal and rides on the tiled fused kernels
-of ALiBi and T5 (``hf_posenc.tiling``); encoders use the same symmetric distance.
+of ALiBi and T5 (``hf_posenc.kernels.tiling``); encoders use the same symmetric distance.
 """
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ from torch import nn
 
 from .. import registry
 from ..config import PosEncConfig, fail_field
-from ..tiling import distance_diagonals, toeplitz
+from ..kernels.tiling import distance_diagonals, toeplitz
 from .base import PositionModule
 
 #: The paper's two kernels (§4).
@@ -77,7 +77,7 @@ class KerpleBias(PositionModule):
         return r1[:, None], r2[:, None]
 
     def bias_diagonals(self, q_pos: torch.Tensor, k_pos: torch.Tensor, causal: bool) -> torch.Tensor:
-        """The bias once per diagonal, ``[H, q + kv - 1]`` fp32 (see :func:`hf_posenc.tiling.toeplitz`).
+        """The bias once per diagonal, ``[H, q + kv - 1]`` fp32 (see :func:`hf_posenc.kernels.tiling.toeplitz`).
         Positions must be consecutive ranges; the distance is ``|i - j|`` for decoders and encoders alike
         (a decoder's future keys are masked)."""
         distance = distance_diagonals(q_pos, k_pos).abs().to(torch.float32)  # [q + kv - 1]

@@ -14,7 +14,7 @@ Axial is Mixed with axis-aligned, fixed frequencies, so one rotation serves both
 (dimension ``i`` with ``i + d/2``, as ``rotate_half``); models converted here had no RoPE, so the layout is
 free. Tokens before the patches (CLS, DeiT's distillation token, DINOv2's registers) sit at position
 ``(0, 0)``, an identity rotation: they stay unrotated, as in the paper. The positions come from the grid of
-the image each forward reads (``hf_posenc.attention.grid_positions``), so a converted model reads any
+the image each forward reads (``hf_posenc.positions.grid_positions``), so a converted model reads any
 resolution without interpolating a table.
 """
 

@@ -11,7 +11,7 @@ from torch import nn
 
 from .. import registry
 from ..config import PosEncConfig, check_positive, fail_field
-from ..tiling import distance_diagonals, toeplitz
+from ..kernels.tiling import distance_diagonals, toeplitz
 from .base import PositionModule
 
 
@@ -82,7 +82,7 @@ class T5Bias(PositionModule):
             self.relative_attention_bias.zero_()
 
     def bias_diagonals(self, q_pos: torch.Tensor, k_pos: torch.Tensor, causal: bool) -> torch.Tensor:
-        """The bias once per diagonal, ``[H, q + kv - 1]`` (see :func:`hf_posenc.tiling.toeplitz`). Positions must be
+        """The bias once per diagonal, ``[H, q + kv - 1]`` (see :func:`hf_posenc.kernels.tiling.toeplitz`). Positions must be
         consecutive ranges."""
         distances = distance_diagonals(q_pos, k_pos)  # i - j per diagonal, [q + kv - 1]
         # Buckets of key - query, once per diagonal instead of once per (query, key) pair.
@@ -102,7 +102,7 @@ class T5Bias(PositionModule):
         ``>= 0``: subtracting the last bucket's value changes no attention weight, and leaves a bias that is
         exactly zero at every distance ``>= band_width()`` (``b_last - b_last``: whatever gradient reaches it
         cancels). Attention can then take the gradient of the table from that band alone
-        (``hf_posenc.cpu_attention.TiledBiasAttention``).
+        (``hf_posenc.kernels.cpu_fused.TiledBiasAttention``).
 
         Args:
             q_pos, k_pos: Consecutive query and key positions.

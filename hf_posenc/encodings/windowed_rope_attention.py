@@ -1,35 +1,8 @@
-"""RoPE at two position sets chosen by distance, merged exactly: the kernel of Self-Extend and ReRoPE.
+"""RoPE at two position sets chosen by distance: the position modules of Self-Extend and ReRoPE.
 
 Both training-free extensions keep RoPE's exact relative distance ``i - j`` for keys near the query and
-give far keys another, smaller distance (grouped for Self-Extend, https://arxiv.org/abs/2401.01325;
-clamped or compressed for ReRoPE, https://kexue.fm/archives/9708). RoPE turns a distance into a pair of
-rotations, one for the query and one for the key (``R(a)^T R(b) = R(b - a)``), so each regime is plain
-RoPE attention with its own rotated copies of q and k::
-
-    near:  q_i rotated at i,              k_j rotated at j              (distance i - j)
-    far:   q_i rotated at far_q(i),       k_j rotated at far_k(j)       (distance far_q(i) - far_k(j))
-    score_ij = near score if i - j < window else far score
-
-Softmax over the union of two disjoint key sets is the log-sum-exp merge of the two attentions::
-
-    lse = logaddexp(lse_near, lse_far)
-    out = exp(lse_near - lse) * out_near + exp(lse_far - lse) * out_far
-
-How :class:`_TwoPassAttention` runs it (any device; the fused CPU flash kernel where it applies):
-
-* **Tiles of query rows.** For rows ``[r0, r1)`` the keys split into three pieces, each one attention
-  call: far keys every row of the tile sees (no mask: the fast unmasked kernel), the far keys at the
-  tile's edge (a small triangular mask) and the near band (``window + tile`` keys, masked). Rows stop at
-  the diagonal, so no piece reads keys that no row may see: the work is about causal attention's plus the
-  band.
-* **Flash-style memory.** Forward keeps q/k in both rotations, v, the merged output and the merged row
-  log-sum-exp (``[B, H, q]``); nothing of size ``[q, kv]`` outlives a piece. Backward recomputes each
-  piece with the *merged* output and log-sum-exp, which gives that piece's exact share of the gradient
-  (``P = exp(S - lse)`` are the merged probabilities, ``rowsum(dO * O)`` is the merged one), and sums them.
-* A transformers padding mask (``allowed``) is intersected with each piece's own mask.
-
-:func:`explicit_attention` is the same attention with explicit ``[q, kv]`` scores: the eager backend
-(attention weights), logit soft-capping, attention dropout and ``torch.compile`` use it.
+give far keys another, smaller distance. The attention that merges the two regimes exactly is a kernel
+(:mod:`hf_posenc.kernels.two_position`); the modules here give it q/k rotated at both position sets.
 
 The position modules (:class:`TwoPositionRope` and its subclasses) rotate with the model's own RoPE
 frequencies and scaling (every ``rope_type``, from transformers' ``ROPE_INIT_FUNCTIONS`` via
@@ -40,201 +13,14 @@ cache holds unrotated keys from which both rotations are recomputed at every ste
 from __future__ import annotations
 
 import torch
-from torch.autograd.function import once_differentiable
 
+from ..config import fail_field
 from .rope import RotaryPosition
 
-#: Query rows per tile of :class:`_TwoPassAttention`. Larger tiles make larger unmasked far pieces;
-#: smaller ones waste less of the masked band and the triangle at the diagonal.
-TILE_ROWS = 256
 
-
-# ---------------------------------------------------------------------------------------------------
-# One piece: attention of some query rows over some keys, with its row log-sum-exp
-# ---------------------------------------------------------------------------------------------------
-def _fused(query: torch.Tensor) -> bool:
-    """Whether the fused CPU flash kernel (forward and backward, with log-sum-exp) takes these tensors."""
-    return (query.device.type == "cpu" and query.dtype in (torch.float32, torch.bfloat16, torch.float16)
-            and hasattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu"))
-
-
-def _piece_forward(query, key, value, mask, scale):
-    """``(out [B, H, qb, D], lse [B, H, qb] fp32)`` of one piece; ``mask`` additive float or None."""
-    if _fused(query):
-        return torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
-            query, key, value, 0.0, False, attn_mask=mask, scale=scale)
-    acc = torch.promote_types(query.dtype, torch.float32)  # fp64 stays fp64 (reference tests)
-    scores = torch.matmul(query.to(acc), key.to(acc).transpose(-1, -2)) * scale  # [B, H, qb, kb]
-    if mask is not None:
-        scores = scores + mask
-    lse = torch.logsumexp(scores, dim=-1)
-    out = torch.matmul(torch.exp(scores - lse[..., None]), value.to(acc))
-    return out.to(query.dtype), lse.to(torch.promote_types(acc, torch.float32))
-
-
-def _piece_backward(grad, query, key, value, out, lse, mask, scale):
-    """``(dq, dk, dv)`` of one piece, given the *merged* output and log-sum-exp of its rows."""
-    if _fused(query):
-        return torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward(
-            grad, query, key, value, out, lse, 0.0, False, attn_mask=mask, scale=scale)
-    acc = torch.promote_types(query.dtype, torch.float32)
-    query, key, value, grad = query.to(acc), key.to(acc), value.to(acc), grad.to(acc)
-    scores = torch.matmul(query, key.transpose(-1, -2)) * scale
-    if mask is not None:
-        scores = scores + mask
-    probs = torch.exp(scores - lse.to(acc)[..., None])  # merged probabilities of this piece's keys
-    d_probs = torch.matmul(grad, value.transpose(-1, -2))
-    row = (grad * out.to(acc)).sum(-1, keepdim=True)  # rowsum(dO * O) of the merged output
-    d_scores = probs * (d_probs - row) * scale
-    return (torch.matmul(d_scores, key), torch.matmul(d_scores.transpose(-1, -2), query),
-            torch.matmul(probs.transpose(-1, -2), grad))
-
-
-# ---------------------------------------------------------------------------------------------------
-# The tiling
-# ---------------------------------------------------------------------------------------------------
-def _pieces(rows: slice, kv_len: int, diagonal: int, window: int):
-    """``(which, keys, kind)`` per piece of a tile: ``which`` is ``"near"`` or ``"far"``; ``kind`` says
-    which structural mask the piece needs (``"none"``, ``"far_edge"``, ``"near"``).
-
-    Row ``r`` sees key ``c`` iff ``c <= r + diagonal``; its distance is ``r + diagonal - c``.
-    """
-    clamp = lambda x: max(0, min(kv_len, x))  # noqa: E731
-    limit = clamp(rows.stop + diagonal)  # keys after this are future for every row
-    far_all = clamp(rows.start + diagonal - window + 1)  # far for every row of the tile
-    far_end = clamp(rows.stop + diagonal - window)  # far for the tile's last row
-    out = []
-    if far_all > 0:
-        out.append(("far", slice(0, far_all), "none"))
-    if far_end > far_all:
-        out.append(("far", slice(far_all, far_end), "far_edge"))
-    if limit > far_all:
-        out.append(("near", slice(far_all, limit), "near"))
-    return out
-
-
-def _piece_mask(kind, rows: slice, keys: slice, diagonal: int, window: int, allowed, dtype, device):
-    """Additive mask ``[B|1, 1, qb, kb]`` of one piece in ``dtype`` (None: every key visible)."""
-    keep = None
-    if kind != "none":
-        distance = (torch.arange(rows.start, rows.stop, device=device)[:, None] + diagonal
-                    - torch.arange(keys.start, keys.stop, device=device)[None, :])  # [qb, kb]
-        keep = distance >= window if kind == "far_edge" else (distance >= 0) & (distance < window)
-        keep = keep[None, None]
-    if allowed is not None:
-        block = allowed[:, :, rows, keys]
-        keep = block if keep is None else keep & block
-    if keep is None:
-        return None
-    # A finite fill, not -inf: a row with no key in this piece then has a finite, very negative lse whose
-    # merge weight is 0 (the fused kernel reports lse = 0 for a row masked with -inf, which would merge).
-    return torch.zeros(keep.shape, dtype=dtype, device=device).masked_fill_(~keep, torch.finfo(dtype).min)
-
-
-def _tiles(q_len: int):
-    for start in range(0, q_len, TILE_ROWS):
-        yield slice(start, min(start + TILE_ROWS, q_len))
-
-
-class _TwoPassAttention(torch.autograd.Function):
-    """Exact two-position attention, tiled, with flash-style memory (see the module docstring).
-
-    Args (``apply``, positional):
-        q_near, q_far: ``[B, H, q, D]``; k_near, k_far, value: ``[B, H, kv, D]`` (heads expanded), one dtype.
-        allowed: Bool ``[B|1, 1, q, kv]`` or None (plain causality from ``diagonal``).
-        diagonal: Row ``r`` may see key ``c`` iff ``c <= r + diagonal``; ``r + diagonal - c`` is the distance.
-        window: Keys at distance ``< window`` use the near rotations.
-        scale: Logit scale.
-
-    Returns:
-        ``[B, H, q, D]``.
-    """
-
-    @staticmethod
-    def forward(ctx, q_near, k_near, q_far, k_far, value, allowed, diagonal, window, scale):
-        q_len, kv_len = q_near.shape[2], k_near.shape[2]
-        queries, keys = {"near": q_near, "far": q_far}, {"near": k_near, "far": k_far}
-        output = torch.empty_like(q_near)
-        lse = q_near.new_empty(q_near.shape[:3], dtype=torch.float64 if q_near.dtype == torch.float64 else torch.float32)
-        for rows in _tiles(q_len):
-            outs, lses = [], []
-            pieces = _pieces(rows, kv_len, diagonal, window)
-            if not pieces:  # no visible key at all (not reachable from a causal layer): zeros, like SDPA
-                output[:, :, rows], lse[:, :, rows] = 0, torch.finfo(lse.dtype).min
-                continue
-            for which, cols, kind in pieces:
-                mask = _piece_mask(kind, rows, cols, diagonal, window, allowed, q_near.dtype, q_near.device)
-                out, piece_lse = _piece_forward(queries[which][:, :, rows], keys[which][:, :, cols],
-                                                value[:, :, cols], mask, scale)
-                outs.append(out)
-                lses.append(piece_lse.to(lse.dtype))
-            total = torch.logsumexp(torch.stack(lses), dim=0)  # [B, H, qb]
-            merged = sum(torch.exp(piece_lse - total)[..., None] * out.to(lse.dtype) for out, piece_lse in zip(outs, lses))
-            output[:, :, rows] = merged
-            lse[:, :, rows] = total
-        ctx.save_for_backward(q_near, k_near, q_far, k_far, value, output, lse, allowed)
-        ctx.diagonal, ctx.window, ctx.scale = diagonal, window, scale
-        return output
-
-    @staticmethod
-    @once_differentiable
-    def backward(ctx, grad):
-        q_near, k_near, q_far, k_far, value, output, lse, allowed = ctx.saved_tensors
-        diagonal, window, scale = ctx.diagonal, ctx.window, ctx.scale
-        q_len, kv_len = q_near.shape[2], k_near.shape[2]
-        queries, keys = {"near": q_near, "far": q_far}, {"near": k_near, "far": k_far}
-        d_q = {"near": torch.zeros_like(q_near), "far": torch.zeros_like(q_far)}
-        d_k = {"near": torch.zeros_like(k_near), "far": torch.zeros_like(k_far)}
-        d_v = torch.zeros_like(value)
-        grad = grad.contiguous()
-        for rows in _tiles(q_len):
-            for which, cols, kind in _pieces(rows, kv_len, diagonal, window):
-                mask = _piece_mask(kind, rows, cols, diagonal, window, allowed, q_near.dtype, q_near.device)
-                dq, dk, dv = _piece_backward(grad[:, :, rows], queries[which][:, :, rows], keys[which][:, :, cols],
-                                             value[:, :, cols], output[:, :, rows], lse[:, :, rows], mask, scale)
-                d_q[which][:, :, rows] += dq
-                d_k[which][:, :, cols] += dk
-                d_v[:, :, cols] += dv
-        return d_q["near"], d_k["near"], d_q["far"], d_k["far"], d_v, None, None, None, None
-
-
-def two_pass_attention(q_near, k_near, q_far, k_far, value, allowed, diagonal: int, window: int, scale: float):
-    """Exact, memory-bounded two-position attention; arguments as :class:`_TwoPassAttention`."""
-    return _TwoPassAttention.apply(q_near, k_near, q_far, k_far, value, allowed, diagonal, window, scale)
-
-
-def explicit_attention(q_near, k_near, q_far, k_far, value, near, allowed, scale, softcap=None, dropout=0.0,
-                       training=False):
-    """Two-position attention with explicit scores and probabilities (eager weights, soft-capping, dropout).
-
-    Args:
-        q_near, q_far: ``[B, H, q, D]``; k_near, k_far, value: ``[B, H, kv, D]``.
-        near: Bool ``[q, kv]``: which pairs use the near rotations.
-        allowed: Bool ``[B|1, 1, q, kv]`` (True = attend).
-        scale: Logit scale.
-        softcap: Gemma 2's logit soft-capping (``tanh(s / c) * c``), applied to the merged logits.
-
-    Returns:
-        ``(output [B, H, q, D], probabilities [B, H, q, kv])``.
-    """
-    scores = torch.where(near, torch.matmul(q_near, k_near.transpose(-1, -2)),
-                         torch.matmul(q_far, k_far.transpose(-1, -2))) * scale  # [B, H, q, kv]
-    if softcap is not None:
-        scores = torch.tanh(scores / softcap) * softcap
-    scores = scores.masked_fill(~allowed, torch.finfo(scores.dtype).min)
-    probs = torch.softmax(scores, dim=-1, dtype=torch.promote_types(scores.dtype, torch.float32)).to(q_near.dtype)
-    probs = torch.nn.functional.dropout(probs, p=dropout, training=training)
-    return torch.matmul(probs, value), probs
-
-
-# ---------------------------------------------------------------------------------------------------
-# The position modules' shared part
-# ---------------------------------------------------------------------------------------------------
 def check_every_layer(kind: str, layers) -> None:
     """The extensions apply to every RoPE layer: a layer left out would lose RoPE, not keep it."""
     if layers is not None:
-        from ..config import fail_field
-
         fail_field(kind, "layers", layers, "None (the extension applies to every RoPE layer; a layer left out "
                    "would lose RoPE, not keep it)")
 
@@ -277,54 +63,29 @@ class TwoPositionRope(RotaryPosition):
         offsets = q_pos[-1] - position_ids[:, -1:].to(q_pos.device)  # [B|1, 1]
         return offsets.expand(batch, 1) if offsets.shape[0] == 1 else offsets
 
-    def attend(self, query, key, value, q_pos, k_pos, allowed, scaling, *, diagonal, position_ids=None,
-               dtype=None, explicit=False, softcap=None, dropout=0.0, training=False, return_weights=False):
-        """The whole attention of one layer from unrotated q/k (the entry point any routing calls).
+    def near_and_far(self, query, key, q_pos, k_pos, *, live: bool, position_ids=None):
+        """q/k rotated at the near (cache) positions and at the far positions, before any cast.
 
         Args:
-            query: ``[B, H, q, D]`` unrotated; key, value: ``[B, Hkv, kv, D]`` (key unrotated, from the cache).
+            query: ``[B, H, q, D]`` unrotated; key: ``[B, Hkv, kv, D]`` unrotated (from the cache).
             q_pos, k_pos: Cache positions ``[q]``, ``[kv]`` (int64).
-            allowed: Bool ``[B|1, 1, q, kv]``, or None for plain causality.
-            scaling: Logit scale.
-            diagonal: ``q_pos[0] - k_pos[0]`` as an int (None under ``torch.compile``: explicit path).
+            live: Frequencies for the live length (dynamic / longrope); False under ``torch.compile`` (the
+                maximum length: no data-dependent length).
             position_ids: The model's ``[B, q]`` positions (used by shift-variant encodings only).
-            dtype: Compute dtype (default: the query's); rotation happens before the cast, as stock RoPE.
-            explicit: Take the explicit-scores path (eager backend).
-            softcap, dropout, training: Logit soft-capping and attention dropout (explicit path).
-            return_weights: Return the probabilities (explicit path only).
 
         Returns:
-            ``(output [B, H, q, D], probabilities [B, H, q, kv] or None)``.
+            ``(q_near, k_near, q_far, k_far)``, shapes as ``query`` and ``key``.
         """
-        dtype = dtype or query.dtype
-        # Frequencies for the live length (dynamic / longrope), as the plug-in RoPE does.
-        seq_len = int(q_pos.max()) + 1 if diagonal is not None else self.max_position_embeddings
+        seq_len = int(q_pos.max()) + 1 if live else self.max_position_embeddings
         q_rows, k_rows = q_pos, k_pos
         if self.shift_variant:
             offsets = self.row_offsets(q_pos, position_ids, query.shape[0])
             if offsets is not None:
                 q_rows, k_rows = q_pos[None] - offsets, k_pos[None] - offsets  # [B, q], [B, kv]
         q_far_pos, k_far_pos = self.far_positions(q_rows, k_rows)
-        q_near = self.rotate_at(query, q_pos, seq_len).to(dtype)
-        q_far = self.rotate_at(query, q_far_pos, seq_len).to(dtype)
-        k_near = _expand(self.rotate_at(key, k_pos, seq_len).to(dtype), query.shape[1])
-        k_far = _expand(self.rotate_at(key, k_far_pos, seq_len).to(dtype), query.shape[1])
-        value = _expand(value.to(dtype), query.shape[1])
-        if explicit or diagonal is None or softcap is not None or (training and dropout > 0):
-            near = (q_pos[:, None] - k_pos[None, :]) < self.window  # [q, kv]
-            if allowed is None:
-                allowed = (k_pos[None, :] <= q_pos[:, None])[None, None]
-            output, weights = explicit_attention(q_near, k_near, q_far, k_far, value, near, allowed, scaling,
-                                                 softcap, dropout, training)
-            return output, (weights if return_weights else None)
-        output = two_pass_attention(q_near, k_near, q_far, k_far, value, allowed, diagonal, self.window, scaling)
-        return output, None
+        return (self.rotate_at(query, q_pos, seq_len), self.rotate_at(key, k_pos, seq_len),
+                self.rotate_at(query, q_far_pos, seq_len), self.rotate_at(key, k_far_pos, seq_len))
 
     def extra_repr(self) -> str:
         return super().extra_repr() + f", window={self.window}"
 
-
-def _expand(x: torch.Tensor, num_heads: int) -> torch.Tensor:
-    """Repeat grouped key/value heads ``[B, Hkv, n, D]`` to ``[B, H, n, D]`` (GQA)."""
-    groups = num_heads // x.shape[1]
-    return x if groups == 1 else x.repeat_interleave(groups, dim=1)

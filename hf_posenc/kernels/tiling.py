@@ -19,7 +19,7 @@ def distance_diagonals(q_pos: torch.Tensor, k_pos: torch.Tensor) -> torch.Tensor
     """Every distance ``i - j`` of a ``[q, kv]`` score block, one per diagonal: ``[q + kv - 1]`` int64.
 
     Entry ``t`` is the distance on diagonal ``i - j = t - (kv - 1)``, shifted by ``q_pos[0] - k_pos[0]``.
-    Both position ranges must be consecutive (``hf_posenc.attention.positions`` always gives that).
+    Both position ranges must be consecutive (``hf_posenc.positions.positions`` always gives that).
     """
     q_len, kv_len = q_pos.shape[0], k_pos.shape[0]
     return torch.arange(q_len + kv_len - 1, device=q_pos.device) + (q_pos[0] - k_pos[-1])

@@ -1,0 +1,93 @@
+"""One attention call as every kernel takes it: what :func:`~hf_posenc.kernels.select.select` reads, and the
+tensors and per-call facts the chosen kernel runs on."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from .. import registry
+from ..positions import causal_diagonal
+
+#: The capabilities of a layer without an encoding module (a NoPE layer).
+NO_ENCODING = registry.Capabilities()
+
+
+@dataclass(frozen=True, eq=False)
+class Call:
+    """One attention call.
+
+    The first fields describe the call (all that the kernel choice depends on, so that
+    :func:`~hf_posenc.kernels.select.select` is tested from them alone); the others carry what the kernel
+    runs on and default to nothing.
+
+    Attributes:
+        device: ``query.device.type`` (``"cpu"``, ``"cuda"``, ...).
+        dtype: The compute dtype (after autocast).
+        backend: ``"eager"`` or ``"sdpa"`` (which of our attention functions runs).
+        causal: The layer is causal.
+        queries: Query rows in this call (1 for a decode step).
+        compiling: Under ``torch.compile`` (the tiled kernels size Python loops from the cache counter and
+            set thread flags, which it cannot trace).
+        softcap: The layer soft-caps its logits (only explicit scores can).
+        dropout: Attention dropout probability in effect (0 in eval).
+        fused_cpu: This torch has the fused CPU kernel's ATen op.
+        query: ``[B, H, q, D]``; key, value: ``[B, Hkv, kv, D]`` (after the cache update, before any cast).
+        attention_mask: transformers' 4D mask for ``backend`` (bool for sdpa, float for eager) or None.
+        q_pos, k_pos: Positions of the queries ``[q]`` and keys ``[kv]`` (int64;
+            :func:`hf_posenc.positions.positions`), or an image's ``[q, 2]`` patch grid positions.
+        past: Tokens cached before this forward (int, or a 0-d tensor for StaticCache).
+        scaling: Logit scale.
+        logit_cap: The soft-capping constant when ``softcap`` (Gemma 2).
+        training: The attention module is in training mode.
+        posenc: The layer's position module (None: a NoPE layer).
+        capabilities: Its registry entry's capabilities.
+        position_ids: The model's ``[B, q]`` positions, where the call received them.
+    """
+
+    device: str
+    dtype: torch.dtype
+    backend: str
+    causal: bool = True
+    queries: int = 1
+    compiling: bool = False
+    softcap: bool = False
+    dropout: float = 0.0
+    fused_cpu: bool = True
+    query: torch.Tensor | None = None
+    key: torch.Tensor | None = None
+    value: torch.Tensor | None = None
+    attention_mask: torch.Tensor | None = None
+    q_pos: torch.Tensor | None = None
+    k_pos: torch.Tensor | None = None
+    past: Any = 0
+    scaling: float | None = None
+    logit_cap: float | None = None
+    training: bool = False
+    posenc: Any = None
+    capabilities: registry.Capabilities = NO_ENCODING
+    position_ids: torch.Tensor | None = None
+
+    @property
+    def cpu_kernel(self) -> bool:
+        """Whether the fused CPU kernel can take this call (it runs without dropout)."""
+        return (self.fused_cpu and self.device == "cpu" and self.dropout == 0
+                and self.dtype in (torch.float32, torch.bfloat16, torch.float16))
+
+    @property
+    def explicit(self) -> bool:
+        """Whether the call needs explicit scores (the eager backend's weights, soft-capping)."""
+        return self.backend == "eager" or self.softcap
+
+    @property
+    def plain_causal(self) -> bool:
+        """Stock fast path: no mask given and queries aligned with keys (prefill without a StaticCache)."""
+        return self.causal and self.attention_mask is None and self.queries == self.key.shape[2]
+
+    @property
+    def diagonal(self) -> int:
+        """Causal query row ``r`` may see key index ``j`` iff ``j <= r + diagonal`` (a Python int: not for
+        use under ``torch.compile``; :func:`hf_posenc.positions.causal_diagonal`)."""
+        return causal_diagonal(self.past, self.queries, self.key.shape[2])
