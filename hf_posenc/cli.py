@@ -23,10 +23,12 @@ from pathlib import Path
 import yaml
 from tqdm.auto import tqdm
 
-from . import registry
+from . import presets, registry
 from .architectures import MODEL_TYPE_PREFIX
 from .config import CONFIG_KEY, PosEncConfig
-from .convert import is_native_checkpoint
+from .convert import convert, is_native_checkpoint
+from .experiments.context_extension.compare import compare_command
+from .hub import HubPushError, push_to_hub
 from .loading import check_source, load_model, load_tokenizer
 from .modeling import TASKS
 
@@ -49,8 +51,6 @@ def parse_params(pairs: list[str]) -> dict:
 
 
 def cmd_convert(args: argparse.Namespace) -> int:
-    from .convert import convert
-
     posenc = PosEncConfig(kind=args.posenc, **parse_params(args.param))  # fails before any loading
     check_source(args.model)
     out = Path(args.out)
@@ -121,28 +121,11 @@ def cmd_info(args: argparse.Namespace) -> int:
 
 
 def cmd_compare(args: argparse.Namespace) -> int:
-    from .context_extension.compare import run_compare, timing_summary
-
-    paths = run_compare(args.config, args.out, args.overrides)
-    print(paths["markdown"].read_text())
-    for key, path in paths.items():
-        print(f"{key}: {path}")
-    print(timing_summary(paths))
-    if args.readme:
-        from pathlib import Path
-
-        from .context_extension.report import default_assets_dir, update_readme
-
-        readme = Path(args.readme)
-        assets = Path(args.readme_assets) if args.readme_assets else default_assets_dir(readme, Path(args.out))
-        update_readme(readme, paths, assets_dir=assets)
-        print(f"updated {readme} (outputs copied to {assets})")
+    compare_command(args.config, args.out, args.overrides, readme=args.readme, readme_assets=args.readme_assets)
     return 0
 
 
 def cmd_recipes(args: argparse.Namespace) -> int:
-    from . import presets
-
     if args.action == "cp":
         target = presets.copy(args.name, args.dest, overwrite=args.overwrite)
         print(f"copied {args.name} to {target}")
@@ -164,8 +147,6 @@ def cmd_recipes(args: argparse.Namespace) -> int:
 
 
 def cmd_push(args: argparse.Namespace) -> int:
-    from .hub import push_to_hub
-
     result = push_to_hub(
         args.folder,
         args.repo_id,
@@ -267,8 +248,6 @@ def main(argv: list[str] | None = None) -> int:
     elif extra:
         parser.error(f"unrecognized arguments: {' '.join(extra)}")
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    from .hub import HubPushError
-
     try:
         return args.func(args)
     # User errors (bad arguments, missing files, Hub refusals) are one message each, as the Python API
