@@ -85,7 +85,8 @@ timing "ran 'hf-posenc compare tiny' (base pretraining included)"
 "$bin/hf-posenc" recipes cp quick .
 "$bin/hf-posenc" recipes cp tiny .
 "$bin/python" -c "
-from hf_posenc.context_extension.config import CompareConfig, load_config
+from hf_posenc.experiments.config import load_config
+from hf_posenc.experiments.context_extension.config import CompareConfig
 cfg = load_config(CompareConfig, 'compare_quick.yaml')
 assert len(cfg.variants) == 9, cfg.variants
 "

@@ -27,6 +27,7 @@ from . import presets, registry
 from .architectures import MODEL_TYPE_PREFIX
 from .config import CONFIG_KEY, PosEncConfig
 from .convert import convert, is_native_checkpoint
+from .experiments.context_extension.compare import compare_command
 from .hub import HubPushError, push_to_hub
 from .loading import check_source, load_model, load_tokenizer
 from .modeling import TASKS
@@ -120,22 +121,7 @@ def cmd_info(args: argparse.Namespace) -> int:
 
 
 def cmd_compare(args: argparse.Namespace) -> int:
-    from .context_extension.compare import run_compare, timing_summary
-
-    paths = run_compare(args.config, args.out, args.overrides)
-    print(paths["markdown"].read_text())
-    for key, path in paths.items():
-        print(f"{key}: {path}")
-    print(timing_summary(paths))
-    if args.readme:
-        from pathlib import Path
-
-        from .context_extension.report import default_assets_dir, update_readme
-
-        readme = Path(args.readme)
-        assets = Path(args.readme_assets) if args.readme_assets else default_assets_dir(readme, Path(args.out))
-        update_readme(readme, paths, assets_dir=assets)
-        print(f"updated {readme} (outputs copied to {assets})")
+    compare_command(args.config, args.out, args.overrides, readme=args.readme, readme_assets=args.readme_assets)
     return 0
 
 

@@ -44,6 +44,7 @@ from huggingface_hub import (CommitInfo, CommitOperationAdd, CommitOperationDele
 from huggingface_hub.errors import HfHubHTTPError, RevisionNotFoundError
 
 from . import cards
+from .results import EvalSummary, METRICS, load_results, plot_results, records_from_rows, select_method
 from .architectures import MODEL_TYPE_PREFIX
 from .config import CONFIG_KEY
 from .convert import is_native_checkpoint
@@ -96,7 +97,7 @@ class CardOptions:
         base_model: Hub id of the model this was derived from, for the card's ``base_model``. For an
             adapter it is the converted base on the Hub, and it also replaces a local path in
             ``adapter_config.json``'s ``base_model_name_or_path`` so the adapter loads anywhere.
-        results: Evaluation numbers of this model (one method; see :func:`cards.select_method`).
+        results: Evaluation numbers of this model (one method; see :func:`~hf_posenc.results.select_method`).
         training: Training budget shown in the card (steps, tokens, sequence length, ...).
         datasets: Hub dataset ids for the card metadata.
         license: License id for the card metadata.
@@ -105,7 +106,7 @@ class CardOptions:
     """
 
     base_model: str | None = None
-    results: cards.EvalSummary | None = None
+    results: EvalSummary | None = None
     training: Mapping[str, Any] | None = None
     datasets: Sequence[str] = ()
     license: str | None = None
@@ -251,7 +252,7 @@ def push_to_hub(
     commit_message: str | None = None,
     commit_description: str | None = None,
     base_model: str | None = None,
-    results: cards.EvalSummary | str | os.PathLike[str] | Sequence[Mapping[str, Any]] | None = None,
+    results: EvalSummary | str | os.PathLike[str] | Sequence[Mapping[str, Any]] | None = None,
     results_method: str | None = None,
     training: Mapping[str, Any] | None = None,
     datasets: Sequence[str] = (),
@@ -279,8 +280,8 @@ def push_to_hub(
         base_model: Hub id of the model this was derived from, for the card's ``base_model``. For
             an adapter it is the converted base on the Hub, and it also replaces a local path in
             ``adapter_config.json``'s ``base_model_name_or_path`` so the adapter loads anywhere.
-        results: Evaluation numbers for the card: an :class:`~hf_posenc.cards.EvalSummary`, a
-            recipe's results file (CSV/JSON), or long-format rows (see :func:`cards.records_from_rows`).
+        results: Evaluation numbers for the card: an :class:`~hf_posenc.results.EvalSummary`, a
+            recipe's results file (CSV/JSON), or long-format rows (see :func:`~hf_posenc.results.records_from_rows`).
         results_method: The row of a comparison (a recipe variant) that is this model; required
             when ``results`` holds several methods.
         training: Training budget shown in the card (steps, tokens, sequence length, ...).
@@ -431,17 +432,17 @@ def _check_repo_id(repo_id: Any) -> None:
         raise ValueError(f"repo_id={repo_id!r} is not a Hub repo id; expected 'namespace/name' or 'name'")
 
 
-def _summary(results: Any, method: str | None) -> cards.EvalSummary | None:
+def _summary(results: Any, method: str | None) -> EvalSummary | None:
     """``results`` in any accepted form as one summary, restricted to ``method`` when given."""
-    if results is None or isinstance(results, cards.EvalSummary):
+    if results is None or isinstance(results, EvalSummary):
         summary = results
     elif isinstance(results, (str, os.PathLike)):
-        summary = cards.load_results(results)
+        summary = load_results(results)
     elif isinstance(results, Sequence):
-        summary = cards.EvalSummary(cards.records_from_rows(results))
+        summary = EvalSummary(records_from_rows(results))
     else:
         raise ValueError(f"results must be an EvalSummary, a .csv/.json path, or a list of rows; got {type(results).__name__}")
-    return cards.select_method(summary, method) if summary is not None and method is not None else summary
+    return select_method(summary, method) if summary is not None and method is not None else summary
 
 
 def _existing_folder(folder: str | os.PathLike[str]) -> Path:
@@ -495,12 +496,12 @@ def _identity(config: Mapping[str, Any], keys: Sequence[str]) -> dict[str, Any]:
     return out
 
 
-def _plot_png(summary: cards.EvalSummary | None) -> bytes | None:
+def _plot_png(summary: EvalSummary | None) -> bytes | None:
     """The perplexity-by-length plot of ``summary`` as PNG bytes; None without a metric to plot."""
-    if summary is None or not any(cards.METRICS[m][2] for m in summary.metric_names()):
+    if summary is None or not any(METRICS[m][2] for m in summary.metric_names()):
         return None
     with tempfile.TemporaryDirectory(prefix="hf_posenc_plot_") as scratch:
-        return cards.plot_results(summary, Path(scratch) / cards.PLOT_FILENAME).read_bytes()
+        return plot_results(summary, Path(scratch) / cards.PLOT_FILENAME).read_bytes()
 
 
 def _model_checkpoint(folder: Path, repo_id: str, base_model: str | None) -> _Checkpoint:

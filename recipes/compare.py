@@ -20,9 +20,8 @@ _CHECKOUT = Path(__file__).resolve().parents[1]
 if (_CHECKOUT / "hf_posenc" / "__init__.py").is_file():
     sys.path.insert(0, str(_CHECKOUT))
 
-from hf_posenc.context_extension.compare import run_compare, timing_summary  # noqa: E402
-from hf_posenc.context_extension.config import ConfigError  # noqa: E402
-from hf_posenc.context_extension.report import default_assets_dir, update_readme  # noqa: E402
+from hf_posenc.experiments.config import ConfigError  # noqa: E402
+from hf_posenc.experiments.context_extension.compare import compare_command  # noqa: E402
 
 
 def main(argv=None):
@@ -34,19 +33,11 @@ def main(argv=None):
     parser.add_argument("overrides", nargs="*", help="key.sub=value changes")
     args = parser.parse_intermixed_args(argv)  # overrides may follow --out
     try:
-        paths = run_compare(args.config, args.out, args.overrides, progress=not args.no_progress)
+        # The same function as `hf-posenc compare`.
+        return compare_command(args.config, args.out, args.overrides, progress=not args.no_progress,
+                               readme=args.readme)
     except (ConfigError, FileNotFoundError) as err:
         sys.exit(f"config error: {err}")
-    print(paths["markdown"].read_text())
-    for key, path in paths.items():
-        print(f"{key}: {path}")
-    print(timing_summary(paths))
-    if args.readme:
-        # Run folders are git-ignored: copy the outputs next to the README so its links resolve.
-        readme = Path(args.readme)
-        update_readme(readme, paths, assets_dir=default_assets_dir(readme, Path(args.out)))
-        print(f"updated {args.readme}")
-    return paths
 
 
 if __name__ == "__main__":

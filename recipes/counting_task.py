@@ -1,8 +1,9 @@
 """The CoPE paper's counting task: train each encoding from scratch, 3 seeds, error in and beyond distribution.
 
 Golovneva et al. 2024, "Contextual Position Encoding: Learning to Count What's Important",
-https://arxiv.org/abs/2405.18719, Table 3. The library parts live in ``hf_posenc.counting`` (programs,
-answer-only batches, models) and ``hf_posenc.counting_recipe`` (config, resumable cells, report).
+https://arxiv.org/abs/2405.18719, Table 3. The library parts live in ``hf_posenc.experiments.counting``:
+``task`` (programs, answer-only batches, models), ``config`` (the preset), ``recipe`` (resumable cells) and
+``report``.
 
 Usage:
     python recipes/counting_task.py --config recipes/configs/counting_quick.yaml --out runs/counting_quick
@@ -33,8 +34,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from hf_posenc.context_extension.config import ConfigError
-    from hf_posenc.counting_recipe import load_config, run
+    from hf_posenc.experiments.config import ConfigError
+    from hf_posenc.experiments.counting.config import load_config
+    from hf_posenc.experiments.counting.recipe import run
     from hf_posenc.presets import resolve_config
 
     args = build_parser().parse_args(argv)

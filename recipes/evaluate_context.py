@@ -5,7 +5,8 @@ length and depth.
 
     python recipes/evaluate_context.py --config recipes/configs/evaluate_quick.yaml [key.sub=value ...]
 
-Also callable from Python: ``hf_posenc.context_extension.evaluation.evaluate_context(model, tokenizer, stream, cfg)``.
+Also callable from Python:
+``hf_posenc.experiments.context_extension.evaluation.evaluate_context(model, tokenizer, stream, cfg)``.
 """
 
 from __future__ import annotations
@@ -22,7 +23,8 @@ _CHECKOUT = Path(__file__).resolve().parents[1]
 if (_CHECKOUT / "hf_posenc" / "__init__.py").is_file():
     sys.path.insert(0, str(_CHECKOUT))
 
-from hf_posenc.context_extension.config import ConfigError, EvaluateConfig, encoding_dict, load_config  # noqa: E402
+from hf_posenc.experiments.config import ConfigError, encoding_dict, load_config  # noqa: E402
+from hf_posenc.experiments.context_extension.config import EvaluateConfig  # noqa: E402
 
 
 def main(argv=None) -> dict:
@@ -35,9 +37,9 @@ def main(argv=None) -> dict:
     except (ConfigError, FileNotFoundError) as err:
         sys.exit(f"config error: {err}")
 
-    from hf_posenc.context_extension.data import eval_stream, load_texts
-    from hf_posenc.context_extension.evaluation import evaluate_context
-    from hf_posenc.context_extension.models import apply_encoding, load_model, load_tokenizer, resolve
+    from hf_posenc.experiments.context_extension.data import eval_stream, load_texts
+    from hf_posenc.experiments.context_extension.evaluation import evaluate_context
+    from hf_posenc.experiments.context_extension.models import apply_encoding, load_model, load_tokenizer, resolve
     from hf_posenc.peft_utils import load_adapter
 
     source = resolve(cfg.model, cfg.data.held_out_percent)

@@ -23,7 +23,8 @@ _CHECKOUT = Path(__file__).resolve().parents[1]
 if (_CHECKOUT / "hf_posenc" / "__init__.py").is_file():
     sys.path.insert(0, str(_CHECKOUT))
 
-from hf_posenc.context_extension.config import ConfigError, FinetuneConfig, encoding_dict, load_config  # noqa: E402
+from hf_posenc.experiments.config import ConfigError, encoding_dict, load_config  # noqa: E402
+from hf_posenc.experiments.context_extension.config import FinetuneConfig  # noqa: E402
 
 logger = logging.getLogger("hf_posenc.recipes.finetune_lora")
 
@@ -70,9 +71,9 @@ def main(argv=None) -> dict:
 
     from accelerate.utils import set_seed
 
-    from hf_posenc.context_extension.data import load_texts
-    from hf_posenc.context_extension.models import apply_encoding, load_model, load_tokenizer, resolve
-    from hf_posenc.context_extension.training import finetune_lora, make_accelerator
+    from hf_posenc.experiments.context_extension.data import load_texts
+    from hf_posenc.experiments.context_extension.models import apply_encoding, load_model, load_tokenizer, resolve
+    from hf_posenc.experiments.context_extension.training import finetune_lora, make_accelerator
 
     try:
         accelerator = make_accelerator(cfg.train)

@@ -6,6 +6,7 @@ from pathlib import Path
 from huggingface_hub import ModelCard
 
 from hf_posenc import cards
+from hf_posenc.results import load_results, select_method
 
 RESULTS = Path(__file__).resolve().parents[1] / "recipes" / "results" / "compare_quick" / "results.json"
 
@@ -13,7 +14,7 @@ RESULTS = Path(__file__).resolve().parents[1] / "recipes" / "results" / "compare
 def test_report_and_model_card_show_the_recipe_run_numbers(tmp_path):
     data = json.loads(RESULTS.read_text())
     yarn = next(v for v in data["variants"] if v["name"] == "rope_yarn")
-    summary = cards.load_results(RESULTS)
+    summary = load_results(RESULTS)
     report = cards.render_report(summary, title="Quick comparison", base_model=data["base_model"])
     report.save(tmp_path / "report.md")
     parsed = ModelCard.load(tmp_path / "report.md")
@@ -21,7 +22,7 @@ def test_report_and_model_card_show_the_recipe_run_numbers(tmp_path):
         assert f"{value:.3f}" in parsed.text, (length, value)
 
     # One method's numbers in a model card, with model-index results that validate as card metadata.
-    card = cards.render_card(cards.CardInfo(repo_id="me/tiny-yarn", results=cards.select_method(summary, "rope_yarn"),
+    card = cards.render_card(cards.CardInfo(repo_id="me/tiny-yarn", results=select_method(summary, "rope_yarn"),
                                             posenc={"kind": "rope", "rope_type": "yarn", "factor": 4.0}))
     card.save(tmp_path / "card.md")
     loaded = ModelCard.load(tmp_path / "card.md")

@@ -112,12 +112,12 @@ def test_cli_convert_info_and_errors(tmp_path, capsys):
 
 
 def test_cli_compare_takes_overrides_before_or_after_options(monkeypatch, tmp_path):
-    import hf_posenc.context_extension.compare as compare_module
+    import hf_posenc.experiments.context_extension.compare as compare_module
     from hf_posenc.cli import main
 
     calls = []
 
-    def fake_run_compare(config, out, overrides):
+    def fake_run_compare(config, out, overrides, progress=True):
         calls.append(list(overrides))
         table = tmp_path / "results.md"
         table.write_text("table")

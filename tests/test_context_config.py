@@ -11,8 +11,9 @@ import pytest
 import yaml
 
 from hf_posenc.config import PosEncConfig
-from hf_posenc.context_extension.config import (CompareConfig, ConfigError, EvaluateConfig, FinetuneConfig,
-                                                ModelConfig, TrainConfig, apply_overrides, load_config)
+from hf_posenc.experiments.config import ConfigError, apply_overrides, load_config
+from hf_posenc.experiments.context_extension.config import (CompareConfig, EvaluateConfig, FinetuneConfig, ModelConfig,
+                                                            TrainConfig)
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIGS = ROOT / "recipes" / "configs"
@@ -151,7 +152,7 @@ def test_the_quick_presets_share_one_base_model_block(tmp_path):
 @pytest.mark.parametrize("path", sorted(CONFIGS.glob("*.yaml")), ids=lambda p: p.name)
 def test_every_shipped_config_loads_and_opens_with_its_command(path):
     text = path.read_text()
-    from hf_posenc.counting_recipe import CountingConfig
+    from hf_posenc.experiments.counting.config import CountingConfig
 
     kind = path.name.split("_")[0]
     cls = {"compare": CompareConfig, "evaluate": EvaluateConfig, "counting": CountingConfig}.get(kind, FinetuneConfig)
@@ -226,7 +227,7 @@ def test_preset_describes_the_run_committed_for_it(name):
     results are what running the preset gives."""
     import json
 
-    from hf_posenc.context_extension.base_model import base_model_dir
+    from hf_posenc.experiments.context_extension.base_model import base_model_dir
 
     cfg = load_config(CompareConfig, CONFIGS / f"{name}.yaml")
     results = json.loads((ROOT / "recipes" / "results" / name / "results.json").read_text())

@@ -6,8 +6,8 @@ import hashlib
 
 import pytest
 
-from hf_posenc.context_extension import data as corpus
-from hf_posenc.context_extension.base_model import train_bpe_tokenizer
+from hf_posenc.experiments.context_extension import data as corpus
+from hf_posenc.experiments.context_extension.base_model import train_bpe_tokenizer
 
 
 def test_split_is_disjoint_deterministic_and_stdlib_only():
@@ -59,8 +59,8 @@ def test_base_model_is_built_once_and_keyed_by_its_spec(tmp_path_factory, monkey
 
     import yaml
 
-    from hf_posenc.context_extension.base_model import base_model_dir, ensure_base_model
-    from hf_posenc.context_extension.config import PretrainConfig
+    from hf_posenc.experiments.context_extension.base_model import base_model_dir, ensure_base_model
+    from hf_posenc.experiments.context_extension.config import PretrainConfig
 
     monkeypatch.setenv(corpus.CACHE_ENV, str(tmp_path_factory.getbasetemp() / "hf_posenc_cache"))
     tiny = yaml.safe_load((Path(__file__).resolve().parents[1] / "recipes/configs/compare_tiny.yaml").read_text())
@@ -88,8 +88,8 @@ def test_stopped_base_pretraining_resumes_to_identical_weights(tmp_path, tmp_pat
     import torch
     from safetensors.torch import load_file
 
-    from hf_posenc.context_extension import base_model
-    from hf_posenc.context_extension.config import PretrainConfig
+    from hf_posenc.experiments.context_extension import base_model
+    from hf_posenc.experiments.context_extension.config import PretrainConfig
 
     monkeypatch.setenv(corpus.CACHE_ENV, str(tmp_path_factory.getbasetemp() / "hf_posenc_cache"))  # shared corpus
     monkeypatch.setattr(base_model, "CHECKPOINT_EVERY", 4)
@@ -127,7 +127,7 @@ def test_stopped_base_pretraining_resumes_to_identical_weights(tmp_path, tmp_pat
 def test_thread_chooser_keeps_the_faster_count_and_measures_again(monkeypatch):
     import torch
 
-    from hf_posenc.context_extension import base_model
+    from hf_posenc.experiments.context_extension import base_model
 
     monkeypatch.delenv(base_model.THREADS_ENV, raising=False)
     monkeypatch.setattr(base_model, "PROBE_EVERY", 10)
@@ -162,8 +162,8 @@ def test_retrieval_stage_continues_the_cached_code_base_on_the_mix(tmp_path, tmp
     import torch
     from safetensors.torch import load_file
 
-    from hf_posenc.context_extension import base_model
-    from hf_posenc.context_extension.config import PretrainConfig, RetrievalStageConfig
+    from hf_posenc.experiments.context_extension import base_model
+    from hf_posenc.experiments.context_extension.config import PretrainConfig, RetrievalStageConfig
 
     monkeypatch.setenv(corpus.CACHE_ENV, str(tmp_path_factory.getbasetemp() / "hf_posenc_cache"))  # shared corpus
     monkeypatch.setenv(base_model.THREADS_ENV, "1")

@@ -9,9 +9,9 @@ import pytest
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from hf_posenc.context_extension import evaluation
-from hf_posenc.context_extension.base_model import train_bpe_tokenizer
-from hf_posenc.context_extension.config import EvalConfig, PasskeyConfig
+from hf_posenc.experiments.context_extension import evaluation
+from hf_posenc.experiments.context_extension.base_model import train_bpe_tokenizer
+from hf_posenc.experiments.context_extension.config import EvalConfig, PasskeyConfig
 
 TEXTS = ["def f(x):\n    return x + 1\n" * 40, "class A:\n    value = 12345\n" * 40]
 

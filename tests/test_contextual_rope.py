@@ -299,7 +299,8 @@ def test_native_nope_layers_stay_nope():
 
 
 def test_a_comparison_variant_validates(tmp_path):
-    from hf_posenc.context_extension.config import CompareConfig, load_config
+    from hf_posenc.experiments.config import load_config
+    from hf_posenc.experiments.context_extension.config import CompareConfig
 
     path = tmp_path / "cfg.yaml"
     path.write_text(yaml.safe_dump({"variants": [{"name": "contextual", "posenc": {"kind": "contextual_rope"}}]}))

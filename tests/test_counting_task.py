@@ -14,10 +14,12 @@ from pathlib import Path
 import pytest
 import torch
 
-from hf_posenc import counting
-from hf_posenc.context_extension.config import ConfigError
-from hf_posenc.counting_recipe import load_config, run, run_cell
-from hf_posenc.counting_report import direction_check, separations
+from hf_posenc.experiments.config import ConfigError
+from hf_posenc.experiments.counting import task as counting
+from hf_posenc.experiments.counting.config import load_config
+from hf_posenc.experiments.counting.recipe import run, run_cell
+from hf_posenc.experiments.counting.report import direction_check, separations
+from hf_posenc.experiments.intervals import wilson_interval
 from hf_posenc.presets import find, run_hint
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -157,12 +159,12 @@ def test_build_model_goes_through_patch_config():
 
 def test_wilson_interval_matches_closed_form():
     # Closed form at p = 0: [0, z^2 / (n + z^2)]; at 10/100 the textbook value [0.0552, 0.1744].
-    low, high = counting.wilson_interval(0, 500)
+    low, high = wilson_interval(0, 500)
     assert low == 0.0 and math.isclose(high, 1.96 ** 2 / (500 + 1.96 ** 2), rel_tol=1e-12)
-    low, high = counting.wilson_interval(10, 100)
+    low, high = wilson_interval(10, 100)
     assert round(low, 4) == 0.0552 and round(high, 4) == 0.1744
     with pytest.raises(ValueError):
-        counting.wilson_interval(3, 2)
+        wilson_interval(3, 2)
 
 
 def test_verdicts_need_separated_intervals_and_seeds():

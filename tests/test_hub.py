@@ -22,6 +22,7 @@ from huggingface_hub import HfApi, ModelCard, hf_hub_download
 from huggingface_hub.errors import RepositoryNotFoundError
 
 from hf_posenc import cards, cli, hub
+from hf_posenc.results import EvalSummary, load_results, plot_results, records_from_rows
 from hub_server import (  # noqa: F401
     CHECKED_HUGGINGFACE_HUB,
     OTHER_TOKEN,
@@ -390,7 +391,7 @@ def test_comparison_report_renders_every_method_and_the_best(tmp_path):
     ]
     path = tmp_path / "results.json"
     path.write_text(json.dumps({"results": rows, "dataset_name": "stdlib sources", "protocol": "Non-overlapping windows."}))
-    summary = cards.load_results(path)
+    summary = load_results(path)
     card = cards.render_report(summary, title="Context extension", base_model="HuggingFaceTB/SmolLM2-135M")
     parsed = ModelCard(str(card))
     assert parsed.data.base_model == "HuggingFaceTB/SmolLM2-135M"
@@ -399,19 +400,19 @@ def test_comparison_report_renders_every_method_and_the_best(tmp_path):
     assert "| rope | – | – |" in parsed.text  # passkey table: rope was not measured
     assert "| Perplexity | 512 | yarn x2 |" in parsed.text and "| Perplexity | 256 | rope |" in parsed.text
     assert "stdlib sources" in parsed.text and "Non-overlapping windows." in parsed.text
-    png = cards.plot_results(summary, tmp_path / "p.png")
+    png = plot_results(summary, tmp_path / "p.png")
     assert png.read_bytes().startswith(b"\x89PNG")
 
 
 def test_results_rows_are_validated():
     with pytest.raises(ValueError, match="row 0 has no 'length'"):
-        cards.records_from_rows([{"perplexity": 3}])
+        records_from_rows([{"perplexity": 3}])
     with pytest.raises(ValueError, match="row 0 has no metric; expected one of"):
-        cards.records_from_rows([{"length": 3, "loss": 1}])
+        records_from_rows([{"length": 3, "loss": 1}])
     with pytest.raises(ValueError, match="perplexity='inf' is not finite"):
-        cards.records_from_rows([{"length": 3, "perplexity": "inf"}])
+        records_from_rows([{"length": 3, "perplexity": "inf"}])
     with pytest.raises(ValueError, match="a model card reports one model's numbers"):
-        cards.render_card(cards.CardInfo(repo_id="a/b", results=cards.EvalSummary(cards.records_from_rows(
+        cards.render_card(cards.CardInfo(repo_id="a/b", results=EvalSummary(records_from_rows(
             [{"method": "a", "length": 1, "perplexity": 2}, {"method": "b", "length": 1, "perplexity": 2}]))))
 
 
@@ -439,7 +440,7 @@ def test_cli_push_with_the_comparison_recipes_results(hub_server, llama_folder, 
     ]
     variants[1]["perplexity"]["non_overlapping"] = {"16": 99.0, "32": 98.0}
     data = {"base_model": "tiny", "train_length": 16, "variants": variants}
-    from hf_posenc.context_extension.report import validate_results
+    from hf_posenc.experiments.context_extension.report import validate_results
 
     validate_results(data)  # the recipe's own schema check: this is the layout a recipe run writes
     results = tmp_path / "results.json"

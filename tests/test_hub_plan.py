@@ -21,6 +21,7 @@ from transformers import AutoModelForCausalLM
 
 import hf_posenc
 from hf_posenc import PosEncConfig, cards, cli, hub
+from hf_posenc.results import EvalSummary, records_from_rows
 from hf_posenc.architectures import MODEL_TYPE_PREFIX
 from hf_posenc.config import NATIVE_KEY
 from hf_posenc.convert import is_native_checkpoint
@@ -184,7 +185,7 @@ def test_a_record_that_contradicts_the_checkpoint_is_refused(saved, tmp_path, of
 
 def test_plan_with_results_adds_the_plot_and_the_numbers(saved, offline):
     rows = [{"method": "this", "length": 16, "perplexity": 3.5}, {"method": "this", "length": 32, "perplexity": 4.25}]
-    results = cards.EvalSummary(cards.records_from_rows(rows))
+    results = EvalSummary(records_from_rows(rows))
     plan = hub.plan_push(saved["alibi"][0], "me/alibi", hub.CardOptions(results=results, training={"steps": 3}))
     assert plan.uploads[cards.PLOT_FILENAME].startswith(b"\x89PNG")
     assert {r.metric_value for r in plan.card.data.eval_results} == {3.5, 4.25}

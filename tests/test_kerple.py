@@ -184,7 +184,8 @@ def test_kernel_is_a_typed_field():
 def test_usable_as_a_comparison_variant(tmp_path):
     from pathlib import Path
 
-    from hf_posenc.context_extension.config import CompareConfig, load_config
+    from hf_posenc.experiments.config import load_config
+    from hf_posenc.experiments.context_extension.config import CompareConfig
 
     preset = Path(__file__).resolve().parent.parent / "recipes" / "configs" / "compare_tiny.yaml"
     text = preset.read_text()

@@ -23,7 +23,7 @@ from lm_eval.api.instance import Instance  # noqa: E402
 from lm_eval.models.huggingface import HFLM  # noqa: E402
 
 import hf_posenc  # noqa: E402
-from hf_posenc import counting  # noqa: E402
+from hf_posenc.experiments.counting import task as counting  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 TASKS = ROOT / "recipes" / "lm_eval_tasks"

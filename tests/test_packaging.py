@@ -20,9 +20,10 @@ import pytest
 
 from hf_posenc import presets
 from hf_posenc.cli import main
-from hf_posenc.context_extension import evaluation
-from hf_posenc.context_extension.config import CompareConfig, ConfigError, EvaluateConfig, FinetuneConfig, load_config
-from hf_posenc.counting_recipe import CountingConfig
+from hf_posenc.experiments.context_extension import evaluation
+from hf_posenc.experiments.config import ConfigError, load_config
+from hf_posenc.experiments.context_extension.config import CompareConfig, EvaluateConfig, FinetuneConfig
+from hf_posenc.experiments.counting.config import CountingConfig
 
 tomllib = pytest.importorskip("tomllib")  # Python 3.11+
 

@@ -47,7 +47,7 @@ PRODUCED = {
     "bench.json": "benchmarks/results_cpu.json",
 }
 # Folders a long run creates inside its run folder and that are not committed -> the module that creates them.
-RUN_FOLDERS = {"variants/": "hf_posenc/context_extension/compare.py"}
+RUN_FOLDERS = {"variants/": "hf_posenc/experiments/context_extension/compare.py"}
 PATH_LIKE = re.compile(r"/|\.(py|ya?ml|md|json|csv|png|gguf|whl|toml)$")
 
 
@@ -137,7 +137,8 @@ def _check_pip(words: list[str]) -> str:
 
 def _dry_run_compare(argv: list[str]) -> str:
     from hf_posenc.cli import build_parser
-    from hf_posenc.context_extension.config import CompareConfig, load_config
+    from hf_posenc.experiments.config import load_config
+    from hf_posenc.experiments.context_extension.config import CompareConfig
     from hf_posenc.presets import resolve_config
 
     args, extra = build_parser().parse_known_args(["compare", *argv])
@@ -167,7 +168,7 @@ def _dry_run_counting(argv: list[str]) -> str:
     """``python recipes/counting_task.py ...``: the script's own parser, then the config is validated."""
     import importlib.util
 
-    from hf_posenc.counting_recipe import load_config as load_counting
+    from hf_posenc.experiments.counting.config import load_config as load_counting
     from hf_posenc.presets import resolve_config
 
     spec = importlib.util.spec_from_file_location("counting_task", REPO / "recipes" / "counting_task.py")

@@ -129,8 +129,8 @@ def test_the_recipes_load_the_smollm2_preset_through_the_clis_loader(smollm, tmp
     """The comparison's SmolLM2 base (``model.name_or_path: hf_posenc:smollm2-135m``) is loaded by
     ``hf_posenc.loading`` like ``hf-posenc convert``: the same dequantized weights as a plain GGUF load,
     and no GGUF quantizer left behind to refuse ``save_pretrained`` (the recipe saves merged models)."""
-    from hf_posenc.context_extension.config import SMOLLM2_MODEL, ModelConfig
-    from hf_posenc.context_extension.models import load_model, resolve
+    from hf_posenc.experiments.context_extension.config import SMOLLM2_MODEL, ModelConfig
+    from hf_posenc.experiments.context_extension.models import load_model, resolve
 
     reference, _ = smollm
     model = load_model(resolve(ModelConfig(name_or_path=SMOLLM2_MODEL)))

@@ -10,10 +10,10 @@ from pathlib import Path
 
 import pytest
 
-from hf_posenc import cards
-from hf_posenc.context_extension.compare import run_compare
-from hf_posenc.context_extension.config import STANDARD_VARIANTS
-from hf_posenc.context_extension.report import README_BEGIN, README_END, update_readme, validate_results
+from hf_posenc.experiments.context_extension.compare import run_compare
+from hf_posenc.experiments.context_extension.config import STANDARD_VARIANTS
+from hf_posenc.experiments.context_extension.report import README_BEGIN, README_END, update_readme, validate_results
+from hf_posenc.results import load_results
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = ROOT / "recipes" / "configs" / "compare_tiny.yaml"
@@ -53,8 +53,8 @@ def test_outputs_and_schema(compared):
     # One results model: the CSV is the cards' table of the JSON's numbers, one row per (variant, length).
     rows = list(csv.DictReader(paths["csv"].open()))
     assert len(rows) == 9 * 3 and set(rows[0]) == {"method", "length", "perplexity", "perplexity_sliding", "passkey_accuracy"}
-    assert cards.load_results(paths["csv"]).records == cards.load_results(paths["json"]).records
-    yarn = cards.load_results(paths["csv"]).value("rope_yarn", 64, "perplexity_sliding")
+    assert load_results(paths["csv"]).records == load_results(paths["json"]).records
+    yarn = load_results(paths["csv"]).value("rope_yarn", 64, "perplexity_sliding")
     assert yarn == by_name["rope_yarn"]["perplexity"]["sliding"]["64"]  # exact: floats round-trip through the CSV
     table = paths["markdown"].read_text()
     first = table.split("\n\n")[0]
@@ -117,7 +117,7 @@ def test_readme_block_is_replaced_not_appended(compared, tmp_path):
 
 
 def test_direction_checks_follow_the_numbers():
-    from hf_posenc.context_extension.report import direction_checks
+    from hf_posenc.experiments.context_extension.report import direction_checks
 
     def variant(name, ppl):
         table = {str(n): x for n, x in ppl.items()}
@@ -139,7 +139,7 @@ def test_direction_checks_follow_the_numbers():
 
 
 def test_default_assets_dir(tmp_path):
-    from hf_posenc.context_extension.report import default_assets_dir
+    from hf_posenc.experiments.context_extension.report import default_assets_dir
 
     (tmp_path / "recipes").mkdir()
     out = Path("runs/compare_quick")
@@ -176,7 +176,7 @@ def test_cli_compare_resumes_prints_the_table_and_fills_a_readme(compared, tmp_p
 
 def _seeded(name, finetuned, by_seed, seeds=(0, 1, 2)):
     """A merged record of per-seed perplexities ``by_seed`` = {length: [one value per seed]}."""
-    from hf_posenc.context_extension.spread import merge_seeds
+    from hf_posenc.experiments.intervals import merge_seeds
 
     runs = []
     for i, seed in enumerate(seeds if finetuned else (None,)):
@@ -189,7 +189,7 @@ def _seeded(name, finetuned, by_seed, seeds=(0, 1, 2)):
 def test_merge_seeds_means_std_and_t_interval():
     import statistics
 
-    from hf_posenc.context_extension.spread import interval
+    from hf_posenc.experiments.intervals import interval
 
     record = _seeded("alibi", True, {8: [10.0, 11.0, 13.0]})
     assert record["perplexity"]["non_overlapping"]["8"] == pytest.approx(34.0 / 3)
@@ -205,8 +205,8 @@ def test_merge_seeds_means_std_and_t_interval():
 def test_merged_ruler_cell_is_the_pooled_rate_inside_its_interval():
     """Seeds stop drawing trials at different counts: the merged cell is successes / trials over all of them,
     with that rate's Wilson interval (the mean of the seeds' rates, 0.37 here, lies outside it)."""
-    from hf_posenc.context_extension.spread import merge_seeds
-    from hf_posenc.counting import wilson_interval
+    from hf_posenc.experiments.intervals import merge_seeds
+    from hf_posenc.experiments.intervals import wilson_interval
 
     def cell(successes, trials):
         return {"accuracy": successes / trials, "ci_low": 0.0, "ci_high": 1.0, "trials": trials}
@@ -224,7 +224,7 @@ def test_merged_ruler_cell_is_the_pooled_rate_inside_its_interval():
 
 
 def test_orderings_and_checks_are_decided_by_the_spread():
-    from hf_posenc.context_extension.report import direction_checks, markdown_table, orderings
+    from hf_posenc.experiments.context_extension.report import direction_checks, markdown_table, orderings
 
     results = {"base_model": "m", "train_length": 8, "seeds": [0, 1, 2], "variants": [
         _seeded("rope", False, {8: [10.0], 64: [30.0]}),
@@ -240,7 +240,7 @@ def test_orderings_and_checks_are_decided_by_the_spread():
     # Every pair counts, not only neighbours: across yarn's wide [8.0, 13.0], rope (a point at 10) separates from
     # linear's [10.5, 11.5] and from alibi; yarn separates from nothing. Letters say exactly that.
     assert at_8["letters"] == {"rope": "a", "rope_yarn": "abc", "rope_linear": "b", "alibi": "c"}
-    from hf_posenc.context_extension.report import orderings_markdown
+    from hf_posenc.experiments.context_extension.report import orderings_markdown
 
     assert "- @8: rope 10.00 (a), rope_yarn 10.50 (abc), rope_linear 11.00 (b), alibi 12.00 (c)" in orderings_markdown(results)
     # Two deterministic variants (point intervals) within 1 %: not separable either.
@@ -265,7 +265,7 @@ def test_letters_are_shared_exactly_by_the_pairs_that_do_not_separate(seed):
     1 % gap and single-seed rows make the report's relation more than an interval order)."""
     import random
 
-    from hf_posenc.context_extension.report import letter_groups
+    from hf_posenc.experiments.intervals import letter_groups
 
     rng = random.Random(seed)
     names = [f"v{i}" for i in range(rng.randint(2, 12))]
@@ -281,7 +281,7 @@ def test_letters_are_shared_exactly_by_the_pairs_that_do_not_separate(seed):
 
 
 def test_single_seed_claims_no_ordering_of_fine_tuned_variants():
-    from hf_posenc.context_extension.report import orderings
+    from hf_posenc.experiments.context_extension.report import orderings
 
     results = {"base_model": "m", "train_length": 8, "variants": [
         _seeded("rope", False, {8: [10.0]}), _seeded("rope_linear", False, {8: [12.0]})]}
@@ -357,7 +357,7 @@ def test_full_attention_trains_only_attention_projections_and_tables():
 
     import hf_posenc
     from hf_posenc import PosEncConfig
-    from hf_posenc.context_extension.training import train_attention_only
+    from hf_posenc.experiments.context_extension.training import train_attention_only
 
     model = LlamaForCausalLM(LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
                                          num_attention_heads=4, num_key_value_heads=4))
@@ -369,7 +369,7 @@ def test_full_attention_trains_only_attention_projections_and_tables():
 
 
 def test_recalibration_verdicts():
-    from hf_posenc.context_extension.report import recalibration
+    from hf_posenc.experiments.context_extension.report import recalibration
 
     def variant(name, curve_ppl, ppl_at_l):
         curve = [{"step": i, "train_tokens": 1000 * i, "perplexity": p} for i, p in enumerate(curve_ppl)]

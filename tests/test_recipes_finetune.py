@@ -106,8 +106,8 @@ def test_adapter_and_merged_model_evaluate_identically(full_run, tmp_path, cache
 
 def test_adapter_with_position_tables_refuses_an_unconverted_base(full_run, cache_env, monkeypatch):
     """PEFT alone would load it and silently drop the T5 tables (it ignores adapter weights with no module)."""
-    from hf_posenc.context_extension.config import ModelConfig, PretrainConfig
-    from hf_posenc.context_extension.models import load_model, resolve
+    from hf_posenc.experiments.context_extension.config import ModelConfig, PretrainConfig
+    from hf_posenc.experiments.context_extension.models import load_model, resolve
     from hf_posenc.peft_utils import load_adapter
 
     monkeypatch.setenv("HF_POSENC_CACHE", cache_env["HF_POSENC_CACHE"])
@@ -203,8 +203,9 @@ def test_full_attention_saves_the_trained_model_and_no_adapter(tmp_path, cache_e
     from transformers import AutoModelForCausalLM
 
     import hf_posenc  # noqa: F401  (the saved T5-bias model needs the plug-in to load)
-    from hf_posenc.context_extension.config import FinetuneConfig, ModelConfig, PretrainConfig, load_config
-    from hf_posenc.context_extension.models import apply_encoding, load_model, resolve
+    from hf_posenc.experiments.config import load_config
+    from hf_posenc.experiments.context_extension.config import FinetuneConfig, ModelConfig, PretrainConfig
+    from hf_posenc.experiments.context_extension.models import apply_encoding, load_model, resolve
 
     out = tmp_path / "full"
     config = _config(tmp_path, out, steps=2, checkpoint_every=0)

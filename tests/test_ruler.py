@@ -11,9 +11,9 @@ import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
 import hf_posenc
-from hf_posenc.context_extension import evaluation, ruler
-from hf_posenc.context_extension.base_model import train_bpe_tokenizer
-from hf_posenc.context_extension.config import RulerConfig
+from hf_posenc.experiments.context_extension import evaluation, ruler
+from hf_posenc.experiments.context_extension.base_model import train_bpe_tokenizer
+from hf_posenc.experiments.context_extension.config import RulerConfig
 
 TEXTS = ["def f(x):\n    return x + 1\n" * 40, "class A:\n    value = 12345\n" * 40, "# PASS_KEY ALPHA\n" * 20]
 
@@ -177,7 +177,7 @@ def test_digit_tokens_spell_every_number_one_digit_at_a_time(tokenizer, digit_to
 
 @pytest.mark.parametrize("seed", range(8))
 def test_retrieval_example_is_a_task_answered_in_the_window_then_more_code(digit_tokenizer, seed):
-    from hf_posenc.context_extension import retrieval_pretraining
+    from hf_posenc.experiments.context_extension import retrieval_pretraining
 
     filler = torch.tensor(digit_tokenizer("\n".join(TEXTS) * 3)["input_ids"])
     example = retrieval_pretraining.retrieval_example(digit_tokenizer, filler, 320, random.Random(seed))
@@ -202,7 +202,7 @@ def test_retrieval_example_is_a_task_answered_in_the_window_then_more_code(digit
 
 def test_retrieval_answers_end_anywhere_in_the_second_half_of_the_window(digit_tokenizer):
     """A model trained with the answer always in the window's last tokens retrieves only there."""
-    from hf_posenc.context_extension import retrieval_pretraining
+    from hf_posenc.experiments.context_extension import retrieval_pretraining
 
     filler = torch.tensor(digit_tokenizer("\n".join(TEXTS) * 3)["input_ids"])
     rng = random.Random(0)
@@ -212,7 +212,7 @@ def test_retrieval_answers_end_anywhere_in_the_second_half_of_the_window(digit_t
 
 
 def test_retrieval_example_draws_only_the_given_tasks(digit_tokenizer):
-    from hf_posenc.context_extension import retrieval_pretraining
+    from hf_posenc.experiments.context_extension import retrieval_pretraining
 
     filler = torch.tensor(digit_tokenizer("\n".join(TEXTS) * 3)["input_ids"])
     rng = random.Random(0)
@@ -224,8 +224,8 @@ def test_retrieval_example_draws_only_the_given_tasks(digit_tokenizer):
 
 
 def test_pretraining_windows_mix_in_the_given_fraction(digit_tokenizer):
-    from hf_posenc.context_extension import base_model
-    from hf_posenc.context_extension.config import RetrievalStageConfig
+    from hf_posenc.experiments.context_extension import base_model
+    from hf_posenc.experiments.context_extension.config import RetrievalStageConfig
 
     stream = torch.tensor(digit_tokenizer("\n".join(TEXTS) * 12)["input_ids"])
     rng = random.Random(0)
@@ -246,7 +246,7 @@ def test_answer_weighted_loss_adds_the_answer_tokens_mean_loss():
     """Reference: transformers' own loss, once over every token and once with labels only on the answers."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    from hf_posenc.context_extension import base_model
+    from hf_posenc.experiments.context_extension import base_model
 
     torch.manual_seed(0)
     model = LlamaForCausalLM(LlamaConfig(vocab_size=50, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
@@ -271,8 +271,8 @@ def test_retrieval_stage_is_validated_and_keeps_old_cache_keys():
     import json
     from pathlib import Path
 
-    from hf_posenc.context_extension.base_model import base_model_dir
-    from hf_posenc.context_extension.config import PretrainConfig, RetrievalStageConfig
+    from hf_posenc.experiments.context_extension.base_model import base_model_dir
+    from hf_posenc.experiments.context_extension.config import PretrainConfig, RetrievalStageConfig
 
     stage = PretrainConfig(retrieval=RetrievalStageConfig())
     assert base_model_dir(stage) != base_model_dir(PretrainConfig())

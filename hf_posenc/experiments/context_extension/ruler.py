@@ -26,6 +26,9 @@ from typing import Any
 
 import torch
 
+
+from .metrics import load_metric
+
 #: The tasks, in report order.
 TASKS = ("single_needle", "multi_key", "multi_value", "variable_tracking")
 
@@ -182,8 +185,6 @@ def run_ruler(model, tokenizer, filler: torch.Tensor, cfg, lengths: list[int], b
         ``{"ruler": {task: {length: {"accuracy", "ci_low", "ci_high", "trials", "by_depth": {depth: cell}}}}}``:
         each length pools its depths' trials (lengths and depths as strings, JSON-ready).
     """
-    from .evaluation import load_metric
-
     table: dict[str, dict] = {}
     for task in cfg.tasks:
         metric = load_metric("needle_exact_match", config_name=task)

@@ -23,7 +23,9 @@ from typing import Any
 
 import torch
 
+from ...peft_utils import POSENC_MODULE, lora_config, lora_target_modules
 from .config import LoraSettings, TrainConfig
+from .data import training_windows
 
 logger = logging.getLogger(__name__)
 
@@ -231,9 +233,6 @@ def finetune_lora(accelerator, model, tokenizer, texts: list[str], lora: LoraSet
     """
     from peft import get_peft_model
 
-    from ..peft_utils import lora_config
-    from .data import training_windows
-
     windows = training_windows(texts, tokenizer, cfg)
     if lora.full_attention:
         train_attention_only(model, lora.target_modules)
@@ -258,8 +257,6 @@ def train_attention_only(model, target_modules: list[str] | None = None) -> None
         model: A (converted) model of a supported architecture.
         target_modules: Projection names; default the architecture's LoRA targets (its attention projections).
     """
-    from ..peft_utils import POSENC_MODULE, lora_target_modules
-
     names = set(target_modules or lora_target_modules(model))
     model.requires_grad_(False)
     for name, module in model.named_modules():

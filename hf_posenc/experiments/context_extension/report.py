@@ -2,9 +2,9 @@
 and plots (log-scale perplexity vs length; passkey accuracy heatmap; loss by position).
 
 ``results.json`` holds every variant's full record. Its numbers by length are also an
-:class:`hf_posenc.cards.EvalSummary`, the results model of the model cards (:func:`eval_summary`):
-``results.csv`` is that summary's table, and the perplexity plot is the cards' plotter, so a card
-made from either file shows the same numbers the same way.
+:class:`hf_posenc.results.EvalSummary`, the results model the model cards read too (:func:`eval_summary`):
+``results.csv`` is that summary's table, and the perplexity plot is :func:`hf_posenc.results.plot_results`,
+so a card made from either file shows the same numbers the same way.
 """
 
 from __future__ import annotations
@@ -15,8 +15,9 @@ import statistics
 from pathlib import Path
 from typing import Any
 
-from ..cards import EvalSummary, comparison_rows, plot_results, records_from_rows
-from .spread import NOT_SEPARABLE, compare_intervals, interval, seed_values
+from ...results import EvalSummary, comparison_rows, plot_results, records_from_rows
+from ..intervals import NOT_SEPARABLE, compare_intervals, interval, letter_groups, seed_values
+from .ruler import TASKS
 
 # Keys every variant record must have, with their types (``results.json`` is read by other tools:
 # the model-card generator and the Hub push).
@@ -188,37 +189,6 @@ def checks_markdown(results: dict[str, Any]) -> str:
 MIN_GAP = 0.01
 
 
-def letter_groups(names: list[str], separated: set[tuple[str, str]]) -> dict[str, str]:
-    """Compact letter display of pairwise comparisons (Piepho 2004, https://doi.org/10.1198/1061860043515).
-
-    Separability by intervals is not transitive (a tight interval can separate from one two places away but
-    not from the wide one between them), so no chain ``a < b < c`` states it faithfully. Letters do: two
-    variants share a letter exactly when they are *not* separable.
-
-    Args:
-        names: The variants, lowest mean first (letters then run a, b, c... from the lowest).
-        separated: The pairs ``(a, b)`` that separate, in either order.
-
-    Returns:
-        ``{name: letters}``, e.g. ``{"rerope": "a", "rope_yarn": "ab", "rope_linear": "b"}``.
-    """
-    import string
-
-    groups = [list(names)]  # each group: variants no two of which separate
-    for a, b in sorted(separated, key=lambda pair: sorted(names.index(n) for n in pair)):
-        # Insert: a group holding both is split into one without b and one without a...
-        split = []
-        for group in groups:
-            split += [[n for n in group if n != b], [n for n in group if n != a]] if a in group and b in group else [group]
-        # ...absorb: a group inside another (or a repeat) says nothing more.
-        groups = [g for i, g in enumerate(split)
-                  if not any(j != i and set(g) <= set(h) and (set(g) < set(h) or j < i) for j, h in enumerate(split))]
-    groups.sort(key=lambda g: sorted(names.index(n) for n in g))
-    alphabet = string.ascii_lowercase + string.ascii_uppercase
-    symbols = [alphabet[k] if k < len(alphabet) else f"[{k}]" for k in range(len(groups))]  # > 52 groups: numbered
-    return {n: "".join(symbols[k] for k, g in enumerate(groups) if n in g) for n in names}
-
-
 def orderings(results: dict[str, Any]) -> list[dict[str, Any]]:
     """Which variant has the lower perplexity, at every evaluated length, decided by the spread.
 
@@ -358,7 +328,7 @@ def plot_recalibration(results: dict[str, Any], path: Path) -> bool:
 
 
 def eval_summary(results: dict[str, Any]) -> EvalSummary:
-    """The numbers by length of a comparison as the cards' results model (one method per variant)."""
+    """The numbers by length of a comparison as the results model (one method per variant)."""
     return EvalSummary(records_from_rows(comparison_rows(results)))
 
 
@@ -386,8 +356,6 @@ def plot_passkey(results: dict[str, Any], path: Path) -> None:
 
 
 def _ruler_tasks(results: dict[str, Any]) -> list[str]:
-    from .ruler import TASKS
-
     present = {task for v in results["variants"] for task in v.get("ruler") or {}}
     return [task for task in TASKS if task in present]
 

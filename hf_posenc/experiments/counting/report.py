@@ -13,7 +13,9 @@ import statistics
 from pathlib import Path
 from typing import Any
 
-from .counting import PAPER, wilson_interval
+from ..intervals import wilson_interval
+from .config import held_out_sets
+from .task import PAPER
 
 #: CoPE paper Table 3, test error (%) with 1 / 3 / 5 variables (3-512 statements, in distribution).
 PAPER_ERRORS = {"absolute PE": (5.3, 67.6, 71.5), "relative PE": (1.1, 17.8, 22.4), "CoPE": (0.0, 1.2, 7.4)}
@@ -35,8 +37,6 @@ def add_common_answers(cfg, records: list[dict], share: float = 0.01) -> int:
     Returns:
         ``k``.
     """
-    from .counting_recipe import held_out_sets
-
     sets = held_out_sets(cfg)
     counts = {}
     for program in sets["in_distribution"]:
@@ -222,8 +222,6 @@ def plot(cfg, records: list[dict], encodings: list[str], path: Path) -> bool:
 
 def write_report(cfg, records: list[dict], out: Path, run_seconds: float, cells_run: int) -> dict:
     """Write ``results.json``, ``results.md`` and ``error_vs_length.png`` into ``out``; return the results."""
-    import dataclasses
-
     encodings = [e.name for e in cfg.encodings]
     common = add_common_answers(cfg, records)
     table = summarise(records, encodings)

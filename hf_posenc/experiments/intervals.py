@@ -1,4 +1,7 @@
-"""Seeds and spread: one variant's runs under several fine-tune seeds, summarised as mean ± std.
+"""Intervals: seeds and spread (mean ± std, Student-t intervals), Wilson intervals of rates, and orderings.
+
+Shared by the experiments. Seeds and spread: one variant's runs under several fine-tune seeds, summarised as
+mean ± std.
 
 A comparison with one seed cannot say that one encoding beats another: the difference between two
 fine-tunes of the *same* encoding under different seeds is often as large as the difference between
@@ -9,13 +12,14 @@ confidence intervals of the mean (Student's t, since n is small): an ordering is
 intervals separate, otherwise it is "not separable at this budget".
 
 Variants that are not fine-tuned (zero-shot RoPE, dynamic NTK, Self-Extend) are deterministic and run once;
-their interval is a point.
+their interval is a point. Where separability is not transitive, :func:`letter_groups` states it faithfully.
 """
 
 from __future__ import annotations
 
 import math
 import statistics
+import string
 from typing import Any
 
 # Two-sided 95 % quantiles of Student's t by degrees of freedom (standard tables); beyond 30, the normal's.
@@ -24,6 +28,20 @@ _T_975 = (12.706, 4.303, 3.182, 2.776, 2.571, 2.447, 2.365, 2.306, 2.262, 2.228,
           2.045, 2.042)
 #: What a comparison that cannot be decided says.
 NOT_SEPARABLE = "not separable at this budget"
+
+
+def wilson_interval(errors: int, total: int, z: float = 1.96) -> tuple[float, float]:
+    """Wilson score interval of a proportion (Wilson 1927), default 95 %.
+
+    Raises:
+        ValueError: ``total`` < 1 or ``errors`` outside ``0..total``.
+    """
+    if total < 1 or not 0 <= errors <= total:
+        raise ValueError(f"need 0 <= errors <= total and total >= 1, got {errors}/{total}")
+    p = errors / total
+    centre = (p + z * z / (2 * total)) / (1 + z * z / total)
+    half = z * math.sqrt(p * (1 - p) / total + z * z / (4 * total * total)) / (1 + z * z / total)
+    return max(0.0, centre - half), min(1.0, centre + half)
 
 
 def t_quantile(dof: int) -> float:
@@ -89,8 +107,6 @@ def wilson_pooled(cells: list[dict[str, Any]]) -> dict[str, Any]:
     (``ruler.run_cell``), so seeds hold different trial counts, and the mean of their rates can lie outside
     the pooled interval (measured: 0.39 beside [0.43, 0.54]). The seeds' own rates are in ``spread``.
     """
-    from ..counting import wilson_interval
-
     successes = sum(round(c["accuracy"] * c["trials"]) for c in cells)
     trials = sum(c["trials"] for c in cells)
     low, high = wilson_interval(successes, trials)
@@ -128,3 +144,33 @@ def compare_intervals(a: tuple[float, float, float], b: tuple[float, float, floa
     if a[1] > b[2]:
         return 1
     return 0
+
+
+def letter_groups(names: list[str], separated: set[tuple[str, str]]) -> dict[str, str]:
+    """Compact letter display of pairwise comparisons (Piepho 2004, https://doi.org/10.1198/1061860043515).
+
+    Separability by intervals is not transitive (a tight interval can separate from one two places away but
+    not from the wide one between them), so no chain ``a < b < c`` states it faithfully. Letters do: two
+    variants share a letter exactly when they are *not* separable.
+
+    Args:
+        names: The variants, lowest mean first (letters then run a, b, c... from the lowest).
+        separated: The pairs ``(a, b)`` that separate, in either order.
+
+    Returns:
+        ``{name: letters}``, e.g. ``{"rerope": "a", "rope_yarn": "ab", "rope_linear": "b"}``.
+    """
+    groups = [list(names)]  # each group: variants no two of which separate
+    for a, b in sorted(separated, key=lambda pair: sorted(names.index(n) for n in pair)):
+        # Insert: a group holding both is split into one without b and one without a...
+        split = []
+        for group in groups:
+            both = a in group and b in group
+            split += [[n for n in group if n != b], [n for n in group if n != a]] if both else [group]
+        # ...absorb: a group inside another (or a repeat) says nothing more.
+        groups = [g for i, g in enumerate(split)
+                  if not any(j != i and set(g) <= set(h) and (set(g) < set(h) or j < i) for j, h in enumerate(split))]
+    groups.sort(key=lambda g: sorted(names.index(n) for n in g))
+    alphabet = string.ascii_lowercase + string.ascii_uppercase
+    symbols = [alphabet[k] if k < len(alphabet) else f"[{k}]" for k in range(len(groups))]  # > 52 groups: numbered
+    return {n: "".join(symbols[k] for k, g in enumerate(groups) if n in g) for n in names}

@@ -1,14 +1,16 @@
 """The comparison grid: one base model, every encoding, one fine-tuning budget each, one report.
 
 For each variant: load the base fresh -> convert to the variant's encoding -> (optionally) LoRA
-fine-tune under Accelerate -> merge -> evaluate by length -> save the variant's record. Finished
-variants are skipped on a re-run when their settings are unchanged (their record carries a
-fingerprint of everything that produced it), so an interrupted comparison resumes where it stopped.
+fine-tune under Accelerate -> merge -> evaluate by length -> save the variant's record. The runs go
+through the experiments' one resumable grid (:mod:`hf_posenc.experiments.grid`): finished variants are
+skipped on a re-run when their settings are unchanged (their record carries a fingerprint of everything
+that produced it), so an interrupted comparison resumes where it stopped.
+
+``hf-posenc compare`` and ``recipes/compare.py`` both run :func:`compare_command`.
 """
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import math
@@ -20,8 +22,15 @@ from typing import Any
 
 import torch
 
-from .config import CompareConfig, VariantConfig, encoding_dict, load_config
-from .spread import merge_seeds
+from .. import grid
+from ..config import encoding_dict, load_config
+from ..intervals import merge_seeds
+from .config import CompareConfig, VariantConfig
+from .data import eval_stream, load_texts
+from .evaluation import evaluate_context, non_overlapping
+from .models import apply_encoding, load_model, load_tokenizer, resolve
+from .report import default_assets_dir, update_readme, write_report
+from .training import finetune_lora, make_accelerator
 
 logger = logging.getLogger(__name__)
 
@@ -36,7 +45,7 @@ def _fingerprint(cfg: CompareConfig, variant: VariantConfig) -> str:
         "data": cfg.data.model_dump(mode="json"),
         "eval": cfg.eval.model_dump(mode="json"),
     }
-    return hashlib.sha256(json.dumps(payload, sort_keys=True, default=str).encode()).hexdigest()[:16]
+    return grid.fingerprint(payload)
 
 
 def _setup_logging(out_dir: Path) -> logging.Handler:
@@ -56,10 +65,6 @@ def run_variant(cfg: CompareConfig, variant: VariantConfig, source, tokenizer, h
     seed of several).
     """
     from accelerate.utils import set_seed
-
-    from .evaluation import evaluate_context
-    from .models import apply_encoding, load_model
-    from .training import finetune_lora, make_accelerator
 
     run_name = run_name or variant.name
     workdir = out_dir / "variants" / run_name
@@ -122,8 +127,6 @@ def run_variant(cfg: CompareConfig, variant: VariantConfig, source, tokenizer, h
 def _curve_recorder(curve: list[dict[str, Any]], tokens: torch.Tensor, length: int, every: int, train_cfg):
     """An ``on_step`` callback that appends ``{"step", "train_tokens", "perplexity"}`` (at ``length``, over
     ``tokens`` in non-overlapping windows) to ``curve`` at step 0 and every ``every`` steps."""
-    from .evaluation import non_overlapping
-
     tokens_per_step = train_cfg.batch_size * train_cfg.grad_accum * train_cfg.seq_len
 
     def record(step: int, model) -> None:
@@ -180,12 +183,6 @@ def run_compare(config_path: str | Path, out_dir: str | Path, overrides: list[st
         hf_posenc.context_extension.config.ConfigError: invalid config (before anything runs).
         FileNotFoundError: ``config_path`` is neither a file nor a preset name.
     """
-    from tqdm.auto import tqdm
-
-    from .data import eval_stream, load_texts
-    from .models import load_tokenizer, resolve
-    from .report import write_report
-
     cfg = load_config(CompareConfig, config_path, overrides)
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -209,39 +206,26 @@ def run_compare(config_path: str | Path, out_dir: str | Path, overrides: list[st
         if cfg.eval.curve_every:
             # The curves' yardstick: the base model itself on the curves' tokens (the table's ppl@L is
             # measured on more tokens, so it is not comparable with a curve point).
-            from .evaluation import non_overlapping
-            from .models import load_model
-
             base = load_model(source, cfg.model.dtype).eval()
             nll, _ = non_overlapping(base, held_out[: cfg.eval.curve_tokens], cfg.base_length, batch_size=4)
             curve_reference = {"perplexity": math.exp(math.fsum(nll) / len(nll)), "tokens": cfg.eval.curve_tokens}
             del base
-        records = []
         runs = [(variant, run) for variant in cfg.selected_variants() for run in cfg.variant_runs(variant)]
-        by_variant: dict[str, list[dict]] = {}
-        reused = 0  # runs whose record an earlier run of this folder wrote (their time is not in this run's)
-        bar = tqdm(runs, desc="runs" if cfg.seeds else "variants", disable=not progress)
-        for variant, (run_name, run) in bar:
-            bar.set_postfix(run=run_name)
-            path = out_dir / "variants" / f"{run_name}.json"
-            record = None
-            if path.is_file():
-                record = json.loads(path.read_text())
-                if record.get("fingerprint") == _fingerprint(cfg, run):
-                    logger.info("run %s already done: reusing %s", run_name, path)
-                    reused += 1
-                else:
-                    logger.info("run %s changed since its last run: recomputing", run_name)
-                    record = None
-            if record is None:
-                record = run_variant(cfg, run, source, tokenizer, held_out, get_train_texts, out_dir, progress,
-                                     run_name=run_name)
-                path.write_text(json.dumps(record, indent=2))
-                logger.info("run %s: %s", run_name, json.dumps(record["perplexity"]))
-            by_variant.setdefault(variant.name, []).append(record)
+        cells = [grid.Cell(run_name, _fingerprint(cfg, run), run) for _, (run_name, run) in runs]
+
+        def compute(cell: grid.Cell) -> dict[str, Any]:
+            return run_variant(cfg, cell.spec, source, tokenizer, held_out, get_train_texts, out_dir, progress,
+                               run_name=cell.name)
+
+        def log_record(cell: grid.Cell, record: dict[str, Any]) -> None:
+            logger.info("run %s: %s", cell.name, json.dumps(record["perplexity"]))
+
+        done = grid.run_grid(cells, compute, out_dir / "variants", on_record=log_record, indent=2,
+                             progress=progress, desc="runs" if cfg.seeds else "variants")
+        records = []
         for variant in cfg.selected_variants():
-            seeded = by_variant[variant.name]
-            records.append(merge_seeds(seeded) if len(cfg.variant_runs(variant)) > 1 else seeded[0])
+            seeded = [done.records[run_name] for run_name, _ in cfg.variant_runs(variant)]
+            records.append(merge_seeds(seeded) if len(seeded) > 1 else seeded[0])
         results = {
             "base_model": source.label,
             "train_length": cfg.base_length,
@@ -250,7 +234,7 @@ def run_compare(config_path: str | Path, out_dir: str | Path, overrides: list[st
             **({"curve_reference": curve_reference} if curve_reference else {}),
             "eval": cfg.eval.model_dump(mode="json"),
             "seconds": {"base_model": base_seconds, "total_this_run": round(time.time() - started, 1),
-                        "runs_computed": len(runs) - reused, "runs_reused": reused},
+                        "runs_computed": done.computed, "runs_reused": done.reused},
             # What the timings were measured under: a shared machine can be several times slower.
             "machine": {"cpus": os.cpu_count(), "torch_threads": torch.get_num_threads(),
                         "load_average_start": load_at_start, "load_average_end": _load_average()},
@@ -262,3 +246,31 @@ def run_compare(config_path: str | Path, out_dir: str | Path, overrides: list[st
     finally:
         logging.getLogger("hf_posenc").removeHandler(handler)
         handler.close()
+
+
+def compare_command(config: str | Path, out_dir: str | Path, overrides: list[str] | tuple[str, ...] = (),
+                    progress: bool = True, readme: str | Path | None = None,
+                    readme_assets: str | Path | None = None) -> dict[str, Path]:
+    """What ``hf-posenc compare`` and ``recipes/compare.py`` do: run the comparison, print its table, the
+    written files and the timing, and optionally put the results into a README.
+
+    Args:
+        config, out_dir, overrides, progress: See :func:`run_compare`.
+        readme: A Markdown file whose compare section (between the markers) is replaced by the results.
+        readme_assets: Where the outputs are copied for the README's links (default: see
+            :func:`.report.default_assets_dir`; run folders are usually git-ignored).
+
+    Returns:
+        The paths :func:`run_compare` returned.
+    """
+    paths = run_compare(config, out_dir, overrides, progress=progress)
+    print(paths["markdown"].read_text())
+    for key, path in paths.items():
+        print(f"{key}: {path}")
+    print(timing_summary(paths))
+    if readme:
+        readme = Path(readme)
+        assets = Path(readme_assets) if readme_assets else default_assets_dir(readme, Path(out_dir))
+        update_readme(readme, paths, assets_dir=assets)
+        print(f"updated {readme} (outputs copied to {assets})")
+    return paths

@@ -22,12 +22,14 @@ parts that are tested on their own.
 
 from __future__ import annotations
 
-import math
 import random
 from dataclasses import dataclass
 from typing import Sequence
 
 import torch
+
+from ...config import PosEncConfig
+from ...convert import patch_config
 
 PAPER = "https://arxiv.org/abs/2405.18719"
 
@@ -218,9 +220,6 @@ def build_model(posenc: dict, *, vocab_size: int, hidden_size: int = 64, num_lay
     """
     from transformers import AutoModelForCausalLM, LlamaConfig
 
-    from .config import PosEncConfig
-    from .convert import patch_config
-
     config = LlamaConfig(vocab_size=vocab_size, hidden_size=hidden_size, num_hidden_layers=num_layers,
                          num_attention_heads=num_heads, num_key_value_heads=num_heads,
                          intermediate_size=intermediate_size or 4 * hidden_size,
@@ -252,19 +251,5 @@ def predict(model, batch: dict[str, torch.Tensor], vocab: Vocabulary) -> torch.T
     return numbers[at[:, numbers].argmax(-1)]
 
 
-def wilson_interval(errors: int, total: int, z: float = 1.96) -> tuple[float, float]:
-    """Wilson score interval of a proportion (Wilson 1927), default 95 %.
-
-    Raises:
-        ValueError: ``total`` < 1 or ``errors`` outside ``0..total``.
-    """
-    if total < 1 or not 0 <= errors <= total:
-        raise ValueError(f"need 0 <= errors <= total and total >= 1, got {errors}/{total}")
-    p = errors / total
-    centre = (p + z * z / (2 * total)) / (1 + z * z / total)
-    half = z * math.sqrt(p * (1 - p) / total + z * z / (4 * total * total)) / (1 + z * z / total)
-    return max(0.0, centre - half), min(1.0, centre + half)
-
-
 __all__ = ["PAPER", "WEIGHTS", "Program", "Vocabulary", "generate_program", "make_batch", "build_model",
-           "answer_loss", "predict", "wilson_interval"]
+           "answer_loss", "predict"]
