@@ -18,37 +18,6 @@ import pytest
 PACKAGE = "hf_posenc"
 ROOT = Path(__file__).resolve().parent.parent / PACKAGE
 
-#: Known until the experiments move under ``hf_posenc/experiments/`` (issue 20, part B), which removes them:
-#: imports inside functions ``(importer, imported)`` and circles (their modules). Delete both lists then.
-PENDING_LAZY = {
-    ("hf_posenc.cli", "hf_posenc.context_extension.compare"),
-    ("hf_posenc.cli", "hf_posenc.context_extension.report"),
-    ("hf_posenc.context_extension.compare", "hf_posenc.context_extension.evaluation"),
-    ("hf_posenc.context_extension.compare", "hf_posenc.context_extension.models"),
-    ("hf_posenc.context_extension.compare", "hf_posenc.context_extension.training"),
-    ("hf_posenc.context_extension.compare", "hf_posenc.context_extension.data"),
-    ("hf_posenc.context_extension.compare", "hf_posenc.context_extension.report"),
-    ("hf_posenc.context_extension.config", "hf_posenc.presets"),
-    ("hf_posenc.context_extension.evaluation", "hf_posenc.presets"),
-    ("hf_posenc.context_extension.evaluation", "hf_posenc.context_extension.ruler"),
-    ("hf_posenc.context_extension.models", "hf_posenc.context_extension.base_model"),
-    ("hf_posenc.context_extension.models", "hf_posenc.loading"),
-    ("hf_posenc.context_extension.models", "hf_posenc.convert"),
-    ("hf_posenc.context_extension.report", "hf_posenc.context_extension.ruler"),
-    ("hf_posenc.context_extension.ruler", "hf_posenc.context_extension.evaluation"),
-    ("hf_posenc.context_extension.spread", "hf_posenc.counting"),
-    ("hf_posenc.context_extension.training", "hf_posenc.peft_utils"),
-    ("hf_posenc.context_extension.training", "hf_posenc.context_extension.data"),
-    ("hf_posenc.counting", "hf_posenc.config"),
-    ("hf_posenc.counting", "hf_posenc.convert"),
-    ("hf_posenc.counting_recipe", "hf_posenc.counting_report"),
-    ("hf_posenc.counting_report", "hf_posenc.counting_recipe"),
-}
-PENDING_CIRCLES = {
-    frozenset({"hf_posenc.context_extension.evaluation", "hf_posenc.context_extension.ruler"}),
-    frozenset({"hf_posenc.counting_recipe", "hf_posenc.counting_report"}),
-}
-
 #: Floors: these modules import only hf_posenc modules under the listed prefixes (``""``: none at all).
 #: ``_hf`` is the one home of transformers internals, below everything that uses it; the kernels know
 #: the registry's capabilities and the call's positions, never an encoding, the conversion or the plug-in.
@@ -164,13 +133,12 @@ def test_the_graph_sees_the_package():
 
 
 def test_no_import_circles():
-    found = [c for c in circles() if frozenset(c) not in PENDING_CIRCLES]
+    found = circles()
     assert not found, "import circles: " + "; ".join(" <-> ".join(c) for c in found)
 
 
 def test_no_hf_posenc_import_inside_a_function():
-    found = sorted((name, target) for name, (_, lazy) in GRAPH.items() for target in lazy
-                   if (name, target) not in PENDING_LAZY)
+    found = sorted((name, target) for name, (_, lazy) in GRAPH.items() for target in lazy)
     assert not found, "imports inside functions (move them to the top of the module): " + "; ".join(
         f"{name} imports {target}" for name, target in found)
 
@@ -182,10 +150,3 @@ def test_nothing_imports_upward(floor):
     upward = sorted((name, target) for name in members for target in GRAPH[name][0]
                     if not any(target == a or target.startswith(a + ".") for a in allowed))
     assert not upward, f"{floor} imports above its floor: " + "; ".join(f"{n} imports {t}" for n, t in upward)
-
-
-def test_pending_entries_are_still_real():
-    """The pending lists hold only what the graph still has (delete entries as they go away)."""
-    lazy = {(name, target) for name, (_, targets) in GRAPH.items() for target in targets}
-    assert PENDING_LAZY <= lazy, sorted(PENDING_LAZY - lazy)
-    assert PENDING_CIRCLES <= {frozenset(c) for c in circles()}, PENDING_CIRCLES - {frozenset(c) for c in circles()}
