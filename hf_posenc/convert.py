@@ -5,6 +5,8 @@ Two routes, chosen per request:
 * **native**: the request is a RoPE variant that stock transformers expresses through
   ``config.rope_parameters`` on an architecture with native RoPE. The config is rewritten and the
   model's own rotary module rebuilt; the model stays a stock model and saves as a stock checkpoint.
+  The length-dependent types (dynamic, longrope) take this route only with ``native=True``: their stock
+  form is stateful, and inexact with a KV cache (see :mod:`hf_posenc.encodings.rope`).
 * **plug-in**: everything else, applied by :func:`hf_posenc.plugin.install`. Per instance and
   reversible (:func:`revert`): the old encoding is neutralised (native RoPE gets cos=1/sin=0 through a forward pre-hook on each attention module;
   learned absolute embeddings are replaced by a zero module), each converted attention module gets an
@@ -28,7 +30,7 @@ from transformers.models.auto.configuration_auto import CONFIG_MAPPING
 from . import _hf, attention, plugin, registry
 from .architectures import ARCHITECTURES, MODEL_TYPE_PREFIX, Architecture, architecture_of, attention_modules, is_causal
 from .config import CONFIG_KEY, NATIVE_KEY, PosEncConfig
-from .encodings.rope import ROPE_LAYOUTS, RopeConfig, resolve_rope_parameters
+from .encodings.rope import LENGTH_DEPENDENT_ROPE_TYPES, ROPE_LAYOUTS, RopeConfig, resolve_rope_parameters
 from .layout import layout_permutation, permute_attention
 from .model_shape import current_rope_parameters, head_dim, num_layers, rope_layer_types
 from .modeling import CLASS_PREFIX, STUB_MODULE, posenc_class, posenc_config_class, stock_class
@@ -81,7 +83,31 @@ def resolved_rope_parameters(posenc: RopeConfig, config, arch: Architecture, lay
 
 
 def uses_native_rope(posenc: PosEncConfig, config, arch: Architecture) -> bool:
-    """Whether stock transformers can express this request on this architecture by itself."""
+    """Whether this request is written as a stock checkpoint (the native route) on this architecture.
+
+    Where stock transformers can express it (:func:`stock_expresses`), except for the length-dependent rope
+    types (dynamic, longrope), whose stock form is stateful and inexact with a cache: they take the plug-in
+    unless ``native=True`` asks for the stock checkpoint. ``native=False`` always takes the plug-in.
+
+    Raises:
+        ValueError: ``native=True`` and stock transformers cannot express the request.
+    """
+    if not isinstance(posenc, RopeConfig) or posenc.native is False:
+        return False
+    expressible = stock_expresses(posenc, config, arch)
+    if posenc.native is None:
+        return expressible and posenc.rope_type not in LENGTH_DEPENDENT_ROPE_TYPES
+    if not expressible:
+        raise ValueError(
+            f"PosEncConfig(kind='rope'): invalid native=True; stock transformers cannot express this request on "
+            f"{config.model_type!r} (layout, layers, partial rotary or rope_type beyond what its stock RoPE "
+            "supports); allowed: native=None or native=False (the plug-in expresses it)."
+        )
+    return True
+
+
+def stock_expresses(posenc: PosEncConfig, config, arch: Architecture) -> bool:
+    """Whether stock transformers can express this RoPE request on this architecture by itself."""
     if not isinstance(posenc, RopeConfig) or arch.rope == "none" or resolve_layout(posenc, arch).layout != arch.rope_layout:
         return False
     if posenc.layers is not None and set(posenc.layers) != set(range(num_layers(config))):
@@ -138,7 +164,9 @@ def is_native_checkpoint(config) -> bool | None:
     if model_type.startswith(MODEL_TYPE_PREFIX) or model_type not in ARCHITECTURES:
         return False
     stock = CONFIG_MAPPING[model_type].from_dict(dict(data))
-    return uses_native_rope(PosEncConfig.from_dict(dict(posenc)), stock, ARCHITECTURES[model_type])
+    # Such checkpoints predate the plug-in default for dynamic/longrope: the rule of their time decides.
+    request = PosEncConfig.from_dict(dict(posenc))
+    return getattr(request, "native", None) is not False and stock_expresses(request, stock, ARCHITECTURES[model_type])
 
 
 def resolve_layout(posenc: PosEncConfig, arch: Architecture) -> PosEncConfig:

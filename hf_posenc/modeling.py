@@ -24,6 +24,7 @@ from . import _hf, attention, plugin, registry
 from .architectures import ARCHITECTURES, MODEL_TYPE_PREFIX, architecture_of
 from .config import CONFIG_KEY, PosEncConfig
 from .encodings.base import PositionModule
+from .encodings.rope import cache_is_stale
 
 STUB_MODULE = "hf_posenc.modeling_hf_posenc"
 CLASS_PREFIX = "HfPosenc"
@@ -202,6 +203,17 @@ def posenc_class(base: type) -> type:
             return base._check_and_adjust_attn_implementation(
                 self, attn_implementation_for(self.config, requested), *args, **kwargs)
 
+        def prepare_inputs_for_generation(self, input_ids, *args, **kwargs):
+            # Exact length-dependent RoPE: where the frequencies changed since the cache was written, the cached
+            # keys/values of the upper layers are stale; empty the cache (same object, so a StaticCache stays
+            # static) and feed the whole sequence, as recomputing without a cache would.
+            cache = kwargs.get("cache", kwargs.get("past_key_values"))
+            if (cache is not None and input_ids is not None and kwargs.get("inputs_embeds") is None
+                    and cache_is_stale(self, cache.get_seq_length(), input_ids.shape[-1])):
+                cache.reset()
+                kwargs["next_sequence_length"] = None
+            return base.prepare_inputs_for_generation(self, input_ids, *args, **kwargs)
+
         _hf.share_weight_conversions(base.__name__, name)
         _classes[name] = type(
             name,
@@ -211,6 +223,8 @@ def posenc_class(base: type) -> type:
                 _hf.ATTN_IMPLEMENTATION_CHECK: check_and_adjust_attn_implementation,
                 "_init_weights": _init_weights,
                 "_initialize_missing_keys": _initialize_missing_keys,
+                **({"prepare_inputs_for_generation": prepare_inputs_for_generation}
+                   if hasattr(base, "prepare_inputs_for_generation") else {}),
                 "config_class": posenc_config_class(base.config_class),
                 "__module__": STUB_MODULE,
                 "__doc__": f"{base.__name__} with the positional encoding recorded in `config.{CONFIG_KEY}` (hf_posenc).",

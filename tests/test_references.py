@@ -79,7 +79,9 @@ VARIANTS = {
 
 @pytest.mark.parametrize("rope_type", list(VARIANTS))
 def test_native_variants_use_stock_frequencies(rope_type):
-    model = hf_posenc.convert(tiny_model("llama"), PosEncConfig(kind="rope", rope_type=rope_type, **VARIANTS[rope_type]))
+    # native=True: dynamic and longrope take the plug-in by default (their stock form is stateful).
+    posenc = PosEncConfig(kind="rope", rope_type=rope_type, native=True, **VARIANTS[rope_type])
+    model = hf_posenc.convert(tiny_model("llama"), posenc)
     config = model.config
     expected, scaling = ROPE_INIT_FUNCTIONS[rope_type](config, "cpu")
     assert torch.equal(model.model.rotary_emb.inv_freq, expected)

@@ -9,6 +9,13 @@ layout. Frequencies of every scaling variant come from transformers' ``ROPE_INIT
 
 Keys are stored unrotated in the cache and rotated at attention time at their cache positions, so a
 ``dynamic`` scale always applies to all keys consistently (no keys cached under an older scale).
+
+The rope types whose frequencies depend on the current length (:data:`LENGTH_DEPENDENT_ROPE_TYPES`:
+dynamic NTK, longrope's short/long switch) go through this module by default even on architectures with
+native RoPE: stock transformers caches keys rotated under the scale of the step that wrote them and keeps
+enlarged dynamic frequencies after a long forward, so its outputs depend on the cache and on earlier inputs.
+Here the frequencies are a function of the live length (last position + 1) alone. ``native=True`` asks for
+the stock checkpoint with the stock behaviour instead.
 """
 
 from __future__ import annotations
@@ -26,6 +33,11 @@ from .base import PositionModule
 
 ROPE_TYPES = ("default", "linear", "dynamic", "yarn", "llama3", "longrope")
 ROPE_LAYOUTS = ("half", "interleaved")
+#: Rope types whose frequencies depend on the current sequence length. Stock transformers recomputes them
+#: statefully per forward and caches keys rotated under older scales (transformers #25104, #33129), so by
+#: default they run through the plug-in's :class:`RotaryPosition` (exact); the others are length-independent
+#: and stay native.
+LENGTH_DEPENDENT_ROPE_TYPES = ("dynamic", "longrope")
 
 # Scaling parameters each stock rope type accepts (transformers' `RopeParameters`); anything else is
 # rejected here instead of being silently ignored by transformers.
@@ -171,13 +183,16 @@ class RotaryPosition(PositionModule):
         parameters, head dimension, pretraining length and layout; ``params`` are the subclass's own (the
         extensions of the model's RoPE: Self-Extend, ReRoPE, contextual RoPE)."""
         original = layer.rope_parameters.get("original_max_position_embeddings", layer.max_position_embeddings)
-        return cls(layer.rope_parameters, layer.head_dim, original, layer.rope_layout, **params)
+        rope_parameters = with_longrope_factor(layer.rope_parameters, layer.max_position_embeddings)
+        return cls(rope_parameters, layer.head_dim, original, layer.rope_layout, **params)
 
     def frequencies(self, seq_len: int, device) -> tuple[torch.Tensor, float]:
         """Inverse frequencies ``[rotary_dim // 2]`` (fp32) and the cos/sin scaling for ``seq_len`` keys."""
         rope_type = self.rope_parameters.get("rope_type", "default")
-        # dynamic and longrope depend on the length beyond the original context; the others do not.
-        length_key = seq_len if rope_type in ("dynamic", "longrope") and seq_len > self.max_position_embeddings else 0
+        # dynamic and longrope depend on the length beyond the original context; the others do not. The key is
+        # the length alone (no state carried between calls): a long forward never changes a later short one.
+        length_key = (seq_len if rope_type in LENGTH_DEPENDENT_ROPE_TYPES and seq_len > self.max_position_embeddings
+                      else 0)
         key = (str(device), length_key)
         if key not in self._cache:
             if len(self._cache) > 64:  # dynamic scaling makes one entry per length while generating
@@ -230,6 +245,26 @@ class RotaryPosition(PositionModule):
         return f"rope_parameters={self.rope_parameters}, rotary_dim={self.rotary_dim}, layout={self.layout!r}"
 
 
+def cache_is_stale(model: torch.nn.Module, cached: int, total: int) -> bool:
+    """Whether a KV cache written at ``cached`` tokens no longer matches a forward over ``total`` tokens.
+
+    A length-dependent RoPE (dynamic, longrope) rotates every key at attention time with the frequencies of the
+    live length, but the cached keys and values of the layers above the first were computed from hidden states
+    of the earlier, shorter forwards, under those forwards' frequencies. Where the frequencies at ``total`` differ
+    from those at ``cached``, only recomputing the whole sequence equals the model without a cache: past the
+    original length that is every step for dynamic NTK, and the one step that crosses it for longrope.
+    """
+    if cached <= 0 or total <= cached:
+        return False
+    cpu = torch.device("cpu")
+    for module in model.modules():
+        if isinstance(module, RotaryPosition) and module.rope_parameters.get("rope_type") in LENGTH_DEPENDENT_ROPE_TYPES:
+            then, now = module.frequencies(cached, cpu), module.frequencies(total, cpu)
+            if then[1] != now[1] or not torch.equal(then[0], now[0]):
+                return True
+    return False
+
+
 @dataclass(frozen=True)
 class RopeConfig(PosEncConfig):
     """Rotary position embedding (Su et al. 2021, https://arxiv.org/abs/2104.09864) and its scalings.
@@ -251,6 +286,13 @@ class RopeConfig(PosEncConfig):
         mscale_all_dim, truncate, low_freq_factor, high_freq_factor, short_factor, long_factor:
             The stock scaling parameters of ``rope_type``.
         layers: Layers that get RoPE; the others get none.
+        native: Which implementation runs the request on an architecture with native RoPE. None (default):
+            the stock one (a stock checkpoint) where it is exact, i.e. for every rope type except the
+            length-dependent ones (``dynamic``, ``longrope``: :data:`LENGTH_DEPENDENT_ROPE_TYPES`), which get
+            the plug-in's stateless rotation at attention time. True: the stock checkpoint with stock
+            behaviour, also for ``dynamic``/``longrope`` (its frequencies change with the forward that set
+            them, and cached keys keep the scale they were written with); an error where stock transformers
+            cannot express the request. False: always the plug-in.
     """
 
     kind: str = "rope"
@@ -271,9 +313,12 @@ class RopeConfig(PosEncConfig):
     short_factor: tuple[float, ...] | None = None
     long_factor: tuple[float, ...] | None = None
     layers: tuple[int, ...] | None = None
+    native: bool | None = None
 
     def _validate(self) -> None:
         k = self.kind
+        if self.native is not None and not isinstance(self.native, bool):
+            fail_field(k, "native", self.native, "None (automatic), True (stock checkpoint) or False (plug-in)")
         if self.rope_type not in ROPE_TYPES:
             fail_field(k, "rope_type", self.rope_type, ", ".join(ROPE_TYPES))
         if self.layout is not None and self.layout not in ROPE_LAYOUTS:
@@ -352,8 +397,22 @@ def resolve_rope_parameters(posenc: RopeConfig, current: dict, max_position_embe
     return params
 
 
+def with_longrope_factor(params: dict, max_position_embeddings: int) -> dict:
+    """``params`` with longrope's ``factor`` made explicit (other types: unchanged).
+
+    Stock longrope without a ``factor`` derives its attention factor from the model's
+    ``max_position_embeddings / original_max_position_embeddings``; :class:`RotaryPosition` only knows the
+    original length, so the ratio is recorded where the model's length is still known.
+    """
+    original = params.get("original_max_position_embeddings")
+    if params.get("rope_type") != "longrope" or params.get("factor") is not None or not original:
+        return params
+    return {**params, "factor": max_position_embeddings / original}
+
+
 def _build(config: RopeConfig, layer: registry.LayerSpec) -> RotaryPosition:
     params = resolve_rope_parameters(config, layer.rope_parameters, layer.max_position_embeddings)
+    params = with_longrope_factor(params, layer.max_position_embeddings)
     original = params.get("original_max_position_embeddings", layer.max_position_embeddings)
     return RotaryPosition(params, layer.head_dim, original, config.layout)
 
