@@ -82,7 +82,7 @@ def test_base_model_is_built_once_and_keyed_by_its_spec(tmp_path_factory, monkey
 
 def test_stopped_base_pretraining_resumes_to_identical_weights(tmp_path, tmp_path_factory, monkeypatch):
     """A build stopped after a checkpoint continues from it and ends on the weights of an uninterrupted
-    build, bit for bit (same batches, same optimizer state, one thread so the sums round alike)."""
+    build, bit for bit (same batches, same optimizer state, the build's one thread)."""
     import json
 
     import torch
@@ -93,7 +93,6 @@ def test_stopped_base_pretraining_resumes_to_identical_weights(tmp_path, tmp_pat
 
     monkeypatch.setenv(corpus.CACHE_ENV, str(tmp_path_factory.getbasetemp() / "hf_posenc_cache"))  # shared corpus
     monkeypatch.setattr(base_model, "CHECKPOINT_EVERY", 4)
-    monkeypatch.setenv(base_model.THREADS_ENV, "1")
     real_train = base_model.train_bpe_tokenizer  # a small tokenizer sample keeps the test fast
     monkeypatch.setattr(base_model, "train_bpe_tokenizer",
                         lambda texts, size, **kwargs: real_train(texts, size, max_chars=200_000, **kwargs))
@@ -124,38 +123,6 @@ def test_stopped_base_pretraining_resumes_to_identical_weights(tmp_path, tmp_pat
     assert json.loads((uninterrupted / "build_info.json").read_text())["resumed_from_step"] == 0
 
 
-def test_thread_chooser_keeps_the_faster_count_and_measures_again(monkeypatch):
-    import torch
-
-    from hf_posenc.experiments.context_extension import base_model
-
-    monkeypatch.delenv(base_model.THREADS_ENV, raising=False)
-    monkeypatch.setattr(base_model, "PROBE_EVERY", 10)
-    monkeypatch.setattr(base_model.os, "sched_getaffinity", lambda pid: {0, 1}, raising=False)
-    before = torch.get_num_threads()
-    try:
-        chooser = base_model.ThreadChooser()
-        assert chooser.candidates == [1, 2]
-        slow = {1: 0.5, 2: 2.0}  # a busy machine: two threads wait for each other
-        used = []
-        for step in range(20):
-            threads = chooser.threads_for(step)
-            assert torch.get_num_threads() == threads
-            used.append(threads)
-            chooser.record(step, threads, slow[threads])
-            if step == 9:
-                slow = {1: 0.5, 2: 0.3}  # the other jobs ended
-        # step 0 untimed, steps 1-3 with 1 thread, 4-6 with 2, then the faster (1) until the next round
-        # at step 16 (6 + 10): 16-18 with 1, 19 with 2.
-        assert used[:10] == [2, 1, 1, 1, 2, 2, 2, 1, 1, 1]
-        assert used[16:] == [1, 1, 1, 2]
-        assert chooser.chosen == 1 and chooser.history[0]["seconds_per_step"] == {"1": 0.5, "2": 2.0}
-        monkeypatch.setenv(base_model.THREADS_ENV, "3")
-        assert base_model.ThreadChooser().candidates == [3]
-    finally:
-        torch.set_num_threads(before)
-
-
 def test_retrieval_stage_continues_the_cached_code_base_on_the_mix(tmp_path, tmp_path_factory, monkeypatch):
     """With a retrieval stage, the code-only base is built first and cached under its own key; the stage starts
     from its weights and tokenizer and trains on code mixed with retrieval windows, answers weighted."""
@@ -166,7 +133,6 @@ def test_retrieval_stage_continues_the_cached_code_base_on_the_mix(tmp_path, tmp
     from hf_posenc.experiments.context_extension.config import PretrainConfig, RetrievalStageConfig
 
     monkeypatch.setenv(corpus.CACHE_ENV, str(tmp_path_factory.getbasetemp() / "hf_posenc_cache"))  # shared corpus
-    monkeypatch.setenv(base_model.THREADS_ENV, "1")
     real_train, real_loss = base_model.train_bpe_tokenizer, base_model._loss
     monkeypatch.setattr(base_model, "train_bpe_tokenizer",
                         lambda texts, size, **kwargs: real_train(texts, size, max_chars=200_000, **kwargs))

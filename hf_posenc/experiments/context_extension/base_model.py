@@ -20,7 +20,6 @@ import logging
 import math
 import os
 import random
-import statistics
 import time
 from collections.abc import Iterable, Iterator
 from pathlib import Path
@@ -35,15 +34,20 @@ from .retrieval_pretraining import retrieval_example
 
 logger = logging.getLogger(__name__)
 
-#: Bump when the build procedure changes in a way the config hash cannot see.
-BUILD_VERSION = 1
-#: Environment variable that fixes the torch thread count of the pretraining (default: measured).
-THREADS_ENV = "HF_POSENC_NUM_THREADS"
+#: Bump when the build procedure changes in a way the config hash cannot see. 2: every build runs on one torch
+#: thread (a different thread count splits the reductions differently and gives other weights).
+BUILD_VERSION = 2
+#: The torch thread count of every build. Fixed, so that one cache key means one set of weights bit for bit
+#: whatever the machine's load or core count (a measured choice between 1 and 2 threads gave two bases under
+#: one key).
+BUILD_THREADS = 1
+#: Environment variable that makes :func:`ensure_base_model` build the base even where the package ships it.
+REBUILD_ENV = "HF_POSENC_REBUILD_BASE"
+#: The quick presets' base, built once with this module and shipped with the package (``build_info.json`` holds
+#: its key and weight checksum; ``tests/test_embedded_base.py`` rebuilds it and compares).
+SHIPPED_BASE = Path(__file__).resolve().parent / "embedded_base"
 #: Optimizer steps between two pretraining checkpoints (a stopped build resumes from the last one).
 CHECKPOINT_EVERY = 100
-#: Steps between two thread-count measurements (the load of a shared machine changes during a build).
-PROBE_EVERY = 250
-_PROBE_STEPS = 3
 
 #: The end-of-text token of the builtin tokenizer (also its padding token).
 EOS_TOKEN = "<|endoftext|>"
@@ -102,62 +106,51 @@ def train_bpe_tokenizer(texts: Iterable[str], vocab_size: int, max_chars: int = 
     )
 
 
-class ThreadChooser:
-    """Picks the torch thread count of the pretraining loop by measuring it, and re-measures now and then.
+def weights_checksum(folder: Path) -> str:
+    """SHA-256 of a saved model's tensors (names, dtypes, shapes and bytes, in name order): equal exactly when
+    the weights are, however the file was written."""
+    from safetensors.torch import load_file
 
-    On an idle 2-core machine two threads are ~1.5x faster than one, but when other processes share the
-    cores, OpenMP's threads wait for each other at every barrier and two threads can be several times
-    *slower* than one (measured here: 7-11 s per base step with 2 threads under load, against ~2 s with
-    1). No fixed setting is right on both, so every ``PROBE_EVERY`` steps the next steps are timed with
-    each candidate count (``_PROBE_STEPS`` each; they are ordinary training steps, nothing is wasted) and
-    the faster one is kept. ``$HF_POSENC_NUM_THREADS`` fixes the count instead.
-    """
+    digest = hashlib.sha256()
+    tensors = load_file(Path(folder) / "model.safetensors")
+    for name in sorted(tensors):
+        tensor = tensors[name].contiguous()
+        digest.update(f"{name}:{tensor.dtype}:{tuple(tensor.shape)}".encode())
+        digest.update(tensor.view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()
 
-    def __init__(self):
-        fixed = os.environ.get(THREADS_ENV)
-        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-        self.candidates = [int(fixed)] if fixed else sorted({1, cores})
-        self.timings: dict[int, list[float]] = {}
-        self.chosen = self.candidates[-1]
-        self.history: list[dict] = []
-        self._probe_start = 1  # step 0 pays one-off allocations: never time it
 
-    def threads_for(self, step: int) -> int:
-        """The thread count to run ``step`` with (sets it in torch)."""
-        offset = step - self._probe_start
-        in_probe = len(self.candidates) > 1 and 0 <= offset < _PROBE_STEPS * len(self.candidates)
-        threads = self.candidates[offset // _PROBE_STEPS] if in_probe else self.chosen
-        if torch.get_num_threads() != threads:
-            torch.set_num_threads(threads)
-        return threads
+def build_versions() -> dict[str, str]:
+    """The library versions a build's weights depend on."""
+    import tokenizers
+    import transformers
 
-    def record(self, step: int, threads: int, seconds: float) -> None:
-        """Time of ``step``; ends a measurement round when its last probe step is recorded."""
-        offset = step - self._probe_start
-        if len(self.candidates) == 1 or not 0 <= offset < _PROBE_STEPS * len(self.candidates):
-            return
-        self.timings.setdefault(threads, []).append(seconds)
-        if offset == _PROBE_STEPS * len(self.candidates) - 1:
-            medians = {n: statistics.median(t) for n, t in self.timings.items()}
-            self.chosen = min(medians, key=medians.get)
-            self.history.append({"step": step, "seconds_per_step": {str(n): round(m, 3) for n, m in medians.items()},
-                                 "chosen": self.chosen})
-            logger.info("pretraining threads measured at step %d: %s s/step -> using %d", step,
-                        {n: round(m, 3) for n, m in medians.items()}, self.chosen)
-            self.timings = {}
-            self._probe_start = step + PROBE_EVERY
+    return {"torch": torch.__version__, "transformers": transformers.__version__, "tokenizers": tokenizers.__version__}
+
+
+def base_key(spec: PretrainConfig, held_out_percent: int = 5) -> str:
+    """The cache key of the base model built from ``spec``: everything that changes its weights."""
+    fields = spec.model_dump()
+    if fields["retrieval"] is None:
+        # A code-only base keeps the key layout it had before the retrieval stage existed, when the config held
+        # a mixing fraction instead (always 0 in a released preset).
+        del fields["retrieval"]
+        fields["retrieval_fraction"] = 0.0
+    payload = json.dumps({"spec": fields, "held_out": held_out_percent, "v": BUILD_VERSION}, sort_keys=True)
+    return hashlib.sha256(payload.encode()).hexdigest()[:12]
 
 
 def base_model_dir(spec: PretrainConfig, held_out_percent: int = 5) -> Path:
     """Folder of the cached base model built from ``spec``."""
-    fields = spec.model_dump()
-    if fields["retrieval"] is None:
-        # A code-only base keeps the key it had before the retrieval stage existed, when the config held a
-        # mixing fraction instead (always 0 in a released preset): committed results name their base by it.
-        del fields["retrieval"]
-        fields["retrieval_fraction"] = 0.0
-    payload = json.dumps({"spec": fields, "held_out": held_out_percent, "v": BUILD_VERSION}, sort_keys=True)
-    return cache_dir() / "base" / hashlib.sha256(payload.encode()).hexdigest()[:12]
+    return cache_dir() / "base" / base_key(spec, held_out_percent)
+
+
+def shipped_base(spec: PretrainConfig, held_out_percent: int = 5) -> Path | None:
+    """The base model shipped with the package when it was built from ``spec`` (else None)."""
+    info = SHIPPED_BASE / "build_info.json"
+    if not info.is_file():
+        return None
+    return SHIPPED_BASE if json.loads(info.read_text())["key"] == base_key(spec, held_out_percent) else None
 
 
 def _lr_at(step: int, spec: PretrainConfig | RetrievalStageConfig) -> float:
@@ -227,13 +220,23 @@ def pretrain(spec: PretrainConfig, out_dir: Path, held_out_percent: int = 5, pro
 
     Resumable: every ``CHECKPOINT_EVERY`` steps the model, optimizer and sampler state are saved to
     ``out_dir/checkpoint.pt`` (with the tokenizer), and a call on a folder that holds a checkpoint
-    continues from it, drawing the same batches an uninterrupted build would. The torch thread count
-    is measured while training (:class:`ThreadChooser`).
+    continues from it, drawing the same batches an uninterrupted build would. Every build runs on
+    ``BUILD_THREADS`` torch threads (restored afterwards), so the weights depend on ``spec`` alone.
 
     Returns:
         Build information (tokens seen, timings, final training loss), also saved as
         ``build_info.json``.
     """
+    threads = torch.get_num_threads()
+    torch.set_num_threads(BUILD_THREADS)
+    try:
+        return _pretrain(spec, out_dir, held_out_percent, progress)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _pretrain(spec: PretrainConfig, out_dir: Path, held_out_percent: int, progress: bool) -> dict:
+    """:func:`pretrain` on the current torch threads."""
     from tqdm.auto import tqdm
     from transformers import LlamaForCausalLM, PreTrainedTokenizerFast
 
@@ -283,13 +286,10 @@ def pretrain(spec: PretrainConfig, out_dir: Path, held_out_percent: int = 5, pro
         logger.info("resuming the base-model pretraining from %s (step %d of %d)", checkpoint, first_step,
                     schedule.steps)
     last_start = len(stream) - spec.seq_len - 1
-    threads = ThreadChooser()
     bar = tqdm(range(first_step, schedule.steps), desc="retrieval stage" if stage else "pretrain base",
                disable=not progress, initial=first_step, total=schedule.steps)
     train_started = time.time()
     for step in bar:
-        step_started = time.perf_counter()
-        used = threads.threads_for(step)
         for group in optimizer.param_groups:
             group["lr"] = _lr_at(step, schedule)
         examples = [_example(stream, rng.randint(0, last_start), spec.seq_len, tokenizer, rng, stage)
@@ -304,9 +304,8 @@ def pretrain(spec: PretrainConfig, out_dir: Path, held_out_percent: int = 5, pro
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         losses.append(loss.item())
-        threads.record(step, used, time.perf_counter() - step_started)
         if step % 10 == 0:
-            bar.set_postfix(loss=f"{sum(losses[-10:]) / len(losses[-10:]):.3f}", threads=used)
+            bar.set_postfix(loss=f"{sum(losses[-10:]) / len(losses[-10:]):.3f}")
         if (step + 1) % CHECKPOINT_EVERY == 0 and step + 1 < schedule.steps:
             # Write-then-rename: a build stopped mid-save still finds the previous checkpoint whole.
             out_dir.mkdir(parents=True, exist_ok=True)
@@ -330,7 +329,11 @@ def pretrain(spec: PretrainConfig, out_dir: Path, held_out_percent: int = 5, pro
         "final_train_loss": sum(losses[-20:]) / len(losses[-20:]),
         "final_answer_loss": sum(answer_losses[-20:]) / len(answer_losses[-20:]) if answer_losses else None,
         "resumed_from_step": first_step,
-        "threads": threads.history or threads.candidates,
+        "key": base_key(spec, held_out_percent),
+        "weights_sha256": weights_checksum(out_dir),
+        "threads": BUILD_THREADS,
+        # Bitwise equality with a rebuild holds for these versions on the same kind of CPU.
+        "versions": build_versions(),
         "seconds": {"tokenizer": round(tokenizer_s, 1), "tokenize": round(tokenize_s, 1),
                     "train": round(train_s, 1), "total": round(time.time() - started, 1)},
     }
@@ -340,7 +343,11 @@ def pretrain(spec: PretrainConfig, out_dir: Path, held_out_percent: int = 5, pro
 
 
 def ensure_base_model(spec: PretrainConfig, held_out_percent: int = 5, progress: bool = True) -> Path:
-    """Return the folder of the base model for ``spec``, pretraining it first if it is not cached."""
+    """Return the folder of the base model for ``spec``: the shipped one when it was built from ``spec`` (unless
+    ``$HF_POSENC_REBUILD_BASE`` is set), else the cached build, pretraining it first if it is not cached."""
+    shipped = None if os.environ.get(REBUILD_ENV) else shipped_base(spec, held_out_percent)
+    if shipped is not None:
+        return shipped
     folder = base_model_dir(spec, held_out_percent)
     folder.parent.mkdir(parents=True, exist_ok=True)
     # Two processes (two accelerate ranks, or two recipes) may want the same base at once: the second
