@@ -90,6 +90,13 @@ class PosEncConfig:
     def _validate(self) -> None:  # pragma: no cover - overridden
         pass
 
+    def is_base_within(self, length: int, trained_length: int) -> bool:
+        """Whether a model converted to this encoding, without training, computes exactly what the unconverted
+        RoPE model computes on sequences of up to ``length`` tokens (``trained_length``: the model's own
+        context). Reports check such variants against the base (they must score its numbers there).
+        Default: no such claim."""
+        return False
+
     def applies_to(self, layer_idx: int) -> bool:
         """Whether this encoding is applied to layer ``layer_idx`` (others get NoPE)."""
         return self.layers is None or layer_idx in self.layers

@@ -49,6 +49,10 @@ class ReRopeConfig(PosEncConfig):
             fail_field(self.kind, "leak", self.leak, "None (ReRoPE) or a number > 1 (Leaky ReRoPE)")
         check_every_layer(self.kind, self.layers)
 
+    def is_base_within(self, length: int, trained_length: int) -> bool:
+        # Distances below the window are exact (leaky or not).
+        return length <= self.window
+
 
 class ReRoPE(TwoPositionRope):
     """ReRoPE (``leak=None``) or Leaky ReRoPE on the model's own RoPE.

@@ -20,6 +20,7 @@ the stock checkpoint with the stock behaviour instead.
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 from typing import Any
 
@@ -358,6 +359,15 @@ class RopeConfig(PosEncConfig):
                 object.__setattr__(self, name, tuple(float(v) for v in value))
         if self.truncate is not None and not isinstance(self.truncate, bool):
             fail_field(k, "truncate", self.truncate, "True or False")
+
+    def is_base_within(self, length: int, trained_length: int) -> bool:
+        # Plain RoPE is the model; dynamic NTK keeps the original frequencies up to the original length. Any other
+        # field (theta, partial rotary, layout, layers, ...) changes the model.
+        changed = [f.name for f in dataclasses.fields(self)
+                   if f.name not in ("kind", "rope_type", "factor", "native") and getattr(self, f.name) is not None]
+        if changed:
+            return False
+        return self.rope_type == "default" or (self.rope_type == "dynamic" and length <= trained_length)
 
     def scaling_parameters(self) -> dict[str, Any]:
         """The stock scaling parameters that are set (the keys of transformers' ``rope_parameters``)."""

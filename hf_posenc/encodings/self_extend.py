@@ -53,6 +53,10 @@ class SelfExtendConfig(PosEncConfig):
         check_positive(self.kind, "neighbor_window", self.neighbor_window, integer=True)
         check_every_layer(self.kind, self.layers)
 
+    def is_base_within(self, length: int, trained_length: int) -> bool:
+        # Every distance below W is exact; G = 1 groups nothing.
+        return self.group_size == 1 or length <= self.neighbor_window
+
 
 class SelfExtend(TwoPositionRope):
     """Self-Extend on the model's own RoPE.

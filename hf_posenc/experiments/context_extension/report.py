@@ -16,7 +16,14 @@ from pathlib import Path
 from typing import Any
 
 from ...results import EvalSummary, comparison_rows, plot_results, records_from_rows
-from ..intervals import NOT_SEPARABLE, compare_intervals, interval, letter_groups, seed_values
+from ..intervals import (
+    NOT_SEPARABLE,
+    compare_intervals,
+    interval,
+    letter_groups,
+    seed_values,
+)
+from .consistency import consistency_checks, consistency_markdown
 from .ruler import TASKS
 
 # Keys every variant record must have, with their types (``results.json`` is read by other tools:
@@ -489,10 +496,13 @@ def write_report(results: dict[str, Any], out_dir: Path) -> dict[str, Path]:
     summary.write_csv(paths["csv"])
     results["direction_checks"] = direction_checks(results)
     results["orderings"] = orderings(results)
+    results["consistency"] = consistency_checks(results)
     paths["json"].write_text(json.dumps(results, indent=2))
     checks = checks_markdown(results)
+    consistency = consistency_markdown(results["consistency"])
     ruler_tables = ruler_markdown(results)
-    paths["markdown"].write_text(markdown_table(results) + ("\n" + checks if checks else "")
+    paths["markdown"].write_text(markdown_table(results) + ("\n" + consistency if consistency else "")
+                                 + ("\n" + checks if checks else "")
                                  + "\n" + orderings_markdown(results)
                                  + ("\n" + recalibration_markdown(results) if recalibration(results) else "")
                                  + ("\n" + ruler_tables if ruler_tables else ""))
