@@ -259,7 +259,8 @@ def cache_is_stale(model: torch.nn.Module, cached: int, total: int) -> bool:
         return False
     cpu = torch.device("cpu")
     for module in model.modules():
-        if isinstance(module, RotaryPosition) and module.rope_parameters.get("rope_type") in LENGTH_DEPENDENT_ROPE_TYPES:
+        rope_type = module.rope_parameters.get("rope_type") if isinstance(module, RotaryPosition) else None
+        if rope_type in LENGTH_DEPENDENT_ROPE_TYPES:
             then, now = module.frequencies(cached, cpu), module.frequencies(total, cpu)
             if then[1] != now[1] or not torch.equal(then[0], now[0]):
                 return True
@@ -368,6 +369,14 @@ class RopeConfig(PosEncConfig):
         if changed:
             return False
         return self.rope_type == "default" or (self.rope_type == "dynamic" and length <= trained_length)
+
+    def to_dict(self) -> dict[str, Any]:
+        """As :meth:`PosEncConfig.to_dict`, without ``native`` when it is None (the default): a checkpoint that
+        does not choose its route stays readable by releases that read ``config.posenc`` strictly."""
+        out = super().to_dict()
+        if out.get("native") is None:
+            out.pop("native", None)
+        return out
 
     def scaling_parameters(self) -> dict[str, Any]:
         """The stock scaling parameters that are set (the keys of transformers' ``rope_parameters``)."""
