@@ -108,7 +108,8 @@ def test_gradient_checkpointing_gives_the_same_gradients(kind, backend):
     model = converted(kind, backend)
     checkpointed = copy.deepcopy(model)
     # transformers 5.2x renamed it activation checkpointing (the old name warns); 5.1 has only the old one.
-    enable = getattr(checkpointed, "activation_checkpointing_enable", None) or checkpointed.gradient_checkpointing_enable
+    enable = (getattr(checkpointed, "activation_checkpointing_enable", None)
+              or checkpointed.gradient_checkpointing_enable)
     enable()
     assert any(getattr(m, "gradient_checkpointing", False) for m in checkpointed.modules())
     batch = input_ids(2, 10)
