@@ -12,9 +12,9 @@ README's list of the tested lower bounds instead.
 from __future__ import annotations
 
 import sys
-import tomllib
 from pathlib import Path
 
+import tomllib
 from packaging.requirements import Requirement
 
 #: Pins that replace a dependency's lower bound, with the reason.

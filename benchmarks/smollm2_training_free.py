@@ -29,7 +29,13 @@ import hf_posenc  # noqa: E402
 from hf_posenc import PosEncConfig  # noqa: E402
 from hf_posenc.extension.data import concat_tokens, load_texts  # noqa: E402
 from hf_posenc.extension.evaluation import non_overlapping  # noqa: E402
-from hf_posenc.extension.models import SMOLLM2_GGUF, ModelSource, load_model, load_tokenizer, smollm2_folder  # noqa: E402
+from hf_posenc.extension.models import (  # noqa: E402
+    SMOLLM2_GGUF,
+    ModelSource,
+    load_model,
+    load_tokenizer,
+    smollm2_folder,
+)
 from hf_posenc.extension.recipe_config import DataConfig  # noqa: E402
 
 VARIANTS = {

@@ -9,7 +9,9 @@ here. A capability names the method it relies on (:data:`REQUIRED_METHODS`), and
 refuses an entry whose module lacks one, so a renamed method fails loudly instead of sending the
 encoding down another kernel.
 
-Adding a kind is its module, its reference test and its :func:`register` call (``CONTRIBUTING.md``).
+Adding a kind is its module, its reference test and its :func:`register` call (``CONTRIBUTING.md``); what
+the shared tests need to know about it (a non-trivial config, the kernel it must take, its tolerances) is
+the entry's :class:`Example`, so no test file keeps a per-kind list.
 """
 
 from __future__ import annotations
@@ -103,6 +105,35 @@ class LayerSpec:
 
 
 @dataclass(frozen=True)
+class Example:
+    """A non-trivial configuration of a kind and what the shared tests expect of it (``tests/tiny_models.py``).
+
+    Declared data, never computed from the code under test: a test compares the code against it.
+
+    Attributes:
+        params: ``PosEncConfig(kind=kind, **params)`` is the config the tests convert to; windows and tables
+            smaller than the tests' 12-16 token sequences, so that every regime of the kind runs.
+        prefill_kernels: The kernel a CPU sdpa prefill must take in (fp32, bf16), written down from the
+            design (``tests/test_registry.py`` checks the selector against it); None: not checked.
+        archs: The tiny architectures the save/reload tests put it on (the first one for the refusal test).
+        positive_tables: Tables the tests randomise as ``|x| + 0.5`` instead of ``x``: parameters the paper
+            keeps positive and away from 0, where a bias-free or distance-blind head would hide a gradient.
+        grad_tol: Relative gradient tolerance in low precision, if above the shared one (None: shared).
+        bf16_table_grad_tol: The same for its own tables' gradients in bf16 only (None: as ``grad_tol``).
+        precision_tested: It runs in the bf16/fp16 matrix (``tests/test_dtypes.py``), whose tolerances were
+            measured on it.
+    """
+
+    params: dict = field(default_factory=dict)
+    prefill_kernels: tuple[str, str] | None = None
+    archs: tuple[str, ...] = ("llama",)
+    positive_tables: tuple[str, ...] = ()
+    grad_tol: float | None = None
+    bf16_table_grad_tol: float | None = None
+    precision_tested: bool = True
+
+
+@dataclass(frozen=True)
 class Encoding:
     """The registry entry of one kind.
 
@@ -118,6 +149,7 @@ class Encoding:
         encoder_note: How it reads on an encoder, for the README table (``"symmetric"``); empty: as on decoders.
         check: Extra rule ``check(config, causal) -> reason or None`` (e.g. an even bucket count on encoders).
         causal_reason: Why it is causal-only (quoted in the refusal).
+        example: A tested configuration and what the shared tests expect of it (:class:`Example`).
     """
 
     kind: str
@@ -131,6 +163,7 @@ class Encoding:
     encoder_note: str = ""
     check: Callable[[Any, bool], str | None] | None = None
     causal_reason: str = ""
+    example: Example = field(default_factory=Example, hash=False)  # its params are a dict
 
     @property
     def needs_attention_function(self) -> bool:
@@ -188,11 +221,25 @@ def register(entry: Encoding) -> Encoding:
         ValueError: The kind is already registered, or the entry is inconsistent (see :func:`check_entry`).
     """
     if entry.kind in _REGISTRY and _REGISTRY[entry.kind] is not entry:
-        raise ValueError(f"kind={entry.kind!r} is already registered (by {_REGISTRY[entry.kind].config_class.__name__}).")
+        owner = _REGISTRY[entry.kind].config_class.__name__
+        raise ValueError(f"kind={entry.kind!r} is already registered (by {owner}).")
     _check(entry)
     _REGISTRY[entry.kind] = entry
     if entry.module_class is not None:
         _BY_MODULE[entry.module_class] = entry
+    return entry
+
+
+def unregister(kind: str) -> Encoding:
+    """Remove a kind from the registry (a test's temporary kind); returns its entry.
+
+    Raises:
+        ValueError: Unknown kind.
+    """
+    entry = get(kind)
+    del _REGISTRY[kind]
+    if entry.module_class is not None:
+        _BY_MODULE.pop(entry.module_class, None)
     return entry
 
 

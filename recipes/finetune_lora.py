@@ -31,7 +31,8 @@ logger = logging.getLogger("hf_posenc.recipes.finetune_lora")
 
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--config", required=True, help="YAML file, or a shipped finetune preset name (`hf-posenc recipes` lists them)")
+    parser.add_argument("--config", required=True,
+                        help="YAML file, or a shipped finetune preset name (`hf-posenc recipes` lists them)")
     parser.add_argument("overrides", nargs="*", help="key.sub=value changes, e.g. train.steps=20")
     return parser.parse_intermixed_args(argv)
 

@@ -54,16 +54,18 @@ import socket
 import tempfile
 import threading
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
-from typing import Any, ClassVar, Iterator
+from typing import Any, ClassVar
 from urllib.parse import parse_qs, quote, unquote, urlsplit
 
 import pytest
 
 #: The ``huggingface_hub`` releases whose client code this server was read from and whose test runs
-#: it passed: the project's floor (1.5.0, the lowest transformers 5.5 allows; 1.3.0 was checked too) and the newest release.
+#: it passed: the project's floor (1.5.0, the lowest transformers 5.5 allows; 1.3.0 was checked too) and the
+#: newest release.
 #: Any release of the same major versions is expected to speak the same subset; a new major version
 #: fails ``test_client_version_is_in_the_range_the_server_was_checked_against`` until someone re-reads
 #: the client and adds it here.
@@ -78,7 +80,8 @@ TOKENS = {WRITE_TOKEN: USER, OTHER_TOKEN: "bob"}
 
 # The real Hub stores these through LFS whatever their size (its default .gitattributes); anything
 # else is a regular git blob unless it is at least 10 MB.
-_LFS_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".h5", ".gguf", ".onnx", ".npy", ".npz", ".pkl", ".msgpack", ".model")
+_LFS_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".h5", ".gguf", ".onnx", ".npy", ".npz", ".pkl",
+                 ".msgpack", ".model")
 _LFS_MIN_SIZE = 10 * 1024 * 1024
 
 _GITATTRIBUTES = b"".join(f"*{suffix} filter=lfs diff=lfs merge=lfs -text\n".encode() for suffix in _LFS_SUFFIXES)
@@ -114,7 +117,7 @@ class ClientGeneration:
     KNOWN_DROPPED_UPLOAD_ATTEMPTS: ClassVar[dict[str, int]] = {"1.3.0": 1, "1.5.0": 1, "2.4.0": 6}
 
     @classmethod
-    def installed(cls) -> "ClientGeneration":
+    def installed(cls) -> ClientGeneration:
         """The generation of the imported ``huggingface_hub``, read from its retry policy rather than
         its version number, so a release inside a major version that changes the policy is followed."""
         import inspect
@@ -217,7 +220,8 @@ class _Fault:
 class _HubError(Exception):
     """An error answered as JSON with the Hub's ``X-Error-Code`` header so the client maps it."""
 
-    def __init__(self, status: int, message: str, code: str | None = None, headers: dict[str, str] | None = None, extra: dict[str, Any] | None = None):
+    def __init__(self, status: int, message: str, code: str | None = None, headers: dict[str, str] | None = None,
+                 extra: dict[str, Any] | None = None):
         super().__init__(message)
         self.status = status
         self.message = message
@@ -273,7 +277,7 @@ class HubServer:
         if self._own_root:
             shutil.rmtree(self.root, ignore_errors=True)
 
-    def __enter__(self) -> "HubServer":
+    def __enter__(self) -> HubServer:
         return self
 
     def __exit__(self, *exc: object) -> None:
@@ -378,9 +382,11 @@ class HubServer:
             return rev
         raise _HubError(404, f"Invalid rev id: {rev}", code="RevisionNotFound")
 
-    def _new_commit(self, repo: Repo, parent: str | None, message: str, description: str, tree: dict[str, StoredFile]) -> Commit:
+    def _new_commit(self, repo: Repo, parent: str | None, message: str, description: str,
+                    tree: dict[str, StoredFile]) -> Commit:
         self._clock += 1
-        payload = json.dumps([parent, message, description, self._clock, sorted((p, f.sha256) for p, f in tree.items())])
+        payload = json.dumps([parent, message, description, self._clock,
+                              sorted((p, f.sha256) for p, f in tree.items())])
         commit = Commit(hashlib.sha1(payload.encode()).hexdigest(), parent, message, description, tree)
         repo.commits[commit.oid] = commit
         return commit
@@ -395,7 +401,8 @@ class HubServer:
         return sha
 
     # ------------------------------------------------------------------------------------ handlers
-    def handle(self, endpoint: str, method: str, match: re.Match[str], query: dict[str, list[str]], headers: Any, body: bytes) -> tuple[int, dict[str, str], bytes]:
+    def handle(self, endpoint: str, method: str, match: re.Match[str], query: dict[str, list[str]], headers: Any,
+               body: bytes) -> tuple[int, dict[str, str], bytes]:
         """Dispatch one request; returns (status, headers, body). Raises :class:`_HubError`."""
         user = self._user(headers)
         groups = {k: unquote(v) for k, v in match.groupdict().items() if v is not None}
@@ -476,8 +483,10 @@ class HubServer:
                 continue
             ticket = hashlib.sha1(f"{oid}{time.monotonic_ns()}".encode()).hexdigest()
             self._tickets[ticket] = (oid, size)
-            objects.append({"oid": oid, "size": size, "authenticated": True, "actions": {"upload": {"href": f"{self.url}/_lfs/{ticket}", "header": {}}}})
-        return 200, {"Content-Type": "application/vnd.git-lfs+json"}, json.dumps({"transfer": "basic", "objects": objects}).encode()
+            upload = {"href": f"{self.url}/_lfs/{ticket}", "header": {}}
+            objects.append({"oid": oid, "size": size, "authenticated": True, "actions": {"upload": upload}})
+        payload = json.dumps({"transfer": "basic", "objects": objects}).encode()
+        return 200, {"Content-Type": "application/vnd.git-lfs+json"}, payload
 
     def _h_lfs_upload(self, ticket, body, **_):
         # Signed-URL semantics: the ticket authorises the upload, no Authorization header comes with it.
@@ -545,7 +554,8 @@ class HubServer:
             pr_url = f"{self.url}/{repo}/discussions/{target.num_prs}"
         else:
             target.refs[rev] = commit.oid  # the single step that publishes the commit
-        return 200, {}, json.dumps({"commitUrl": f"{self.url}/{repo}/commit/{commit.oid}", "commitOid": commit.oid, "pullRequestUrl": pr_url, "success": True}).encode()
+        return 200, {}, json.dumps({"commitUrl": f"{self.url}/{repo}/commit/{commit.oid}", "commitOid": commit.oid,
+                                    "pullRequestUrl": pr_url, "success": True}).encode()
 
     def _h_model_info(self, user, repo, rev="main", **_):
         target = self._repo_for_read(repo, user)
@@ -587,11 +597,12 @@ def _metadata_errors(meta: dict[str, Any]) -> list[dict[str, str]]:
     """
     errors = []
     for key in ("tags", "datasets", "language"):
-        if key in meta and not isinstance(meta[key], (list, str)):
+        if key in meta and not isinstance(meta[key], list | str):
             errors.append({"message": f'"{key}" must be a string or a list of strings'})
     relation = meta.get("base_model_relation")
     if relation is not None and relation not in ("adapter", "merge", "quantized", "finetune"):
-        errors.append({"message": f'"base_model_relation" must be one of adapter, merge, quantized, finetune; got {relation!r}'})
+        errors.append({"message": '"base_model_relation" must be one of adapter, merge, quantized, finetune; '
+                                  f"got {relation!r}"})
     if relation is not None and "base_model" not in meta:
         errors.append({"message": '"base_model_relation" requires "base_model"'})
     for entry in meta.get("model-index") or []:
@@ -653,7 +664,8 @@ def _make_handler(server: HubServer) -> type[BaseHTTPRequestHandler]:
                     raise _HubError(404, f"the loopback Hub does not serve {self.command} {split.path}")
                 if fault is not None:
                     raise _HubError(fault.status, f"injected failure ({fault.status})")
-                status, headers, payload = server.handle(endpoint, self.command, match, parse_qs(split.query), self.headers, body)
+                status, headers, payload = server.handle(endpoint, self.command, match, parse_qs(split.query),
+                                                         self.headers, body)
             except _HubError as err:
                 status, payload = err.status, json.dumps({"error": err.message, **err.extra}).encode()
                 headers = {**err.headers, "X-Error-Message": err.message}
@@ -685,8 +697,10 @@ def hub_env(server: HubServer, hf_home: str | os.PathLike[str], token: str | Non
     environment; Xet is disabled because the loopback Hub speaks the LFS protocol only; offline
     switches are removed so the child really goes to the server; ``HF_HOME`` isolates its cache.
     """
-    env = {k: v for k, v in os.environ.items() if k not in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE", "HF_DATASETS_OFFLINE", "HF_TOKEN")}
-    env.update({"HF_ENDPOINT": server.url, "HF_HUB_DISABLE_XET": "1", "HF_HOME": str(hf_home), "HF_HUB_DISABLE_TELEMETRY": "1"})
+    offline = ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE", "HF_DATASETS_OFFLINE", "HF_TOKEN")
+    env = {k: v for k, v in os.environ.items() if k not in offline}
+    env.update({"HF_ENDPOINT": server.url, "HF_HUB_DISABLE_XET": "1", "HF_HOME": str(hf_home),
+                "HF_HUB_DISABLE_TELEMETRY": "1"})
     if token is not None:
         env["HF_TOKEN"] = token
     return env
@@ -708,7 +722,8 @@ def hub_server(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> Iterator[HubS
         monkeypatch.setenv("HF_TOKEN", WRITE_TOKEN)
         monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
         monkeypatch.setattr(constants, "ENDPOINT", server.url)
-        monkeypatch.setattr(constants, "HUGGINGFACE_CO_URL_TEMPLATE", server.url + "/{repo_id}/resolve/{revision}/{filename}")
+        monkeypatch.setattr(constants, "HUGGINGFACE_CO_URL_TEMPLATE",
+                            server.url + "/{repo_id}/resolve/{revision}/{filename}")
         monkeypatch.setattr(constants, "HF_HUB_DISABLE_XET", True)
         monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
         monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "hf_cache"))
@@ -745,7 +760,8 @@ def assert_one_atomic_push(server: HubServer) -> None:
     names = [call.endpoint for call in server.calls]
     assert set(names) == UPLOADING_PUSH, names
     assert names[0] == "create_repo" and names[-1] == "commit" and names.count("commit") == 1, names
-    assert max(names.index(n) for n in ("create_repo", "model_info", "validate_yaml")) < min(names.index(n) for n in UPLOAD_ENDPOINTS), names
+    first_upload = min(names.index(n) for n in UPLOAD_ENDPOINTS)
+    assert max(names.index(n) for n in ("create_repo", "model_info", "validate_yaml")) < first_upload, names
     assert all(call.status == 200 for call in server.calls), server.calls
 
 
@@ -774,14 +790,17 @@ for spec in specs:
     try:
         if spec.get("adapter"):
             from peft import PeftModel
-            base = transformers.AutoModelForCausalLM.from_pretrained(spec["base"], **({"trust_remote_code": True} if spec.get("base_trust_remote_code") else {}))
-            model = PeftModel.from_pretrained(base, spec["repo"], **({"revision": spec["revision"]} if spec.get("revision") else {}))
+            remote_code = {"trust_remote_code": True} if spec.get("base_trust_remote_code") else {}
+            base = transformers.AutoModelForCausalLM.from_pretrained(spec["base"], **remote_code)
+            revision = {"revision": spec["revision"]} if spec.get("revision") else {}
+            model = PeftModel.from_pretrained(base, spec["repo"], **revision)
         else:
             model = transformers.AutoModelForCausalLM.from_pretrained(spec["repo"], **kwargs)
         model.eval()
         with torch.no_grad():
             logits = model(torch.tensor(spec["input_ids"])).logits
-        results[spec["name"]] = {"logits": logits, "class": type(model).__name__, "posenc": getattr(getattr(model, "config", None), "posenc", None),
+        posenc = getattr(getattr(model, "config", None), "posenc", None)
+        results[spec["name"]] = {"logits": logits, "class": type(model).__name__, "posenc": posenc,
                                  "hf_posenc_imported": "hf_posenc" in sys.modules}
     except Exception as err:  # reported to the test, which decides whether it was expected
         results[spec["name"]] = {"error": f"{type(err).__name__}: {err}"}
@@ -789,7 +808,8 @@ torch.save(results, out)
 """
 
 
-def load_in_fresh_process(server: HubServer, specs: list[dict[str, Any]], workdir: Path, token: str | None = WRITE_TOKEN, timeout: float = 300) -> dict[str, dict[str, Any]]:
+def load_in_fresh_process(server: HubServer, specs: list[dict[str, Any]], workdir: Path,
+                          token: str | None = WRITE_TOKEN, timeout: float = 300) -> dict[str, dict[str, Any]]:
     """Load repos from ``server`` in a new Python process and return their logits.
 
     One process serves many loads because importing torch and transformers dominates the cost.

@@ -1,7 +1,6 @@
 """The architecture table itself: tested list, README table, refusals, what differs per architecture,
 and save/reload plus LoRA on every row."""
 
-import copy
 import json
 from pathlib import Path
 

@@ -12,8 +12,16 @@ import transformers
 from packaging.version import Version
 from peft import TaskType, get_peft_model
 from test_persistence import run_python
-from tiny_models import (BIAS_KINDS, CONFIGS, TABLE_KINDS, VOCAB, input_ids, randomize_position_tables, tiny_config,
-                         tiny_model)
+from tiny_models import (
+    BIAS_KINDS,
+    CONFIGS,
+    TABLE_KINDS,
+    VOCAB,
+    input_ids,
+    randomize_position_tables,
+    tiny_config,
+    tiny_model,
+)
 from transformers.models.auto import modeling_auto
 
 import hf_posenc

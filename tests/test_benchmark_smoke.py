@@ -49,7 +49,7 @@ def test_records_follow_the_issue_schema(bench, run):
                                               ("attention", "forward_backward"), *image}
     assert {t for s, m, t in groups if s.startswith("vit_")} == ({3 * 3 + 1} if LAYOUT_MATCHES else set())
     assert {t for s, m, t in groups if m == "decode"} == {8, 16}
-    for (scope, mode, length), rows in groups.items():
+    for (scope, _mode, _length), rows in groups.items():
         expected = bench.VISION_ENCODINGS if scope in bench.VISION_SCOPES else bench.ENCODINGS
         assert sorted(r["encoding"] for r in rows) == sorted(expected)
         by = {r["encoding"]: r for r in rows}

@@ -125,7 +125,8 @@ def test_t5_gradients_from_the_band_match_explicit_attention(monkeypatch, case):
     got_grads = torch.autograd.grad(got.double(), inputs, upstream)
     expected_grads = torch.autograd.grad(expected, inputs, upstream)
     for name, a, b in zip(("q", "k", "v", "table"), got_grads, expected_grads):
-        torch.testing.assert_close(a.double(), b.double(), rtol=2e-5, atol=2e-5, msg=lambda m: f"{name}: {m}")
+        torch.testing.assert_close(a.double(), b.double(), rtol=2e-5, atol=2e-5,
+                                   msg=lambda m, name=name: f"{name}: {m}")
 
 
 def test_t5_band_covers_every_distance_below_the_last_bucket():

@@ -30,7 +30,8 @@ def test_unknown_key_names_file_key_suggestion_and_allowed_keys(tmp_path):
     with pytest.raises(ConfigError) as caught:
         load_config(FinetuneConfig, path)
     assert str(caught.value) == ("cfg.yaml: lora: unknown key 'alpah' (did you mean 'alpha'?); allowed keys: "
-                                 "r, alpha, dropout, target_modules, modules_to_save, train_embeddings_and_norms, full_attention")
+                                 "r, alpha, dropout, target_modules, modules_to_save, train_embeddings_and_norms, "
+                                 "full_attention")
     with pytest.raises(ConfigError, match=r"^cfg.yaml: top level: unknown key 'trian' \(did you mean 'train'\?\)"):
         load_config(FinetuneConfig, _write(tmp_path, {"posenc": {"kind": "nope"}, "trian": {}}))
 
@@ -43,7 +44,8 @@ def test_unknown_key_names_file_key_suggestion_and_allowed_keys(tmp_path):
         ({"steps": True}, r"^cfg.yaml: train.steps: Input should be a valid integer \(got True\)$"),
         ({"steps": 1.5}, r"^cfg.yaml: train.steps: Input should be a valid integer \(got 1.5\)$"),
         ({"steps": 0}, r"^cfg.yaml: train.steps: Input should be greater than 0 \(got 0\)$"),
-        ({"mixed_precision": "fp8"}, r"^cfg.yaml: train.mixed_precision: Input should be 'no', 'bf16' or 'fp16' \(got 'fp8'\)$"),
+        ({"mixed_precision": "fp8"},
+         r"^cfg.yaml: train.mixed_precision: Input should be 'no', 'bf16' or 'fp16' \(got 'fp8'\)$"),
         ({"lr": "fast"}, r"^cfg.yaml: train.lr: Input should be a valid number \(got 'fast'\)$"),
     ],
 )
@@ -66,7 +68,8 @@ def test_int_is_accepted_where_a_float_is_expected():
 
 
 def test_posenc_is_the_encodings_own_config(tmp_path):
-    cfg = load_config(FinetuneConfig, _write(tmp_path, {"posenc": {"kind": "rope", "rope_type": "yarn", "factor": 4.0}}))
+    posenc = {"kind": "rope", "rope_type": "yarn", "factor": 4.0}
+    cfg = load_config(FinetuneConfig, _write(tmp_path, {"posenc": posenc}))
     assert cfg.posenc == PosEncConfig(kind="rope", rope_type="yarn", factor=4.0)
     # Saved without the unset parameters, as the YAML wrote it.
     assert cfg.model_dump(mode="json")["posenc"] == {"kind": "rope", "rope_type": "yarn", "factor": 4.0}
@@ -77,7 +80,8 @@ def test_posenc_is_the_encodings_own_config(tmp_path):
         with pytest.raises(ConfigError) as caught:
             load_config(FinetuneConfig, _write(tmp_path, {"posenc": posenc}))
         assert str(caught.value) == f"cfg.yaml: {key}: {expected.value}"
-    with pytest.raises(ConfigError, match=r"^cfg.yaml: variants.1.posenc: PosEncConfig\(kind='alibi'\): unknown parameter"):
+    with pytest.raises(ConfigError,
+                       match=r"^cfg.yaml: variants.1.posenc: PosEncConfig\(kind='alibi'\): unknown parameter"):
         load_config(CompareConfig, _write(tmp_path, {"variants": [
             {"name": "a", "posenc": {"kind": "nope"}},
             {"name": "b", "posenc": {"kind": "alibi", "slope": 2}},
@@ -90,7 +94,8 @@ def test_posenc_is_the_encodings_own_config(tmp_path):
 
 def test_variant_train_changes_are_checked_at_load_time(tmp_path):
     data = {"variants": [{"name": "a", "posenc": {"kind": "nope"}, "train": {"seq_lenn": 64}}]}
-    with pytest.raises(ConfigError, match=r"^cfg.yaml: variants.0.train: unknown key 'seq_lenn' \(did you mean 'seq_len'\?\)"):
+    with pytest.raises(ConfigError,
+                       match=r"^cfg.yaml: variants.0.train: unknown key 'seq_lenn' \(did you mean 'seq_len'\?\)"):
         load_config(CompareConfig, _write(tmp_path, data))
     data = {"variants": [{"name": "a", "posenc": {"kind": "nope"}, "train": {"batch_size": 0}}]}
     with pytest.raises(ConfigError, match=r"variants.0.train.batch_size: Input should be greater than 0"):
@@ -165,7 +170,8 @@ def test_every_shipped_config_loads_and_opens_with_its_command(path):
 
 
 def test_compare_configs_list_the_standard_variants():
-    standard = ["rope", "rope_finetuned", "rope_linear", "rope_yarn", "rope_dynamic", "nope", "alibi", "t5_bias", "cope"]
+    standard = ["rope", "rope_finetuned", "rope_linear", "rope_yarn", "rope_dynamic", "nope", "alibi", "t5_bias",
+                "cope"]
     for name in ("compare_quick.yaml", "compare_tiny.yaml"):
         assert [v.name for v in load_config(CompareConfig, CONFIGS / name).variants] == standard
     # The SmolLM2 preset also runs the training-free RoPE extensions, zero-shot.

@@ -141,7 +141,7 @@ def test_attention_matches_the_equations(rope, layout, shape, dtype, backend):
     tol = dict(rtol=0, atol=1e-10) if exact else dict(rtol=0, atol=1e-6 if dtype == torch.float64 else 3e-5)
     torch.testing.assert_close(got.double(), expected, **tol)
     for name, ours_grad, theirs in zip(("q", "k", "v", "u"), got_grads, expected_grads):
-        torch.testing.assert_close(ours_grad.double(), theirs, **tol, msg=lambda m: f"d{name}: {m}")
+        torch.testing.assert_close(ours_grad.double(), theirs, **tol, msg=lambda m, name=name: f"d{name}: {m}")
 
 
 def test_the_widths_really_move_the_positions():
@@ -268,7 +268,8 @@ def test_generation_with_trained_widths_follows_its_positions():
 @pytest.mark.parametrize("arch", ["gpt2", "bert"])
 def test_models_without_rope_are_refused(arch):
     with pytest.raises(ValueError, match=rf"kind='contextual_rope'\) cannot be applied to {arch!r}: the model has "
-                                         r"no RoPE to extend .*allowed: architectures with RoPE \(llama, .*modernbert\)"):
+                                         r"no RoPE to extend .*allowed: architectures with RoPE "
+                                         r"\(llama, .*modernbert\)"):
         hf_posenc.convert(tiny_model(arch), PosEncConfig(kind="contextual_rope"))
 
 
@@ -280,7 +281,8 @@ def test_bad_parameters_name_the_field_and_the_allowed_values():
 
 
 def test_flash_attention_backend_is_refused():
-    with pytest.raises(ValueError, match=r"attn_implementation='flash_attention_2' cannot express .*allowed: \['eager', 'sdpa'\]"):
+    with pytest.raises(ValueError, match=r"attn_implementation='flash_attention_2' cannot express .*"
+                                         r"allowed: \['eager', 'sdpa'\]"):
         hf_posenc.convert(tiny_model("llama"), PosEncConfig(kind="contextual_rope"),
                           attn_implementation="flash_attention_2")
 
@@ -295,7 +297,8 @@ def test_keys_with_other_head_counts_are_refused():
 def test_native_nope_layers_stay_nope():
     model = hf_posenc.convert(tiny_model("smollm3"), PosEncConfig(kind="contextual_rope"))
     nope = {i for i, v in enumerate(model.config.no_rope_layers) if v == 0}
-    assert nope and all(hasattr(layer.self_attn, "posenc") == (i not in nope) for i, layer in enumerate(model.model.layers))
+    layers = enumerate(model.model.layers)
+    assert nope and all(hasattr(layer.self_attn, "posenc") == (i not in nope) for i, layer in layers)
 
 
 def test_a_comparison_variant_validates(tmp_path):

@@ -1,6 +1,5 @@
 """Conversion on every architecture: parity with stock, cache invariants, padding, attention weights."""
 
-import copy
 
 import pytest
 import torch
@@ -118,7 +117,8 @@ def test_left_padded_batch_matches_rows_alone(arch, kind, backend):
     torch.testing.assert_close(padded[1, pad:], alone_short[0], rtol=1e-4, atol=1e-5)
 
 
-@pytest.mark.parametrize("arch,kind", [(arch, kind) for arch in ("llama", "gpt2", "gemma2") for kind in allowed_kinds(arch)])
+@pytest.mark.parametrize("arch,kind",
+                         [(arch, kind) for arch in ("llama", "gpt2", "gemma2") for kind in allowed_kinds(arch)])
 def test_output_attentions_on_eager(arch, kind):
     model = hf_posenc.convert(tiny_model(arch, "eager"), PosEncConfig(kind=kind))
     x = input_ids(2, 9)

@@ -27,27 +27,23 @@ import copy
 
 import pytest
 import torch
-from test_bias_fast import Layer, reference as bias_reference
+from test_bias_fast import Layer
+from test_bias_fast import reference as bias_reference
 from test_cope_fast import causal, make_inputs, naive_cope
-from tiny_models import DECODERS, input_ids, randomize_position_tables, tiny_model
+from tiny_models import KINDS, allowed_kinds, example_params, input_ids, randomize_position_tables, tiny_model
 
 import hf_posenc
-from hf_posenc import PosEncConfig, attention, kernels
+from hf_posenc import PosEncConfig, attention, kernels, registry
 from hf_posenc.encodings import AlibiBias, T5Bias
 from hf_posenc.encodings.cope import cope_attention
 
-#: Encodings under test. ``rope`` is native on RoPE architectures (the stock rotary module); the two
-#: others are the plug-in route (rotation inside hf_posenc's attention function).
+#: Encodings under test: each kind's registry example (RoPE's is the plug-in route: rotation inside hf_posenc's
+#: attention function), for the kinds whose entry says these tolerances were measured on them, and RoPE native
+#: on RoPE architectures (the stock rotary module), on all layers and on one.
 ENCODINGS = {
-    "rope": dict(kind="rope"),
-    "rope_interleaved": dict(kind="rope", layout="interleaved"),
+    **{kind: example_params(kind) for kind in KINDS if registry.get(kind).example.precision_tested},
+    "rope_native": dict(kind="rope"),
     "rope_layers0": dict(kind="rope", layers=[0]),
-    "nope": dict(kind="nope"),
-    "alibi": dict(kind="alibi"),
-    "t5_bias": dict(kind="t5_bias"),
-    "cope": dict(kind="cope"),
-    "kerple": dict(kind="kerple", kernel="power"),
-    "contextual_rope": dict(kind="contextual_rope"),
 }
 #: name -> (weight dtype or None for fp32 weights, autocast dtype or None).
 MODES = {
@@ -58,12 +54,8 @@ MODES = {
 }
 FORWARD_TOL = {torch.bfloat16: 4e-2, torch.float16: 6e-3}
 GRAD_TOL = {torch.bfloat16: 6e-2, torch.float16: 1e-2}
-COPE_GRAD_TOL = 0.15
-#: KERPLE's r1/r2 gradients in bf16: each is one sum over every (query, key) pair of dS * k(d), and a row's dS
-#: sums to 0, so the terms cancel down to the variation of the kernel along the row. Measured on the Llama
-#: case: 0.083 (eager, bf16 autocast; the dense autograd path every bias kind shares), 0.053 (tiled kernel);
-#: fp16 stays at 0.005 and every other parameter within GRAD_TOL.
-KERPLE_BF16_TABLE_TOL = 0.1
+# A kind that needs wider gradient tolerances declares them on its entry, with the reason beside them
+# (``Example.grad_tol``: CoPE; ``Example.bf16_table_grad_tol``: KERPLE's r1/r2).
 #: Weight scale of the test models: HF's 0.02 init gives near-uniform attention on a 32-wide model, where
 #: RoPE changes the logits by less than bf16 rounding (nothing to test). N(0, 0.2) gives O(1) logits.
 WEIGHT_STD = 0.2
@@ -74,14 +66,15 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 # The rows on which these tolerances were measured. The 22 rows added beside them (Gemma 2's soft cap,
 # MoE routing, whose top-k choice flips under bf16 rounding, Cohere, ...) need their own: open item.
 ARCHS = ["llama", "mistral", "qwen2", "qwen3", "phi", "gpt_neox", "gpt2", "bert"]
-#: Not applicable: CoPE on an encoder (causal-only), contextual RoPE without a RoPE to extend.
-SKIPPED = {("bert", "cope"), ("gpt2", "contextual_rope"), ("bert", "contextual_rope")}
+#: Not applicable: a kind the architecture refuses (CoPE on an encoder, contextual RoPE without a RoPE to extend).
+SKIPPED = {(arch, name) for arch in ARCHS for name, params in ENCODINGS.items()
+           if params["kind"] not in allowed_kinds(arch)}
 FORWARD_CASES = [(arch, name) for arch in ARCHS for name in ENCODINGS if (arch, name) not in SKIPPED]
 # Backward: every encoding on Llama; on GPT-2 (Conv1D, zeroed wpe), GPT-NeoX (fused qkv, layer_past) and BERT
 # (bidirectional) the routes that have their own kernels or precision concerns.
 BACKWARD_CASES = [("llama", name) for name in ENCODINGS] + [
-    (arch, name) for arch in ("gpt2", "gpt_neox", "bert") for name in ("rope_interleaved", "alibi", "t5_bias", "cope")
-    if not (arch == "bert" and name == "cope")]
+    (arch, name) for arch in ("gpt2", "gpt_neox", "bert") for name in ("rope", "alibi", "t5_bias", "cope")
+    if (arch, name) not in SKIPPED]
 
 
 def scale_weights(model):
@@ -181,12 +174,13 @@ def test_training_step_with_checkpointing_matches_fp32(arch, encoding, backend):
         expected_loss, expected = gradients(ref, x)
         loss, got = gradients(run, x, MODES[mode][1], checkpointing=True)
         assert got.keys() == expected.keys(), mode  # every parameter (position tables too) gets a gradient
-        tolerance = COPE_GRAD_TOL if encoding == "cope" else GRAD_TOL[precision]
+        example = registry.get(ENCODINGS[encoding]["kind"]).example
+        tolerance = example.grad_tol or GRAD_TOL[precision]
         error = relative_error(torch.cat([got[n].flatten() for n in expected]),
                                torch.cat([expected[n].flatten() for n in expected]))
         assert error <= tolerance, f"{mode}: gradient relative error {error:.3g}"
-        if encoding == "kerple" and precision == torch.bfloat16:
-            tolerance = KERPLE_BF16_TABLE_TOL
+        if example.bf16_table_grad_tol is not None and precision == torch.bfloat16:
+            tolerance = example.bf16_table_grad_tol
         for name in (n for n in expected if ".posenc." in n):  # the tables' gradients come from our kernels
             error = relative_error(got[name], expected[name])
             assert error <= tolerance, f"{mode} {name}: relative error {error:.3g}"

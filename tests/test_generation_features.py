@@ -10,8 +10,16 @@ import copy
 import pytest
 import torch
 from test_core_models import stock_nope
-from test_stock_backends import SETTINGS
-from tiny_models import KINDS, NOOP_KINDS, TABLE_KINDS, VOCAB, input_ids, randomize_position_tables, tiny_model
+from tiny_models import (
+    KINDS,
+    NOOP_KINDS,
+    TABLE_KINDS,
+    VOCAB,
+    example_params,
+    input_ids,
+    randomize_position_tables,
+    tiny_model,
+)
 from transformers import AutoModelForCausalLM, DynamicCache
 
 import hf_posenc
@@ -19,7 +27,7 @@ from hf_posenc import PosEncConfig
 
 
 def converted(kind, backend="sdpa", seed=0):
-    model = hf_posenc.convert(tiny_model("llama", backend, seed=seed), PosEncConfig(kind=kind, **SETTINGS[kind]))
+    model = hf_posenc.convert(tiny_model("llama", backend, seed=seed), PosEncConfig(**example_params(kind)))
     randomize_position_tables(model)
     return model
 
@@ -79,7 +87,7 @@ def test_output_hidden_states(kind):
     torch.testing.assert_close(out.hidden_states[0], model.model.embed_tokens(x), rtol=0, atol=0)
     torch.testing.assert_close(out.logits, plain, rtol=0, atol=0)
     if kind in NOOP_KINDS:  # fresh tables are no-ops: the stock NoPE model's hidden states
-        fresh = hf_posenc.convert(tiny_model("llama", "sdpa"), PosEncConfig(kind=kind, **SETTINGS[kind]))
+        fresh = hf_posenc.convert(tiny_model("llama", "sdpa"), PosEncConfig(**example_params(kind)))
         with torch.no_grad():
             expected = stock_nope("llama", "sdpa")(x, output_hidden_states=True).hidden_states
             got = fresh(x, output_hidden_states=True).hidden_states
@@ -100,7 +108,8 @@ def test_gradient_checkpointing_gives_the_same_gradients(kind, backend):
     model = converted(kind, backend)
     checkpointed = copy.deepcopy(model)
     # transformers 5.2x renamed it activation checkpointing (the old name warns); 5.1 has only the old one.
-    enable = getattr(checkpointed, "activation_checkpointing_enable", None) or checkpointed.gradient_checkpointing_enable
+    enable = (getattr(checkpointed, "activation_checkpointing_enable", None)
+              or checkpointed.gradient_checkpointing_enable)
     enable()
     assert any(getattr(m, "gradient_checkpointing", False) for m in checkpointed.modules())
     batch = input_ids(2, 10)

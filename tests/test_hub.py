@@ -9,13 +9,13 @@ from __future__ import annotations
 import csv
 import json
 import math
-import tomllib
 import urllib.error
 import urllib.request
 from pathlib import Path
 
 import huggingface_hub
 import pytest
+import tomllib
 import torch
 import transformers
 from huggingface_hub import HfApi, ModelCard, hf_hub_download
@@ -31,18 +31,23 @@ from hub_server import (  # noqa: F401
     USER,
     WRITE_TOKEN,
     ClientGeneration,
-    assert_one_atomic_push,
     HubServer,
+    assert_one_atomic_push,
     hub_server,
     load_in_fresh_process,
     single_thread_logits,
 )
+from huggingface_hub import HfApi, ModelCard, hf_hub_download
+from huggingface_hub.errors import RepositoryNotFoundError
+
+from hf_posenc import cards, cli, hub
 
 INPUT_IDS = [[3, 14, 15, 9, 26, 5, 35, 8, 9, 7, 9, 3]]
 
 def raw_request(url: str, data: bytes | None = None, headers: dict[str, str] | None = None) -> tuple[int, bytes]:
     """One request with the standard library (whatever HTTP client this huggingface_hub uses); (status, body)."""
-    request = urllib.request.Request(url, data=data, headers=headers or {}, method="POST" if data is not None else "GET")
+    method = "POST" if data is not None else "GET"
+    request = urllib.request.Request(url, data=data, headers=headers or {}, method=method)
     try:
         with urllib.request.urlopen(request, timeout=30) as response:
             return response.status, response.read()
@@ -82,14 +87,15 @@ def test_client_version_is_in_the_range_the_server_was_checked_against():
 
     # The range the project declares, read from pyproject.toml so the two cannot drift apart.
     pyproject = tomllib.loads((Path(__file__).parents[1] / "pyproject.toml").read_text())
-    (requirement,) = [d for d in pyproject["project"]["dependencies"] if d.replace("-", "_").startswith("huggingface_hub")]
+    (requirement,) = (d for d in pyproject["project"]["dependencies"]
+                      if d.replace("-", "_").startswith("huggingface_hub"))
     declared = SpecifierSet(requirement.removeprefix("huggingface_hub").removeprefix("-hub"))
     installed = Version(huggingface_hub.__version__)
     checked = sorted(Version(v) for v in CHECKED_HUGGINGFACE_HUB)
     assert installed in declared, f"huggingface_hub {installed} is outside the declared range {declared}"
     # The server was read from, and passed with, the floor and the newest release. Another release of
     # those major versions speaks the same subset; a new major version must be re-read first.
-    (floor,) = [Version(spec.version) for spec in declared if spec.operator == ">="]
+    (floor,) = (Version(spec.version) for spec in declared if spec.operator == ">=")
     assert checked[0].release[:2] == floor.release[:2] and all(v in declared for v in checked), (
         f"CHECKED_HUGGINGFACE_HUB={CHECKED_HUGGINGFACE_HUB} must start at the declared floor and stay inside {declared}"
     )
@@ -124,7 +130,8 @@ def test_stock_folder_round_trip_in_a_fresh_process(hub_server, llama_folder, tm
     assert len(messages) == 2 and messages[1] == "initial commit" and messages[0].startswith("Upload model")
 
     hub_server.clear_calls()
-    loaded = load_in_fresh_process(hub_server, [{"name": "stock", "repo": result.repo_id, "input_ids": INPUT_IDS}], tmp_path)
+    loaded = load_in_fresh_process(hub_server, [{"name": "stock", "repo": result.repo_id, "input_ids": INPUT_IDS}],
+                                   tmp_path)
     assert "error" not in loaded["stock"], loaded["stock"]
     assert torch.equal(loaded["stock"]["logits"], local)
     # A load only reads; whether transformers resolves the revision first (model_info) is its business.
@@ -185,14 +192,17 @@ def test_private_repo_needs_the_owner_token(hub_server, llama_folder, tmp_path):
     assert hub_server.repos[result.repo_id].private
     for token in (False, OTHER_TOKEN):
         with pytest.raises(RepositoryNotFoundError):
-            hf_hub_download(result.repo_id, "config.json", endpoint=hub_server.url, token=token, cache_dir=str(tmp_path / str(token)))
-    path = hf_hub_download(result.repo_id, "config.json", endpoint=hub_server.url, token=WRITE_TOKEN, cache_dir=str(tmp_path / "ok"))
+            hf_hub_download(result.repo_id, "config.json", endpoint=hub_server.url, token=token,
+                            cache_dir=str(tmp_path / str(token)))
+    path = hf_hub_download(result.repo_id, "config.json", endpoint=hub_server.url, token=WRITE_TOKEN,
+                           cache_dir=str(tmp_path / "ok"))
     assert Path(path).read_bytes() == (llama_folder / "config.json").read_bytes()
 
 
 def test_branch_and_pull_request_leave_main_alone(hub_server, llama_folder):
     main = hub.push_to_hub(llama_folder, f"{USER}/refs")
-    branch = hub.push_to_hub(llama_folder, f"{USER}/refs", revision="dev", training={"steps": 1}, commit_message="dev card")
+    branch = hub.push_to_hub(llama_folder, f"{USER}/refs", revision="dev", training={"steps": 1},
+                             commit_message="dev card")
     assert "create_branch" in hub_server.endpoints()
     assert hub_server.head(main.repo_id, "dev").oid == branch.commit_oid
     assert hub_server.head(main.repo_id, "dev").message == "dev card"
@@ -248,7 +258,9 @@ def test_network_failure_during_lfs_upload_commits_nothing(hub_server, llama_fol
     monkeypatch.setattr(_http.time, "sleep", lambda seconds: None)
     attempts = ClientGeneration.installed().dropped_upload_attempts
     hub_server.inject_fault("lfs_upload", mode="disconnect", times=attempts)
-    with pytest.raises(hub.PushFailedError, match=f"Network failure while pushing to {USER}/dropped.*No commit was created.*Run the push again"):
+    with pytest.raises(hub.PushFailedError,
+                       match=f"Network failure while pushing to {USER}/dropped.*No commit was created.*"
+                             "Run the push again"):
         hub.push_to_hub(llama_folder, f"{USER}/dropped")
     uploads = [c for c in hub_server.calls if c.endpoint == "lfs_upload"]
     assert len(uploads) == attempts and all(c.status == 0 for c in uploads)
@@ -289,7 +301,8 @@ def test_push_to_an_endpoint_other_than_hf_endpoint(hub_server, llama_folder):
         again = hub.push_to_hub(llama_folder, f"{USER}/elsewhere", endpoint=other.url)
         assert first.commit_oid == again.commit_oid == other.head(f"{USER}/elsewhere").oid
         assert first.commit_url == f"{other.url}/{USER}/elsewhere/commit/{first.commit_oid}"
-        assert other.files(f"{USER}/elsewhere")["model.safetensors"] == (llama_folder / "model.safetensors").read_bytes()
+        pushed = other.files(f"{USER}/elsewhere")["model.safetensors"]
+        assert pushed == (llama_folder / "model.safetensors").read_bytes()
     assert hub_server.calls == [] and hub_server.repos == {}
     assert constants.ENDPOINT == hub_server.url
 
@@ -300,14 +313,17 @@ def test_repo_holding_another_model_is_refused_unless_overwrite(hub_server, llam
     tiny_llama(hidden=32).save_pretrained(other)
     (other / "notes.txt").write_text("x")
     hub_server.clear_calls()
-    with pytest.raises(hub.RepoConflictError, match=r"(?s)already holds a different model:\n  - hidden_size: remote 16 != local 32.*overwrite=True"):
+    with pytest.raises(hub.RepoConflictError,
+                       match=r"(?s)already holds a different model:\n  - hidden_size: remote 16 != local 32.*"
+                             "overwrite=True"):
         hub.push_to_hub(other, f"{USER}/taken")
     assert "commit" not in hub_server.endpoints()
     assert hub_server.head(first.repo_id).oid == first.commit_oid
 
     # An adapter cannot silently land on a full-model repo either.
     (tmp_path / "adapter").mkdir()
-    (tmp_path / "adapter" / "adapter_config.json").write_text(json.dumps({"peft_type": "LORA", "base_model_name_or_path": str(llama_folder)}))
+    adapter_config = {"peft_type": "LORA", "base_model_name_or_path": str(llama_folder)}
+    (tmp_path / "adapter" / "adapter_config.json").write_text(json.dumps(adapter_config))
     with pytest.raises(hub.UnconvertedBaseError):
         hub.push_to_hub(tmp_path / "adapter", f"{USER}/taken")
 
@@ -361,8 +377,10 @@ def test_server_commit_is_atomic_when_an_lfs_object_is_missing(hub_server):
         {"key": "lfsFile", "value": {"path": "w.safetensors", "algo": "sha256", "oid": "0" * 64, "size": 3}},
     ])
     status, body = raw_request(f"{hub_server.url}/api/models/{USER}/raw/commit/main", payload.encode(),
-                               headers={"Authorization": f"Bearer {WRITE_TOKEN}", "Content-Type": "application/x-ndjson"})
-    assert status == 400 and "LFS object " + "0" * 64 + " for w.safetensors was not uploaded" in json.loads(body)["error"]
+                               headers={"Authorization": f"Bearer {WRITE_TOKEN}",
+                                        "Content-Type": "application/x-ndjson"})
+    missing = "LFS object " + "0" * 64 + " for w.safetensors was not uploaded"
+    assert status == 400 and missing in json.loads(body)["error"]
     assert hub_server.head(f"{USER}/raw") == before and "a.txt" not in hub_server.files(f"{USER}/raw")
 
 
@@ -378,7 +396,8 @@ def test_invalid_card_metadata_is_rejected_by_validate_yaml(hub_server, llama_fo
     with pytest.raises(hub.PushFailedError, match="(?s)rejected the model card metadata.*base_model_relation"):
         hub.push_to_hub(llama_folder, f"{USER}/badcard")
     # The card is checked before anything is uploaded: no upload, no commit, the repo as created.
-    assert "validate_yaml" in hub_server.endpoints() and not (UPLOAD_ENDPOINTS | {"commit"}) & set(hub_server.endpoints())
+    endpoints = set(hub_server.endpoints())
+    assert "validate_yaml" in endpoints and not (UPLOAD_ENDPOINTS | {"commit"}) & endpoints
     assert set(hub_server.files(f"{USER}/badcard")) == {".gitattributes"}
 
 
@@ -390,7 +409,8 @@ def test_comparison_report_renders_every_method_and_the_best(tmp_path):
         {"method": "yarn x2", "length": 512, "perplexity": 5.57, "passkey_accuracy": 1.0},
     ]
     path = tmp_path / "results.json"
-    path.write_text(json.dumps({"results": rows, "dataset_name": "stdlib sources", "protocol": "Non-overlapping windows."}))
+    path.write_text(json.dumps({"results": rows, "dataset_name": "stdlib sources",
+                                "protocol": "Non-overlapping windows."}))
     summary = load_results(path)
     card = cards.render_report(summary, title="Context extension", base_model="HuggingFaceTB/SmolLM2-135M")
     parsed = ModelCard(str(card))
@@ -446,7 +466,8 @@ def test_cli_push_with_the_comparison_recipes_results(hub_server, llama_folder, 
     results = tmp_path / "results.json"
     results.write_text(json.dumps(data))
 
-    code = cli.main(["push", str(llama_folder), f"{USER}/cli", "--results", str(results), "--results-method", "this", "--private",
+    code = cli.main(["push", str(llama_folder), f"{USER}/cli", "--results", str(results), "--results-method", "this",
+                     "--private",
                      "--tag", "context-extension"])
     assert code == 0
     url = capsys.readouterr().out.strip()

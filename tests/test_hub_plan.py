@@ -17,6 +17,7 @@ import pytest
 import torch
 from huggingface_hub import CommitOperationAdd, CommitOperationDelete
 from peft import get_peft_model
+from tiny_models import input_ids, randomize_position_tables, tiny_model
 from transformers import AutoModelForCausalLM
 
 import hf_posenc
@@ -25,7 +26,6 @@ from hf_posenc.results import EvalSummary, records_from_rows
 from hf_posenc.architectures import MODEL_TYPE_PREFIX
 from hf_posenc.config import NATIVE_KEY
 from hf_posenc.convert import is_native_checkpoint
-from tiny_models import input_ids, randomize_position_tables, tiny_model
 
 STUB = "modeling_hf_posenc.py"
 # Both persistence routes: native RoPE variants (stock checkpoints) and the plug-in (remote code).
@@ -215,7 +215,8 @@ def adapters(saved, tmp_path):
     # Written by hand: peft's save_pretrained would look a Hub id up on the real Hub.
     remote = shutil.copytree(tmp_path / "local", tmp_path / "remote")
     adapter_config = json.loads((remote / "adapter_config.json").read_text())
-    (remote / "adapter_config.json").write_text(json.dumps({**adapter_config, "base_model_name_or_path": "me/cope-base"}))
+    remote_config = {**adapter_config, "base_model_name_or_path": "me/cope-base"}
+    (remote / "adapter_config.json").write_text(json.dumps(remote_config))
     return base_dir, tmp_path / "local", remote
 
 
@@ -229,7 +230,8 @@ def test_plan_of_an_adapter_points_it_at_the_hub_base_and_keeps_peft_metadata(ad
     meta = plan.card.data.to_dict()
     assert meta["library_name"] == "peft" and meta["base_model"] == "me/cope-base"
     assert {"posenc-cope", "lora", "base_model:adapter:me/cope-base"} <= set(meta["tags"])
-    assert plan.default_message == f"Upload LoRA adapter ({cards.describe_encoding(_config(base_dir)['posenc'])}) with hf_posenc"
+    encoding = cards.describe_encoding(_config(base_dir)["posenc"])
+    assert plan.default_message == f"Upload LoRA adapter ({encoding}) with hf_posenc"
 
     # Without a local base, the plan needs the base config given: it never reads the Hub itself.
     with pytest.raises(hub.UnconvertedBaseError, match="pass base_config="):

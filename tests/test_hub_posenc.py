@@ -12,28 +12,30 @@ import json
 
 import pytest
 import torch
+from hub_server import (  # noqa: F401
+    READ_ENDPOINTS,
+    USER,
+    assert_one_atomic_push,
+    hub_server,
+    load_in_fresh_process,
+    single_thread_logits,
+)
 from huggingface_hub import ModelCard, hf_hub_download
 from peft import LoraConfig, get_peft_model
+from tiny_models import allowed_kinds, example_params, randomize_position_tables, tiny_model
 
 import hf_posenc
 from hf_posenc import hub
-from hub_server import READ_ENDPOINTS, USER, assert_one_atomic_push, hub_server, load_in_fresh_process, single_thread_logits  # noqa: F401
-from tiny_models import randomize_position_tables, tiny_model
 
 INPUT_IDS = [[5, 17, 42, 8, 99, 3, 61, 23, 7, 88, 14, 2, 35, 70]]
 
-# Every encoding, and both RoPE persistence routes: native (stock checkpoint) and custom code.
+# Every encoding (its registry entry's example; RoPE's is the plug-in route), native RoPE (a stock checkpoint),
+# and ALiBi on an architecture without RoPE.
 ENCODINGS = {
     "rope-yarn": ("llama", {"kind": "rope", "rope_type": "yarn", "factor": 2.0}),
-    "rope-interleaved": ("llama", {"kind": "rope", "layout": "interleaved"}),
-    "nope": ("llama", {"kind": "nope"}),
-    "alibi": ("llama", {"kind": "alibi"}),
-    "t5_bias": ("llama", {"kind": "t5_bias", "num_buckets": 8, "max_distance": 16}),
-    "cope": ("llama", {"kind": "cope", "npos_max": 16}),
-    "kerple": ("llama", {"kind": "kerple"}),
+    **{kind: ("llama", example_params(kind)) for kind in allowed_kinds("llama")},
     "alibi-gpt2": ("gpt2", {"kind": "alibi"}),
 }
-
 
 def converted(arch: str, params: dict, seed: int = 0):
     # sdpa: the backend from_pretrained picks by default, so the reference and the reload run the same kernels.
@@ -109,7 +111,8 @@ def test_adapter_with_position_tables_round_trips_onto_the_converted_base(hub_se
     assert not torch.allclose(local, logits_of(base), atol=1e-4)
 
     hub_server.clear_calls()
-    result = hub.push_to_hub(peft_model, f"{USER}/cope-lora", base_model=base_repo, training={"steps": 10, "seq_len": 14})
+    result = hub.push_to_hub(peft_model, f"{USER}/cope-lora", base_model=base_repo,
+                             training={"steps": 10, "seq_len": 14})
     assert_one_atomic_push(hub_server)
     files = hub_server.files(result.repo_id)
     adapter_config = json.loads(files["adapter_config.json"])
@@ -119,7 +122,8 @@ def test_adapter_with_position_tables_round_trips_onto_the_converted_base(hub_se
     readme = hf_hub_download(result.repo_id, "README.md", endpoint=hub_server.url, cache_dir=str(tmp_path / "c"))
     meta = ModelCard.load(readme).data.to_dict()
     # peft's own metadata survives, ours is added.
-    assert meta["library_name"] == "peft" and meta["base_model"] == base_repo and meta["base_model_relation"] == "adapter"
+    assert meta["library_name"] == "peft" and meta["base_model"] == base_repo
+    assert meta["base_model_relation"] == "adapter"
     assert {"hf_posenc", "posenc-cope", "lora", f"base_model:adapter:{base_repo}"} <= set(meta["tags"])
 
     loaded = load_in_fresh_process(hub_server, [{

@@ -159,4 +159,5 @@ def test_fold_forward_and_gradients_match_fp64(monkeypatch, case):
     got_grads = torch.autograd.grad(got.double(), (q, k, v), upstream)
     expected_grads = torch.autograd.grad(expected, (q, k, v), upstream)
     for name, a, b in zip("qkv", got_grads, expected_grads):
-        torch.testing.assert_close(a.double(), b.double(), rtol=2e-5, atol=2e-5, msg=lambda m: f"{name}: {m}")
+        torch.testing.assert_close(a.double(), b.double(), rtol=2e-5, atol=2e-5,
+                                   msg=lambda m, name=name: f"{name}: {m}")

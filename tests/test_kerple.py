@@ -60,7 +60,8 @@ def compare(module, got, q, k, v, q_pos, k_pos, allowed):
     got_grads = torch.autograd.grad(got.double(), (q, k, v, module.r1, module.r2), upstream)
     expected_grads = torch.autograd.grad(expected, (q, k, v, r1, r2), upstream)
     for name, a, b in zip(("q", "k", "v", "r1", "r2"), got_grads, expected_grads):
-        torch.testing.assert_close(a.double(), b.double(), rtol=2e-5, atol=2e-5, msg=lambda m: f"{name}: {m}")
+        torch.testing.assert_close(a.double(), b.double(), rtol=2e-5, atol=2e-5,
+                                   msg=lambda m, name=name: f"{name}: {m}")
 
 
 @pytest.fixture

@@ -41,7 +41,8 @@ def setuptools_config():
 def test_package_data_matches_every_shipped_file(setuptools_config):
     assert setuptools_config["package-dir"]["hf_posenc._recipes"] == "recipes"
     patterns = setuptools_config["package-data"]["hf_posenc._recipes"]
-    shipped = [p for folder in ("configs", "metrics", "accelerate", "lm_eval_tasks") for p in (RECIPES / folder).rglob("*")
+    shipped = [p for folder in ("configs", "metrics", "accelerate", "lm_eval_tasks")
+               for p in (RECIPES / folder).rglob("*")
                if p.is_file() and "__pycache__" not in p.parts]
     assert len(shipped) >= 13  # 7 configs, 4 accelerate configs, 2 metric modules at the time of writing
     # setuptools globs relative to the package folder; fnmatch's "*" also crosses "/", so match per part.
@@ -160,7 +161,8 @@ def test_compare_config_resolution(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     (tmp_path / "tiny").write_text("model: {}\n")
     assert presets.resolve_config("tiny", "compare") == Path("tiny")  # an existing file wins over a preset name
-    with pytest.raises(FileNotFoundError, match=r"built-in compare preset \(quick, compare_quick, recalibration, compare_recalibration, smollm2"):
+    with pytest.raises(FileNotFoundError, match=r"built-in compare preset \(quick, compare_quick, recalibration, "
+                                                r"compare_recalibration, smollm2"):
         presets.resolve_config("finetune_yarn_quick", "compare")  # a preset of another kind
     with pytest.raises(FileNotFoundError, match="no such file"):
         presets.resolve_config("configs/compare_tiny.yaml", "compare")  # a path is never swapped for a preset
@@ -211,7 +213,8 @@ def test_recipe_scripts_add_only_a_checkout_to_sys_path(tmp_path):
              "    sys.path[:] = before\n")
     env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
     # The installed layout imports hf_posenc from the checkout through PYTHONPATH, as a wheel would from site-packages.
-    for folder, folder_above, run_env, expected in ((packaged, packaged.parent, {**env, "PYTHONPATH": str(ROOT)}, False),
+    installed_env = {**env, "PYTHONPATH": str(ROOT)}
+    for folder, folder_above, run_env, expected in ((packaged, packaged.parent, installed_env, False),
                                                     (RECIPES, ROOT, env, True)):
         out = subprocess.run([sys.executable, "-c", probe, *(str(folder / s) for s in scripts)], cwd=tmp_path,
                              env=run_env, capture_output=True, text=True, timeout=300)

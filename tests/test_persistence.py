@@ -8,23 +8,27 @@ import textwrap
 
 import pytest
 import torch
-from tiny_models import KINDS, input_ids, randomize_position_tables, tiny_model
+from tiny_models import example_params, input_ids, randomize_position_tables, tiny_model, token_kinds
 
 import hf_posenc
-from hf_posenc import PosEncConfig
+from hf_posenc import PosEncConfig, registry
 
 TESTS_DIR = os.path.dirname(__file__)
-SETTINGS = {
-    "rope": {"rope_type": "yarn", "factor": 2.0},  # native: must save as a stock checkpoint
-    "nope": {},
-    "alibi": {},
-    "t5_bias": {"num_buckets": 8, "max_distance": 20},
-    "cope": {"npos_max": 16},
-    "kerple": {"kernel": "power"},
-}
-ARCHS = {"rope": ["llama"], "nope": ["llama"], "alibi": ["llama", "gpt2"], "t5_bias": ["qwen3", "bert"],
-         "cope": ["llama", "gpt_neox"], "contextual_rope": ["llama", "gpt_neox"]}
-CASES = [(kind, arch) for kind in KINDS for arch in ARCHS.get(kind, ["llama"])]
+#: RoPE through the stock route too: a native setting must save as a stock checkpoint.
+NATIVE = ("rope-native", {"kind": "rope", "rope_type": "yarn", "factor": 2.0}, "llama")
+
+
+def cases() -> list[tuple[str, str]]:
+    """``(name, arch)``: every token kind's example on each of its entry's ``archs``, and native RoPE."""
+    return [(kind, arch) for kind in token_kinds() for arch in registry.get(kind).example.archs] + [NATIVE[::2]]
+
+
+def params_of(name: str) -> dict:
+    """The ``PosEncConfig`` keywords of a case."""
+    return NATIVE[1] if name == NATIVE[0] else example_params(name)
+
+
+CASES = cases()
 
 
 def run_python(code: str, env=None) -> subprocess.CompletedProcess:
@@ -52,22 +56,22 @@ def saved(tmp_path_factory):
     out = {}
     x = input_ids()
     torch.save(x, root / "inputs.pt")
-    for kind, arch in CASES:
-        model = hf_posenc.convert(tiny_model(arch, "sdpa"), PosEncConfig(kind=kind, **SETTINGS.get(kind, {})))
+    for name, arch in CASES:
+        model = hf_posenc.convert(tiny_model(arch, "sdpa"), PosEncConfig(**params_of(name)))
         randomize_position_tables(model)
-        path = root / f"{kind}-{arch}"
+        path = root / f"{name}-{arch}"
         model.save_pretrained(path)
         with torch.no_grad():
-            out[(kind, arch)] = (path, model(x)[0])
+            out[(name, arch)] = (path, model(x)[0])
     return root, out
 
 
 @pytest.mark.parametrize("route", ["import", "remote_code"])
-@pytest.mark.parametrize("kind,arch", CASES)
-def test_fresh_process_load_gives_identical_logits(saved, kind, arch, route):
+@pytest.mark.parametrize("name,arch", CASES)
+def test_fresh_process_load_gives_identical_logits(saved, name, arch, route):
     root, out = saved
-    path, expected = out[(kind, arch)]
-    native = kind == "rope"
+    path, expected = out[(name, arch)]
+    native = name == NATIVE[0]
     prelude = "import hf_posenc" if route == "import" else ""
     extra = ", trust_remote_code=True" if route == "remote_code" else ""
     result = run_python(LOAD.format(prelude=prelude, is_bert=arch == "bert", path=str(path), extra=extra,
@@ -80,7 +84,7 @@ def test_fresh_process_load_gives_identical_logits(saved, kind, arch, route):
         assert config["model_type"] == "llama" and "auto_map" not in config
         assert config["rope_parameters"]["rope_type"] == "yarn" and config["rope_parameters"]["rope_theta"] == 10000.0
     else:
-        assert config["model_type"] == f"hf_posenc_{arch}" and config["posenc"]["kind"] == kind
+        assert config["model_type"] == f"hf_posenc_{arch}" and config["posenc"]["kind"] == params_of(name)["kind"]
         assert "CLASS HfPosenc" in result.stdout
     if route == "remote_code":
         # The user did not import hf_posenc: the checkpoint's own code did (native RoPE needs none).
@@ -89,7 +93,7 @@ def test_fresh_process_load_gives_identical_logits(saved, kind, arch, route):
 
 def test_native_rope_checkpoint_loads_in_stock_transformers(saved):
     root, out = saved
-    path, expected = out[("rope", "llama")]
+    path, expected = out[NATIVE[::2]]
     result = run_python(LOAD.format(prelude="", is_bert=False, path=str(path), extra="",
                                     inputs=str(root / "inputs.pt"), out=str(path / "stock.pt")))
     assert result.returncode == 0, result.stderr[-3000:]
@@ -100,7 +104,7 @@ def test_native_rope_checkpoint_loads_in_stock_transformers(saved):
 @pytest.mark.parametrize("kind", ["nope", "alibi", "t5_bias", "cope"])
 def test_loading_without_plugin_fails_and_says_to_install(saved, kind):
     root, out = saved
-    arch = ARCHS[kind][0]
+    arch = registry.get(kind).example.archs[0]
     path, _ = out[(kind, arch)]
     # hf_posenc made unimportable in the child, exactly as on a machine where it is not installed.
     block = (
@@ -169,7 +173,8 @@ def test_import_changes_no_stock_model():
         assert torch.equal(before, after) and torch.equal(before, fresh(x).logits)
         assert all(getattr(modeling_llama, n).forward is f for n, f in forwards.items())
         assert all(AttentionInterface._global_mapping[k] is v for k, v in stock.items())
-        assert type(fresh) is LlamaForCausalLM and fresh.config._attn_implementation == model.config._attn_implementation
+        assert type(fresh) is LlamaForCausalLM
+        assert fresh.config._attn_implementation == model.config._attn_implementation
         print("OK")
     """
     result = run_python(code)

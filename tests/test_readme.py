@@ -22,15 +22,14 @@ import re
 import shlex
 import subprocess
 import sys
-import tomllib
 from pathlib import Path
 
 import pytest
+import tomllib
 import torch
-from transformers import LlamaConfig, LlamaForCausalLM
-from tiny_vision_models import LAYOUT_MATCHES
-
 from hub_server import USER, hub_server  # noqa: F401  (fixture)
+from tiny_vision_models import LAYOUT_MATCHES
+from transformers import LlamaConfig, LlamaForCausalLM
 
 REPO = Path(__file__).resolve().parents[1]
 READMES = [REPO / "README.md", REPO / "recipes" / "README.md"]
@@ -38,7 +37,8 @@ BASE = "path/to/llama"
 # Placeholder in a snippet -> what the test uses (format fields: base, user).
 SUBSTITUTIONS = {BASE: "{base}", "me/": "{user}/"}
 # Names a README states that are neither repository files nor produced by a snippet run here.
-PLACEHOLDERS = {"hf_posenc/_recipes", "metrics/<name>/", "/path/to/hf_posenc", "hf_posenc-*.whl", "~/.cache/hf_posenc", ".csv", ".json", ".gguf"}
+PLACEHOLDERS = {"hf_posenc/_recipes", "metrics/<name>/", "/path/to/hf_posenc", "hf_posenc-*.whl", "~/.cache/hf_posenc",
+                ".csv", ".json", ".gguf"}
 # Outputs of long runs that are not run here -> the committed file the same code wrote.
 PRODUCED = {
     "runs/compare_quick/results.md": "recipes/results/compare_quick/results.md",
@@ -94,9 +94,11 @@ def test_python_snippets_run(base_folder, hub_server, tmp_path, monkeypatch):  #
             try:
                 exec(compile(code, f"{readme.name}:{line}", "exec"), {"__name__": "__readme__"})
             except Exception as error:
-                raise AssertionError(f"{readme.relative_to(REPO)} line {line}: {type(error).__name__}: {error}") from error
+                where = f"{readme.relative_to(REPO)} line {line}"
+                raise AssertionError(f"{where}: {type(error).__name__}: {error}") from error
             for name in _saved_names(code):
-                assert (tmp_path / name / "config.json").is_file() or (tmp_path / name / "adapter_config.json").is_file(), name
+                folder = tmp_path / name
+                assert (folder / "config.json").is_file() or (folder / "adapter_config.json").is_file(), name
             ran += 1
     assert ran >= 2
     # What the comments of the quick start promise about the saved folders.

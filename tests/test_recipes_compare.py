@@ -52,17 +52,19 @@ def test_outputs_and_schema(compared):
         by_name["rope"]["perplexity"]["non_overlapping"]["32"], rel=1e-6)
     # One results model: the CSV is the cards' table of the JSON's numbers, one row per (variant, length).
     rows = list(csv.DictReader(paths["csv"].open()))
-    assert len(rows) == 9 * 3 and set(rows[0]) == {"method", "length", "perplexity", "perplexity_sliding", "passkey_accuracy"}
+    assert len(rows) == 9 * 3
+    assert set(rows[0]) == {"method", "length", "perplexity", "perplexity_sliding", "passkey_accuracy"}
     assert load_results(paths["csv"]).records == load_results(paths["json"]).records
     yarn = load_results(paths["csv"]).value("rope_yarn", 64, "perplexity_sliding")
     assert yarn == by_name["rope_yarn"]["perplexity"]["sliding"]["64"]  # exact: floats round-trip through the CSV
     table = paths["markdown"].read_text()
     first = table.split("\n\n")[0]
-    assert sum(line.startswith("| ") for line in first.splitlines()) == 10 and "ppl@64" in first and "passkey@256" in first
+    assert sum(line.startswith("| ") for line in first.splitlines()) == 10
+    assert "ppl@64" in first and "passkey@256" in first
     # RULER-style tasks: every task, length and depth of the tiny grid, with the trial count it asked for.
     for v in results["variants"]:
         assert list(v["ruler"]) == ["single_needle", "multi_key", "multi_value", "variable_tracking"]
-        for task, by_length in v["ruler"].items():
+        for by_length in v["ruler"].values():
             cell = by_length["256"]
             assert cell["trials"] == 2 and set(cell["by_depth"]) == {"0.5"}
             assert cell["by_depth"]["0.5"]["accuracy"] == cell["accuracy"]  # one depth: pooled == the cell
@@ -144,7 +146,8 @@ def test_default_assets_dir(tmp_path):
     (tmp_path / "recipes").mkdir()
     out = Path("runs/compare_quick")
     assert default_assets_dir(tmp_path / "README.md", out) == tmp_path / "recipes" / "results" / "compare_quick"
-    assert default_assets_dir(tmp_path / "recipes" / "README.md", out) == tmp_path / "recipes" / "results" / "compare_quick"
+    expected = tmp_path / "recipes" / "results" / "compare_quick"
+    assert default_assets_dir(tmp_path / "recipes" / "README.md", out) == expected
     assert default_assets_dir(tmp_path / "docs" / "README.md", out) == tmp_path / "docs" / "results" / "compare_quick"
 
 
@@ -242,7 +245,8 @@ def test_orderings_and_checks_are_decided_by_the_spread():
     assert at_8["letters"] == {"rope": "a", "rope_yarn": "abc", "rope_linear": "b", "alibi": "c"}
     from hf_posenc.experiments.context_extension.report import orderings_markdown
 
-    assert "- @8: rope 10.00 (a), rope_yarn 10.50 (abc), rope_linear 11.00 (b), alibi 12.00 (c)" in orderings_markdown(results)
+    expected = "- @8: rope 10.00 (a), rope_yarn 10.50 (abc), rope_linear 11.00 (b), alibi 12.00 (c)"
+    assert expected in orderings_markdown(results)
     # Two deterministic variants (point intervals) within 1 %: not separable either.
     results["variants"].append(_seeded("rope_dynamic", False, {8: [10.05], 64: [31.0]}))
     at_8 = next(o for o in orderings(results) if o["length"] == 8)
@@ -343,13 +347,17 @@ def test_recalibration_curves_longlora_and_full_attention(tmp_path, monkeypatch)
         # The last point is the trained model at L on the same tokens the evaluation scores (eval_tokens = 256).
         assert curve[-1]["perplexity"] == pytest.approx(by_name[name]["perplexity"]["non_overlapping"]["32"], rel=1e-4)
     # The yardstick: the base itself on the curves' tokens (= the rope row's ppl@L here: curve_tokens = eval_tokens).
-    assert results["curve_reference"]["perplexity"] == pytest.approx(by_name["rope"]["perplexity"]["non_overlapping"]["32"], rel=1e-6)
+    reference = by_name["rope"]["perplexity"]["non_overlapping"]["32"]
+    assert results["curve_reference"]["perplexity"] == pytest.approx(reference, rel=1e-6)
     # Step 0 is the converted model before any training: the same model for all three.
-    assert len({round(by_name[n]["curve"][0]["perplexity"], 6) for n in ("alibi", "alibi_longlora", "alibi_attention")}) == 1
+    names = ("alibi", "alibi_longlora", "alibi_attention")
+    first_points = {round(by_name[n]["curve"][0]["perplexity"], 6) for n in names}
+    assert len(first_points) == 1
     assert not (tmp_path / "out" / "variants" / "alibi_attention" / "adapter").exists()  # no adapter: trained in full
     assert (tmp_path / "out" / "variants" / "alibi_longlora" / "adapter").is_dir()
     table = paths["markdown"].read_text()
-    assert "**Recalibration**" in table and table.count("| alibi") >= 6 and paths["curves_plot"].read_bytes()[:4] == b"\x89PNG"
+    assert "**Recalibration**" in table and table.count("| alibi") >= 6
+    assert paths["curves_plot"].read_bytes()[:4] == b"\x89PNG"
 
 
 def test_full_attention_trains_only_attention_projections_and_tables():
@@ -386,5 +394,6 @@ def test_recalibration_verdicts():
         point["train_tokens"] = 40_000 * i
     results["variants"].append(sparse)
     verdicts = {r["name"]: r["verdict"] for r in recalibration(results)}
-    assert verdicts == {"a": "recovered (within 10 % of the base)", "b": "still improving: under-trained at this budget",
-                        "c": "plateaued at 2.50x the base", "d": "still improving: under-trained at this budget"}
+    under_trained = "still improving: under-trained at this budget"
+    assert verdicts == {"a": "recovered (within 10 % of the base)", "b": under_trained,
+                        "c": "plateaued at 2.50x the base", "d": under_trained}

@@ -9,8 +9,8 @@ from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
 from transformers.models.t5.modeling_t5 import T5Attention
 
 import hf_posenc
-from hf_posenc.architectures import ARCHITECTURES
 from hf_posenc import PosEncConfig
+from hf_posenc.architectures import ARCHITECTURES
 from hf_posenc.encodings import AlibiBias, RotaryPosition, alibi_slopes, relative_position_bucket
 
 
@@ -18,7 +18,8 @@ from hf_posenc.encodings import AlibiBias, RotaryPosition, alibi_slopes, relativ
 def test_alibi_slopes_match_the_paper():
     # "For 8 heads the slopes are 1/2^1, 1/2^2, ..., 1/2^8"; for 16 heads 1/2^0.5 ... 1/2^8.
     assert torch.allclose(alibi_slopes(8).double(), torch.tensor([2.0 ** -(i + 1) for i in range(8)]).double())
-    assert torch.allclose(alibi_slopes(16).double(), torch.tensor([2.0 ** -(0.5 * (i + 1)) for i in range(16)]).double())
+    expected = torch.tensor([2.0 ** -(0.5 * (i + 1)) for i in range(16)])
+    assert torch.allclose(alibi_slopes(16).double(), expected.double())
     # Non-power of two (the paper's code): 8-head slopes, then every other slope of the 16-head list.
     twelve = [2.0 ** -(i + 1) for i in range(8)] + [2.0 ** -(0.5 * (i + 1)) for i in range(16)][0::2][:4]
     assert torch.allclose(alibi_slopes(12).double(), torch.tensor(twelve).double())

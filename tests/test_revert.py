@@ -13,11 +13,11 @@ import random
 
 import pytest
 import torch
+from tiny_models import input_ids, randomize_position_tables, tiny_model
 from transformers import AutoModel, AutoModelForCausalLM
 
 import hf_posenc
 from hf_posenc import PosEncConfig
-from tiny_models import input_ids, randomize_position_tables, tiny_model
 
 SEQUENCES = 240
 CHUNKS = 8

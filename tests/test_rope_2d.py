@@ -20,9 +20,20 @@ import transformers
 from peft import get_peft_model
 from test_persistence import run_python
 from tiny_models import tiny_model
-from tiny_vision_models import (GRID_KINDS, IMAGE, LAYOUT_MATCHES, NUM_LABELS, PREFIX, VISION, allowed_vision_kinds,
-                                needs_row_layout, pixels,
-                                vision_config, vision_converted, vision_model)
+from tiny_vision_models import (
+    GRID_KINDS,
+    IMAGE,
+    LAYOUT_MATCHES,
+    NUM_LABELS,
+    PREFIX,
+    VISION,
+    allowed_vision_kinds,
+    needs_row_layout,
+    pixels,
+    vision_config,
+    vision_converted,
+    vision_model,
+)
 from transformers import AttentionInterface
 
 import hf_posenc

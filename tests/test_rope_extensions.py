@@ -10,7 +10,6 @@ import torch
 from peft import LoraConfig, get_peft_model
 from tiny_models import ROPE_DECODERS, input_ids, stock_backend, tiny_config, tiny_model
 from transformers import AutoModelForCausalLM
-from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
 
 import hf_posenc
 from hf_posenc import PosEncConfig, kernels
@@ -162,7 +161,7 @@ def test_attention_matches_the_papers_equations(monkeypatch, case, q_len, kv_len
     rows[1, :, : max(0, pads - (kv_len - q_len))] = False
     torch.testing.assert_close(torch.where(rows, got.double(), 0), torch.where(rows, expected, 0), **tol)
     for name, ours_grad, theirs in zip("qkv", got_grads, expected_grads):
-        torch.testing.assert_close(ours_grad.double(), theirs, **tol, msg=lambda m: f"d{name}: {m}")
+        torch.testing.assert_close(ours_grad.double(), theirs, **tol, msg=lambda m, name=name: f"d{name}: {m}")
 
 
 def test_the_far_regime_really_differs_from_rope():
@@ -225,7 +224,8 @@ def test_encoders_are_refused(kind):
 
 @pytest.mark.parametrize("kind", ["self_extend", "rerope"])
 def test_flash_attention_backend_is_refused(kind):
-    with pytest.raises(ValueError, match=r"attn_implementation='flash_attention_2' cannot express .*allowed: \['eager', 'sdpa'\]"):
+    with pytest.raises(ValueError, match=r"attn_implementation='flash_attention_2' cannot express .*"
+                                         r"allowed: \['eager', 'sdpa'\]"):
         hf_posenc.convert(tiny_model("llama"), PosEncConfig(kind=kind), attn_implementation="flash_attention_2")
 
 
@@ -393,7 +393,8 @@ def test_native_nope_layers_stay_nope():
     """SmolLM3's RoPE-free layers are not given RoPE by the extension."""
     model = converted("smollm3", "rerope")
     nope = {i for i, v in enumerate(model.config.no_rope_layers) if v == 0}
-    assert nope and all(hasattr(layer.self_attn, "posenc") == (i not in nope) for i, layer in enumerate(model.model.layers))
+    layers = enumerate(model.model.layers)
+    assert nope and all(hasattr(layer.self_attn, "posenc") == (i not in nope) for i, layer in layers)
 
 
 def test_revert_restores_the_stock_model():

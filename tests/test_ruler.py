@@ -145,7 +145,8 @@ def test_batched_greedy_equals_one_by_one(tokenizer, filler):
     cfg = LlamaConfig(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
                       num_attention_heads=2, num_key_value_heads=2, max_position_embeddings=64)
     model = hf_posenc.convert(LlamaForCausalLM(cfg).eval(), hf_posenc.PosEncConfig(kind="alibi"))
-    prompts = [ruler.needle_prompt("multi_key", tokenizer, filler[i * 40 :], 260, 0.3, random.Random(i)) for i in range(3)]
+    prompts = [ruler.needle_prompt("multi_key", tokenizer, filler[i * 40 :], 260, 0.3, random.Random(i))
+               for i in range(3)]
     batch = ruler.greedy_batch(model, tokenizer, torch.stack([p.input_ids for p in prompts]), 6)
     alone = [evaluation.greedy_continuation(model, tokenizer, p.input_ids, 6) for p in prompts]
     assert batch == alone
@@ -171,7 +172,8 @@ def test_digit_tokens_spell_every_number_one_digit_at_a_time(tokenizer, digit_to
     pieces = digit_tokenizer.convert_ids_to_tokens(digit_tokenizer(" = 12345", add_special_tokens=False)["input_ids"])
     assert pieces[-5:] == list("12345")
     # The plain BPE of the same corpus merged the corpus's number into one token.
-    assert "12345" in "".join(t for t in tokenizer.convert_ids_to_tokens(tokenizer(" 12345")["input_ids"]) if len(t) > 2)
+    tokens = tokenizer.convert_ids_to_tokens(tokenizer(" 12345")["input_ids"])
+    assert "12345" in "".join(t for t in tokens if len(t) > 2)
     assert digit_tokenizer.decode(digit_tokenizer(TEXTS[1])["input_ids"]) == TEXTS[1]  # still lossless
 
 

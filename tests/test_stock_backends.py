@@ -8,23 +8,26 @@ backend, and ``torch.compile(fullgraph=True)`` failed on StaticCache's tensor co
 import pytest
 import torch
 from test_core_models import stock_nope
-from tiny_models import ATTENTION_KINDS, CONFIGS, KINDS, input_ids, randomize_position_tables, tiny_model
+from tiny_models import (
+    ATTENTION_KINDS,
+    KINDS,
+    example_params,
+    input_ids,
+    randomize_position_tables,
+    tiny_model,
+)
 from transformers import AutoModelForCausalLM, StaticCache
 
 import hf_posenc
 from hf_posenc import PosEncConfig, _hf
 
-#: Every encoding through its plug-in route (RoPE with the interleaved layout is not native).
-# Windows shorter than the tests' sequences, so that the training-free extensions run both regimes.
-SETTINGS = {"rope": {"layout": "interleaved"}, "nope": {}, "alibi": {}, "t5_bias": {"num_buckets": 8},
-            "cope": {"npos_max": 8}, "self_extend": {"group_size": 2, "neighbor_window": 3}, "rerope": {"window": 3},
-            "kerple": {"kernel": "power"},
-            "contextual_rope": {}}
 ALLOWED = r"allowed: \['eager', 'hf_posenc_eager', 'hf_posenc_sdpa', 'sdpa'\]"
 
 
 def converted(kind, backend="sdpa", arch="llama"):
-    model = hf_posenc.convert(tiny_model(arch, backend), PosEncConfig(kind=kind, **SETTINGS[kind]))
+    # Each kind's example: every encoding through its plug-in route (the RoPE example has the interleaved layout,
+    # which is not native), windows shorter than the tests' sequences (the extensions run both regimes).
+    model = hf_posenc.convert(tiny_model(arch, backend), PosEncConfig(**example_params(kind)))
     randomize_position_tables(model)
     return model
 

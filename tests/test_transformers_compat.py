@@ -8,10 +8,10 @@ make such a rename fail loudly (at conversion) instead of silently (in generatio
 import importlib.util
 import inspect
 import re
-import tomllib
 from pathlib import Path
 
 import pytest
+import tomllib
 import torch
 from tiny_models import CONFIGS, tiny_model
 from transformers import DynamicCache

@@ -13,12 +13,12 @@ from pathlib import Path
 import pytest
 import torch
 from peft import AutoPeftModelForCausalLM, get_peft_model
+from tiny_models import input_ids, randomize_position_tables, tiny_model
 from transformers import AutoModelForCausalLM
 
 import hf_posenc
 from hf_posenc import PosEncConfig, hub
 from hf_posenc.cli import main
-from tiny_models import input_ids, randomize_position_tables, tiny_model
 
 REPO = Path(__file__).resolve().parents[1]
 MISMATCH = "to instantiate a model of type"
@@ -76,7 +76,8 @@ def test_cli_convert_missing_folder_is_one_line_exit_2(tmp_path):
     """Through the installed entry point: no traceback, exit 2, says the folder does not exist."""
     env = {**os.environ, "PYTHONPATH": str(REPO), "HF_HUB_OFFLINE": "1"}
     proc = subprocess.run([sys.executable, "-m", "hf_posenc.cli", "convert", str(tmp_path / "missing"), "--posenc",
-                           "alibi", "--out", str(tmp_path / "out")], capture_output=True, text=True, env=env, timeout=120)
+                           "alibi", "--out", str(tmp_path / "out")], capture_output=True, text=True, env=env,
+                          timeout=120)
     assert proc.returncode == 2, proc.stderr
     lines = [line for line in proc.stderr.splitlines() if line.strip()]
     assert "Traceback" not in proc.stderr and len(lines) == 1, proc.stderr
@@ -152,7 +153,8 @@ def test_lora_config_names_itself_and_its_arguments():
     model = tiny_model("llama")
     with pytest.raises(TypeError, match=r"hf_posenc.lora_config\(\) got an unexpected keyword argument 'rank' "
                                         r"\(did you mean r=\?\); allowed: r, alpha, dropout, train_position_tables, "
-                                        r"longlora, target_modules, modules_to_save, or any other peft.LoraConfig field"):
+                                        r"longlora, target_modules, modules_to_save, or any other "
+                                        r"peft.LoraConfig field"):
         hf_posenc.lora_config(model, rank=16)
     with pytest.raises(TypeError, match=r"'lora_alpha' \(did you mean alpha=\?\)"):
         hf_posenc.lora_config(model, lora_alpha=32)  # would otherwise be silently overridden by alpha
@@ -209,7 +211,8 @@ def test_auto_peft_on_an_adapter_of_a_stock_base_points_to_load_adapter(folders,
     hf_posenc.convert(base, PosEncConfig(kind="alibi"))
     _save_adapter(base, folders / "adapter-stock")
     assert not [m for m in config_log if MISMATCH in m], config_log
-    with pytest.raises(ValueError, match=r"needs `config.posenc`.*stock checkpoint.*hf_posenc.load_adapter\(base, adapter_dir\)"):
+    with pytest.raises(ValueError,
+                       match=r"needs `config.posenc`.*stock checkpoint.*hf_posenc.load_adapter\(base, adapter_dir\)"):
         AutoPeftModelForCausalLM.from_pretrained(folders / "adapter-stock", **ALLOWLIST)
 
 

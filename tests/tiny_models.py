@@ -17,7 +17,6 @@ from transformers import AutoModel, AutoModelForCausalLM
 import hf_posenc
 from hf_posenc import registry
 from hf_posenc.architectures import ARCHITECTURES
-from hf_posenc.encodings.kerple import KerpleBias
 
 VOCAB = 101
 _COMMON = dict(vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
@@ -89,14 +88,27 @@ SLIDING = [a for a in CONFIGS if getattr(CONFIGS[a](), "sliding_window", None)]
 #: Where the expensive generate tests run the full backend x kind matrix; every other decoder runs every
 #: kind on one backend (the attention functions are shared, what differs per row is around them).
 REPRESENTATIVE = ["llama", "gpt_neox", "gpt2", "gemma2", "phi3"]
+
+
+def token_kinds() -> list[str]:
+    """Every registered kind of token-sequence models, read from the registry now (a kind registered later,
+    as by ``test_new_kind``'s toy kind, is in the next call's list)."""
+    return [kind for kind in registry.kinds() if not registry.get(kind).capabilities.patch_grid]
+
+
 #: Every registered kind of token-sequence models: a new kind's registry entry puts it in the whole matrix. Kinds
 #: that rotate by an image's patch grid have a matrix of their own (``tests/tiny_vision_models.py``).
-KINDS = [kind for kind in registry.kinds() if not registry.get(kind).capabilities.patch_grid]
+KINDS = token_kinds()
 
 
 def kinds_where(predicate) -> list[str]:
-    """The kinds of :data:`KINDS` whose declared capabilities satisfy ``predicate``."""
-    return [entry.kind for entry in registry.entries() if entry.kind in KINDS and predicate(entry.capabilities)]
+    """The token kinds registered now whose declared capabilities satisfy ``predicate``."""
+    return [kind for kind in token_kinds() if predicate(registry.get(kind).capabilities)]
+
+
+def example_params(kind: str) -> dict:
+    """The tested configuration of ``kind`` (its entry's ``Example.params``), as ``PosEncConfig`` keywords."""
+    return {"kind": kind, **registry.get(kind).example.params}
 
 
 #: Kinds that run our attention functions (a route), with an additive bias, with learned tables.
@@ -117,7 +129,7 @@ def allowed_kinds(arch: str) -> list[str]:
         return (row.refusal(kind, config) is None and (causal or not caps.causal_only)
                 and not (caps.extends_rope and row.rope == "none"))  # nothing to extend on a RoPE-less model
 
-    return [k for k in KINDS if takes(k)]
+    return [k for k in token_kinds() if takes(k)]
 
 
 def tiny_config(arch: str):
@@ -154,12 +166,21 @@ def randomize_position_tables(model, seed: int = 1) -> None:
             if ".posenc." in name:
                 param.copy_(torch.randn(param.shape, generator=generator) * 0.5)
         for module in model.modules():
-            if isinstance(module, KerpleBias):
-                # The paper's r1, r2 are positive: a negative r1 reads as 0 (projected), a bias-free head
-                # whose r2 has no gradient at all, which would leave r2 untested. Away from 0 too: with a
-                # power r2 near 0 every distance gets the same bias, which softmax cancels (no effect to test).
-                module.r1.abs_().add_(0.5)
-                module.r2.abs_().add_(0.5)
+            if not _is_position_module(module):
+                continue
+            # Tables a paper keeps positive (KERPLE's r1, r2: a negative r1 reads as 0, a bias-free head whose r2
+            # gets no gradient) and away from 0 (a power r2 near 0 gives every distance the same bias).
+            for table in registry.entry_of(module).example.positive_tables:
+                getattr(module, table).abs_().add_(0.5)
+
+
+def _is_position_module(module) -> bool:
+    """Whether ``module`` is the module of a registered kind."""
+    try:
+        registry.entry_of(module)
+    except TypeError:
+        return False
+    return True
 
 
 def input_ids(batch: int = 2, length: int = 12, seed: int = 0) -> torch.Tensor:

@@ -12,11 +12,11 @@ import copy
 
 import torch
 import transformers
+from transformers.models.auto.modeling_auto import MODEL_FOR_IMAGE_CLASSIFICATION_MAPPING_NAMES
 
 import hf_posenc
 from hf_posenc import registry
 from hf_posenc.architectures import ARCHITECTURES
-from transformers.models.auto.modeling_auto import MODEL_FOR_IMAGE_CLASSIFICATION_MAPPING_NAMES
 
 IMAGE = 16
 PATCH = 4
@@ -88,4 +88,5 @@ def _layout_matches_the_rows() -> bool:
 LAYOUT_MATCHES = _layout_matches_the_rows()
 needs_row_layout = __import__("pytest").mark.skipif(
     not LAYOUT_MATCHES, reason=f"transformers {transformers.__version__} lays image models out as before 5.24; "
-                               "hf_posenc refuses them there (checked by test_an_older_image_layout_is_refused_by_name)")
+                               "hf_posenc refuses them there (checked by "
+                               "test_an_older_image_layout_is_refused_by_name)")

@@ -111,4 +111,5 @@ registry.register(registry.Encoding(
     paper="https://arxiv.org/abs/2108.12409",
     backends=registry.OWN_BACKENDS,
     encoder_note="symmetric",
+    example=registry.Example(prefill_kernels=("key_fold_cpu", "diagonal_tiles_cpu"), archs=("llama", "gpt2")),
 ))

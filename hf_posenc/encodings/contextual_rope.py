@@ -232,4 +232,5 @@ registry.register(registry.Encoding(
     display_name="Contextual RoPE",
     paper="https://arxiv.org/abs/2405.18719",
     backends=registry.OWN_BACKENDS,
+    example=registry.Example(prefill_kernels=("sdpa", "sdpa"), archs=("llama", "gpt_neox")),
 ))

@@ -355,4 +355,8 @@ registry.register(registry.Encoding(
     paper="https://arxiv.org/abs/2405.18719",
     backends=registry.OWN_BACKENDS,
     causal_reason="positions count gates over past keys",
+    # Its position term interpolates between integer positions: rounding q/k in low precision moves a few
+    # positions across an integer and changes their gradient by O(1), whatever precision the kernel keeps.
+    example=registry.Example(params={"npos_max": 16}, prefill_kernels=("attend", "attend"), archs=("llama", "gpt_neox"),
+                             grad_tol=0.15),
 ))

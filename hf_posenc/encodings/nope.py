@@ -31,4 +31,5 @@ registry.register(registry.Encoding(
     capabilities=registry.Capabilities(),
     display_name="no positional encoding (NoPE)",
     paper="https://arxiv.org/abs/2305.19466",
+    example=registry.Example(prefill_kernels=("sdpa", "sdpa")),
 ))

@@ -141,4 +141,5 @@ registry.register(registry.Encoding(
     display_name="2-D RoPE (RoPE-ViT)",
     paper="https://arxiv.org/abs/2403.13298",
     backends=registry.OWN_BACKENDS,
+    example=registry.Example(prefill_kernels=("sdpa", "sdpa")),
 ))

@@ -171,4 +171,6 @@ registry.register(registry.Encoding(
     backends=registry.OWN_BACKENDS,
     encoder_note="bidirectional",
     check=_encoder_buckets,
+    example=registry.Example(params={"num_buckets": 8, "max_distance": 20},
+                             prefill_kernels=("diagonal_tiles_cpu", "diagonal_tiles_cpu"), archs=("qwen3", "bert")),
 ))

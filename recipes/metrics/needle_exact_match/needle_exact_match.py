@@ -55,7 +55,8 @@ class NeedleExactMatch(evaluate.Metric):
             description=_DESCRIPTION,
             citation="Hsieh et al. 2024, RULER: What's the Real Context Size of Your Long-Context Language Models?",
             inputs_description=_KWARGS_DESCRIPTION,
-            features=datasets.Features({"predictions": datasets.Value("string"), "references": datasets.Value("string")}),
+            features=datasets.Features({"predictions": datasets.Value("string"),
+                                        "references": datasets.Value("string")}),
         )
 
     def _compute(self, predictions, references):

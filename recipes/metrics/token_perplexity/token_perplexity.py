@@ -41,7 +41,8 @@ class TokenPerplexity(evaluate.Metric):
             description=_DESCRIPTION,
             citation="",
             inputs_description=_KWARGS_DESCRIPTION,
-            features=datasets.Features({"predictions": datasets.Value("float64"), "references": datasets.Value("int64")}),
+            features=datasets.Features({"predictions": datasets.Value("float64"),
+                                        "references": datasets.Value("int64")}),
         )
 
     def _compute(self, predictions, references, bucket_size=256):
