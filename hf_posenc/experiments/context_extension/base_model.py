@@ -241,7 +241,8 @@ def _pretrain(spec: PretrainConfig, out_dir: Path, held_out_percent: int, progre
     from transformers import LlamaForCausalLM, PreTrainedTokenizerFast
 
     stage = spec.retrieval
-    code_base = ensure_base_model(spec.model_copy(update={"retrieval": None}), held_out_percent, progress) if stage else None
+    code_spec = spec.model_copy(update={"retrieval": None})
+    code_base = ensure_base_model(code_spec, held_out_percent, progress) if stage else None
     started = time.time()
     dataset = load_stdlib_dataset(held_out_percent, cache=cache_dir() / "datasets")
     # Shuffle files once (seeded) so both the tokenizer and the token budget see a mix of modules.

@@ -155,7 +155,8 @@ def _patch_of(section: type[Section]) -> type[Section]:
     return create_model(
         f"{section.__name__.removesuffix('Config').removesuffix('Settings')}Patch",
         __base__=Section,
-        __doc__=f"Some keys of the shared section, each with the type and bounds it has in :class:`{section.__name__}`.",
+        __doc__=(f"Some keys of the shared section, each with the type and bounds it has in "
+                 f":class:`{section.__name__}`."),
         **{name: (info.rebuild_annotation() | None, None) for name, info in section.model_fields.items()},
     )
 

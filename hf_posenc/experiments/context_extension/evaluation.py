@@ -109,7 +109,8 @@ PASSKEY_TEMPLATES = {
 _TEXT_FILLER = "The grass is green. The sky is blue. The sun is yellow. Here we go. There and back again. "
 
 
-def passkey_prompt(tokenizer, filler: torch.Tensor, length: int, depth: float, key: str, template: str) -> PasskeyPrompt:
+def passkey_prompt(tokenizer, filler: torch.Tensor, length: int, depth: float, key: str,
+                   template: str) -> PasskeyPrompt:
     """Build a prompt of exactly ``length`` tokens with the key line at relative ``depth`` of the filler."""
     head, needle, question = PASSKEY_TEMPLATES[template]
 

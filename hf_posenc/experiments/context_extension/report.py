@@ -15,7 +15,7 @@ import statistics
 from pathlib import Path
 from typing import Any
 
-from ...results import EvalSummary, comparison_rows, plot_results, records_from_rows
+from ...results import EvalSummary, comparison_rows, line_style, plot_results, records_from_rows
 from ..intervals import (
     NOT_SEPARABLE,
     compare_intervals,
@@ -320,8 +320,8 @@ def plot_recalibration(results: dict[str, Any], path: Path) -> bool:
     if not rows:
         return False
     fig, ax = plt.subplots(figsize=(9, 5))
-    for row in rows:
-        ax.plot([t for t, _ in row["curve"]], [p for _, p in row["curve"]], marker=".", label=row["name"])
+    for i, row in enumerate(rows):
+        ax.plot([t for t, _ in row["curve"]], [p for _, p in row["curve"]], label=row["name"], **line_style(i))
     if rows[0]["base"] is not None:
         ax.axhline(rows[0]["base"], color="grey", linestyle=":", label="base (RoPE, not fine-tuned)")
     ax.set_yscale("log")
@@ -355,10 +355,12 @@ def plot_passkey(results: dict[str, Any], path: Path) -> None:
     for i, row in enumerate(grid):
         for j, value in enumerate(row):
             if value == value:  # not NaN
-                ax.text(j, i, f"{value:.2f}", ha="center", va="center", color="white" if value < 0.6 else "black")
+                ax.text(j, i, f"{value:.2f}", ha="center", va="center", fontsize=10,
+                        color="white" if value < 0.6 else "black")
     ax.set_xlabel("prompt length (tokens)")
+    ax.set_ylabel("variant")
     ax.set_title("passkey retrieval accuracy")
-    fig.colorbar(image, ax=ax)
+    fig.colorbar(image, ax=ax, label="accuracy (fraction of trials)")
     _save(fig, path)
 
 
@@ -397,18 +399,19 @@ def plot_ruler(results: dict[str, Any], task: str, path: Path) -> None:
     columns = [(n, d) for n in lengths for d in depths]
     grid = [[t[n]["by_depth"][d]["accuracy"] if n in t and d in t[n]["by_depth"] else float("nan")
              for n, d in columns] for t in tables]
-    fig, ax = plt.subplots(figsize=(0.55 * len(columns) + 3, 0.45 * len(grid) + 1.8))
+    fig, ax = plt.subplots(figsize=(0.8 * len(columns) + 3.5, 0.5 * len(grid) + 2))
     image = ax.imshow(grid, vmin=0, vmax=1, cmap="viridis", aspect="auto")
-    ax.set_xticks(range(len(columns)), [f"{n}\n@{d}" for n, d in columns], fontsize=7)
+    ax.set_xticks(range(len(columns)), [f"{n}\n@{d}" for n, d in columns], fontsize=9)
     ax.set_yticks(range(len(grid)), [v["name"] for v in results["variants"]])
     for i, row in enumerate(grid):
         for j, value in enumerate(row):
             if value == value:  # not NaN
-                ax.text(j, i, f"{value:.2f}", ha="center", va="center", fontsize=6,
+                ax.text(j, i, f"{value:.2f}", ha="center", va="center", fontsize=9,
                         color="white" if value < 0.6 else "black")
     ax.set_xlabel("prompt length (tokens) @ needle depth")
+    ax.set_ylabel("variant")
     ax.set_title(f"RULER-style {task}: exact-match accuracy")
-    fig.colorbar(image, ax=ax)
+    fig.colorbar(image, ax=ax, label="exact-match accuracy")
     _save(fig, path)
 
 
@@ -434,12 +437,10 @@ def plot_seed_spread(results: dict[str, Any], path: Path) -> bool:
         per_seed = [seed_values(v, "perplexity", "non_overlapping", str(n)) for n in xs]
         means = [table[str(n)] for n in xs]
         stds = [statistics.stdev(s) if len(s) > 1 else 0.0 for s in per_seed]
-        # tab20 and a marker cycle: the default 10 colours repeat on a 13-variant grid.
-        color = plt.get_cmap("tab20")(i % 20)
-        ax.errorbar([n * shift for n in xs], means, yerr=stds, marker="osD^v<>"[i % 7], capsize=3, color=color,
-                    label=v["name"])
+        style = line_style(i)
+        ax.errorbar([n * shift for n in xs], means, yerr=stds, capsize=3, label=v["name"], **style)
         for n, seeds in zip(xs, per_seed):
-            ax.scatter([n * shift] * len(seeds), seeds, s=8, color=color, alpha=0.5)
+            ax.scatter([n * shift] * len(seeds), seeds, s=8, color=style["color"], alpha=0.5)
     ax.axvline(results["train_length"], color="grey", linestyle=":", label="train length L")
     ax.set_xscale("log", base=2)
     ax.set_yscale("log")
@@ -468,9 +469,9 @@ def plot_loss_by_position(results: dict[str, Any], path: Path) -> bool:
         return False
     longest = max(int(max(v.get("loss_by_position") or {"0": 0}, key=int)) for v in results["variants"])
     fig, ax = plt.subplots(figsize=(9, 4.5))
-    for name, buckets in tables:
+    for i, (name, buckets) in enumerate(tables):
         xs = sorted(buckets, key=int)
-        ax.plot([int(x) for x in xs], [buckets[x] for x in xs], marker=".", label=name)
+        ax.plot([int(x) for x in xs], [buckets[x] for x in xs], label=name, **line_style(i))
     ax.axvline(results["train_length"], color="grey", linestyle=":", label="train length L")
     ax.set_xlabel(f"position in a window of {longest} tokens (bucket start)")
     ax.set_ylabel("mean loss (nats/token)")

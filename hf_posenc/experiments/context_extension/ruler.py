@@ -26,7 +26,6 @@ from typing import Any
 
 import torch
 
-
 from .metrics import load_metric
 
 #: The tasks, in report order.
