@@ -1,8 +1,8 @@
 """hf_posenc: swap the positional encoding of Hugging Face Transformers models.
 
 RoPE (every stock scaling variant), NoPE, ALiBi, T5 relative bias and CoPE, plus the training-free RoPE
-extensions Self-Extend and ReRoPE, on the decoders and encoders of ``ARCHITECTURES`` (Llama, Gemma, Phi-3, MoE models, BERT-family encoders, ModernBERT, ...),
-per instance and without copied model files. Importing the
+extensions Self-Extend and ReRoPE, on the decoders and encoders of ``ARCHITECTURES`` (Llama, Gemma, Phi-3,
+MoE models, BERT-family encoders, ModernBERT, ...), per instance and without copied model files. Importing the
 package registers two attention names (``hf_posenc_eager``/``hf_posenc_sdpa``) and the
 ``hf_posenc_<type>`` model types with the Auto classes; it changes no stock model.
 

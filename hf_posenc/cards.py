@@ -175,11 +175,13 @@ def render_card(info: CardInfo) -> ModelCard:
         library_name="peft" if is_adapter else "transformers",
         pipeline_tag="text-generation",
         tags=tags,
-        datasets=_unique([*info.datasets, *([results.dataset_type] if results and results.dataset_is_hub_id else [])]) or None,
+        datasets=_unique([*info.datasets,
+                          *([results.dataset_type] if results and results.dataset_is_hub_id else [])]) or None,
         license=info.license or metadata.pop("license", None),
         model_name=info.repo_id.split("/")[-1] if eval_results else None,
         eval_results=eval_results,
-        **{k: v for k, v in metadata.items() if k not in ("base_model", "library_name", "pipeline_tag", "datasets", "model-index")},
+        **{k: v for k, v in metadata.items()
+           if k not in ("base_model", "library_name", "pipeline_tag", "datasets", "model-index")},
     )
     kind = "adapter" if is_adapter else "model"
     return ModelCard.from_template(
@@ -188,7 +190,8 @@ def render_card(info: CardInfo) -> ModelCard:
         info=info,
         encoding=describe_encoding(info.posenc),
         # Unset (None) fields mean "the model's own value"; listing them would bury the real settings.
-        posenc_json=json.dumps({k: v for k, v in info.posenc.items() if v is not None}, indent=2, sort_keys=True) if info.posenc else None,
+        posenc_json=(json.dumps({k: v for k, v in info.posenc.items() if v is not None}, indent=2, sort_keys=True)
+                     if info.posenc else None),
         results_tables=_tables(results),
         plot_file=info.plot_file,
         training_rows=sorted((info.training or {}).items()),
@@ -237,7 +240,8 @@ def render_report(
         base_model=base_model,
         results=results,
         results_tables=_tables(results),
-        best=[(METRICS[m][1], n, method) for (m, n), method in sorted(best.items(), key=lambda kv: (kv[0][0], kv[0][1]))],
+        best=[(METRICS[m][1], n, method)
+              for (m, n), method in sorted(best.items(), key=lambda kv: (kv[0][0], kv[0][1]))],
         plot_file=plot_file,
     )
 

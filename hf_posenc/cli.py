@@ -110,7 +110,8 @@ def describe(folder: str | Path) -> str:
             lines.append("  loads with: import hf_posenc (or trust_remote_code=True with hf_posenc installed); "
                          "stock transformers refuses it")
         else:  # not written by hf_posenc's save_pretrained: nothing would apply the encoding
-            lines.append(f"  loads with: stock transformers, WITHOUT this encoding ({model_type!r} is a stock model type)")
+            lines.append(f"  loads with: stock transformers, WITHOUT this encoding "
+                         f"({model_type!r} is a stock model type)")
     lines.append(f"  max_position_embeddings: {config.get('max_position_embeddings', config.get('n_positions'))}")
     return "\n".join(lines)
 
@@ -219,8 +220,9 @@ def build_parser() -> argparse.ArgumentParser:
                                         "`hf-posenc recipes` lists them)")
     compare.add_argument("--out", required=True, help="output folder (finished variants are reused)")
     compare.add_argument("--readme", help="Markdown file whose compare section is replaced by the results")
-    compare.add_argument("--readme-assets", help="where --readme copies the outputs (default: recipes/results/<out name> "
-                                                  "beside a root README, else results/<out name> next to it)")
+    compare.add_argument("--readme-assets", help="where --readme copies the outputs (default: "
+                                                  "recipes/results/<out name> beside a root README, "
+                                                  "else results/<out name> next to it)")
     compare.add_argument("overrides", nargs="*", help="key.sub=value overrides")
     compare.set_defaults(func=cmd_compare)
 
@@ -247,7 +249,8 @@ def main(argv: list[str] | None = None) -> int:
         args.overrides = [*args.overrides, *extra]
     elif extra:
         parser.error(f"unrecognized arguments: {' '.join(extra)}")
-    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
+                        format="%(levelname)s %(name)s: %(message)s")
     try:
         return args.func(args)
     # User errors (bad arguments, missing files, Hub refusals) are one message each, as the Python API

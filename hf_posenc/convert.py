@@ -8,9 +8,10 @@ Two routes, chosen per request:
   The length-dependent types (dynamic, longrope) take this route only with ``native=True``: their stock
   form is stateful, and inexact with a KV cache (see :mod:`hf_posenc.encodings.rope`).
 * **plug-in**: everything else, applied by :func:`hf_posenc.plugin.install`. Per instance and
-  reversible (:func:`revert`): the old encoding is neutralised (native RoPE gets cos=1/sin=0 through a forward pre-hook on each attention module;
-  learned absolute embeddings are replaced by a zero module), each converted attention module gets an
-  ``attn.posenc`` module, and the model dispatches to ``hf_posenc_eager``/``hf_posenc_sdpa``. The
+  reversible (:func:`revert`): the old encoding is neutralised (native RoPE gets cos=1/sin=0 through a forward
+  pre-hook on each attention module; learned absolute embeddings are replaced by a zero module), each converted
+  attention module gets an ``attn.posenc`` module, and the model dispatches to
+  ``hf_posenc_eager``/``hf_posenc_sdpa``. The
   instance's class becomes a registered ``HfPosenc<Class>`` subclass (``model_type``
   ``hf_posenc_<type>``) so that its checkpoint reloads converted — and stock transformers refuses it
   instead of loading it silently with the old encoding.
@@ -34,7 +35,8 @@ from .encodings.rope import LENGTH_DEPENDENT_ROPE_TYPES, ROPE_LAYOUTS, RopeConfi
 from .layout import layout_permutation, permute_attention
 from .model_shape import current_rope_parameters, head_dim, num_layers, rope_layer_types
 from .modeling import CLASS_PREFIX, STUB_MODULE, posenc_class, posenc_config_class, stock_class
-from .plugin import STATE_ATTR as _STATE_ATTR, State as _State
+from .plugin import STATE_ATTR as _STATE_ATTR
+from .plugin import State as _State
 
 _ORIGIN_ATTR = "_hf_posenc_origin"
 
@@ -71,7 +73,8 @@ def _as_config(posenc_config) -> PosEncConfig:
         return posenc_config
     if isinstance(posenc_config, dict):
         return PosEncConfig.from_dict(posenc_config)
-    raise TypeError(f"posenc_config must be a PosEncConfig or a dict with a 'kind'; got {type(posenc_config).__name__}.")
+    raise TypeError(f"posenc_config must be a PosEncConfig or a dict with a 'kind'; "
+                    f"got {type(posenc_config).__name__}.")
 
 
 def resolved_rope_parameters(posenc: RopeConfig, config, arch: Architecture, layer_idx: int = 0,
@@ -108,7 +111,8 @@ def uses_native_rope(posenc: PosEncConfig, config, arch: Architecture) -> bool:
 
 def stock_expresses(posenc: PosEncConfig, config, arch: Architecture) -> bool:
     """Whether stock transformers can express this RoPE request on this architecture by itself."""
-    if not isinstance(posenc, RopeConfig) or arch.rope == "none" or resolve_layout(posenc, arch).layout != arch.rope_layout:
+    if (not isinstance(posenc, RopeConfig) or arch.rope == "none"
+            or resolve_layout(posenc, arch).layout != arch.rope_layout):
         return False
     if posenc.layers is not None and set(posenc.layers) != set(range(num_layers(config))):
         return False
@@ -158,7 +162,8 @@ def is_native_checkpoint(config) -> bool | None:
     recorded = data.get(NATIVE_KEY)
     if recorded is not None:
         if not isinstance(recorded, bool):
-            raise ValueError(f"config {NATIVE_KEY}={recorded!r} must be true or false (it is written by hf_posenc.convert).")
+            raise ValueError(f"config {NATIVE_KEY}={recorded!r} must be true or false "
+                             "(it is written by hf_posenc.convert).")
         return recorded
     model_type = str(data.get("model_type", ""))
     if model_type.startswith(MODEL_TYPE_PREFIX) or model_type not in ARCHITECTURES:
@@ -197,7 +202,8 @@ def validate(posenc: PosEncConfig, config, attn_implementation: str | None = Non
                          f"allowed: indices in [0, {n - 1}] for this {n}-layer model.")
     refusal = arch.refusal(posenc.kind, config)
     if refusal is not None:
-        raise ValueError(f"PosEncConfig(kind={posenc.kind!r}) cannot be applied to {config.model_type!r}: {refusal.why}.")
+        raise ValueError(f"PosEncConfig(kind={posenc.kind!r}) cannot be applied to {config.model_type!r}: "
+                         f"{refusal.why}.")
     causal = is_causal(arch, config)
     entry = registry.get(posenc.kind)
     if entry.capabilities.extends_rope and arch.rope == "none":
@@ -360,7 +366,8 @@ def _forget_own_auto_map(config_dict: dict) -> None:
         return
     stub = STUB_MODULE.rpartition(".")[2] + "."
     kept = {key: value for key, value in auto_map.items()
-            if not any(str(v).rpartition("--")[2].startswith(stub) for v in (value if isinstance(value, (list, tuple)) else [value]))}
+            if not any(str(v).rpartition("--")[2].startswith(stub)
+                       for v in (value if isinstance(value, (list, tuple)) else [value]))}
     if kept:
         config_dict["auto_map"] = kept
     else:

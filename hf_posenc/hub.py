@@ -39,15 +39,23 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, NamedTuple
 
-from huggingface_hub import (CommitInfo, CommitOperationAdd, CommitOperationDelete, HfApi, ModelCard, constants,
-                             get_token, hf_hub_download)
+from huggingface_hub import (
+    CommitInfo,
+    CommitOperationAdd,
+    CommitOperationDelete,
+    HfApi,
+    ModelCard,
+    constants,
+    get_token,
+    hf_hub_download,
+)
 from huggingface_hub.errors import HfHubHTTPError, RevisionNotFoundError
 
 from . import cards
-from .results import EvalSummary, METRICS, load_results, plot_results, records_from_rows, select_method
 from .architectures import MODEL_TYPE_PREFIX
 from .config import CONFIG_KEY
 from .convert import is_native_checkpoint
+from .results import METRICS, EvalSummary, load_results, plot_results, records_from_rows, select_method
 
 CONFIG_FILE = "config.json"
 ADAPTER_CONFIG_FILE = "adapter_config.json"
@@ -58,7 +66,8 @@ _SKIP_DIRS = {".git", ".cache", "__pycache__", ".ipynb_checkpoints"}
 
 # Config keys that identify which model a repo holds; a re-push that changes any of them is a
 # different model and needs overwrite=True. Weights may change freely (a new fine-tune of the same model).
-_MODEL_IDENTITY_KEYS = ("model_type", "architectures", "posenc", "hidden_size", "num_hidden_layers", "num_attention_heads", "vocab_size")
+_MODEL_IDENTITY_KEYS = ("model_type", "architectures", "posenc", "hidden_size", "num_hidden_layers",
+                        "num_attention_heads", "vocab_size")
 _ADAPTER_IDENTITY_KEYS = ("peft_type", "base_model_name_or_path", "target_modules", "r", "modules_to_save")
 
 
@@ -140,7 +149,8 @@ class CommitOptions:
 
     def __post_init__(self) -> None:
         if self.create_pr and self.revision is not None and self.revision.startswith("refs/pr/"):
-            raise ValueError(f"revision={self.revision!r} is a pull request ref; with create_pr=True pass the target branch (or None for main)")
+            raise ValueError(f"revision={self.revision!r} is a pull request ref; with create_pr=True pass the target "
+                             "branch (or None for main)")
 
     @property
     def branch(self) -> str:
@@ -313,7 +323,8 @@ def push_to_hub(
     # A model object is saved to a scratch folder that must outlive the commit: the plan uploads its files.
     with tempfile.TemporaryDirectory(prefix="hf_posenc_push_") as scratch:
         folder, live_model = _materialise(model_or_folder, Path(scratch) / "saved")
-        base_config = _adapter_base_config(folder, live_model, api, base_model) if _folder_kind(folder) == "adapter" else None
+        base_config = (_adapter_base_config(folder, live_model, api, base_model)
+                       if _folder_kind(folder) == "adapter" else None)
         plan = plan_push(folder, repo_id, card, base_config=base_config)
         return execute_push(plan, api, commit)
 
@@ -441,7 +452,8 @@ def _summary(results: Any, method: str | None) -> EvalSummary | None:
     elif isinstance(results, Sequence):
         summary = EvalSummary(records_from_rows(results))
     else:
-        raise ValueError(f"results must be an EvalSummary, a .csv/.json path, or a list of rows; got {type(results).__name__}")
+        raise ValueError(f"results must be an EvalSummary, a .csv/.json path, or a list of rows; "
+                         f"got {type(results).__name__}")
     return select_method(summary, method) if summary is not None and method is not None else summary
 
 
@@ -470,7 +482,8 @@ def _folder_kind(folder: Path) -> str:
         return "adapter"
     if (folder / CONFIG_FILE).is_file():
         return "model"
-    raise ValueError(f"{folder} has neither {CONFIG_FILE} (a model) nor {ADAPTER_CONFIG_FILE} (a PEFT adapter); was it written by save_pretrained?")
+    raise ValueError(f"{folder} has neither {CONFIG_FILE} (a model) nor {ADAPTER_CONFIG_FILE} (a PEFT adapter); "
+                     "was it written by save_pretrained?")
 
 
 def _folder_files(folder: Path) -> Iterator[tuple[str, Path]]:
@@ -549,7 +562,8 @@ def _check_remote_code(config: Mapping[str, Any], folder: Path) -> None:
     if not isinstance(auto_map, Mapping) or not auto_map:
         raise NotLoadableError(
             f"config.json has the custom model_type {config.get('model_type')!r} but no auto_map, so "
-            "from_pretrained(..., trust_remote_code=True) cannot find its code. Save it with hf_posenc's save_pretrained."
+            "from_pretrained(..., trust_remote_code=True) cannot find its code. "
+            "Save it with hf_posenc's save_pretrained."
         )
     for ref in auto_map.values():
         for item in ref if isinstance(ref, list) else [ref]:
@@ -563,14 +577,16 @@ def _check_remote_code(config: Mapping[str, Any], folder: Path) -> None:
                 )
 
 
-def _adapter_checkpoint(folder: Path, repo_id: str, base_model: str | None, base_config: Mapping[str, Any] | None) -> _Checkpoint:
+def _adapter_checkpoint(folder: Path, repo_id: str, base_model: str | None,
+                        base_config: Mapping[str, Any] | None) -> _Checkpoint:
     adapter_cfg = _read_json(folder / ADAPTER_CONFIG_FILE)
     if base_config is None:
         base_config = _local_base_config(adapter_cfg, base_model)
     if base_config is None:
         raise UnconvertedBaseError(
             f"the adapter's base model {adapter_cfg.get('base_model_name_or_path')!r} is not a local folder; pass "
-            "base_config=<its config.json as a dict> to plan_push, or push with push_to_hub, which reads it from the Hub."
+            "base_config=<its config.json as a dict> to plan_push, or push with push_to_hub, "
+            "which reads it from the Hub."
         )
     overrides = {}
     if base_model and adapter_cfg.get("base_model_name_or_path") != base_model:
@@ -593,7 +609,8 @@ def _local_base_config(adapter_cfg: Mapping[str, Any], base_model: str | None) -
     return None
 
 
-def _adapter_card_info(repo_id: str, adapter_cfg: Mapping[str, Any], base_config: Mapping[str, Any], folder: Path, base_model: str | None) -> cards.CardInfo:
+def _adapter_card_info(repo_id: str, adapter_cfg: Mapping[str, Any], base_config: Mapping[str, Any], folder: Path,
+                       base_model: str | None) -> cards.CardInfo:
     posenc = base_config.get(CONFIG_KEY)
     base_name = base_model or adapter_cfg.get("base_model_name_or_path")
     if not isinstance(posenc, Mapping) or "kind" not in posenc:
@@ -602,7 +619,8 @@ def _adapter_card_info(repo_id: str, adapter_cfg: Mapping[str, Any], base_config
             "An hf_posenc adapter must be trained on, and pushed for, a converted base: convert the base with "
             "hf_posenc.convert, push it, and pass its Hub id as base_model."
         )
-    hub_base = base_name if isinstance(base_name, str) and _HUB_REPO_ID.fullmatch(base_name) and not Path(base_name).exists() else None
+    hub_base = (base_name if isinstance(base_name, str) and _HUB_REPO_ID.fullmatch(base_name)
+                and not Path(base_name).exists() else None)
     return cards.CardInfo(
         repo_id=repo_id,
         base_model=hub_base,
@@ -671,7 +689,8 @@ def _stale_remote_files(api: HfApi, plan: PushPlan, options: CommitOptions) -> l
     differences = _differences_from_remote(api, plan, info.sha, remote)
     if differences and not options.overwrite:
         raise RepoConflictError(
-            f"{plan.repo_id} (revision {info.sha[:8] if info.sha else options.branch}) already holds a different model:\n  - "
+            f"{plan.repo_id} (revision {info.sha[:8] if info.sha else options.branch}) "
+            "already holds a different model:\n  - "
             + "\n  - ".join(differences)
             + "\nPush to another repo id, or pass overwrite=True (CLI: --overwrite) to replace it."
         )
@@ -684,9 +703,11 @@ def _differences_from_remote(api: HfApi, plan: PushPlan, sha: str | None, remote
     ours, theirs = (ADAPTER_CONFIG_FILE, CONFIG_FILE) if adapter else (CONFIG_FILE, ADAPTER_CONFIG_FILE)
     if ours in remote:
         with tempfile.TemporaryDirectory() as cache:
-            path = hf_hub_download(plan.repo_id, ours, revision=sha, endpoint=api.endpoint, token=api.token, cache_dir=cache)
+            path = hf_hub_download(plan.repo_id, ours, revision=sha, endpoint=api.endpoint, token=api.token,
+                                   cache_dir=cache)
             remote_identity = _identity(_read_json(Path(path)), list(plan.identity))
-        return [f"{k}: remote {remote_identity[k]!r} != local {v!r}" for k, v in plan.identity.items() if remote_identity[k] != v]
+        return [f"{k}: remote {remote_identity[k]!r} != local {v!r}"
+                for k, v in plan.identity.items() if remote_identity[k] != v]
     if theirs in remote:
         held, pushed = ("full model", "PEFT adapter") if adapter else ("PEFT adapter", "full model")
         return [f"the repo holds a {held} ({theirs}), you are pushing a {pushed}"]
@@ -732,11 +753,14 @@ def _explain(err: Exception, repo_id: str, endpoint: str) -> HubPushError:
     note = "No commit was created: the Hub applies a commit all at once or not at all."
     status = getattr(getattr(err, "response", None), "status_code", None)
     if isinstance(err, HfHubHTTPError) and status == 401:
-        return PushFailedError(f"The Hub at {endpoint} rejected the token (401) while pushing to {repo_id}: check HF_TOKEN / `hf auth login`. {note}")
+        return PushFailedError(f"The Hub at {endpoint} rejected the token (401) while pushing to {repo_id}: "
+                               f"check HF_TOKEN / `hf auth login`. {note}")
     if isinstance(err, HfHubHTTPError) and status == 403:
-        return PushFailedError(f"The token may not write to {repo_id} (403 Forbidden): use a write token of that namespace. {note}")
+        return PushFailedError(f"The token may not write to {repo_id} (403 Forbidden): "
+                               f"use a write token of that namespace. {note}")
     if isinstance(err, HfHubHTTPError):
-        return PushFailedError(f"The Hub at {endpoint} answered HTTP {status} while pushing to {repo_id}: {err}. {note}")
+        return PushFailedError(f"The Hub at {endpoint} answered HTTP {status} while pushing to {repo_id}: "
+                               f"{err}. {note}")
     if isinstance(err, ValueError) and "Invalid metadata in README.md" in str(err):
         return PushFailedError(f"The Hub rejected the model card metadata: {err}. {note}")
     module = type(err).__module__

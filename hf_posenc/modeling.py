@@ -227,7 +227,8 @@ def posenc_class(base: type) -> type:
                    if hasattr(base, "prepare_inputs_for_generation") else {}),
                 "config_class": posenc_config_class(base.config_class),
                 "__module__": STUB_MODULE,
-                "__doc__": f"{base.__name__} with the positional encoding recorded in `config.{CONFIG_KEY}` (hf_posenc).",
+                "__doc__": (f"{base.__name__} with the positional encoding recorded in "
+                            f"`config.{CONFIG_KEY}` (hf_posenc)."),
                 "_auto_class": _auto_class_name(base),
             },
         )

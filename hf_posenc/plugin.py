@@ -171,7 +171,8 @@ def install(model, posenc: PosEncConfig, arch: Architecture, classes: tuple[type
     hook = _make_pre_hook(neutralise_rope, use_attention, cache_argument)
     # A rotation on "all layers" keeps the layers that natively have none without (SmolLM3, Cohere 2), so that
     # the model's own RoPE requested again is the identity.
-    rotary_everywhere = (entry.capabilities.route == "rotate" or entry.capabilities.extends_rope) and posenc.layers is None
+    rotary_everywhere = ((entry.capabilities.route == "rotate" or entry.capabilities.extends_rope)
+                         and posenc.layers is None)
     skip = arch.native_nope_layers(config) if rotary_everywhere else set()
     grid = PatchGrid() if entry.capabilities.patch_grid else None
     if grid is not None:

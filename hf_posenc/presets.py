@@ -93,7 +93,8 @@ def catalogue() -> list[Recipe]:
         configs.append(Recipe(path.stem, kind if kind in CONFIG_KINDS else "config", path,
                               _first_comment_line(path), aliases))
     scripts = [Recipe(p.stem, SCRIPT, p, _first_docstring_line(p)) for p in sorted(root.glob("*.py"))]
-    accelerate = [Recipe(p.stem, ACCELERATE, p, _first_comment_line(p)) for p in sorted((root / "accelerate").glob("*.yaml"))]
+    accelerate = [Recipe(p.stem, ACCELERATE, p, _first_comment_line(p))
+                  for p in sorted((root / "accelerate").glob("*.yaml"))]
     metrics = [Recipe(p.name, METRIC, p, _first_docstring_line(p / f"{p.name}.py"))
                for p in sorted((root / "metrics").iterdir()) if (p / f"{p.name}.py").is_file()]
     return configs + scripts + accelerate + metrics

@@ -12,8 +12,13 @@ import yaml
 
 from hf_posenc.config import PosEncConfig
 from hf_posenc.experiments.config import ConfigError, apply_overrides, load_config
-from hf_posenc.experiments.context_extension.config import (CompareConfig, EvaluateConfig, FinetuneConfig, ModelConfig,
-                                                            TrainConfig)
+from hf_posenc.experiments.context_extension.config import (
+    CompareConfig,
+    EvaluateConfig,
+    FinetuneConfig,
+    ModelConfig,
+    TrainConfig,
+)
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIGS = ROOT / "recipes" / "configs"

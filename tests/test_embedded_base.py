@@ -7,10 +7,10 @@ import json
 import pytest
 import torch
 
+from hf_posenc.experiments.config import load_config
 from hf_posenc.experiments.context_extension import base_model
 from hf_posenc.experiments.context_extension import data as corpus
 from hf_posenc.experiments.context_extension.config import CompareConfig, PretrainConfig
-from hf_posenc.experiments.config import load_config
 
 SHIPPED_INFO = json.loads((base_model.SHIPPED_BASE / "build_info.json").read_text())
 

@@ -18,11 +18,6 @@ import pytest
 import tomllib
 import torch
 import transformers
-from huggingface_hub import HfApi, ModelCard, hf_hub_download
-from huggingface_hub.errors import RepositoryNotFoundError
-
-from hf_posenc import cards, cli, hub
-from hf_posenc.results import EvalSummary, load_results, plot_results, records_from_rows
 from hub_server import (  # noqa: F401
     CHECKED_HUGGINGFACE_HUB,
     OTHER_TOKEN,
@@ -41,6 +36,7 @@ from huggingface_hub import HfApi, ModelCard, hf_hub_download
 from huggingface_hub.errors import RepositoryNotFoundError
 
 from hf_posenc import cards, cli, hub
+from hf_posenc.results import EvalSummary, load_results, plot_results, records_from_rows
 
 INPUT_IDS = [[3, 14, 15, 9, 26, 5, 35, 8, 9, 7, 9, 3]]
 

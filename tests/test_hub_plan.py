@@ -22,10 +22,10 @@ from transformers import AutoModelForCausalLM
 
 import hf_posenc
 from hf_posenc import PosEncConfig, cards, cli, hub
-from hf_posenc.results import EvalSummary, records_from_rows
 from hf_posenc.architectures import MODEL_TYPE_PREFIX
 from hf_posenc.config import NATIVE_KEY
 from hf_posenc.convert import is_native_checkpoint
+from hf_posenc.results import EvalSummary, records_from_rows
 
 STUB = "modeling_hf_posenc.py"
 # Both persistence routes: native RoPE variants (stock checkpoints) and the plug-in (remote code).

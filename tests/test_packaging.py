@@ -20,8 +20,8 @@ import pytest
 
 from hf_posenc import presets
 from hf_posenc.cli import main
+from hf_posenc.experiments.config import load_config
 from hf_posenc.experiments.context_extension import evaluation
-from hf_posenc.experiments.config import ConfigError, load_config
 from hf_posenc.experiments.context_extension.config import CompareConfig, EvaluateConfig, FinetuneConfig
 from hf_posenc.experiments.counting.config import CountingConfig
 

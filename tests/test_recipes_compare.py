@@ -208,8 +208,7 @@ def test_merge_seeds_means_std_and_t_interval():
 def test_merged_ruler_cell_is_the_pooled_rate_inside_its_interval():
     """Seeds stop drawing trials at different counts: the merged cell is successes / trials over all of them,
     with that rate's Wilson interval (the mean of the seeds' rates, 0.37 here, lies outside it)."""
-    from hf_posenc.experiments.intervals import merge_seeds
-    from hf_posenc.experiments.intervals import wilson_interval
+    from hf_posenc.experiments.intervals import merge_seeds, wilson_interval
 
     def cell(successes, trials):
         return {"accuracy": successes / trials, "ci_low": 0.0, "ci_high": 1.0, "trials": trials}

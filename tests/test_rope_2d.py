@@ -137,8 +137,8 @@ def test_mixed_frequencies_start_as_the_paper_initialises_them():
 
 
 def test_grid_positions_put_the_patches_last_row_by_row():
-    positions = positions.grid_positions((2, 3), 8, "cpu")
-    assert positions.tolist() == [[0, 0], [0, 0], [0, 0], [0, 1], [0, 2], [1, 0], [1, 1], [1, 2]]
+    grid = positions.grid_positions((2, 3), 8, "cpu")
+    assert grid.tolist() == [[0, 0], [0, 0], [0, 0], [0, 1], [0, 2], [1, 0], [1, 1], [1, 2]]
     with pytest.raises(ValueError, match="none was recorded"):
         positions.grid_positions(None, 8, "cpu")
     with pytest.raises(ValueError, match="2x5 has more patches than the 8 tokens"):

@@ -29,6 +29,7 @@ import math
 
 import pytest
 import torch
+from tiny_models import KINDS
 from torch import nn
 from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
 from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
@@ -36,8 +37,6 @@ from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
 import hf_posenc
 from hf_posenc import PosEncConfig
 from hf_posenc.convert import is_native_checkpoint
-
-from tiny_models import KINDS
 
 THETA = 10000.0
 HEAD_DIM = 16

@@ -44,7 +44,6 @@ from ..config import PosEncConfig
 from .rope import RotaryPosition, rotate_pairs, rotation_cos_sin
 from .windowed_rope_attention import check_every_layer
 
-
 #: Rows per chunk of the backward's rotations (bounds its temporaries to a chunk's cos/sin and unrotated keys).
 CHUNK_ROWS = 128
 

@@ -145,8 +145,8 @@ class _CopeAttention(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, query, key, value, pos_emb, allowed, scaling, block_size, diagonal, return_weights):
-        # Gates, cumsum and positions must stay fp32 (over 8k keys the position error is ~2 in fp16, ~8 in bf16): autocast would run the block matmuls in
-        # bf16/fp16, which also cannot hold the fp32 mask fill.
+        # Gates, cumsum and positions must stay fp32 (over 8k keys the position error is ~2 in fp16, ~8 in bf16):
+        # autocast would run the block matmuls in bf16/fp16, which also cannot hold the fp32 mask fill.
         with torch.autocast(query.device.type, enabled=False):
             return _CopeAttention._forward(ctx, query, key, value, pos_emb, allowed, scaling, block_size, diagonal,
                                            return_weights)

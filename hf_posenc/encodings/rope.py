@@ -333,7 +333,8 @@ class RopeConfig(PosEncConfig):
         extra = given - _ROPE_TYPE_PARAMS[self.rope_type]
         if extra:
             fail_field(k, sorted(extra)[0], getattr(self, sorted(extra)[0]),
-                  f"only {sorted(_ROPE_TYPE_PARAMS[self.rope_type]) or 'no scaling parameters'} for rope_type={self.rope_type!r}")
+                  f"only {sorted(_ROPE_TYPE_PARAMS[self.rope_type]) or 'no scaling parameters'} "
+                  f"for rope_type={self.rope_type!r}")
         missing = _ROPE_REQUIRED.get(self.rope_type, set()) - given
         if missing:
             fail_field(k, sorted(missing)[0], None, f"a value (required by rope_type={self.rope_type!r})")
@@ -350,7 +351,8 @@ class RopeConfig(PosEncConfig):
             fail_field(k, "beta_fast", self.beta_fast, f"a number >= beta_slow ({self.beta_slow})")
         if (self.low_freq_factor is not None and self.high_freq_factor is not None
                 and self.high_freq_factor <= self.low_freq_factor):
-            fail_field(k, "high_freq_factor", self.high_freq_factor, f"a number > low_freq_factor ({self.low_freq_factor})")
+            fail_field(k, "high_freq_factor", self.high_freq_factor,
+                       f"a number > low_freq_factor ({self.low_freq_factor})")
         for name in ("short_factor", "long_factor"):
             value = getattr(self, name)
             if value is not None:

@@ -50,7 +50,7 @@ def relative_position_bucket(
     return offset + torch.where(is_small, distance, large)
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _causal_band_width(num_buckets: int, max_distance: int) -> int:
     """See :meth:`T5Bias.band_width` (cached: every layer asks on every forward)."""
     # CPU explicitly: the module may live on the meta device while a checkpoint loads.
@@ -82,8 +82,8 @@ class T5Bias(PositionModule):
             self.relative_attention_bias.zero_()
 
     def bias_diagonals(self, q_pos: torch.Tensor, k_pos: torch.Tensor, causal: bool) -> torch.Tensor:
-        """The bias once per diagonal, ``[H, q + kv - 1]`` (see :func:`hf_posenc.kernels.tiling.toeplitz`). Positions must be
-        consecutive ranges."""
+        """The bias once per diagonal, ``[H, q + kv - 1]`` (see :func:`hf_posenc.kernels.tiling.toeplitz`).
+        Positions must be consecutive ranges."""
         distances = distance_diagonals(q_pos, k_pos)  # i - j per diagonal, [q + kv - 1]
         # Buckets of key - query, once per diagonal instead of once per (query, key) pair.
         buckets = relative_position_bucket(-distances, not causal, self.num_buckets, self.max_distance)
@@ -148,7 +148,8 @@ class T5BiasConfig(PosEncConfig):
         if self.num_buckets < 4:
             fail_field(self.kind, "num_buckets", self.num_buckets, "an integer >= 4")
         if self.max_distance <= self.num_buckets // 2:
-            fail_field(self.kind, "max_distance", self.max_distance, f"an integer > num_buckets // 2 ({self.num_buckets // 2})")
+            fail_field(self.kind, "max_distance", self.max_distance,
+                       f"an integer > num_buckets // 2 ({self.num_buckets // 2})")
 
 
 def _encoder_buckets(config: T5BiasConfig, causal: bool) -> str | None:

@@ -29,8 +29,8 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, PlainSerializer, PlainValidator, ValidationError
 from pydantic import PositiveInt as Positive  # noqa: F401  (re-exported: the sections' positive integer)
 
-from ..config import PosEncConfig
 from .. import presets
+from ..config import PosEncConfig
 
 #: The YAML key that lists files to merge under a config.
 INCLUDE_KEY = "include"

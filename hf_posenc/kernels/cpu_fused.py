@@ -232,7 +232,7 @@ def _merged(parts):
     if len(parts) == 1:
         return parts[0]
     lse = torch.logsumexp(torch.stack([p[1] for p in parts]), dim=0)  # [B, H, qb]
-    output = sum(o * (l - lse).exp()[..., None] for o, l in parts)
+    output = sum(o * (part_lse - lse).exp()[..., None] for o, part_lse in parts)
     return output, lse
 
 

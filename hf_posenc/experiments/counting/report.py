@@ -180,8 +180,10 @@ def markdown(cfg, table: dict, meta: dict) -> str:
         lines.append(f"Orderings that separate ({LABELS[split].format(k=meta['common_answer_max'])}): "
                      + (", ".join(pairs) if pairs else "none — not separable at this budget") + ".")
     lines += ["", "![error vs program length](error_vs_length.png)", "",
-              f"Wall time {meta['run_seconds'] / 60:.1f} min ({meta['run_seconds']:.0f} s) for the {meta['cells']} cells "
-              f"({meta['cells_run']} computed by that run, {meta['cells'] - meta['cells_run']} resumed from earlier runs); "
+              f"Wall time {meta['run_seconds'] / 60:.1f} min ({meta['run_seconds']:.0f} s) "
+              f"for the {meta['cells']} cells "
+              f"({meta['cells_run']} computed by that run, "
+              f"{meta['cells'] - meta['cells_run']} resumed from earlier runs); "
               f"{meta['workers']} worker process(es) x {meta['threads']} torch thread(s); load average at the end "
               f"{meta['load_average']} on {meta['cpus']} CPUs (shared machine). CPU time of the cells "
               f"{meta['cell_cpu_seconds'] / 60:.1f} min in all (≈ wall time on idle cores, divided by the workers). "

@@ -12,9 +12,9 @@ last reset is easy for a position that counts *statements* (CoPE's gates can lea
 ``++;`` tokens) and hard for token positions, because ``pass;`` fillers change the token distance.
 
 The statement spellings, weights, value limit (10) and the rejection-sampling rule (an operation that is
-impossible in the current state is re-drawn, and a program with nothing to print is drawn again) follow the authors' released data generator
-(facebookresearch/RAM ``projects/cope/scripts/count_data_gen.py``); program lengths are parameters
-here, because the paper's 3-512 statements do not train on two CPU cores.
+impossible in the current state is re-drawn, and a program with nothing to print is drawn again) follow the
+authors' released data generator (facebookresearch/RAM ``projects/cope/scripts/count_data_gen.py``); program
+lengths are parameters here, because the paper's 3-512 statements do not train on two CPU cores.
 
 The recipe ``recipes/counting_task.py`` runs the task for every encoding and seed; this module holds the
 parts that are tested on their own.
@@ -23,8 +23,8 @@ parts that are tested on their own.
 from __future__ import annotations
 
 import random
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Sequence
 
 import torch
 
