@@ -210,6 +210,36 @@ def share_weight_conversions(stock: str, ours: str) -> None:
         register_checkpoint_conversion_mapping(ours, mapping)
 
 
+def reset_rope_state(model) -> int:
+    """Put every stock dynamic-NTK rotary module of ``model`` back to its original frequencies.
+
+    transformers' ``dynamic_rope_update`` enlarges a rotary module's frequencies when a forward is longer than
+    any before it and resets them only when a later forward is *shorter* than the original length: after one
+    long forward, a forward of exactly the original length runs at the enlarged scale, so a model's outputs
+    depend on what it saw before. Calling this before a forward makes them depend on its input alone. (The
+    plug-in's own dynamic RoPE is stateless and needs none of this.)
+
+    Returns:
+        How many rotary modules were reset.
+    """
+    reset = 0
+    for module in model.modules():
+        original_length = getattr(module, "original_max_seq_len", None)
+        if original_length is None or not hasattr(module, "max_seq_len_cached"):
+            continue
+        types = module.rope_type if isinstance(module.rope_type, dict) else {None: module.rope_type}
+        for layer_type, rope_type in types.items():
+            prefix = "" if layer_type is None else f"{layer_type}_"
+            cached = getattr(module, f"{prefix}max_seq_len_cached", module.max_seq_len_cached)
+            if "dynamic" not in str(rope_type) or cached <= original_length:
+                continue
+            original = getattr(module, f"{prefix}original_inv_freq")
+            module.register_buffer(f"{prefix}inv_freq", original.clone(), persistent=False)
+            setattr(module, f"{prefix}max_seq_len_cached", original_length)
+            reset += 1
+    return reset
+
+
 def check_transformers_version() -> None:
     """Warn (once, at import) when the installed transformers is outside the checked range."""
     from packaging.specifiers import SpecifierSet

@@ -18,6 +18,7 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
+from ... import _hf
 from .config import EvalConfig, PasskeyConfig
 from .data import windows
 from .metrics import load_metric
@@ -39,6 +40,7 @@ def token_nll(model, input_ids: torch.Tensor) -> torch.Tensor:
     """Per-token NLL ``[B, T-1]`` of ``input_ids`` ``[B, T]`` (token t+1 predicted from tokens <= t)."""
     device = next(model.parameters()).device
     input_ids = input_ids.to(device)
+    _hf.reset_rope_state(model)  # every score sees a model whose outputs depend on its input alone
     return next_token_nll(model(input_ids=input_ids, use_cache=False).logits, input_ids).cpu()
 
 
@@ -136,6 +138,7 @@ def passkey_prompt(tokenizer, filler: torch.Tensor, length: int, depth: float, k
 def greedy_continuation(model, tokenizer, input_ids: torch.Tensor, max_new_tokens: int) -> str:
     """Greedy-decode a continuation with the model's KV cache and return its text."""
     device = next(model.parameters()).device
+    _hf.reset_rope_state(model)
     out = model.generate(
         input_ids=input_ids.unsqueeze(0).to(device),
         attention_mask=torch.ones(1, len(input_ids), dtype=torch.long, device=device),

@@ -26,6 +26,7 @@ from typing import Any
 
 import torch
 
+from ... import _hf
 from .metrics import load_metric
 
 #: The tasks, in report order.
@@ -139,6 +140,7 @@ def assemble(task: str, tokenizer, filler: torch.Tensor, length: int, depth: flo
 def greedy_batch(model, tokenizer, input_ids: torch.Tensor, max_new_tokens: int) -> list[str]:
     """Greedy continuations of ``input_ids`` ``[B, T]`` (equal-length prompts: no padding needed)."""
     device = next(model.parameters()).device
+    _hf.reset_rope_state(model)  # stock dynamic NTK would keep the scale of an earlier, longer forward
     out = model.generate(
         input_ids=input_ids.to(device), attention_mask=torch.ones_like(input_ids, device=device),
         max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=tokenizer.eos_token_id,

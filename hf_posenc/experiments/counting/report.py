@@ -13,6 +13,7 @@ import statistics
 from pathlib import Path
 from typing import Any
 
+from ...results import line_style
 from ..intervals import wilson_interval
 from .config import held_out_sets
 from .task import PAPER
@@ -203,10 +204,10 @@ def plot(cfg, records: list[dict], encodings: list[str], path: Path) -> bool:
     bins = length_bins(cfg, cfg.eval.plot_bins)
     centres = [(a + b) / 2 for a, b in bins]
     fig, ax = plt.subplots(figsize=(7, 4))
-    for name in encodings:
+    for i, name in enumerate(encodings):
         rates = error_by_length(records, name, bins)
         ax.plot([c for c, r in zip(centres, rates) if r is not None],
-                [100 * r for r in rates if r is not None], marker="o", label=name)
+                [100 * r for r in rates if r is not None], label=name, **line_style(i))
     ax.axvline(cfg.task.train_statements[1] + 0.5, color="grey", linestyle="--", linewidth=1)
     # x in data units, y in axes units: the label stays inside the plot whatever the error range.
     ax.text(cfg.task.train_statements[1] + 1, 0.95, "longest training program", color="grey", fontsize=8,
@@ -215,7 +216,7 @@ def plot(cfg, records: list[dict], encodings: list[str], path: Path) -> bool:
     ax.set_xlabel("statements in the program")
     ax.set_ylabel("test error (%)")
     ax.set_title("Counting task: error vs program length (all seeds)")
-    ax.legend()
+    ax.legend(fontsize=9)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
