@@ -57,10 +57,52 @@ class _Origin:
 # Inspection helpers
 # ---------------------------------------------------------------------------------------------------
 def posenc_of(model_or_config) -> PosEncConfig | None:
-    """The encoding recorded in a converted model or config (None if it was never converted)."""
+    """The encoding a converted model runs, or that a model built from this config runs (None if it was
+    never converted).
+
+    Raises:
+        ValueError: The config records an encoding that the model does not run: a ``posenc`` entry on a
+            stock config that stock transformers does not express (it runs the architecture's own encoding).
+    """
     config = getattr(model_or_config, "config", model_or_config)
     data = getattr(config, CONFIG_KEY, None)
-    return PosEncConfig.from_dict(data) if data else None
+    if not data:
+        return None
+    posenc = PosEncConfig.from_dict(data)
+    if getattr(model_or_config, _STATE_ATTR, None) is None and not runs_recorded_encoding(config):
+        raise ValueError(
+            f"Convert the model to run it (hf_posenc.convert(model, PosEncConfig(kind={posenc.kind!r}))): this stock "
+            f"{config.model_type!r} config records kind={posenc.kind!r} in `{CONFIG_KEY}`, which stock transformers "
+            "ignores (the model runs its own encoding)."
+        )
+    return posenc
+
+
+def runs_recorded_encoding(config) -> bool:
+    """Whether a model built from ``config`` runs the encoding recorded in it.
+
+    An ``hf_posenc_<type>`` config always does (its classes apply the record). A stock config does only for a
+    native RoPE record whose ``rope_parameters`` already say what the record asks for: a ``posenc`` entry that
+    was written by hand, or copied onto another config, is ignored by stock transformers.
+    """
+    model_type = str(getattr(config, "model_type", ""))
+    if model_type.startswith(MODEL_TYPE_PREFIX):
+        return True
+    posenc = PosEncConfig.from_dict(getattr(config, CONFIG_KEY))
+    arch = ARCHITECTURES.get(model_type)
+    if arch is None or not isinstance(posenc, RopeConfig) or getattr(config, NATIVE_KEY, None) is False:
+        return False
+    posenc = resolve_layout(posenc, arch)
+    if not uses_native_rope(posenc, config, arch):
+        return False
+    current = current_rope_parameters(config, arch)
+    wanted = resolved_rope_parameters(posenc, config, arch, current=current)
+    return all(_plain(current.get(key)) == _plain(value) for key, value in wanted.items())
+
+
+def _plain(value):
+    """Tuples as lists: ``config.json`` stores the scaling factor lists of longrope as lists."""
+    return list(value) if isinstance(value, tuple) else value
 
 
 def _as_config(posenc_config) -> PosEncConfig:

@@ -173,8 +173,14 @@ def posenc_class(base: type) -> type:
                     "encoding and call hf_posenc.load_adapter(base, adapter_dir). To build a converted model, "
                     "pass config=hf_posenc.patch_config(config, PosEncConfig(...))."
                 )
+            posenc = PosEncConfig.from_dict(posenc_dict)
+            # A checkpoint's record gets the rules convert applies: layer indices in range, a kind the
+            # architecture can run (otherwise it would run something else, e.g. NoPE on every layer).
+            from .convert import validate
+
+            validate(posenc, config)
             # Undoing it returns to the stock classes of the architecture.
-            plugin.install(self, PosEncConfig.from_dict(posenc_dict), architecture_of(config),
+            plugin.install(self, posenc, architecture_of(config),
                            (stock_class(type(self)), stock_class(type(config))))
 
         def _init_weights(self, module):
