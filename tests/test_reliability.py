@@ -69,3 +69,57 @@ def test_converted_checkpoints_still_report_their_encoding(tmp_path, posenc):
     ids = input_ids()
     with torch.no_grad():
         torch.testing.assert_close(reloaded(ids).logits, model(ids).logits)
+
+
+# ---------------------------------------------------------------------------------------------------
+# An adapter records the encoding of its base (item 1)
+# ---------------------------------------------------------------------------------------------------
+def _adapter(base, folder):
+    from peft import get_peft_model
+
+    model = get_peft_model(base, hf_posenc.lora_config(base, r=2, init_lora_weights=False))
+    model.save_pretrained(folder)
+    return model
+
+
+@pytest.mark.parametrize("posenc", [dict(kind="alibi"), dict(kind="rope", rope_type="yarn", factor=4.0),
+                                    dict(kind="nope"), dict(kind="self_extend", group_size=4, neighbor_window=4)])
+def test_adapter_without_tables_refuses_a_stock_base(tmp_path, posenc):
+    base = hf_posenc.convert(tiny_model("llama"), PosEncConfig.from_dict(posenc))
+    _adapter(base, tmp_path / "adapter")
+    hint = rf"^Convert the base first: hf_posenc.convert\(base, PosEncConfig\(kind='{posenc['kind']}'"
+    with pytest.raises(ValueError, match=hint) as error:
+        hf_posenc.load_adapter(tiny_model("llama"), tmp_path / "adapter")
+    assert "this base runs the architecture's own (unconverted)" in str(error.value)
+    assert len(str(error.value).partition(": the adapter at")[0]) <= 300
+
+
+def test_adapter_refuses_a_base_with_other_parameters(tmp_path):
+    base = hf_posenc.convert(tiny_model("llama"), PosEncConfig(kind="alibi"))
+    _adapter(base, tmp_path / "adapter")
+    other = hf_posenc.convert(tiny_model("llama"), PosEncConfig(kind="alibi", layers=[0]))
+    with pytest.raises(ValueError, match="this base runs PosEncConfig"):
+        hf_posenc.load_adapter(other, tmp_path / "adapter")
+
+
+def test_adapter_of_a_stock_base_refuses_a_converted_base(tmp_path):
+    _adapter(tiny_model("llama"), tmp_path / "adapter")
+    with pytest.raises(ValueError, match=r"^Load it on the unconverted base .*this base runs PosEncConfig\(kind='alibi'"):
+        hf_posenc.load_adapter(hf_posenc.convert(tiny_model("llama"), PosEncConfig(kind="alibi")), tmp_path / "adapter")
+
+
+def test_adapter_on_the_right_base_loads_and_keeps_its_record(tmp_path):
+    base = hf_posenc.convert(tiny_model("llama"), PosEncConfig(kind="alibi"))
+    trained = _adapter(base, tmp_path / "adapter").eval()
+    config = json.loads((tmp_path / "adapter" / "adapter_config.json").read_text())
+    assert "base_posenc" not in config  # plain PEFT reads adapter_config.json as before
+    ids = input_ids()
+    with torch.no_grad():
+        expected = trained(ids).logits
+    fresh = hf_posenc.convert(tiny_model("llama"), PosEncConfig(kind="alibi"))
+    reloaded = hf_posenc.load_adapter(fresh, tmp_path / "adapter").eval()
+    with torch.no_grad():
+        torch.testing.assert_close(reloaded(ids).logits, expected, rtol=0, atol=0)
+    reloaded.save_pretrained(tmp_path / "again")
+    with pytest.raises(ValueError, match="Convert the base first"):
+        hf_posenc.load_adapter(tiny_model("llama"), tmp_path / "again")
