@@ -17,6 +17,7 @@ from peft import LoraConfig, PeftModel
 from peft.utils import load_peft_weights
 from torch import nn
 
+from . import _hf
 from .architectures import lora_target_modules
 
 POSENC_MODULE = "posenc"
@@ -179,7 +180,8 @@ def load_adapter(model: nn.Module, adapter_path: str | os.PathLike, **kwargs) ->
     recorded, adapter_base = _recorded_base_encoding(adapter_path)
     if recorded:
         _check_same_encoding(adapter_base, base_encoding(model), adapter_path)
-    peft_model = PeftModel.from_pretrained(model, str(adapter_path), **kwargs)
+    with _hf.quiet_checkpointing_deprecation():
+        peft_model = PeftModel.from_pretrained(model, str(adapter_path), **kwargs)
     # Saved again (after more training), the adapter keeps its record.
     adapter_name = kwargs.get("adapter_name", "default")
     config = peft_model.peft_config[adapter_name]

@@ -123,3 +123,37 @@ def test_adapter_on_the_right_base_loads_and_keeps_its_record(tmp_path):
     reloaded.save_pretrained(tmp_path / "again")
     with pytest.raises(ValueError, match="Convert the base first"):
         hf_posenc.load_adapter(tiny_model("llama"), tmp_path / "again")
+
+
+# ---------------------------------------------------------------------------------------------------
+# transformers 5.25 (item 13)
+# ---------------------------------------------------------------------------------------------------
+def test_load_adapter_raises_no_checkpointing_deprecation(tmp_path):
+    import warnings
+
+    base = hf_posenc.convert(tiny_model("llama"), PosEncConfig(kind="alibi"))
+    _adapter(base, tmp_path / "adapter")
+    fresh = hf_posenc.convert(tiny_model("llama"), PosEncConfig(kind="alibi"))
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        hf_posenc.load_adapter(fresh, tmp_path / "adapter")
+    assert not [w for w in caught if "is_gradient_checkpointing" in str(w.message)]
+
+
+def test_docs_name_a_transformers_release_no_older_than_the_installed_one():
+    """The README's "newest releases" line and ``_hf.py`` say which transformers they were checked on; CI
+    installs the newest release, so this fails when a newer one comes out and the docs were not updated."""
+    import re
+    from pathlib import Path
+
+    import transformers
+    from packaging.version import Version
+
+    from hf_posenc import _hf
+
+    readme = (Path(__file__).parents[1] / "README.md").read_text()
+    newest = re.search(r"newest\s+releases pip resolves \(transformers (\S+),.*? on (\d{4}-\d\d-\d\d)\)", readme, re.S)
+    assert newest, "README: the 'newest releases pip resolves (transformers X, ... on DATE)' line"
+    assert Version(newest.group(1)) >= Version(Version(transformers.__version__).base_version)
+    checked = re.search(r"release from 5\.5 to (\S+) \((\S+) on (\d{4}-\d\d-\d\d)", _hf.__doc__)
+    assert checked and checked.group(2) == newest.group(1) and checked.group(3) == newest.group(2)
