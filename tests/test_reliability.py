@@ -157,3 +157,26 @@ def test_docs_name_a_transformers_release_no_older_than_the_installed_one():
     assert Version(newest.group(1)) >= Version(Version(transformers.__version__).base_version)
     checked = re.search(r"release from 5\.5 to (\S+) \((\S+) on (\d{4}-\d\d-\d\d)", _hf.__doc__)
     assert checked and checked.group(2) == newest.group(1) and checked.group(3) == newest.group(2)
+
+
+# ---------------------------------------------------------------------------------------------------
+# bf16 models keep their fp32 tables across save/reload (item 6)
+# ---------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("kind", ["cope", "t5_bias", "contextual_rope", "kerple"])
+@pytest.mark.parametrize("dtype", ["auto", torch.bfloat16])
+def test_bf16_model_reloads_with_its_fp32_tables(tmp_path, kind, dtype):
+    from tiny_models import randomize_position_tables
+
+    model = hf_posenc.convert(tiny_model("llama").to(torch.bfloat16), PosEncConfig(kind=kind))
+    randomize_position_tables(model)
+    tables = {name: p.detach().clone() for name, p in model.named_parameters() if ".posenc." in name}
+    assert tables and {t.dtype for t in tables.values()} == {torch.float32}
+    model.save_pretrained(tmp_path)
+    reloaded = AutoModelForCausalLM.from_pretrained(tmp_path, dtype=dtype, attn_implementation="eager").eval()
+    assert reloaded.model.embed_tokens.weight.dtype == torch.bfloat16
+    for name, value in reloaded.named_parameters():
+        if ".posenc." in name:
+            assert value.dtype == torch.float32 and torch.equal(value, tables[name]), name
+    ids = input_ids()
+    with torch.no_grad():
+        torch.testing.assert_close(reloaded(ids).logits, model.eval()(ids).logits, rtol=0, atol=0)
