@@ -180,3 +180,86 @@ def test_bf16_model_reloads_with_its_fp32_tables(tmp_path, kind, dtype):
     ids = input_ids()
     with torch.no_grad():
         torch.testing.assert_close(reloaded(ids).logits, model.eval()(ids).logits, rtol=0, atol=0)
+
+
+# ---------------------------------------------------------------------------------------------------
+# Trust boundary (item 9)
+# ---------------------------------------------------------------------------------------------------
+def test_stub_only_imports_the_installed_package_and_hands_its_classes_on():
+    """The file written into checkpoints: a docstring, then one import from the installed hf_posenc (its
+    ``class_by_name`` as the module's ``__getattr__``), whose ImportError handler only raises."""
+    import ast
+    import inspect
+
+    from hf_posenc import modeling_hf_posenc
+
+    body = ast.parse(inspect.getsource(modeling_hf_posenc)).body
+    assert isinstance(body[0], ast.Expr) and isinstance(body[0].value, ast.Constant)  # the docstring
+    assert len(body) == 2 and isinstance(body[1], ast.Try), ast.dump(body[1])
+    (statement,) = body[1].body
+    assert isinstance(statement, ast.ImportFrom) and statement.module == "hf_posenc.modeling"
+    assert [(a.name, a.asname) for a in statement.names] == [("class_by_name", "__getattr__")]
+    for handler in body[1].handlers:
+        assert all(isinstance(node, (ast.If, ast.Raise)) for node in handler.body)
+    assert not body[1].orelse and not body[1].finalbody
+
+
+def test_a_tampered_stub_does_not_run_once_hf_posenc_is_imported(tmp_path, monkeypatch):
+    """``import hf_posenc`` first: transformers takes the installed classes even with trust_remote_code=True."""
+    monkeypatch.setenv("HF_MODULES_CACHE", str(tmp_path / "modules"))
+    folder, marker = tmp_path / "checkpoint", tmp_path / "ran"
+    model = converted("llama", "alibi")
+    model.save_pretrained(folder)
+    stub = folder / "modeling_hf_posenc.py"
+    stub.write_text(f"open({str(marker)!r}, 'w').close()\n" + stub.read_text())
+    reloaded = AutoModelForCausalLM.from_pretrained(folder, trust_remote_code=True)
+    assert not marker.exists()
+    assert type(reloaded).__module__ == "hf_posenc.modeling_hf_posenc"
+    assert hf_posenc.posenc_of(reloaded).kind == "alibi"
+
+
+def test_readme_leads_with_import_hf_posenc_and_states_the_trust_model():
+    import re
+    from pathlib import Path
+
+    readme = (Path(__file__).parents[1] / "README.md").read_text()
+    first_code = re.search(r"```python\n(.*?)```", readme, re.S).group(1)
+    assert first_code.splitlines()[0].partition("#")[0].strip() == "import hf_posenc"
+    section = re.search(r"\n## Trust model\n(.*?)\n## ", readme, re.S)
+    assert section, "README: a '## Trust model' section"
+    for phrase in ("trust_remote_code=True", "modeling_hf_posenc.py", "weights_only=True"):
+        assert phrase in section.group(1), phrase
+
+
+def test_base_model_resume_state_is_loaded_weights_only(tmp_path, tmp_path_factory, monkeypatch):
+    """A resume checkpoint that would run code when unpickled is refused, and the code does not run."""
+    import pickle
+
+    from hf_posenc.context_extension import base_model
+    from hf_posenc.context_extension import data as corpus
+    from hf_posenc.context_extension.config import PretrainConfig
+
+    monkeypatch.setenv(corpus.CACHE_ENV, str(tmp_path_factory.getbasetemp() / "hf_posenc_cache"))
+    monkeypatch.setenv(base_model.THREADS_ENV, "1")
+    real_train = base_model.train_bpe_tokenizer
+    monkeypatch.setattr(base_model, "train_bpe_tokenizer",
+                        lambda texts, size, **kwargs: real_train(texts, size, max_chars=200_000, **kwargs))
+    spec = PretrainConfig(vocab_size=300, hidden_size=16, num_layers=1, num_heads=2, intermediate_size=32,
+                          seq_len=32, batch_size=2, steps=3, warmup_steps=1)
+    out, marker = tmp_path / "base", tmp_path / "ran"
+    out.mkdir()
+    real_train(["def f(x):\n    return x + 1\n" * 50], 300).save_pretrained(str(out))  # a resume reads it
+    torch.save({"payload": _RunsOnLoad(str(marker))}, out / "checkpoint.pt")
+    with pytest.raises(pickle.UnpicklingError, match="Weights only load failed"):
+        base_model.pretrain(spec, out, progress=False)
+    assert not marker.exists()
+
+
+class _RunsOnLoad:
+    """Unpickling this object creates a file: what a tampered checkpoint could do."""
+
+    def __init__(self, path: str):
+        self.path = path
+
+    def __reduce__(self):
+        return (open, (self.path, "w"))
