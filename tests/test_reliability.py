@@ -104,7 +104,8 @@ def test_adapter_refuses_a_base_with_other_parameters(tmp_path):
 
 def test_adapter_of_a_stock_base_refuses_a_converted_base(tmp_path):
     _adapter(tiny_model("llama"), tmp_path / "adapter")
-    with pytest.raises(ValueError, match=r"^Load it on the unconverted base .*this base runs PosEncConfig\(kind='alibi'"):
+    hint = r"^Load it on the unconverted base .*this base runs PosEncConfig\(kind='alibi'"
+    with pytest.raises(ValueError, match=hint):
         hf_posenc.load_adapter(hf_posenc.convert(tiny_model("llama"), PosEncConfig(kind="alibi")), tmp_path / "adapter")
 
 
