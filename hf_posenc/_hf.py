@@ -1,6 +1,6 @@
 """Every piece of knowledge about transformers internals that hf_posenc relies on lives here.
 
-Checked against every transformers release from 5.5 to 5.24 (CI runs the suite on the lower bounds
+Checked against every transformers release from 5.5 to 5.25 (5.25.0 on 2026-12-06; CI runs the suite on the lower bounds
 of pyproject.toml and on the newest releases). Where releases differ, this module detects the feature
 (which argument name a forward takes) instead of comparing version numbers. If a transformers upgrade
 breaks the plug-in, this is the one file to read.
@@ -64,6 +64,19 @@ def set_attn_implementation(model, name: str) -> None:
 #: adjust) a requested attention name, in every release from 5.1 (5.2x added an ``allow_all_kernels``
 #: argument: overrides take ``*args, **kwargs``). The ``HfPosenc`` classes override it.
 ATTN_IMPLEMENTATION_CHECK = "_check_and_adjust_attn_implementation"
+
+
+@contextlib.contextmanager
+def quiet_checkpointing_deprecation():
+    """Drop transformers' ``is_gradient_checkpointing`` deprecation warning (5.25+, removal in v6), and only
+    that one, while it is in effect.
+
+    PEFT reads the deprecated property whenever it wraps a model (``PeftModel.__init__``), so each of our
+    ``get_peft_model`` / ``PeftModel.from_pretrained`` calls would warn the user about code that is not theirs.
+    """
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="`is_gradient_checkpointing` is deprecated", category=FutureWarning)
+        yield
 
 
 @contextlib.contextmanager

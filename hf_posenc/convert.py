@@ -28,15 +28,25 @@ import torch
 from torch import nn
 from transformers.models.auto.configuration_auto import CONFIG_MAPPING
 
-from . import _hf, attention, plugin, registry
-from .architectures import ARCHITECTURES, MODEL_TYPE_PREFIX, Architecture, architecture_of, attention_modules, is_causal
+from . import _hf, attention, plugin
+from .architectures import ARCHITECTURES, MODEL_TYPE_PREFIX, Architecture, architecture_of, attention_modules
 from .config import CONFIG_KEY, NATIVE_KEY, PosEncConfig
-from .encodings.rope import LENGTH_DEPENDENT_ROPE_TYPES, ROPE_LAYOUTS, RopeConfig, resolve_rope_parameters
+from .encodings.rope import ROPE_LAYOUTS, RopeConfig
 from .layout import layout_permutation, permute_attention
-from .model_shape import current_rope_parameters, head_dim, num_layers, rope_layer_types
+from .model_shape import current_rope_parameters, head_dim, rope_layer_types
 from .modeling import CLASS_PREFIX, STUB_MODULE, posenc_class, posenc_config_class, stock_class
 from .plugin import STATE_ATTR as _STATE_ATTR
 from .plugin import State as _State
+from .rules import (
+    needs_attention_function,
+    record,
+    resolve_layout,
+    resolved_rope_parameters,
+    stock_expresses,
+    uses_native_rope,
+    validate,
+    write_native_rope,
+)
 
 _ORIGIN_ATTR = "_hf_posenc_origin"
 
@@ -62,10 +72,52 @@ class _Origin:
 # Inspection helpers
 # ---------------------------------------------------------------------------------------------------
 def posenc_of(model_or_config) -> PosEncConfig | None:
-    """The encoding recorded in a converted model or config (None if it was never converted)."""
+    """The encoding a converted model runs, or that a model built from this config runs (None if it was
+    never converted).
+
+    Raises:
+        ValueError: The config records an encoding that the model does not run: a ``posenc`` entry on a
+            stock config that stock transformers does not express (it runs the architecture's own encoding).
+    """
     config = getattr(model_or_config, "config", model_or_config)
     data = getattr(config, CONFIG_KEY, None)
-    return PosEncConfig.from_dict(data) if data else None
+    if not data:
+        return None
+    posenc = PosEncConfig.from_dict(data)
+    if getattr(model_or_config, _STATE_ATTR, None) is None and not runs_recorded_encoding(config):
+        raise ValueError(
+            f"Convert the model to run it (hf_posenc.convert(model, PosEncConfig(kind={posenc.kind!r}))): this stock "
+            f"{config.model_type!r} config records kind={posenc.kind!r} in `{CONFIG_KEY}`, which stock transformers "
+            "ignores (the model runs its own encoding)."
+        )
+    return posenc
+
+
+def runs_recorded_encoding(config) -> bool:
+    """Whether a model built from ``config`` runs the encoding recorded in it.
+
+    An ``hf_posenc_<type>`` config always does (its classes apply the record). A stock config does only for a
+    native RoPE record whose ``rope_parameters`` already say what the record asks for: a ``posenc`` entry that
+    was written by hand, or copied onto another config, is ignored by stock transformers.
+    """
+    model_type = str(getattr(config, "model_type", ""))
+    if model_type.startswith(MODEL_TYPE_PREFIX):
+        return True
+    posenc = PosEncConfig.from_dict(getattr(config, CONFIG_KEY))
+    arch = ARCHITECTURES.get(model_type)
+    if arch is None or not isinstance(posenc, RopeConfig) or getattr(config, NATIVE_KEY, None) is False:
+        return False
+    posenc = resolve_layout(posenc, arch)
+    if not uses_native_rope(posenc, config, arch):
+        return False
+    current = current_rope_parameters(config, arch)
+    wanted = resolved_rope_parameters(posenc, config, arch, current=current)
+    return all(_plain(current.get(key)) == _plain(value) for key, value in wanted.items())
+
+
+def _plain(value):
+    """Tuples as lists: ``config.json`` stores the scaling factor lists of longrope as lists."""
+    return list(value) if isinstance(value, tuple) else value
 
 
 def _as_config(posenc_config) -> PosEncConfig:
@@ -75,66 +127,6 @@ def _as_config(posenc_config) -> PosEncConfig:
         return PosEncConfig.from_dict(posenc_config)
     raise TypeError(f"posenc_config must be a PosEncConfig or a dict with a 'kind'; "
                     f"got {type(posenc_config).__name__}.")
-
-
-def resolved_rope_parameters(posenc: RopeConfig, config, arch: Architecture, layer_idx: int = 0,
-                             current: dict | None = None) -> dict:
-    """Stock ``rope_parameters`` for a RoPE request on layer ``layer_idx`` of this model (see
-    :func:`hf_posenc.encodings.rope.resolve_rope_parameters`; ``current`` overrides the layer's own)."""
-    current = current if current is not None else current_rope_parameters(config, arch, layer_idx)
-    return resolve_rope_parameters(posenc, current, config.max_position_embeddings)
-
-
-def uses_native_rope(posenc: PosEncConfig, config, arch: Architecture) -> bool:
-    """Whether this request is written as a stock checkpoint (the native route) on this architecture.
-
-    Where stock transformers can express it (:func:`stock_expresses`), except for the length-dependent rope
-    types (dynamic, longrope), whose stock form is stateful and inexact with a cache: they take the plug-in
-    unless ``native=True`` asks for the stock checkpoint. ``native=False`` always takes the plug-in.
-
-    Raises:
-        ValueError: ``native=True`` and stock transformers cannot express the request.
-    """
-    if not isinstance(posenc, RopeConfig) or posenc.native is False:
-        return False
-    expressible = stock_expresses(posenc, config, arch)
-    if posenc.native is None:
-        return expressible and posenc.rope_type not in LENGTH_DEPENDENT_ROPE_TYPES
-    if not expressible:
-        raise ValueError(
-            f"PosEncConfig(kind='rope'): invalid native=True; stock transformers cannot express this request on "
-            f"{config.model_type!r} (layout, layers, partial rotary or rope_type beyond what its stock RoPE "
-            "supports); allowed: native=None or native=False (the plug-in expresses it)."
-        )
-    return True
-
-
-def stock_expresses(posenc: PosEncConfig, config, arch: Architecture) -> bool:
-    """Whether stock transformers can express this RoPE request on this architecture by itself."""
-    if (not isinstance(posenc, RopeConfig) or arch.rope == "none"
-            or resolve_layout(posenc, arch).layout != arch.rope_layout):
-        return False
-    if posenc.layers is not None and set(posenc.layers) != set(range(num_layers(config))):
-        return False
-    if arch.rope_types is not None and posenc.rope_type not in arch.rope_types:
-        return False  # e.g. Phi-3's config validation accepts longrope only
-    partial = resolved_rope_parameters(posenc, config, arch)["partial_rotary_factor"]
-    if not (arch.rope == "native_partial" or partial == 1.0):
-        return False
-    if rope_layer_types(config) is not None and posenc.rope_type != "default":
-        # transformers 5.1 validates scaled types on per-layer-type parameters by reading the outer dict
-        # (KeyError): a stock config that cannot be built is not native; the plug-in expresses it.
-        try:
-            _write_native_rope(copy.deepcopy(config), posenc, arch)
-        except (KeyError, TypeError):
-            return False
-    return True
-
-
-def _record(config, posenc: PosEncConfig, native: bool) -> None:
-    """Write the encoding and its route into ``config``; ``save_pretrained`` saves both with the checkpoint."""
-    setattr(config, CONFIG_KEY, posenc.to_dict())
-    setattr(config, NATIVE_KEY, native)
 
 
 def is_native_checkpoint(config) -> bool | None:
@@ -174,69 +166,6 @@ def is_native_checkpoint(config) -> bool | None:
     return getattr(request, "native", None) is not False and stock_expresses(request, stock, ARCHITECTURES[model_type])
 
 
-def resolve_layout(posenc: PosEncConfig, arch: Architecture) -> PosEncConfig:
-    """A RoPE request without a layout takes the architecture's own (``"half"`` without native RoPE)."""
-    if isinstance(posenc, RopeConfig) and posenc.layout is None:
-        return dataclasses.replace(posenc, layout=arch.rope_layout if arch.rope != "none" else "half")
-    return posenc
-
-
-def needs_attention_function(posenc: PosEncConfig, config, arch: Architecture) -> bool:
-    """Whether the converted model runs our attention functions: a kind with a route (its registry entry),
-    unless stock transformers expresses the request natively."""
-    return registry.get(posenc.kind).needs_attention_function and not uses_native_rope(posenc, config, arch)
-
-
-def validate(posenc: PosEncConfig, config, attn_implementation: str | None = None) -> Architecture:
-    """Check that ``posenc`` can be applied to a model with this config (and backend).
-
-    Raises:
-        ValueError: Unsupported architecture, layer indices out of range, a causal-only kind on an encoder,
-            a kind's own rule (its registry entry's ``check``: e.g. T5 bias with an odd bucket count on an
-            encoder), or a backend that cannot express the encoding.
-    """
-    arch = architecture_of(config)
-    n = num_layers(config)
-    if posenc.layers is not None and max(posenc.layers) >= n:
-        raise ValueError(f"PosEncConfig(kind={posenc.kind!r}): invalid layers={list(posenc.layers)}; "
-                         f"allowed: indices in [0, {n - 1}] for this {n}-layer model.")
-    refusal = arch.refusal(posenc.kind, config)
-    if refusal is not None:
-        raise ValueError(f"PosEncConfig(kind={posenc.kind!r}) cannot be applied to {config.model_type!r}: "
-                         f"{refusal.why}.")
-    causal = is_causal(arch, config)
-    entry = registry.get(posenc.kind)
-    if entry.capabilities.extends_rope and arch.rope == "none":
-        causal_only = entry.capabilities.causal_only
-        allowed = ", ".join(a for a, row in ARCHITECTURES.items()
-                            if row.rope != "none" and (row.causal is True or not causal_only))
-        raise ValueError(f"PosEncConfig(kind={posenc.kind!r}) cannot be applied to {config.model_type!r}: the model "
-                         f"has no RoPE to extend ({entry.display_name} re-uses the model's own); allowed: "
-                         f"{'causal ' if causal_only else ''}architectures with RoPE ({allowed}).")
-    if entry.capabilities.patch_grid and not arch.patch_grid:
-        allowed = ", ".join(a for a, row in ARCHITECTURES.items() if row.patch_grid)
-        raise ValueError(f"PosEncConfig(kind={posenc.kind!r}) cannot be applied to {config.model_type!r}: "
-                         f"{entry.display_name} rotates by the 2-D patch grid of an image and this model reads "
-                         f"sequences of tokens; allowed: image models ({allowed}).")
-    if entry.capabilities.causal_only and not causal:
-        allowed = ", ".join(e.kind for e in registry.entries() if not e.capabilities.causal_only)
-        raise ValueError(
-            f"{entry.display_name} is causal-only ({entry.causal_reason}) and cannot be applied to the "
-            f"encoder {config.model_type!r}; allowed kinds on encoders: {allowed}."
-        )
-    reason = entry.check(posenc, causal) if entry.check is not None else None
-    if reason is not None:
-        raise ValueError(f"PosEncConfig(kind={posenc.kind!r}): {reason}.")
-    backend = attn_implementation or getattr(config, "_attn_implementation", None) or "sdpa"
-    backend = backend.removeprefix("hf_posenc_")
-    if needs_attention_function(posenc, config, arch) and backend not in entry.backends:
-        raise ValueError(
-            f"attn_implementation={backend!r} cannot express kind={posenc.kind!r} (it needs an additive bias, "
-            f"the full logits or rotation at attention time); allowed: {sorted(entry.backends)}."
-        )
-    return arch
-
-
 # ---------------------------------------------------------------------------------------------------
 # Conversion
 # ---------------------------------------------------------------------------------------------------
@@ -269,7 +198,7 @@ def convert(model: nn.Module, posenc_config, *, attn_implementation: str | None 
     classes = (type(model), type(config))
     model.__class__ = posenc_class(type(model))
     config.__class__ = model.__class__.config_class
-    _record(config, posenc, native=False)
+    record(config, posenc, native=False)
     plugin.install(model, posenc, arch, classes, attn_implementation)
     return model
 
@@ -284,7 +213,7 @@ def _convert_native(model, posenc: RopeConfig, arch: Architecture) -> nn.Module:
         CONFIG_KEY: getattr(config, CONFIG_KEY, None),
         NATIVE_KEY: getattr(config, NATIVE_KEY, None),
     }
-    params = _write_native_rope(config, posenc, arch)
+    params = write_native_rope(config, posenc, arch)
     base = model.base_model
     state.rotary = base.rotary_emb
     device = next((b.device for b in base.rotary_emb.buffers()), None)
@@ -295,31 +224,6 @@ def _convert_native(model, posenc: RopeConfig, arch: Architecture) -> nn.Module:
             attn.rotary_ndims = int(head_dim(config) * params["partial_rotary_factor"])
     setattr(model, _STATE_ATTR, state)
     return model
-
-
-def _write_native_rope(config, posenc: RopeConfig, arch: Architecture) -> dict:
-    """Write a native RoPE request into a stock config (in place); returns the rope parameters (of the
-    first layer type where each layer type has its own: the request applies to each, keeping its base)."""
-    layer_types = rope_layer_types(config)
-    if layer_types is None:
-        params = resolved_rope_parameters(posenc, config, arch)
-        new = params
-    else:
-        new = {t: resolved_rope_parameters(posenc, config, arch, current=dict(config.rope_parameters[t]))
-               for t in layer_types}
-        params = new[layer_types[0]]
-    if posenc.rope_type in ("linear", "yarn", "llama3") and posenc.factor:
-        # Record the extended context for inference; the pre-extension length stays in the rope params.
-        original = params.get("original_max_position_embeddings", config.max_position_embeddings)
-        config.max_position_embeddings = int(round(original * posenc.factor))
-    if getattr(config, "head_dim", 0) is None:
-        # Stock scaled-frequency functions read `getattr(config, "head_dim", default)`, which a None value
-        # defeats (Mixtral's config has head_dim=None): record the value the model uses.
-        config.head_dim = head_dim(config)
-    config.rope_parameters = new
-    config.validate_rope()
-    _record(config, posenc, native=True)
-    return params
 
 
 def set_backend(model, backend: str) -> None:
@@ -481,10 +385,10 @@ def patch_config(config, posenc_config):
     posenc = resolve_layout(posenc, arch)
     patched = copy.deepcopy(config)
     if uses_native_rope(posenc, config, arch):
-        _write_native_rope(patched, posenc, arch)
+        write_native_rope(patched, posenc, arch)
     else:
         patched.__class__ = posenc_config_class(type(config))
-        _record(patched, posenc, native=False)
+        record(patched, posenc, native=False)
     return patched
 
 

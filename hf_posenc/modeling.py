@@ -25,6 +25,7 @@ from .architectures import ARCHITECTURES, MODEL_TYPE_PREFIX, architecture_of
 from .config import CONFIG_KEY, PosEncConfig
 from .encodings.base import PositionModule
 from .encodings.rope import cache_is_stale
+from .rules import validate
 
 STUB_MODULE = "hf_posenc.modeling_hf_posenc"
 CLASS_PREFIX = "HfPosenc"
@@ -174,8 +175,12 @@ def posenc_class(base: type) -> type:
                     "encoding and call hf_posenc.load_adapter(base, adapter_dir). To build a converted model, "
                     "pass config=hf_posenc.patch_config(config, PosEncConfig(...))."
                 )
+            posenc = PosEncConfig.from_dict(posenc_dict)
+            # A checkpoint's record gets the rules convert applies: layer indices in range, a kind the
+            # architecture can run (otherwise it would run something else, e.g. NoPE on every layer).
+            validate(posenc, config)
             # Undoing it returns to the stock classes of the architecture.
-            plugin.install(self, PosEncConfig.from_dict(posenc_dict), architecture_of(config),
+            plugin.install(self, posenc, architecture_of(config),
                            (stock_class(type(self)), stock_class(type(config))))
 
         def _init_weights(self, module):

@@ -10,16 +10,21 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import json
 import os
 
 from peft import LoraConfig, PeftModel
 from peft.utils import load_peft_weights
 from torch import nn
 
+from . import _hf
 from .architectures import lora_target_modules
+from .convert import posenc_of
 from .loading import missing_local_folder
 
 POSENC_MODULE = "posenc"
+#: File that records, next to ``adapter_config.json``, the encoding of the base the adapter was trained on.
+BASE_RECORD = "hf_posenc_base.json"
 _OWN_ARGUMENTS = ("r", "alpha", "dropout", "train_position_tables", "longlora", "target_modules", "modules_to_save")
 # LoraConfig fields that lora_config sets from its own arguments, and the usual other names of its arguments.
 _ALIASES = {"lora_alpha": "alpha", "lora_dropout": "dropout", "rank": "r", "lora_r": "r", "lora_rank": "r"}
@@ -66,7 +71,7 @@ def lora_config(model: nn.Module, r: int = 8, alpha: int = 16, dropout: float = 
         # A trained copy of a tied input table must stay tied to the head, or merging silently unties
         # them (SmolLM2 ties its embeddings).
         kwargs.setdefault("ensure_weight_tying", bool(getattr(model.config, "tie_word_embeddings", False)))
-    return LoraConfig(
+    config = RecordingLoraConfig(
         r=r,
         lora_alpha=alpha,
         lora_dropout=dropout,
@@ -74,6 +79,42 @@ def lora_config(model: nn.Module, r: int = 8, alpha: int = 16, dropout: float = 
         modules_to_save=sorted(set(modules_to_save)) or None,
         **kwargs,
     )
+    config.base_posenc = base_encoding(model)
+    return config
+
+
+class RecordingLoraConfig(LoraConfig):
+    """A ``LoraConfig`` that also saves the encoding of its base (``base_posenc``) in :data:`BASE_RECORD`.
+
+    PEFT calls the config's ``save_pretrained`` whenever it saves an adapter (``PeftModel.save_pretrained``,
+    ``push_to_hub``, trainers); ``adapter_config.json`` itself stays as PEFT writes it, so plain PEFT loads
+    the adapter unchanged. An adapter without position tables (ALiBi, RoPE scalings, Self-Extend, ReRoPE,
+    NoPE) carries nothing else that tells which base it fits: :func:`load_adapter` reads this record.
+    """
+
+    base_posenc: dict | None = None  # a plain class attribute, not a field: adapter_config.json is unchanged
+
+    def save_pretrained(self, save_directory: str, **kwargs) -> None:
+        super().save_pretrained(save_directory, **kwargs)
+        record = {"posenc": self.base_posenc}
+        with open(os.path.join(save_directory, BASE_RECORD), "w") as file:
+            json.dump(record, file, indent=2, sort_keys=True)
+
+
+def base_encoding(model: nn.Module) -> dict | None:
+    """The encoding ``model`` runs as a dict (None: the architecture's own, unconverted)."""
+    posenc = posenc_of(model)
+    return posenc.to_dict() if posenc is not None else None
+
+
+def _recorded_base_encoding(adapter_path) -> tuple[bool, dict | None]:
+    """``(recorded, encoding)`` from an adapter folder's :data:`BASE_RECORD` (adapters saved without one,
+    or from the Hub, are not recorded)."""
+    path = os.path.join(os.fspath(adapter_path), BASE_RECORD)
+    if not os.path.isfile(path):
+        return False, None
+    with open(path) as file:
+        return True, json.load(file).get("posenc")
 
 
 def _check_lora_kwargs(kwargs: dict) -> None:
@@ -134,4 +175,36 @@ def load_adapter(model: nn.Module, adapter_path: str | os.PathLike, **kwargs) ->
                 f"{found}. Convert the base with the adapter's encoding first: "
                 "hf_posenc.convert(base, PosEncConfig(...)) or load it from the converted checkpoint."
             )
-    return PeftModel.from_pretrained(model, str(adapter_path), **kwargs)
+    recorded, adapter_base = _recorded_base_encoding(adapter_path)
+    if recorded:
+        _check_same_encoding(adapter_base, base_encoding(model), adapter_path)
+    with _hf.quiet_checkpointing_deprecation():
+        peft_model = PeftModel.from_pretrained(model, str(adapter_path), **kwargs)
+    # Saved again (after more training), the adapter keeps its record.
+    adapter_name = kwargs.get("adapter_name", "default")
+    config = peft_model.peft_config[adapter_name]
+    if recorded and type(config) is LoraConfig:
+        config.__class__ = RecordingLoraConfig
+        config.base_posenc = adapter_base
+    return peft_model
+
+
+def _describe(posenc: dict | None) -> str:
+    """``PosEncConfig(kind=..., <set fields>)``: unset fields left out, so that the hint stays one short line."""
+    if posenc is None:
+        return "the architecture's own (unconverted)"
+    fields = {"kind": posenc.get("kind"), **{k: v for k, v in posenc.items() if v is not None and k != "kind"}}
+    return "PosEncConfig(" + ", ".join(f"{key}={value!r}" for key, value in fields.items()) + ")"
+
+
+def _check_same_encoding(adapter_base: dict | None, base: dict | None, adapter_path) -> None:
+    """Refuse a base whose encoding is not the one the adapter was trained on: the weights would load and
+    give another model, without a word."""
+    if adapter_base == base:
+        return
+    if adapter_base is None:
+        hint = "Load it on the unconverted base (hf_posenc.revert(base), or the original checkpoint)"
+    else:
+        hint = f"Convert the base first: hf_posenc.convert(base, {_describe(adapter_base)})"
+    raise ValueError(f"{hint}: the adapter at {os.fspath(adapter_path)} was trained on the encoding "
+                     f"{_describe(adapter_base)}; this base runs {_describe(base)}.")

@@ -195,8 +195,9 @@ class ContextualRope(RotaryPosition):
     def __init__(self, rope_parameters: dict, head_dim: int, max_position_embeddings: int, layout: str = "half",
                  *, num_key_value_heads: int):
         super().__init__(rope_parameters, head_dim, max_position_embeddings, layout)
-        # u: [Hkv, D], fp32; zero so that every width starts at 1 (the model's own positions).
-        self.width_direction = nn.Parameter(torch.zeros(num_key_value_heads, head_dim))
+        # u: [Hkv, D], fp32 whatever the model dtype (explicitly: from_pretrained(dtype=bf16) builds under that
+        # default dtype and would round it); zero so that every width starts at 1 (the model's own positions).
+        self.width_direction = nn.Parameter(torch.zeros(num_key_value_heads, head_dim, dtype=torch.float32))
 
     def reset_parameters(self) -> None:
         with torch.no_grad():

@@ -304,8 +304,9 @@ class CoPE(PositionModule):
         super().__init__()
         self.npos_max = npos_max
         self.block_size = block_size
-        # E: [D, npos_max]; zero so that a fresh CoPE layer is plain attention.
-        self.pos_emb = nn.Parameter(torch.zeros(head_dim, npos_max))
+        # E: [D, npos_max]; zero so that a fresh CoPE layer is plain attention. fp32 whatever the model dtype
+        # (explicitly: from_pretrained(dtype=bf16) builds under that default dtype and would round the saved table).
+        self.pos_emb = nn.Parameter(torch.zeros(head_dim, npos_max, dtype=torch.float32))
 
     def reset_parameters(self) -> None:
         with torch.no_grad():

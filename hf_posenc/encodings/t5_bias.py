@@ -74,8 +74,9 @@ class T5Bias(PositionModule):
         self.num_heads = num_heads
         self.num_buckets = num_buckets
         self.max_distance = max_distance
-        # [num_buckets, H]; zero so that a freshly converted layer is exactly the NoPE model.
-        self.relative_attention_bias = nn.Parameter(torch.zeros(num_buckets, num_heads))
+        # [num_buckets, H]; zero so that a freshly converted layer is exactly the NoPE model. fp32 whatever the
+        # model dtype (explicitly: from_pretrained(dtype=bf16) builds under that default dtype and would round it).
+        self.relative_attention_bias = nn.Parameter(torch.zeros(num_buckets, num_heads, dtype=torch.float32))
 
     def reset_parameters(self) -> None:
         with torch.no_grad():

@@ -279,7 +279,8 @@ def _pretrain(spec: PretrainConfig, out_dir: Path, held_out_percent: int, progre
     answer_losses: list[float] = []  # not checkpointed: a resumed build reports the answers since it resumed
     first_step = 0
     if checkpoint.is_file():
-        state = torch.load(checkpoint, weights_only=False)
+        # Tensors, numbers and the rng's tuple only: weights_only refuses a file that would run code on load.
+        state = torch.load(checkpoint, weights_only=True)
         model.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
         rng.setstate(state["rng"])

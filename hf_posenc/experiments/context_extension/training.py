@@ -23,6 +23,7 @@ from typing import Any
 
 import torch
 
+from ..._hf import quiet_checkpointing_deprecation
 from ...peft_utils import POSENC_MODULE, lora_config, lora_target_modules
 from .config import LoraSettings, TrainConfig
 from .data import training_windows
@@ -241,9 +242,11 @@ def finetune_lora(accelerator, model, tokenizer, texts: list[str], lora: LoraSet
                     sum(p.numel() for p in model.parameters()))
         stats = train(accelerator, model, windows, cfg, ckpt_root, progress=progress, desc=desc, on_step=on_step)
         return accelerator.unwrap_model(model), stats
-    peft_model = get_peft_model(model, lora_config(
-        model, r=lora.r, alpha=lora.alpha, dropout=lora.dropout, longlora=lora.train_embeddings_and_norms,
-        target_modules=lora.target_modules, modules_to_save=lora.modules_to_save, task_type="CAUSAL_LM"))
+    config = lora_config(model, r=lora.r, alpha=lora.alpha, dropout=lora.dropout,
+                         longlora=lora.train_embeddings_and_norms, target_modules=lora.target_modules,
+                         modules_to_save=lora.modules_to_save, task_type="CAUSAL_LM")
+    with quiet_checkpointing_deprecation():
+        peft_model = get_peft_model(model, config)
     trainable, total = peft_model.get_nb_trainable_parameters()
     logger.info("%s: %d of %d parameters trainable (%.2f%%)", desc, trainable, total, 100 * trainable / total)
     stats = train(accelerator, peft_model, windows, cfg, ckpt_root, progress=progress, desc=desc, on_step=on_step)
