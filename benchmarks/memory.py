@@ -272,7 +272,8 @@ def markdown(records: list[dict]) -> str:
 
 
 def plot(records: list[dict], path: str) -> None:
-    """Peak MiB against T, log-log, one panel per mode; lines told apart by marker and line style."""
+    """Per mode, two panels against T: peak MiB (log-log) and the ratio to stock sdpa (with the issue's 1.5x
+    limit); lines told apart by marker and line style."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -280,24 +281,33 @@ def plot(records: list[dict], path: str) -> None:
 
     markers, styles = "osD^v<>pPX*h", ("-", "--", "-.", ":")
     modes = [m for m in MODES if any(r["mode"] == m for r in records)]
-    figure, axes = plt.subplots(1, len(modes), figsize=(6.5 * len(modes), 5), squeeze=False)
-    for ax, mode in zip(axes[0], modes):
+    figure, axes = plt.subplots(2, len(modes), figsize=(6.5 * len(modes), 9.5), squeeze=False)
+    for column, mode in enumerate(modes):
         rows = [r for r in records if r["mode"] == mode and "peak_bytes" in r]
+        title = "forward+backward" if mode == "forward_backward" else "forward (no grad)"
         for index, encoding in enumerate(dict.fromkeys(r["encoding"] for r in rows)):
-            points = sorted((r["T"], r["peak_bytes"] / 2**20) for r in rows if r["encoding"] == encoding)
-            ax.plot(*zip(*points), marker=markers[index % len(markers)], linestyle=styles[index % len(styles)],
-                    linewidth=2.5 if encoding == BASELINE else 1.3, color="black" if encoding == BASELINE else None,
-                    label=encoding)
-        ax.set_xscale("log", base=2)
-        ax.set_yscale("log")
-        ax.set_xlabel("sequence length T (tokens)", fontsize=11)
-        ax.set_ylabel("peak memory added by the step (MiB)", fontsize=11)
-        ax.set_title(("forward+backward" if mode == "forward_backward" else "forward (no grad)")
-                     + ", Llama d=256, 2 layers", fontsize=12)
-        ax.grid(True, which="both", alpha=0.3)
-        ax.legend(fontsize=9)
+            mine = sorted((r for r in rows if r["encoding"] == encoding), key=lambda r: r["T"])
+            style = dict(marker=markers[index % len(markers)], linestyle=styles[index % len(styles)],
+                         linewidth=2.5 if encoding == BASELINE else 1.3,
+                         color="black" if encoding == BASELINE else None, label=encoding)
+            axes[0, column].plot([r["T"] for r in mine], [r["peak_bytes"] / 2**20 for r in mine], **style)
+            ratios = [r for r in mine if "ratio_vs_sdpa" in r]
+            axes[1, column].plot([r["T"] for r in ratios], [r["ratio_vs_sdpa"] for r in ratios], **style)
+        axes[1, column].axhline(1.5, color="red", linestyle=":", linewidth=1)
+        axes[1, column].annotate("issue 25 limit, 1.5x", (0.02, 1.5), xycoords=("axes fraction", "data"),
+                                 textcoords="offset points", xytext=(0, 4), fontsize=10, color="red")
+        for row, ylabel in enumerate(("peak memory added by the step (MiB)", "peak memory / stock sdpa's")):
+            ax = axes[row, column]
+            ax.set_xscale("log", base=2)
+            if row == 0:
+                ax.set_yscale("log")
+            ax.set_xlabel("sequence length T (tokens)", fontsize=11)
+            ax.set_ylabel(ylabel, fontsize=11)
+            ax.set_title(f"{title}, Llama d=256, 2 layers", fontsize=12)
+            ax.grid(True, which="both", alpha=0.3)
+            ax.legend(fontsize=9)
     figure.tight_layout()
-    figure.savefig(path, dpi=110)
+    figure.savefig(path, dpi=100)
     plt.close(figure)
 
 
