@@ -11,12 +11,17 @@ from tiny_vision_models import LAYOUT_MATCHES
 ROOT = Path(__file__).resolve().parent.parent
 
 
-@pytest.fixture(scope="module")
-def bench():
-    spec = importlib.util.spec_from_file_location("hf_posenc_benchmark", ROOT / "benchmarks" / "attention.py")
+def load_script(module_name: str, file_name: str):
+    """A script of ``benchmarks/`` imported as a module (the folder is no package)."""
+    spec = importlib.util.spec_from_file_location(module_name, ROOT / "benchmarks" / file_name)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
+
+
+@pytest.fixture(scope="module")
+def bench():
+    return load_script("hf_posenc_benchmark", "attention.py")
 
 
 @pytest.fixture(scope="module")
@@ -101,3 +106,45 @@ def test_fold_error_is_measured_against_fp64(bench):
     assert {r["path"] for r in records} == {"sdpa", "eager"}
     for r in records:
         assert 0 < r["max_row_rel_error"] < 1e-5 and r["time_s"] > 0
+
+
+# ---------------------------------------------------------------------------------------------------
+# benchmarks/memory.py: peak memory against T (issue 25)
+# ---------------------------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def memory_bench():
+    return load_script("hf_posenc_memory_benchmark", "memory.py")
+
+
+def test_memory_smoke_covers_every_token_kind_and_both_modes(memory_bench, tmp_path):
+    from hf_posenc import registry
+
+    records = memory_bench.main(["--smoke", "--json", str(tmp_path / "m.json"), "--markdown", str(tmp_path / "m.md"),
+                                 "--plot", str(tmp_path / "m.png")])
+    token_kinds = {k for k in registry.kinds() if not registry.get(k).capabilities.patch_grid}
+    assert {r["encoding"] for r in records} == {"stock_sdpa", *token_kinds, *memory_bench.VARIANTS}
+    assert {(r["T"], r["mode"]) for r in records} == {(16, "forward"), (16, "forward_backward")}
+    for r in records:
+        assert r["peak_bytes"] >= 0 and r["method"] == "rss_high_water"
+        if r["encoding"] == "stock_sdpa" and "ratio_vs_sdpa" in r:
+            assert r["ratio_vs_sdpa"] == 1.0
+    assert json.loads((tmp_path / "m.json").read_text()) == records
+    table = (tmp_path / "m.md").read_text()
+    assert "**forward+backward**" in table and "| kerple |" in table
+    assert (tmp_path / "m.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_memory_row_runs_in_a_fresh_process_and_ratios_divide_by_sdpa(memory_bench):
+    args = memory_bench.parse_args(["--tiny", "--threads", "1", "--lengths", "16", "--modes", "forward_backward"])
+    (cell,) = memory_bench.run_encoding_in_subprocess("kerple", args)
+    assert cell["encoding"] == "kerple" and cell["peak_bytes"] >= 0 and cell["method"] == "rss_high_water"
+    records = [{"encoding": "stock_sdpa", "T": 8, "mode": "forward", "peak_bytes": 4},
+               {"encoding": "kerple", "T": 8, "mode": "forward", "peak_bytes": 6},
+               {"encoding": "kerple", "T": 16, "mode": "forward", "skipped": "predicted"}]
+    memory_bench.add_ratios(records)
+    assert records[0]["ratio_vs_sdpa"] == 1.0 and records[1]["ratio_vs_sdpa"] == 1.5
+    assert "ratio_vs_sdpa" not in records[2]
+    # A cell predicted (quadratically) past the memory available is skipped with the reason.
+    huge = [{"encoding": "kerple", "T": 8, "mode": "forward", "peak_bytes": 1 << 40}]
+    assert "predicted" in memory_bench.fits(huge, "kerple", 16, "forward")
+    assert memory_bench.fits(huge, "nope", 16, "forward") is None

@@ -3,7 +3,7 @@
 The reference builds the full ``[H, q, kv]`` bias from the positions and the paper's kernels (§4):
 ``-r1 log(1 + r2 |i - j|)`` and ``-r1 |i - j| ** r2``, then explicit softmax attention; the module gives its
 bias once per diagonal, which the causal path runs tile by tile on the fused CPU kernel (its parameters'
-gradients from :func:`hf_posenc.kernels.cpu_fused.band_bias_gradient`) and the eager and encoder paths as a
+gradients from :func:`hf_posenc.kernels.cpu_fused.tiles_backward`) and the eager and encoder paths as a
 dense bias.
 """
 
@@ -113,6 +113,25 @@ def test_encoder_uses_the_symmetric_distance(backend, kernel):
     function = attention.posenc_eager_attention if backend == "eager" else attention.posenc_sdpa_attention
     got, _ = function(layer, q, k, v, None)
     compare(module, got, q, k, v, positions, positions, None)
+
+
+@pytest.mark.parametrize("kernel", KERNELS)
+def test_long_causal_gradients_come_from_the_tiles_and_match_the_paper(monkeypatch, kernel):
+    """At the default tile size and a length of several tiles (the last partial), the backward runs on the
+    tiles (one tile's memory; the band of a ``diagonal`` bias is every key) and gives the fp64 reference's
+    gradients for q, k, v, r1 and r2."""
+
+    def no_band(*args):
+        raise AssertionError("a diagonal bias's gradient must not come from the band: it is every key")
+
+    monkeypatch.setattr(cpu_fused, "band_bias_gradient", no_band)
+    torch.manual_seed(7)
+    module = trained_module(kernel, heads=2, seed=3)
+    length = 3 * tiling.TILE_ROWS + 37
+    q, k, v = (torch.randn(1, 2, length, 16, requires_grad=True) for _ in range(3))
+    got, _ = attention.posenc_sdpa_attention(Layer(module).train(), q, k, v, None)
+    positions = torch.arange(length)
+    compare(module, got, q, k, v, positions, positions, (positions[None, :] <= positions[:, None])[None, None])
 
 
 @pytest.mark.parametrize("kernel", KERNELS)

@@ -248,6 +248,9 @@ class TiledBiasAttention(torch.autograd.Function):
     gradient ``dS = P * (dO v^T - rowsum(dO * O))``, ``P = exp(S - lse)``, comes from the keys of the band
     only (:func:`band_bias_gradient`). The caller guarantees that whatever gradient reaches the bias at
     distances ``>= band`` cancels (the T5 bias relative to its far bucket is ``b_last - b_last`` there).
+    A band of half the keys or more (KERPLE's is every key) takes the tiles' own backward instead
+    (:func:`tiles_backward`, chosen by :func:`backward_on_tiles`), which gives q/k/v and the bias their
+    gradients from one tile's products at a time.
 
     Args (``apply``, positional):
         query: ``[B, H, q, D]``; key, value: ``[B, H, kv, D]`` (heads already expanded).
@@ -291,6 +294,11 @@ class TiledBiasAttention(torch.autograd.Function):
     def backward(ctx, grad):
         query, key, value, output, lse, masked, allowed = ctx.saved_tensors  # key, value, allowed reversed
         q_len, kv_len = query.shape[2], key.shape[2]
+        if ctx.needs_input_grad[3] and backward_on_tiles(ctx.band, kv_len):
+            with denormals_flushed() if ctx.flush else nullcontext(), autocast_off():
+                grad_q, grad_k, grad_v, grad_diagonals = tiles_backward(
+                    grad, query, key, value, output, lse, masked, allowed, ctx.diagonal, ctx.scale, ctx.fill)
+            return grad_q, grad_k.flip(2), grad_v.flip(2), grad_diagonals, None, None, None, None, None
         grad_q, grad_k, grad_v = torch.empty_like(query), torch.zeros_like(key), torch.zeros_like(value)
         with denormals_flushed() if ctx.flush else nullcontext(), autocast_off():
             for rows, limit in tiling.tiles(q_len, kv_len, ctx.diagonal):
@@ -417,3 +425,73 @@ def band_bias_gradient(grad, query, key, value, output, lse, diagonals, allowed,
     if allowed is None:  # future keys (i - j + diagonal < 0) have no gradient
         out[:, : max(0, kv_len - 1 - diagonal)] = 0
     return out
+
+
+def backward_on_tiles(band: int, kv_len: int) -> bool:
+    """Whether :class:`TiledBiasAttention`'s backward runs on its tiles (:func:`tiles_backward`) rather than on
+    the fused backward plus the band (:func:`band_bias_gradient`). From a band of half the keys on, the
+    band's blocks cover more than the causal triangle and hold ``[B, H, q, band]`` at once (a ``diagonal``
+    bias: ``band = kv``, the whole square), while the tiles' own backward needs one tile's memory and
+    gives the bias gradient from products it computes anyway."""
+    return 2 * band >= kv_len
+
+
+@torch.no_grad()
+def tiles_backward(grad, query, key, value, output, lse, masked, allowed, diagonal: int, scale: float,
+                   fill: float):
+    """The backward of :class:`TiledBiasAttention`, bias gradient included, tile by tile of query rows.
+
+    Per tile, over the keys it sees: ``P = exp(S - lse)`` with the forward's ``lse``, ``dP = dO v^T``,
+    ``dS = P * (dP - rowsum(dO * O))``, then ``dq = scale dS k``, ``dk = scale dS^T q``, ``dv = P^T dO``: the
+    fused backward's products, from which the bias gradient is the sum of ``dS`` along each diagonal. Memory
+    is one tile's ``[B, H, rows, keys]`` at any length, work the causal triangle's. Keys come reversed, as the
+    forward keeps them, so a tile's bias is the Hankel block ``d[first + r + j']`` and its gradient the block's
+    anti-diagonal sums. Products in fp32 (fp64 inputs stay fp64) whatever the q/k/v dtype.
+
+    Args:
+        grad, query, output: ``[B, H, q, D]``; key, value: ``[B, H, kv, D]``, newest key first; lse:
+            ``[B, H, q]`` fp32.
+        masked: The mask's per-diagonal values ``[H, q + kv - 1]`` (``fill`` on future keys when ``allowed``
+            is None).
+        allowed: Bool ``[B|1, 1, q, kv]`` against the reversed keys, or None.
+        diagonal, scale, fill: As in :class:`TiledBiasAttention`.
+
+    Returns:
+        ``(grad_q [B, H, q, D], grad_key, grad_value [B, H, kv, D] reversed, grad_diagonals [H, q + kv - 1])``,
+        the first three in the input dtype, the last in ``masked``'s.
+    """
+    work = torch.promote_types(query.dtype, torch.float32)
+    batch, heads, q_len, dim = query.shape
+    kv_len = key.shape[2]
+    query, key, value, grad = (x.to(work) for x in (query, key, value, grad))
+    row = (grad * output.to(work)).sum(-1, keepdim=True)  # rowsum(dO * O), [B, H, q, 1]
+    grad_q = torch.empty_like(query)
+    grad_k, grad_v = torch.zeros_like(key), torch.zeros_like(value)
+    grad_diagonals = torch.zeros(masked.shape, dtype=work, device=masked.device)
+    for rows, limit in tiling.tiles(q_len, kv_len, diagonal):
+        keys, height = slice(kv_len - limit, kv_len), rows.stop - rows.start
+        q_t, g_t, k_t, v_t = query[:, :, rows], grad[:, :, rows], key[:, :, keys], value[:, :, keys]
+        # P, [B, H, qb, limit], in place. Clamped as in band_bias_gradient: weights below 1.7e-38 (future
+        # keys included) keep exp off its slow paths and change no sum they enter.
+        probs = torch.matmul(q_t, k_t.transpose(-1, -2)).mul_(scale)
+        probs.add_(_tile_mask(masked, allowed, rows, limit, kv_len, fill)).sub_(lse[:, :, rows, None])
+        probs = probs.clamp_(min=-87.0, max=80.0).exp_()
+        if allowed is not None:  # masked keys of fully masked rows (lse = fill) have no gradient
+            probs.mul_(allowed[:, :, rows, keys])
+        # dS is written into rows padded by `height` zeros: the anti-diagonal sums read it skewed in place.
+        padded = torch.empty(batch, heads, height, limit + height, dtype=work, device=query.device)
+        padded[..., limit:] = 0
+        d_logits = padded[..., :limit]
+        torch.matmul(g_t, v_t.transpose(-1, -2), out=d_logits)
+        d_logits.sub_(row[:, :, rows]).mul_(probs)
+        grad_v[:, :, keys] += torch.matmul(probs.transpose(-1, -2), g_t)
+        grad_q[:, :, rows] = torch.matmul(d_logits, k_t).mul_(scale)
+        grad_k[:, :, keys] += torch.matmul(d_logits.transpose(-1, -2), q_t).mul_(scale)
+        skewed = (padded[0] if batch == 1 else padded.sum(0)).flatten(-2)[..., : height * (limit + height - 1)]
+        sums = skewed.unflatten(-1, (height, limit + height - 1)).sum(-2)  # [H, qb + limit - 1], entry r + j'
+        first = rows.start + kv_len - limit  # diagonal of the tile's entry (0, 0)
+        grad_diagonals[:, first:first + sums.shape[-1]] += sums
+    if allowed is None:  # future keys (i - j + diagonal < 0) have no gradient
+        grad_diagonals[:, : max(0, kv_len - 1 - diagonal)] = 0
+    dtype = output.dtype
+    return grad_q.to(dtype), grad_k.to(dtype), grad_v.to(dtype), grad_diagonals.to(masked.dtype)
