@@ -250,7 +250,9 @@ def convert(model: nn.Module, posenc_config, *, attn_implementation: str | None 
             (flash attention is refused for encodings it cannot express).
 
     Returns:
-        The same model object, converted. Its config records the encoding (``config.posenc``).
+        The same model object, converted. Its config records the encoding (``config.posenc``). A model
+        loaded from a GGUF file loses its GGUF quantizer (its weights are already plain tensors), so that
+        it saves with ``save_pretrained`` and trains.
 
     Raises:
         ValueError: See :func:`validate`; also if the model was already converted (call :func:`revert`).
@@ -259,6 +261,8 @@ def convert(model: nn.Module, posenc_config, *, attn_implementation: str | None 
     if getattr(model, _STATE_ATTR, None) is not None:
         raise ValueError("This model was already converted by hf_posenc; call hf_posenc.revert(model) first.")
     arch = validate(posenc, model.config, attn_implementation)
+    # A GGUF load leaves a quantizer on plain dequantized weights, which would refuse save_pretrained.
+    _hf.forget_gguf_quantizer(model)
     remember_origin(model)
     posenc = resolve_layout(posenc, arch)
     config = model.config
