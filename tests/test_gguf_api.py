@@ -20,8 +20,8 @@ def smollm2_folder() -> str:
     return spec.submodule_search_locations[0]
 
 
-@pytest.mark.parametrize("posenc", [PosEncConfig(kind="alibi"), PosEncConfig(kind="rope", rope_type="yarn", factor=2.0)],
-                         ids=["plug-in", "native"])
+@pytest.mark.parametrize("posenc", [PosEncConfig(kind="alibi"),
+                                    PosEncConfig(kind="rope", rope_type="yarn", factor=2.0)], ids=["plug-in", "native"])
 def test_a_gguf_model_converts_and_saves_through_the_python_api(posenc, tmp_path):
     model = AutoModelForCausalLM.from_pretrained(smollm2_folder(), gguf_file=GGUF, dtype=torch.float32,
                                                  attn_implementation="sdpa").eval()
