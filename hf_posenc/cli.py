@@ -31,6 +31,7 @@ from .experiments.context_extension.compare import compare_command
 from .hub import HubPushError, push_to_hub
 from .loading import check_source, load_model, load_tokenizer
 from .modeling import TASKS
+from .staged_folder import staged_folder
 
 logger = logging.getLogger("hf_posenc")
 
@@ -54,9 +55,9 @@ def cmd_convert(args: argparse.Namespace) -> int:
     posenc = PosEncConfig(kind=args.posenc, **parse_params(args.param))  # fails before any loading
     check_source(args.model)
     out = Path(args.out)
-    if out.exists() and any(out.iterdir()) and not args.overwrite:
-        raise FileExistsError(f"--out {out} exists and is not empty; pass --overwrite to replace its files.")
-    with tqdm(total=3, desc="hf-posenc convert", unit="step") as bar:
+    # Written beside --out and swapped in whole: a failure or kill never leaves a mix of two models' files.
+    with staged_folder(out, overwrite=args.overwrite) as partial, \
+            tqdm(total=3, desc="hf-posenc convert", unit="step") as bar:
         bar.set_postfix_str(f"loading {args.model}")
         model = load_model(args.model, args.dtype, args.attn_implementation, args.task)
         bar.update()
@@ -64,9 +65,9 @@ def cmd_convert(args: argparse.Namespace) -> int:
         convert(model, posenc)
         bar.update()
         bar.set_postfix_str(f"saving to {out}")
-        model.save_pretrained(out)
+        model.save_pretrained(partial)
         if args.tokenizer:
-            _save_tokenizer(args.model, out)
+            _save_tokenizer(args.model, partial)
         bar.update()
     print(describe(out))
     return 0
@@ -208,7 +209,8 @@ def build_parser() -> argparse.ArgumentParser:
                          help="the head to load and save (its Auto class), e.g. sequence-classification; "
                               "default: the architecture the checkpoint names")
     convert.add_argument("--no-tokenizer", dest="tokenizer", action="store_false", help="do not copy the tokenizer")
-    convert.add_argument("--overwrite", action="store_true", help="allow a non-empty --out")
+    convert.add_argument("--overwrite", action="store_true",
+                         help="replace a non-empty --out (written beside it, then swapped in whole)")
     convert.set_defaults(func=cmd_convert)
 
     info = sub.add_parser("info", help="print the encoding of a saved model or adapter")
