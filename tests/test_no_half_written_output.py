@@ -84,3 +84,56 @@ def test_a_partial_folder_left_by_a_killed_run_is_removed_by_the_next(stock_and_
     assert main(["convert", str(root / "stock"), "--posenc", "alibi", "--out", str(root / "out"), "--overwrite"]) == 0
     assert sorted(p.name for p in root.iterdir()) == ["out", "stock"]
     assert json.loads((root / "out" / "config.json").read_text())["posenc"]["kind"] == "alibi"
+
+
+# ------------------------------------------------------------------------------------------- compare
+TINY = Path(__file__).resolve().parents[1] / "recipes" / "configs" / "compare_tiny.yaml"
+ONE_VARIANT = ["only=[alibi]", "eval.ruler=null"]
+
+
+@pytest.fixture
+def finished_compare(tmp_path, monkeypatch):
+    """A finished one-variant tiny comparison, and the snapshot of its records."""
+    from hf_posenc.experiments.context_extension.compare import run_compare
+
+    monkeypatch.setenv("HF_POSENC_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    out = tmp_path / "out"
+    run_compare(TINY, out, overrides=ONE_VARIANT, progress=False)
+    return out, _records(out)
+
+
+def _records(out: Path) -> dict[str, str]:
+    return {name: digest for name, digest in snapshot(out).items() if name != "compare.log"}
+
+
+def test_a_compare_that_fails_on_a_missing_model_leaves_the_finished_run_unchanged(finished_compare, tmp_path):
+    from hf_posenc.experiments.context_extension.compare import run_compare
+
+    out, before = finished_compare
+    with pytest.raises(OSError):
+        run_compare(TINY, out, overrides=[*ONE_VARIANT, f"model.name_or_path={tmp_path / 'no-such-model'}"],
+                    progress=False)
+    assert _records(out) == before
+
+
+def test_an_interrupted_compare_leaves_the_finished_run_unchanged(finished_compare, monkeypatch):
+    from hf_posenc.experiments.context_extension import compare
+
+    out, before = finished_compare
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(compare, "evaluate_context", interrupted)  # after fine-tuning, before the record
+    with pytest.raises(KeyboardInterrupt):
+        compare.run_compare(TINY, out, overrides=[*ONE_VARIANT, "variants.6.train.steps=1"], progress=False)
+    # Only the resume state (checkpoints, the unfinished adapter) is the interrupted run's own.
+    def finished(records):
+        own = ("variants/alibi/checkpoints/", "variants/alibi/.adapter")
+        return {name: digest for name, digest in records.items() if not name.startswith(own)}
+
+    assert finished(_records(out)) == finished(before)
+    assert (out / "variants" / "alibi" / "fingerprint").read_text() == json.loads(
+        (out / "variants" / "alibi.json").read_text())["fingerprint"]
+    assert json.loads((out / "config.json").read_text())["variants"][6]["train"].get("steps") != 1
