@@ -88,14 +88,14 @@ def describe(folder: str | Path) -> str:
     lines = [f"{folder}:"]
     adapter = folder / "adapter_config.json"
     if adapter.is_file():
-        data = json.loads(adapter.read_text())
+        data = _read_json(adapter)
         lines.append(f"  PEFT adapter ({data.get('peft_type')}) for {data.get('base_model_name_or_path')}")
         lines.append(f"  target_modules: {data.get('target_modules')}; modules_to_save: {data.get('modules_to_save')}")
         return "\n".join(lines)
     config_file = folder / "config.json"
     if not config_file.is_file():
         raise FileNotFoundError(f"{folder} has neither config.json nor adapter_config.json.")
-    config = json.loads(config_file.read_text())
+    config = _read_json(config_file)
     model_type = config.get("model_type", "?")
     lines.append(f"  model_type: {model_type} ({', '.join(config.get('architectures') or [])})")
     native = is_native_checkpoint(config)
@@ -115,6 +115,17 @@ def describe(folder: str | Path) -> str:
                          f"({model_type!r} is a stock model type)")
     lines.append(f"  max_position_embeddings: {config.get('max_position_embeddings', config.get('n_positions'))}")
     return "\n".join(lines)
+
+
+def _read_json(path: Path) -> dict:
+    """A JSON object file, or one line naming the file and what is wrong with it."""
+    try:
+        data = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as error:
+        raise ValueError(f"Fix or re-save {path}: it is not valid JSON ({error}).") from error
+    if not isinstance(data, dict):
+        raise ValueError(f"Fix or re-save {path}: it holds a JSON {type(data).__name__}, not an object.")
+    return data
 
 
 def cmd_info(args: argparse.Namespace) -> int:
