@@ -31,6 +31,7 @@ from .experiments.context_extension.compare import compare_command
 from .hub import HubPushError, push_to_hub
 from .loading import check_source, load_model, load_tokenizer
 from .modeling import TASKS
+from .staged_folder import staged_folder
 
 logger = logging.getLogger("hf_posenc")
 
@@ -54,9 +55,9 @@ def cmd_convert(args: argparse.Namespace) -> int:
     posenc = PosEncConfig(kind=args.posenc, **parse_params(args.param))  # fails before any loading
     check_source(args.model)
     out = Path(args.out)
-    if out.exists() and any(out.iterdir()) and not args.overwrite:
-        raise FileExistsError(f"--out {out} exists and is not empty; pass --overwrite to replace its files.")
-    with tqdm(total=3, desc="hf-posenc convert", unit="step") as bar:
+    # Written beside --out and swapped in whole: a failure or kill never leaves a mix of two models' files.
+    with staged_folder(out, overwrite=args.overwrite) as partial, \
+            tqdm(total=3, desc="hf-posenc convert", unit="step") as bar:
         bar.set_postfix_str(f"loading {args.model}")
         model = load_model(args.model, args.dtype, args.attn_implementation, args.task)
         bar.update()
@@ -64,9 +65,9 @@ def cmd_convert(args: argparse.Namespace) -> int:
         convert(model, posenc)
         bar.update()
         bar.set_postfix_str(f"saving to {out}")
-        model.save_pretrained(out)
+        model.save_pretrained(partial)
         if args.tokenizer:
-            _save_tokenizer(args.model, out)
+            _save_tokenizer(args.model, partial)
         bar.update()
     print(describe(out))
     return 0
@@ -87,14 +88,14 @@ def describe(folder: str | Path) -> str:
     lines = [f"{folder}:"]
     adapter = folder / "adapter_config.json"
     if adapter.is_file():
-        data = json.loads(adapter.read_text())
+        data = _read_json(adapter)
         lines.append(f"  PEFT adapter ({data.get('peft_type')}) for {data.get('base_model_name_or_path')}")
         lines.append(f"  target_modules: {data.get('target_modules')}; modules_to_save: {data.get('modules_to_save')}")
         return "\n".join(lines)
     config_file = folder / "config.json"
     if not config_file.is_file():
         raise FileNotFoundError(f"{folder} has neither config.json nor adapter_config.json.")
-    config = json.loads(config_file.read_text())
+    config = _read_json(config_file)
     model_type = config.get("model_type", "?")
     lines.append(f"  model_type: {model_type} ({', '.join(config.get('architectures') or [])})")
     native = is_native_checkpoint(config)
@@ -114,6 +115,17 @@ def describe(folder: str | Path) -> str:
                          f"({model_type!r} is a stock model type)")
     lines.append(f"  max_position_embeddings: {config.get('max_position_embeddings', config.get('n_positions'))}")
     return "\n".join(lines)
+
+
+def _read_json(path: Path) -> dict:
+    """A JSON object file, or one line naming the file and what is wrong with it."""
+    try:
+        data = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as error:
+        raise ValueError(f"Fix or re-save {path}: it is not valid JSON ({error}).") from error
+    if not isinstance(data, dict):
+        raise ValueError(f"Fix or re-save {path}: it holds a JSON {type(data).__name__}, not an object.")
+    return data
 
 
 def cmd_info(args: argparse.Namespace) -> int:
@@ -208,7 +220,8 @@ def build_parser() -> argparse.ArgumentParser:
                          help="the head to load and save (its Auto class), e.g. sequence-classification; "
                               "default: the architecture the checkpoint names")
     convert.add_argument("--no-tokenizer", dest="tokenizer", action="store_false", help="do not copy the tokenizer")
-    convert.add_argument("--overwrite", action="store_true", help="allow a non-empty --out")
+    convert.add_argument("--overwrite", action="store_true",
+                         help="replace a non-empty --out (written beside it, then swapped in whole)")
     convert.set_defaults(func=cmd_convert)
 
     info = sub.add_parser("info", help="print the encoding of a saved model or adapter")

@@ -179,15 +179,23 @@ def convert(model: nn.Module, posenc_config, *, attn_implementation: str | None 
             (flash attention is refused for encodings it cannot express).
 
     Returns:
-        The same model object, converted. Its config records the encoding (``config.posenc``).
+        The same model object, converted. Its config records the encoding (``config.posenc``). A model
+        loaded from a GGUF file loses its GGUF quantizer (its weights are already plain tensors), so that
+        it saves with ``save_pretrained`` and trains.
 
     Raises:
+        TypeError: ``model`` is not a loaded model (for example None).
         ValueError: See :func:`validate`; also if the model was already converted (call :func:`revert`).
     """
+    if not isinstance(model, nn.Module) or not hasattr(model, "config"):
+        raise TypeError(f"Pass a loaded transformers model first (e.g. AutoModelForCausalLM.from_pretrained(...)); "
+                        f"convert(model, posenc_config) got model={type(model).__name__}.")
     posenc = _as_config(posenc_config)
     if getattr(model, _STATE_ATTR, None) is not None:
         raise ValueError("This model was already converted by hf_posenc; call hf_posenc.revert(model) first.")
     arch = validate(posenc, model.config, attn_implementation)
+    # A GGUF load leaves a quantizer on plain dequantized weights, which would refuse save_pretrained.
+    _hf.forget_gguf_quantizer(model)
     remember_origin(model)
     posenc = resolve_layout(posenc, arch)
     config = model.config

@@ -78,11 +78,25 @@ def load_model(source: str, dtype: str = "auto", attn_implementation: str | None
     kwargs = {"dtype": dtype, **({"gguf_file": gguf_file} if gguf_file else {})}
     if attn_implementation:
         kwargs["attn_implementation"] = attn_implementation
-    config = AutoConfig.from_pretrained(location, **({"gguf_file": gguf_file} if gguf_file else {}))
+    try:
+        config = AutoConfig.from_pretrained(location, **({"gguf_file": gguf_file} if gguf_file else {}))
+    except (ValueError, OSError) as error:
+        if not gguf_file:
+            raise
+        # The GGUF reader reports a truncated file as a numpy reshape failure, many lines long.
+        first_line = str(error).strip().splitlines()[0][:120] if str(error).strip() else type(error).__name__
+        raise ValueError(f"Re-download or re-export {Path(location, gguf_file)}: it is not a readable GGUF file "
+                         f"(truncated or corrupt: {first_line}).") from error
     architectures = getattr(config, "architectures", None) or []
     model_class = getattr(transformers, architectures[0], None) if architectures else None
+    if task is None and model_class is not None and not _is_model_class(model_class):
+        raise ValueError(f"Pass --task ({', '.join(tasks_of(config))}) or fix config.json: its architectures "
+                         f"names {architectures[0]!r}, which is not a model class.")
     if task is not None:
         model_class = getattr(transformers, TASKS[task][0])
+        if type(config) not in model_class._model_mapping:
+            raise ValueError(f"Pick --task from {', '.join(tasks_of(config))}: {config.model_type} has no "
+                             f"{task} model.")
     if model_class is None:
         from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
 
@@ -92,6 +106,19 @@ def load_model(source: str, dtype: str = "auto", attn_implementation: str | None
     if gguf_file:
         _hf.forget_gguf_quantizer(model)
     return model
+
+
+def _is_model_class(candidate) -> bool:
+    from transformers import PreTrainedModel
+
+    return isinstance(candidate, type) and issubclass(candidate, PreTrainedModel)
+
+
+def tasks_of(config) -> list[str]:
+    """The keys of :data:`hf_posenc.modeling.TASKS` that have a model for ``config``'s model type."""
+    import transformers
+
+    return [task for task, (auto, _) in TASKS.items() if type(config) in getattr(transformers, auto)._model_mapping]
 
 
 def load_tokenizer(source: str, gguf_file: str | None = None):

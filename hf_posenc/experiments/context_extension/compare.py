@@ -68,19 +68,16 @@ def run_variant(cfg: CompareConfig, variant: VariantConfig, source, tokenizer, h
 
     run_name = run_name or variant.name
     workdir = out_dir / "variants" / run_name
-    workdir.mkdir(parents=True, exist_ok=True)
-    # Mid-run checkpoints (train.checkpoint_every) let an interrupted fine-tune resume, but only
-    # if they were written under the same settings.
-    stamp, fingerprint = workdir / "fingerprint", _fingerprint(cfg, variant)
-    if stamp.is_file() and stamp.read_text() != fingerprint:
-        shutil.rmtree(workdir / "checkpoints", ignore_errors=True)
-    stamp.write_text(fingerprint)
+    fingerprint = _fingerprint(cfg, variant)
+    # Nothing in workdir changes before the model has loaded: a run that fails to start leaves the
+    # finished run's adapter and stamp as they were.
     model = load_model(source, cfg.model.dtype)
     # New position tables and LoRA weights are random: seed per variant so a resumed comparison
     # recomputes a variant exactly as a fresh one would.
     set_seed(cfg.variant_train(variant).seed)
     model = apply_encoding(model, variant.posenc)
     stats: dict[str, Any] = {"train_tokens": 0, "seconds": 0.0}
+    new_adapter = None
     curve: list[dict[str, Any]] = []
     if variant.finetune:
         from peft import PeftModel
@@ -93,10 +90,13 @@ def run_variant(cfg: CompareConfig, variant: VariantConfig, source, tokenizer, h
             on_step(0, model)
         accelerator = make_accelerator(train_cfg)  # single process: the grid runs its variants in turn
         trained, stats = finetune_lora(accelerator, model, tokenizer, get_train_texts(), cfg.variant_lora(variant),
-                                       train_cfg, workdir / "checkpoints", progress=progress,
+                                       train_cfg, _checkpoint_folder(workdir, fingerprint), progress=progress,
                                        desc=f"finetune {run_name}", on_step=on_step)
         if isinstance(trained, PeftModel):
-            trained.save_pretrained(str(workdir / "adapter"))
+            # Beside the last run's adapter until this run's record is complete (see below).
+            new_adapter = workdir / ".adapter.partial"
+            shutil.rmtree(new_adapter, ignore_errors=True)
+            trained.save_pretrained(str(new_adapter))
             model = trained.merge_and_unload()
         else:  # attention trained in full: nothing to merge (and no adapter to keep)
             model = trained.eval()
@@ -106,6 +106,10 @@ def run_variant(cfg: CompareConfig, variant: VariantConfig, source, tokenizer, h
     with torch.no_grad():
         evaluation = evaluate_context(model, tokenizer, held_out, cfg.eval, progress=progress,
                                       desc=f"evaluate {run_name}")
+    if new_adapter is not None:  # the run is complete: its adapter replaces the last run's
+        shutil.rmtree(workdir / "adapter", ignore_errors=True)
+        new_adapter.replace(workdir / "adapter")
+        (workdir / "fingerprint").write_text(fingerprint)  # the settings the adapter beside it came from
     return {
         "name": variant.name,
         "posenc": encoding_dict(variant.posenc),
@@ -122,6 +126,24 @@ def run_variant(cfg: CompareConfig, variant: VariantConfig, source, tokenizer, h
         "eval_seconds": round(time.time() - started, 1),
         "fingerprint": fingerprint,
     }
+
+
+def _checkpoint_folder(workdir: Path, fingerprint: str) -> Path:
+    """The run's mid-run checkpoint folder (``train.checkpoint_every``), emptied when its checkpoints were
+    written under other settings (they could not be resumed from) and stamped with this run's fingerprint.
+
+    Called once the fine-tune really starts. The stamp lives inside the folder it describes; folders written
+    before it moved there are described by the stamp beside them (``workdir/fingerprint``).
+    """
+    folder = workdir / "checkpoints"
+    stamp = folder / "fingerprint"
+    legacy = workdir / "fingerprint"
+    written_under = stamp.read_text() if stamp.is_file() else legacy.read_text() if legacy.is_file() else None
+    if folder.exists() and written_under != fingerprint:
+        shutil.rmtree(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    stamp.write_text(fingerprint)
+    return folder
 
 
 def _curve_recorder(curve: list[dict[str, Any]], tokens: torch.Tensor, length: int, every: int, train_cfg):
@@ -171,7 +193,8 @@ def run_compare(config_path: str | Path, out_dir: str | Path, overrides: list[st
             (e.g. ``recipes/configs/compare_quick.yaml``) or the name of a shipped compare preset
             (``"quick"``, ``"tiny"``, ``"smollm2"``; see :mod:`hf_posenc.presets`).
         out_dir: Output folder: ``results.json``, ``results.csv``, ``results.md``, the two plots,
-            ``compare.log`` and ``variants/<name>.json`` (one finished record per variant).
+            ``compare.log``, ``variants/<name>.json`` (one finished record per variant) and ``config.json``
+            (the settings of the written report: a run that fails or is interrupted leaves the last one).
         overrides: ``key.sub=value`` changes to the config.
         progress: Show progress bars.
 
@@ -190,7 +213,8 @@ def run_compare(config_path: str | Path, out_dir: str | Path, overrides: list[st
     try:
         started = time.time()
         load_at_start = _load_average()
-        (out_dir / "config.json").write_text(json.dumps(cfg.model_dump(mode="json"), indent=2))
+        # config.json is written with the report it describes (below); until then the log says what runs.
+        logger.info("compare config: %s", json.dumps(cfg.model_dump(mode="json")))
         source = resolve(cfg.model, cfg.data.held_out_percent, progress=progress)
         base_seconds = round(time.time() - started, 1)
         tokenizer = load_tokenizer(source)
@@ -242,7 +266,9 @@ def run_compare(config_path: str | Path, out_dir: str | Path, overrides: list[st
         build_info = Path(source.path) / "build_info.json"
         if build_info.is_file():
             results["base_model_build"] = json.loads(build_info.read_text())
-        return write_report(results, out_dir)
+        paths = write_report(results, out_dir)
+        (out_dir / "config.json").write_text(json.dumps(cfg.model_dump(mode="json"), indent=2))
+        return paths
     finally:
         logging.getLogger("hf_posenc").removeHandler(handler)
         handler.close()
