@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import torch
 
-from . import _hf, kernels
+from . import _hf, kernels, parallel
 from .encodings.base import PositionModule
 from .kernels import cpu_fused
 from .positions import grid_positions, positions
@@ -84,6 +84,8 @@ def posenc_attention(
         q_pos = k_pos = grid_positions(kwargs.get("posenc_grid"), q_len, query.device)
     else:
         q_pos, k_pos = positions(posenc_past, q_len, kv_len, query.device)
+    # Sequence parallelism (DeepSpeed Ulysses) hands over some of the heads: per-head tables take their slice.
+    heads = parallel.head_slice(query.shape[1], getattr(getattr(module, "config", None), "num_attention_heads", None))
     call = kernels.Call(
         device=query.device.type, dtype=compute_dtype(query, key, value), backend=backend,
         causal=getattr(module, "is_causal", True), queries=q_len, compiling=not _eager_only_paths(),
@@ -91,7 +93,7 @@ def posenc_attention(
         fused_cpu=cpu_fused.has_fused_kernel(), query=query, key=key, value=value, attention_mask=attention_mask,
         q_pos=q_pos, k_pos=k_pos, past=posenc_past, scaling=query.shape[-1] ** -0.5 if scaling is None else scaling,
         logit_cap=softcap, training=module.training, posenc=posenc, capabilities=capabilities,
-        position_ids=kwargs.get("position_ids"),
+        position_ids=kwargs.get("position_ids"), heads=heads,
     )
     output, weights = kernels.KERNELS[kernels.select(capabilities, call)](call)
     return output.transpose(1, 2).contiguous(), weights

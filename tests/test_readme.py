@@ -116,7 +116,10 @@ def _commands(code: str) -> list[list[str]]:
         if not line or line.startswith("#"):
             continue
         for part in line.split("&&"):
-            commands.append(shlex.split(part))
+            words = shlex.split(part)
+            while words and re.fullmatch(r"[A-Z_]+=\S*", words[0]):  # environment assignments (DS_BUILD_OPS=0)
+                words = words[1:]
+            commands.append(words)
     return commands
 
 
@@ -127,7 +130,7 @@ def _check_pip(words: list[str]) -> str:
         project = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]
         extras = re.findall(r"\[(.*)\]", target)
         assert target.split("[")[0] == ".", target
-        for extra in extras:
+        for extra in [name.strip() for listed in extras for name in listed.split(",")]:
             assert extra in project.get("optional-dependencies", {}), extra
         return "pip -e (project and extras checked)"
     for requirement in args:

@@ -36,7 +36,11 @@ class PositionModule(nn.Module):
         (models are built on the meta device, so this must not rely on construction-time values).
         """
 
-    def rotate(self, query: torch.Tensor, key: torch.Tensor, q_pos: torch.Tensor, k_pos: torch.Tensor):
+    def rotate(self, query: torch.Tensor, key: torch.Tensor, q_pos: torch.Tensor, k_pos: torch.Tensor,
+               heads=None):
+        """Rotated ``(query [B, H, q, D], key [B, Hkv, kv, D])``. ``heads``: the layer's heads the call holds under
+        sequence parallelism (:class:`hf_posenc.kernels.call.Heads`, None: all); per-head parameters take their
+        rows from it."""
         raise NotImplementedError
 
     def bias(self, q_pos: torch.Tensor, k_pos: torch.Tensor, causal: bool) -> torch.Tensor:

@@ -207,15 +207,17 @@ class ContextualRope(RotaryPosition):
         """Widths and positions ``[B, Hkv, kv]`` of cached keys ``[B, Hkv, kv, D]`` at cache indices ``k_pos``."""
         return _widths_and_positions(key, self.width_direction, k_pos[:1])
 
-    def rotate(self, query, key, q_pos, k_pos):
-        if key.shape[1] != self.width_direction.shape[0] or query.shape[1] % key.shape[1]:
+    def rotate(self, query, key, q_pos, k_pos, heads=None):
+        # Under sequence parallelism the call holds some heads only: their KV heads' directions.
+        direction = self.width_direction if heads is None else heads.of_kv(self.width_direction, key.shape[1])
+        if key.shape[1] != direction.shape[0] or query.shape[1] % key.shape[1]:
             raise ValueError(f"contextual_rope: the layer has {self.width_direction.shape[0]} key/value heads but "
                              f"attention received keys with {key.shape[1]} heads (queries: {query.shape[1]}); "
                              "allowed: as many key heads as num_key_value_heads, dividing the query heads.")
         # Frequencies for the live token count (dynamic / longrope), as the plug-in RoPE: not the positions,
         # which widths above 1 may take beyond it.
         inv_freq, scaling = self.frequencies(int(q_pos.max()) + 1, query.device)
-        return _ContextualRotation.apply(query, key, self.width_direction, q_pos - k_pos[0], k_pos[:1], inv_freq,
+        return _ContextualRotation.apply(query, key, direction, q_pos - k_pos[0], k_pos[:1], inv_freq,
                                          scaling, self.rotary_dim, self.layout)
 
     def extra_repr(self) -> str:

@@ -225,7 +225,8 @@ class RotaryPosition(PositionModule):
         x_rot = x_rot * cos + rotate(x_rot) * sin
         return torch.cat((x_rot, x_pass), dim=-1) if x_pass.shape[-1] else x_rot
 
-    def rotate(self, query, key, q_pos, k_pos):
+    def rotate(self, query, key, q_pos, k_pos, heads=None):
+        # ``heads`` (sequence parallelism) changes nothing: the frequencies are the same for every head.
         # The live length (last query position + 1), not the key buffer length: a StaticCache's buffer is
         # longer than what it holds, and dynamic scaling must not depend on the cache type.
         seq_len = int(q_pos.max()) + 1

@@ -118,7 +118,8 @@ class Rope2D(PositionModule):
         angles = torch.cat((angles, angles), dim=-1)  # pair (i, i + d/2) shares frequency i
         return angles.cos(), angles.sin()
 
-    def rotate(self, query, key, q_pos, k_pos):
+    def rotate(self, query, key, q_pos, k_pos, heads=None):
+        # ``heads`` (sequence parallelism) changes nothing: the frequencies are the same for every head.
         # query: [B, H, q, d], key: [B, H, kv, d]; q_pos [q, 2], k_pos [kv, 2] (row, column).
         q_cos, q_sin = self.cos_sin(q_pos)
         k_cos, k_sin = (q_cos, q_sin) if k_pos is q_pos else self.cos_sin(k_pos)

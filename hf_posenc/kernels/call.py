@@ -15,6 +15,37 @@ from ..positions import causal_diagonal
 NO_ENCODING = registry.Capabilities()
 
 
+@dataclass(frozen=True)
+class Heads:
+    """The contiguous query heads ``[start, start + count)`` of a layer's ``total`` that one attention call
+    holds (sequence parallelism: DeepSpeed Ulysses gives rank ``r`` the heads ``[r H / P, (r + 1) H / P)``;
+    :func:`hf_posenc.parallel.head_slice`). Per-head tables take their rows with :meth:`of` (query heads) or
+    :meth:`of_kv` (key/value heads), so that no kernel or encoding computes an offset of its own.
+    """
+
+    start: int
+    count: int
+    total: int
+
+    def of(self, table: torch.Tensor, dim: int = 0) -> torch.Tensor:
+        """The rows of ``table`` (one per query head along ``dim``) that this call holds."""
+        return table.narrow(dim, self.start, self.count)
+
+    def of_kv(self, table: torch.Tensor, local_kv: int, dim: int = 0) -> torch.Tensor:
+        """The rows of ``table`` (one per key/value head along ``dim``) of the call's ``local_kv`` KV heads.
+
+        The call's first query head belongs to KV head ``start * Hkv // H``; its KV heads follow on from it
+        (with fewer KV heads than ranks, DeepSpeed repeats them first and each rank holds one).
+        """
+        first = self.start * table.shape[dim] // self.total
+        return table.narrow(dim, first, local_kv)
+
+
+def own_heads(heads: Heads | None, table: torch.Tensor, dim: int = 0) -> torch.Tensor:
+    """``table`` (one row per query head of the layer along ``dim``) restricted to a call's heads (None: all)."""
+    return table if heads is None else heads.of(table, dim)
+
+
 @dataclass(frozen=True, eq=False)
 class Call:
     """One attention call.
@@ -45,6 +76,8 @@ class Call:
         posenc: The layer's position module (None: a NoPE layer).
         capabilities: Its registry entry's capabilities.
         position_ids: The model's ``[B, q]`` positions, where the call received them.
+        heads: The layer's query heads this call holds (None: all of them; :class:`Heads`). A bias, slopes or
+            any other per-head table of the encoding is restricted to them with :func:`own_heads`.
     """
 
     device: str
@@ -69,6 +102,7 @@ class Call:
     posenc: Any = None
     capabilities: registry.Capabilities = NO_ENCODING
     position_ids: torch.Tensor | None = None
+    heads: Heads | None = None
 
     @property
     def cpu_kernel(self) -> bool:

@@ -11,7 +11,7 @@ import torch
 from torch.nn import functional as F
 
 from ..positions import allowed_keys
-from .call import Call
+from .call import Call, own_heads
 
 
 def expand_kv(x: torch.Tensor, num_heads: int) -> torch.Tensor:
@@ -27,7 +27,7 @@ def prepared(call: Call) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torc
     query, key, value = call.query, call.key, call.value
     if call.capabilities.route == "rotate":
         # Before the cast, as stock RoPE does: under autocast q/k still hold fp32 here.
-        query, key = call.posenc.rotate(query, key, call.q_pos, call.k_pos)
+        query, key = call.posenc.rotate(query, key, call.q_pos, call.k_pos, heads=call.heads)
     query, key, value = query.to(call.dtype), key.to(call.dtype), value.to(call.dtype)
     # Explicit scores (eager backend, soft-capping) need the whole mask, whichever kernel runs.
     plain = call.plain_causal and not call.explicit
@@ -41,7 +41,7 @@ def _dense_bias(call: Call, allowed: torch.Tensor | None) -> tuple[torch.Tensor 
         return None, allowed
     # The dense kernels take a bias for the eager backend (explicit weights), soft-capped layers,
     # bidirectional (encoder) biases and compiled forwards.
-    bias = call.posenc.bias(call.q_pos, call.k_pos, call.causal)
+    bias = own_heads(call.heads, call.posenc.bias(call.q_pos, call.k_pos, call.causal), dim=1)  # [1, H, q, kv]
     if allowed is None and call.causal:  # sdpa's causal flag is off with a float bias: causality goes in the mask
         allowed = allowed_keys(None, call.q_pos, call.k_pos, call.causal)
     return bias, allowed
