@@ -170,8 +170,11 @@ def randomize_position_tables(model, seed: int = 1) -> None:
                 continue
             # Tables a paper keeps positive (KERPLE's r1, r2: a negative r1 reads as 0, a bias-free head whose r2
             # gets no gradient) and away from 0 (a power r2 near 0 gives every distance the same bias).
-            for table in registry.entry_of(module).example.positive_tables:
+            example = registry.entry_of(module).example
+            for table in example.positive_tables:
                 getattr(module, table).abs_().add_(0.5)
+            for table, value in example.fixed_tables.items():  # a scale the tests' lengths must cross (FIRE's L)
+                getattr(module, table).fill_(value)
 
 
 def _is_position_module(module) -> bool:
