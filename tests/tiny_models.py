@@ -111,13 +111,13 @@ def example_params(kind: str) -> dict:
     return {"kind": kind, **registry.get(kind).example.params}
 
 
-#: Kinds that run our attention functions (a route), with an additive bias, with learned tables.
+#: Kinds that run our attention functions (a route), with an additive bias that encoders take, with learned tables.
 ATTENTION_KINDS = kinds_where(lambda c: c.route is not None)
-BIAS_KINDS = kinds_where(lambda c: c.route == "bias")
+BIAS_KINDS = kinds_where(lambda c: c.route == "bias" and not c.causal_only)
 TABLE_KINDS = kinds_where(lambda c: bool(c.tables))
 #: Kinds whose freshly converted model is the stock NoPE model: nothing applied, or a bias/attention whose
-#: learned tables start as a no-op (CONTRIBUTING: ``reset_parameters``).
-NOOP_KINDS = kinds_where(lambda c: c.route is None or (bool(c.tables) and c.route != "rotate"))
+#: learned tables start as a no-op (CONTRIBUTING: ``reset_parameters``) and that rotate nothing (FoX keeps RoPE).
+NOOP_KINDS = kinds_where(lambda c: c.route is None or (bool(c.tables) and c.route != "rotate" and not c.rotates))
 
 
 def allowed_kinds(arch: str) -> list[str]:
