@@ -10,8 +10,9 @@ Usage::
 What is measured (``mode``), for ``stock_sdpa``, ``stock_eager``, ``rope``, ``rope_yarn``, ``nope``,
 ``alibi``, ``t5_bias``, ``cope``, ``cope_naive`` (the paper's formulation with full ``[B, H, T, T]``
 tensors and gather interpolation, defined here as the baseline the fast path is judged against),
-``self_extend`` (G=4, W=256), ``rerope`` (w=256), ``kerple`` / ``kerple_power`` (log / power kernel)
-and ``contextual_rope`` (learned widths, u ~ N(0, 0.1)):
+``self_extend`` (G=4, W=256), ``rerope`` (w=256), ``kerple`` / ``kerple_power`` (log / power kernel),
+``contextual_rope`` (learned widths, u ~ N(0, 0.1)), ``fire`` (a dense per-call bias) and ``fox`` (forget
+gates on, RoPE kept; a dense per-call bias):
 
 * ``forward`` (no grad, eval) and ``forward_backward`` (train mode, loss.backward()) of a small Llama
   (``scope="model"``: d=256, 4 layers, 4 heads of 64, byte vocabulary) and of one attention call
@@ -71,13 +72,15 @@ from hf_posenc._hf import cache_kwargs  # noqa: E402
 from hf_posenc.attention import posenc_sdpa_attention  # noqa: E402
 from hf_posenc.encodings import AlibiBias, CoPE, RotaryPosition, T5Bias  # noqa: E402
 from hf_posenc.encodings.contextual_rope import ContextualRope  # noqa: E402
+from hf_posenc.encodings.fire import FireBias  # noqa: E402
+from hf_posenc.encodings.fox import ForgetGate  # noqa: E402
 from hf_posenc.encodings.kerple import KerpleBias  # noqa: E402
 from hf_posenc.encodings.rerope import ReRoPE  # noqa: E402
 from hf_posenc.encodings.rope_2d import Rope2D  # noqa: E402
 from hf_posenc.encodings.self_extend import SelfExtend  # noqa: E402
 
 ENCODINGS = ("stock_sdpa", "stock_eager", "rope", "rope_yarn", "nope", "alibi", "t5_bias", "cope", "cope_naive",
-             "self_extend", "rerope", "kerple", "kerple_power", "contextual_rope")
+             "self_extend", "rerope", "kerple", "kerple_power", "contextual_rope", "fire", "fox")
 POSENC = {
     "rope": dict(kind="rope"),
     "rope_yarn": dict(kind="rope", rope_type="yarn", factor=2.0),
@@ -92,6 +95,8 @@ POSENC = {
     "kerple": dict(kind="kerple"),
     "kerple_power": dict(kind="kerple", kernel="power"),
     "contextual_rope": dict(kind="contextual_rope"),
+    "fire": dict(kind="fire"),
+    "fox": dict(kind="fox"),
 }
 MODES = ("forward", "forward_backward", "decode", "lora_train")
 #: The image-model rows (scopes ``vit_model`` and ``vit_attention``), against stock ViT attention.
@@ -274,10 +279,21 @@ def attention_step(encoding: str, batch: int, heads: int, length: int, dim: int,
         "kerple": lambda: KerpleBias(heads),
         "kerple_power": lambda: KerpleBias(heads, "power"),
         "contextual_rope": lambda: ContextualRope(rope_params, dim, 8192, num_key_value_heads=heads),
+        "fire": lambda: FireBias(heads),
+        "fox": lambda: ForgetGate(heads, dim, RotaryPosition(rope_params, dim, 8192)),
     }.get(encoding, lambda: None)()
     if encoding == "contextual_rope":  # trained-looking widths, as build_model gives the model scope
         with torch.no_grad():
             posenc.width_direction.copy_(torch.randn(heads, dim, generator=generator) * 0.1)
+    if encoding in ("fire", "fox"):  # a trained-looking MLP and forget gates on (a fresh FoX adds no bias)
+        with torch.no_grad():
+            for param in posenc.parameters():
+                param.copy_(torch.randn(param.shape, generator=generator) * 0.1)
+            if encoding == "fox":
+                posenc.gate_scale.fill_(1.0)
+            else:
+                posenc.c.fill_(0.1)
+                posenc.threshold.fill_(512.0)
     layer = _Layer(posenc)
     if grad:
         layer.train()

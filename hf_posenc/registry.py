@@ -25,8 +25,10 @@ from typing import Any
 #: two position sets (``two_position_rope``: Self-Extend, ReRoPE). None: the encoding adds nothing (NoPE).
 ROUTES = ("rotate", "bias", "attend", "two_position_rope")
 #: How a bias encoding gives its bias: a ``[1, H, q, kv]`` tensor only (``dense``), once per diagonal
-#: (``diagonal``: shift-invariant), or per diagonal and constant beyond a band of distances (``banded``).
-BIAS_FORMS = ("dense", "diagonal", "banded")
+#: (``diagonal``: shift-invariant), or per diagonal and constant beyond a band of distances (``banded``), or
+#: ``[B|1, H, q, kv]`` per batch row from the whole call (``rows``: it reads the keys each query sees or the keys
+#: themselves: FIRE's normaliser, FoX's gates).
+BIAS_FORMS = ("dense", "diagonal", "banded", "rows")
 #: Kernel families an encoding may declare (:func:`hf_posenc.kernels.select.select` picks one per call):
 #: ``dense``: a materialised bias on eager/SDPA; ``diagonal_tiles``: causal tiles of per-diagonal biases;
 #: ``key_fold``: a causal bias ``-m_h (i - j)`` folded into an extra head dimension (ALiBi).
@@ -42,6 +44,8 @@ REQUIRED_METHODS: dict[tuple[str, str], tuple[str, ...]] = {
     ("route", "two_position_rope"): ("near_and_far", "far_positions"),
     ("bias_form", "diagonal"): ("bias_diagonals",),
     ("bias_form", "banded"): ("bias_diagonals", "banded_diagonals"),
+    ("bias_form", "rows"): ("row_bias",),
+    ("rotates", "True"): ("rotate",),
     ("kernel", "key_fold"): ("slopes",),
 }
 
@@ -65,6 +69,8 @@ class Capabilities:
         patch_grid: Its positions are the 2-D patch grid of an image (RoPE-ViT): only architectures whose
             row records the grid (``Architecture.patch_grid``) take it, and its ``rotate`` receives
             ``(row, column)`` positions ``[n, 2]`` instead of sequence positions ``[n]``.
+        rotates: A bias kind that also rotates q/k before attending (FoX keeping the model's RoPE): the dense
+            kernels call its ``rotate`` as they do for the rotate route.
     """
 
     route: str | None = None
@@ -76,10 +82,12 @@ class Capabilities:
     flush_denormals: bool = False
     extends_rope: bool = False
     patch_grid: bool = False
+    rotates: bool = False
 
     def required_methods(self) -> tuple[str, ...]:
         """Every method of the position module these capabilities rely on."""
-        keys = [("route", self.route), ("bias_form", self.bias_form), *(("kernel", k) for k in self.kernels)]
+        keys = [("route", self.route), ("bias_form", self.bias_form), *(("kernel", k) for k in self.kernels),
+                ("rotates", str(self.rotates))]
         return tuple(dict.fromkeys(m for key in keys for m in REQUIRED_METHODS.get(key, ())))
 
 
@@ -122,6 +130,8 @@ class Example:
         bf16_table_grad_tol: The same for its own tables' gradients in bf16 only (None: as ``grad_tol``).
         precision_tested: It runs in the bf16/fp16 matrix (``tests/test_dtypes.py``), whose tolerances were
             measured on it.
+        fixed_tables: Tables the tests set to a value instead of randomising: a scale that must sit inside the
+            tests' lengths for its gradient to mean anything (FIRE's threshold ``L``).
     """
 
     params: dict = field(default_factory=dict)
@@ -131,6 +141,7 @@ class Example:
     grad_tol: float | None = None
     bf16_table_grad_tol: float | None = None
     precision_tested: bool = True
+    fixed_tables: dict = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -195,7 +206,9 @@ def _check(entry: Encoding) -> None:
     unknown = [k for k in caps.kernels if k not in KERNEL_FAMILIES]
     if unknown or (caps.route == "bias" and "dense" not in caps.kernels):
         raise bad("kernels", caps.kernels, f"families of {list(KERNEL_FAMILIES)}, 'dense' included (the fallback)")
-    if "diagonal_tiles" in caps.kernels and caps.bias_form == "dense":
+    if caps.rotates and caps.route != "bias":
+        raise bad("rotates", caps.rotates, "True only for the bias route (the rotate route rotates anyway)")
+    if "diagonal_tiles" in caps.kernels and caps.bias_form in ("dense", "rows"):
         raise bad("kernels", caps.kernels, "'diagonal_tiles' only with bias_form 'diagonal' or 'banded'")
     if caps.needs_logits != (caps.route == "attend"):
         raise bad("needs_logits", caps.needs_logits, "True exactly for the attend route")

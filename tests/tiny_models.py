@@ -111,13 +111,13 @@ def example_params(kind: str) -> dict:
     return {"kind": kind, **registry.get(kind).example.params}
 
 
-#: Kinds that run our attention functions (a route), with an additive bias, with learned tables.
+#: Kinds that run our attention functions (a route), with an additive bias that encoders take, with learned tables.
 ATTENTION_KINDS = kinds_where(lambda c: c.route is not None)
-BIAS_KINDS = kinds_where(lambda c: c.route == "bias")
+BIAS_KINDS = kinds_where(lambda c: c.route == "bias" and not c.causal_only)
 TABLE_KINDS = kinds_where(lambda c: bool(c.tables))
 #: Kinds whose freshly converted model is the stock NoPE model: nothing applied, or a bias/attention whose
-#: learned tables start as a no-op (CONTRIBUTING: ``reset_parameters``).
-NOOP_KINDS = kinds_where(lambda c: c.route is None or (bool(c.tables) and c.route != "rotate"))
+#: learned tables start as a no-op (CONTRIBUTING: ``reset_parameters``) and that rotate nothing (FoX keeps RoPE).
+NOOP_KINDS = kinds_where(lambda c: c.route is None or (bool(c.tables) and c.route != "rotate" and not c.rotates))
 
 
 def allowed_kinds(arch: str) -> list[str]:
@@ -170,8 +170,11 @@ def randomize_position_tables(model, seed: int = 1) -> None:
                 continue
             # Tables a paper keeps positive (KERPLE's r1, r2: a negative r1 reads as 0, a bias-free head whose r2
             # gets no gradient) and away from 0 (a power r2 near 0 gives every distance the same bias).
-            for table in registry.entry_of(module).example.positive_tables:
+            example = registry.entry_of(module).example
+            for table in example.positive_tables:
                 getattr(module, table).abs_().add_(0.5)
+            for table, value in example.fixed_tables.items():  # a scale the tests' lengths must cross (FIRE's L)
+                getattr(module, table).fill_(value)
 
 
 def _is_position_module(module) -> bool:

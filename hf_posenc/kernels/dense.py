@@ -25,7 +25,7 @@ def prepared(call: Call) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torc
     dtype, ``allowed`` the bool ``[B|1, 1, q, kv]`` keys each query may see (None: plain causality on the
     stock fast path)."""
     query, key, value = call.query, call.key, call.value
-    if call.capabilities.route == "rotate":
+    if call.capabilities.route == "rotate" or call.capabilities.rotates:
         # Before the cast, as stock RoPE does: under autocast q/k still hold fp32 here.
         query, key = call.posenc.rotate(query, key, call.q_pos, call.k_pos, heads=call.heads)
     query, key, value = query.to(call.dtype), key.to(call.dtype), value.to(call.dtype)
@@ -41,7 +41,13 @@ def _dense_bias(call: Call, allowed: torch.Tensor | None) -> tuple[torch.Tensor 
         return None, allowed
     # The dense kernels take a bias for the eager backend (explicit weights), soft-capped layers,
     # bidirectional (encoder) biases and compiled forwards.
-    bias = own_heads(call.heads, call.posenc.bias(call.q_pos, call.k_pos, call.causal), dim=1)  # [1, H, q, kv]
+    if call.capabilities.bias_form == "rows":
+        # For the call's own heads (call.heads); None: exactly zero (FoX's identity start).
+        bias = call.posenc.row_bias(call, allowed)
+        if bias is None:
+            return None, allowed
+    else:
+        bias = own_heads(call.heads, call.posenc.bias(call.q_pos, call.k_pos, call.causal), dim=1)  # [1, H, q, kv]
     if allowed is None and call.causal:  # sdpa's causal flag is off with a float bias: causality goes in the mask
         allowed = allowed_keys(None, call.q_pos, call.k_pos, call.causal)
     return bias, allowed
