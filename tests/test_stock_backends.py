@@ -21,7 +21,8 @@ from transformers import AutoModelForCausalLM, StaticCache
 import hf_posenc
 from hf_posenc import PosEncConfig, _hf
 
-ALLOWED = r"allowed: \['eager', 'hf_posenc_eager', 'hf_posenc_sdpa', 'sdpa'\]"
+ALLOWED = (r"allowed: \['eager', 'flex_attention', 'hf_posenc_eager', 'hf_posenc_flex_attention', 'hf_posenc_sdpa', "
+           r"'sdpa'\]")
 
 
 def converted(kind, backend="sdpa", arch="llama"):
@@ -45,7 +46,7 @@ def test_stock_names_map_to_ours(kind):
             torch.testing.assert_close(model(x).logits, references[name](x).logits, rtol=0, atol=0)
 
 
-@pytest.mark.parametrize("name", ["flash_attention_2", "flash_attention_3", "flex_attention", "paged|eager"])
+@pytest.mark.parametrize("name", ["flash_attention_2", "flash_attention_3", "paged|eager"])
 @pytest.mark.parametrize("kind", ATTENTION_KINDS)
 def test_backends_that_drop_the_encoding_are_refused_when_set(kind, name):
     model = converted(kind, "eager")
@@ -80,7 +81,7 @@ def test_from_pretrained_with_a_stock_name_gives_ours(tmp_path, kind):
         with torch.no_grad():
             torch.testing.assert_close(loaded(x).logits, model(x).logits, rtol=1e-5, atol=1e-5)
     with pytest.raises(ValueError, match=ALLOWED):
-        AutoModelForCausalLM.from_pretrained(tmp_path, attn_implementation="flex_attention")
+        AutoModelForCausalLM.from_pretrained(tmp_path, attn_implementation="flash_attention_2")
 
 
 def test_revert_restores_the_stock_backend_name():
