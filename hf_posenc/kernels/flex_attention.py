@@ -90,13 +90,21 @@ def block_mask_of(allowed: torch.Tensor | None, q_pos: torch.Tensor, k_pos: torc
         def mask_mod(b, h, q_idx, kv_idx):
             return kv_idx <= q_idx + offset
 
-        return fa.create_block_mask(mask_mod, None, None, q_len, kv_len, device=q_pos.device)
+        return fa.create_block_mask(mask_mod, None, None, q_len, kv_len, device=q_pos.device,
+                                    _compile=_compile_masks(q_pos.device))
     shared = allowed.shape[0] == 1
 
     def mask_mod(b, h, q_idx, kv_idx):
         return allowed[0 if shared else b, 0, q_idx, kv_idx]
 
-    return fa.create_block_mask(mask_mod, None if shared else batch, None, q_len, kv_len, device=q_pos.device)
+    return fa.create_block_mask(mask_mod, None if shared else batch, None, q_len, kv_len, device=q_pos.device,
+                                _compile=_compile_masks(q_pos.device))
+
+
+def _compile_masks(device: torch.device) -> bool:
+    """Build block masks with a compiled mask_mod on accelerators: the plain build evaluates it on the whole
+    ``[q, kv]`` grid at once (bytes per pair), which long GPU contexts cannot hold."""
+    return device.type != "cpu" and not torch.compiler.is_compiling()
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -214,7 +222,8 @@ def two_position_flex(call: Call) -> tuple[torch.Tensor, None]:
     compiled = device.type != "cpu"
     passes = []
     for q, k, mask_mod in ((q_near, k_near, near_mod), (q_far, k_far, far_mod)):
-        block_mask = fa.create_block_mask(mask_mod, batch, None, q_len, kv_len, device=device)
+        block_mask = fa.create_block_mask(mask_mod, batch, None, q_len, kv_len, device=device,
+                                          _compile=_compile_masks(device))
         passes.append(run_flex(q, k, value, None, block_mask, call.scaling, compiled=compiled, return_lse=True))
     # A row with no key in a pass has lse -inf and output 0 there: clamped, its weight is finite (and 0 beside
     # a pass with keys), and a row with no key at all gets 0, not NaN.
