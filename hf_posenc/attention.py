@@ -19,8 +19,10 @@ from .positions import grid_positions, positions
 
 EAGER = "hf_posenc_eager"
 SDPA = "hf_posenc_sdpa"
+#: FlexAttention (the stock name with our prefix, so that transformers checks the class supports flex).
+FLEX = "hf_posenc_flex_attention"
 #: Our attention name for each stock backend that can express every encoding.
-BACKENDS = {"eager": EAGER, "sdpa": SDPA}
+BACKENDS = {"eager": EAGER, "sdpa": SDPA, "flex_attention": FLEX}
 
 
 def _eager_only_paths() -> bool:
@@ -42,6 +44,14 @@ def compute_dtype(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor) -
     if torch.is_autocast_enabled(device):
         return torch.get_autocast_dtype(device)
     return torch.promote_types(torch.promote_types(query.dtype, key.dtype), value.dtype)
+
+
+def _needs_gradient(query, key, value, posenc) -> bool:
+    """Whether this call's backward will run: autograd is on and q/k/v or the layer's tables require it."""
+    if not torch.is_grad_enabled():
+        return False
+    tensors = [query, key, value, *(posenc.parameters() if posenc is not None else ())]
+    return any(t.requires_grad for t in tensors)
 
 
 def posenc_attention(
@@ -68,7 +78,7 @@ def posenc_attention(
         attention_mask: transformers' 4D mask for ``backend`` (bool for sdpa, float for eager) or None.
         scaling: Logit scale (default ``D ** -0.5``).
         dropout: Attention dropout probability (training only).
-        backend: ``"eager"`` or ``"sdpa"``.
+        backend: ``"eager"``, ``"sdpa"`` or ``"flex_attention"``.
         posenc_past: Tokens cached before this forward (set by the conversion pre-hook).
         posenc_grid (in kwargs): The ``(rows, columns)`` patch grid of an image model's forward (set by the
             conversion's hooks), read by encodings that rotate by it.
@@ -90,7 +100,8 @@ def posenc_attention(
         device=query.device.type, dtype=compute_dtype(query, key, value), backend=backend,
         causal=getattr(module, "is_causal", True), queries=q_len, compiling=not _eager_only_paths(),
         softcap=softcap is not None, dropout=dropout if module.training else 0.0,
-        fused_cpu=cpu_fused.has_fused_kernel(), query=query, key=key, value=value, attention_mask=attention_mask,
+        fused_cpu=cpu_fused.has_fused_kernel(), grad=_needs_gradient(query, key, value, posenc), query=query,
+        key=key, value=value, attention_mask=attention_mask,
         q_pos=q_pos, k_pos=k_pos, past=posenc_past, scaling=query.shape[-1] ** -0.5 if scaling is None else scaling,
         logit_cap=softcap, training=module.training, posenc=posenc, capabilities=capabilities,
         position_ids=kwargs.get("position_ids"), heads=heads,
@@ -109,8 +120,17 @@ def posenc_sdpa_attention(module, query, key, value, attention_mask, scaling=Non
     return posenc_attention(module, query, key, value, attention_mask, scaling, dropout, backend="sdpa", **kwargs)
 
 
+def posenc_flex_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
+    """``hf_posenc_flex_attention``: see :func:`posenc_attention`. It takes the sdpa backend's bool masks and
+    turns them into block masks (:func:`hf_posenc.kernels.flex_attention.block_mask_of`), so that every kernel, flex or
+    not, reads the same masks."""
+    return posenc_attention(module, query, key, value, attention_mask, scaling, dropout, backend="flex_attention",
+                            **kwargs)
+
+
 def register() -> None:
     """Register ``hf_posenc_eager`` / ``hf_posenc_sdpa`` with transformers, each with its stock backend's mask
     function (``import hf_posenc`` does this; it adds names only)."""
     _hf.register_attention(EAGER, posenc_eager_attention, masks="eager")
     _hf.register_attention(SDPA, posenc_sdpa_attention, masks="sdpa")
+    _hf.register_attention(FLEX, posenc_flex_attention, masks="sdpa")

@@ -235,10 +235,10 @@ def _convert_native(model, posenc: RopeConfig, arch: Architecture) -> nn.Module:
 
 
 def set_backend(model, backend: str) -> None:
-    """Switch a converted model between ``"eager"`` (returns attention weights) and ``"sdpa"``.
+    """Switch a converted model between ``"eager"`` (returns attention weights), ``"sdpa"`` and ``"flex_attention"``.
 
     Raises:
-        ValueError: Unknown backend (allowed: eager, sdpa).
+        ValueError: Unknown backend (allowed: eager, flex_attention, sdpa).
     """
     if backend not in attention.BACKENDS:
         raise ValueError(f"Unknown backend={backend!r}; allowed: {sorted(attention.BACKENDS)}.")

@@ -264,10 +264,10 @@ def _make_pre_hook(neutralise_rope: bool, use_attention: bool, cache_argument: t
                 kwargs["position_embeddings"] = identity["pair"]
         if use_attention:
             backend = module.config._attn_implementation
-            if backend not in (attention.EAGER, attention.SDPA):
+            if backend not in attention.BACKENDS.values():
                 raise RuntimeError(
                     f"This hf_posenc model runs attn_implementation={backend!r}, which drops its positional "
-                    f"encoding; allowed: 'eager' or 'sdpa' (set with model.set_attn_implementation("
+                    f"encoding; allowed: 'eager', 'sdpa' or 'flex_attention' (set with model.set_attn_implementation("
                     f"'{attention.SDPA}') or hf_posenc.set_backend(model, 'sdpa'))."
                 )
             layer_idx = getattr(module, "layer_idx", None)

@@ -33,8 +33,9 @@ BIAS_FORMS = ("dense", "diagonal", "banded", "rows")
 #: ``dense``: a materialised bias on eager/SDPA; ``diagonal_tiles``: causal tiles of per-diagonal biases;
 #: ``key_fold``: a causal bias ``-m_h (i - j)`` folded into an extra head dimension (ALiBi).
 KERNEL_FAMILIES = ("dense", "diagonal_tiles", "key_fold")
-#: The backends our attention functions implement (``hf_posenc_eager`` / ``hf_posenc_sdpa``).
-OWN_BACKENDS = ("eager", "sdpa")
+#: The backends our attention functions implement (``hf_posenc_eager`` / ``hf_posenc_sdpa`` /
+#: ``hf_posenc_flex_attention``).
+OWN_BACKENDS = ("eager", "sdpa", "flex_attention")
 
 #: What a declared capability calls on the position module: (capability, value) -> method names.
 REQUIRED_METHODS: dict[tuple[str, str], tuple[str, ...]] = {

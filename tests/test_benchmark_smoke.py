@@ -148,3 +148,29 @@ def test_memory_row_runs_in_a_fresh_process_and_ratios_divide_by_sdpa(memory_ben
     huge = [{"encoding": "kerple", "T": 8, "mode": "forward", "peak_bytes": 1 << 40}]
     assert "predicted" in memory_bench.fits(huge, "kerple", 16, "forward")
     assert memory_bench.fits(huge, "nope", 16, "forward") is None
+
+
+# ---------------------------------------------------------------------------------------------------
+# benchmarks/gpu.py: the tiny CPU run (its GPU run is documented in benchmarks/README.md)
+# ---------------------------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def gpu_bench():
+    spec = importlib.util.spec_from_file_location("hf_posenc_gpu_benchmark", ROOT / "benchmarks" / "gpu.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_gpu_benchmark_smoke_covers_every_encoding_and_mode(gpu_bench, tmp_path):
+    records = gpu_bench.main(["--smoke", "--lengths", "16", "--reps", "1", "--decode-steps", "1",
+                              "--json", str(tmp_path / "g.json"), "--markdown", str(tmp_path / "g.md")])
+    assert json.loads((tmp_path / "g.json").read_text()) == records
+    assert {(r["encoding"], r["mode"]) for r in records} == {
+        (e, m) for e in gpu_bench.encodings(smoke=True) for m in gpu_bench.MODES}
+    for r in records:
+        assert r["error"] is None, r
+        assert r["time_s"] > 0 and r["peak_mem_bytes"] > 0
+        if r["encoding"] == "stock_sdpa":
+            assert r["time_ratio_vs_sdpa"] == 1.0
+        assert r["time_ratio_vs_flash"] is None  # no flash attention on CPU
+    assert "### forward_backward" in (tmp_path / "g.md").read_text()

@@ -58,7 +58,7 @@ def test_invalid_calls_raise_clear_errors(tmp_path):
     with pytest.raises(ValueError, match=r"num_buckets=9 on an encoder; allowed: an even number"):
         hf_posenc.convert(tiny_model("bert"), PosEncConfig(kind="t5_bias", num_buckets=9))
     with pytest.raises(ValueError, match=r"attn_implementation='flash_attention_2' cannot express kind='alibi'.*"
-                                         r"allowed: \['eager', 'sdpa'\]"):
+                                         r"allowed: \['eager', 'flex_attention', 'sdpa'\]"):
         hf_posenc.convert(llama, PosEncConfig(kind="alibi"), attn_implementation="flash_attention_2")
     with pytest.raises(ValueError, match=r"Unsupported architecture model_type='t5'; hf_posenc supports: \["):
         from transformers import T5Config
@@ -73,7 +73,7 @@ def test_invalid_calls_raise_clear_errors(tmp_path):
         hf_posenc.rope_layout(tiny_model("llama"), "gptj")
     with pytest.raises(ValueError, match="rope_layout needs a RoPE model; 'gpt2' has learned absolute positions"):
         hf_posenc.rope_layout(tiny_model("gpt2"), "interleaved")
-    with pytest.raises(ValueError, match=r"Unknown backend='flash'; allowed: \['eager', 'sdpa'\]"):
+    with pytest.raises(ValueError, match=r"Unknown backend='flash'; allowed: \['eager', 'flex_attention', 'sdpa'\]"):
         hf_posenc.set_backend(converted, "flash")
     with pytest.raises(TypeError, match="posenc_config must be a PosEncConfig or a dict"):
         hf_posenc.convert(tiny_model("llama"), "alibi")

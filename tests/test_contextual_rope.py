@@ -282,7 +282,7 @@ def test_bad_parameters_name_the_field_and_the_allowed_values():
 
 def test_flash_attention_backend_is_refused():
     with pytest.raises(ValueError, match=r"attn_implementation='flash_attention_2' cannot express .*"
-                                         r"allowed: \['eager', 'sdpa'\]"):
+                                         r"allowed: \['eager', 'flex_attention', 'sdpa'\]"):
         hf_posenc.convert(tiny_model("llama"), PosEncConfig(kind="contextual_rope"),
                           attn_implementation="flash_attention_2")
 

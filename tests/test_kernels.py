@@ -35,7 +35,7 @@ def call(**changes) -> kernels.Call:
         (ALIBI_LIKE, {"dtype": torch.bfloat16}, "diagonal_tiles_cpu"),
         (ALIBI_LIKE, {"dtype": torch.float16}, "diagonal_tiles_cpu"),
         (ALIBI_LIKE, {"queries": 1}, "diagonal_tiles_sdpa"),  # decode step
-        (ALIBI_LIKE, {"device": "cuda"}, "diagonal_tiles_sdpa"),
+        (ALIBI_LIKE, {"device": "mps"}, "diagonal_tiles_sdpa"),  # other devices (CUDA: its rows below)
         (ALIBI_LIKE, {"dropout": 0.1}, "diagonal_tiles_sdpa"),  # the fused CPU paths run without dropout
         (ALIBI_LIKE, {"fused_cpu": False}, "diagonal_tiles_sdpa"),
         (ALIBI_LIKE, {"compiling": True}, "sdpa"),
@@ -54,6 +54,42 @@ def call(**changes) -> kernels.Call:
         (NOPE, {}, "sdpa"),
         (ATTEND, {}, "attend"),
         (ATTEND, {"backend": "eager", "dtype": torch.bfloat16}, "attend"),
+        (TWO_POSITION_ROPE, {}, "two_position_tiled"),
+        (TWO_POSITION_ROPE, {"compiling": True}, "two_position_explicit"),
+        # The flex_attention backend: flex for every route but the encodings' own attention kernels; the
+        # compiled kernel for long CPU forwards without gradient (no fused CPU backward).
+        (ALIBI_LIKE, {"backend": "flex_attention"}, "flex"),
+        (ALIBI_LIKE, {"backend": "flex_attention", "queries": 4096}, "flex_compiled"),
+        (ALIBI_LIKE, {"backend": "flex_attention", "queries": 4096, "grad": True}, "flex"),
+        (ALIBI_LIKE, {"backend": "flex_attention", "compiling": True}, "flex"),  # the outer compile fuses it
+        (ALIBI_LIKE, {"backend": "flex_attention", "causal": False}, "flex"),
+        (ALIBI_LIKE, {"backend": "flex_attention", "dropout": 0.1}, "diagonal_tiles_sdpa"),  # flex has no dropout
+        (ALIBI_LIKE, {"backend": "flex_attention", "softcap": True}, "eager"),
+        (BANDED, {"backend": "flex_attention", "queries": 1}, "flex"),
+        (DENSE, {"backend": "flex_attention"}, "flex"),
+        (ROTATE, {"backend": "flex_attention"}, "flex"),
+        (NOPE, {"backend": "flex_attention"}, "flex"),
+        (ATTEND, {"backend": "flex_attention"}, "attend"),
+        (TWO_POSITION_ROPE, {"backend": "flex_attention"}, "two_position_tiled"),
+        # CUDA: the bias encodings on compiled flex (score_mod), decode steps on a bias row; Self-Extend/ReRoPE
+        # as two compiled flex passes with their log-sum-exp (the fused pieces' ATen op is CPU-only).
+        (ALIBI_LIKE, {"device": "cuda"}, "flex_compiled"),
+        (ALIBI_LIKE, {"device": "cuda", "dtype": torch.bfloat16, "grad": True}, "flex_compiled"),
+        (ALIBI_LIKE, {"device": "cuda", "causal": False}, "flex_compiled"),
+        (ALIBI_LIKE, {"device": "cuda", "queries": 1}, "diagonal_tiles_sdpa"),
+        (ALIBI_LIKE, {"device": "cuda", "dropout": 0.1}, "diagonal_tiles_sdpa"),
+        (ALIBI_LIKE, {"device": "cuda", "compiling": True}, "flex"),
+        (ALIBI_LIKE, {"device": "cuda", "backend": "eager"}, "eager"),
+        (BANDED, {"device": "cuda", "dtype": torch.bfloat16}, "flex_compiled"),
+        (DENSE, {"device": "cuda"}, "flex_compiled"),
+        (ROTATE, {"device": "cuda"}, "sdpa"),
+        (NOPE, {"device": "cuda"}, "sdpa"),
+        (ATTEND, {"device": "cuda"}, "attend"),
+        (TWO_POSITION_ROPE, {"device": "cuda"}, "two_position_flex"),
+        (TWO_POSITION_ROPE, {"device": "cuda", "dtype": torch.bfloat16, "grad": True}, "two_position_flex"),
+        (TWO_POSITION_ROPE, {"device": "cuda", "backend": "eager"}, "two_position_explicit"),
+        (TWO_POSITION_ROPE, {"device": "cuda", "dropout": 0.1}, "two_position_explicit"),
+        (TWO_POSITION_ROPE, {"device": "cuda", "compiling": True}, "two_position_explicit"),
     ],
 )
 def test_selector(capabilities, changes, expected):
@@ -74,7 +110,8 @@ def test_selector_refuses_softcap_for_an_encoding_that_needs_the_logits():
 
 def test_every_kernel_is_reachable():
     cases = [(c, call(**k)) for c in (ALIBI_LIKE, BANDED, ATTEND, TWO_POSITION_ROPE) for k in
-             ({}, {"queries": 1}, {"backend": "eager"}, {"compiling": True}, {"dtype": torch.bfloat16})]
+             ({}, {"queries": 1}, {"backend": "eager"}, {"compiling": True}, {"dtype": torch.bfloat16},
+              {"device": "cuda"}, {"backend": "flex_attention"})]
     assert {kernels.select(c, x) for c, x in cases} == set(kernels.KERNELS)
 
 

@@ -225,7 +225,7 @@ def test_encoders_are_refused(kind):
 @pytest.mark.parametrize("kind", ["self_extend", "rerope"])
 def test_flash_attention_backend_is_refused(kind):
     with pytest.raises(ValueError, match=r"attn_implementation='flash_attention_2' cannot express .*"
-                                         r"allowed: \['eager', 'sdpa'\]"):
+                                         r"allowed: \['eager', 'flex_attention', 'sdpa'\]"):
         hf_posenc.convert(tiny_model("llama"), PosEncConfig(kind=kind), attn_implementation="flash_attention_2")
 
 

@@ -21,7 +21,8 @@ from transformers import AutoModelForCausalLM, StaticCache
 import hf_posenc
 from hf_posenc import PosEncConfig, _hf
 
-ALLOWED = r"allowed: \['eager', 'hf_posenc_eager', 'hf_posenc_sdpa', 'sdpa'\]"
+ALLOWED = (r"allowed: \['eager', 'flex_attention', 'hf_posenc_eager', 'hf_posenc_flex_attention', 'hf_posenc_sdpa', "
+           r"'sdpa'\]")
 
 
 def converted(kind, backend="sdpa", arch="llama"):
@@ -45,7 +46,7 @@ def test_stock_names_map_to_ours(kind):
             torch.testing.assert_close(model(x).logits, references[name](x).logits, rtol=0, atol=0)
 
 
-@pytest.mark.parametrize("name", ["flash_attention_2", "flash_attention_3", "flex_attention", "paged|eager"])
+@pytest.mark.parametrize("name", ["flash_attention_2", "flash_attention_3", "paged|eager"])
 @pytest.mark.parametrize("kind", ATTENTION_KINDS)
 def test_backends_that_drop_the_encoding_are_refused_when_set(kind, name):
     model = converted(kind, "eager")
@@ -80,7 +81,7 @@ def test_from_pretrained_with_a_stock_name_gives_ours(tmp_path, kind):
         with torch.no_grad():
             torch.testing.assert_close(loaded(x).logits, model(x).logits, rtol=1e-5, atol=1e-5)
     with pytest.raises(ValueError, match=ALLOWED):
-        AutoModelForCausalLM.from_pretrained(tmp_path, attn_implementation="flex_attention")
+        AutoModelForCausalLM.from_pretrained(tmp_path, attn_implementation="flash_attention_2")
 
 
 def test_revert_restores_the_stock_backend_name():
@@ -134,12 +135,19 @@ def _fresh_dynamo():
     torch._dynamo.reset()
 
 
-@pytest.mark.parametrize("backend", ["eager", "sdpa"])
+# The README promises fullgraph compile for every encoding with the default (inductor) backend: the sdpa backend's
+# kernels are compiled by inductor (CoPE once failed to lower a data-dependent width there, which dynamo's eager
+# backend did not see). Our eager backend's tracing is checked with dynamo's eager backend, to keep the suite's time.
+COMPILERS = [("sdpa", "inductor"), ("eager", "eager")]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("backend, compiler", COMPILERS)
 @pytest.mark.parametrize("kind", KINDS)
-def test_compiled_forward_equals_eager(kind, backend):
+def test_compiled_forward_equals_eager(kind, backend, compiler):
     model = converted(kind, backend)
     assert type(model)._can_compile_fullgraph  # the flag transformers' own tests read
-    compiled = torch.compile(model, fullgraph=True, backend="eager")
+    compiled = torch.compile(model, fullgraph=True, backend=compiler)
     x = input_ids()
     with torch.no_grad():
         torch.testing.assert_close(compiled(x).logits, model(x).logits, rtol=1e-5, atol=1e-5)
@@ -189,6 +197,7 @@ def test_compiled_static_cache_decoding_equals_no_cache_without_recompiles(kind)
     assert graphs == [graphs[0]] * len(graphs), graphs
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("kind", ["nope", "alibi", "cope"])
 def test_generate_with_a_compiled_forward_and_static_cache(kind):
     model = converted(kind, "sdpa")
@@ -196,5 +205,5 @@ def test_generate_with_a_compiled_forward_and_static_cache(kind):
     kwargs = dict(max_new_tokens=6, min_new_tokens=6, do_sample=False)
     with torch.no_grad():
         expected = model.generate(prompt, use_cache=False, **kwargs)
-        model.forward = torch.compile(model.forward, fullgraph=True, backend="eager")
+        model.forward = torch.compile(model.forward, fullgraph=True)  # inductor, prefill and decode graphs
         assert torch.equal(model.generate(prompt, cache_implementation="static", **kwargs), expected)

@@ -33,7 +33,8 @@ How the fast path works (:class:`_CopeAttention`, a custom autograd function):
   ``z[npos_max - 1]`` directly and no position gradient. How much this saves depends on the gates:
   a layer whose gates stay near 0 never clamps and pays for the step functions on every key.
 * The run boundaries have a static shape (``npos_max`` per row); the clamp point is one host sync per
-  tile, which ``torch.compile`` handles as a graph break (checked with the ``aot_eager`` backend).
+  tile. Under ``torch.compile`` the step functions cover every key instead (a static width that inductor can
+  lower, exact past the clamp too), so ``fullgraph=True`` compiles with the default backend.
 """
 
 from __future__ import annotations
@@ -104,7 +105,12 @@ def _block_forward(q, k_rev, mask, pos_emb, scaling):
     bounds = torch.searchsorted(positions, levels.expand(*positions.shape[:-1], npos_max - 1).contiguous())
     # Positions reach the clamp after about 2 * npos_max keys when gates are near 0.5: only the keys
     # before the last row's clamp point need the step functions; the rest get the top score directly.
-    width = int(bounds[..., -1].max()) if bounds.numel() else 0
+    if torch.compiler.is_compiling():
+        # A data-dependent width cannot size a compiled graph (inductor cannot lower the unbacked size): every
+        # key takes the step functions, which are exact past the clamp too (top value, slope 0, frac 0).
+        width = positions.shape[-1]
+    else:
+        width = int(bounds[..., -1].max()) if bounds.numel() else 0
     positions = positions[..., :width]
     # Step functions as cumulative sums of their jumps: channel 0 = z[floor p], 1 = slope, 2 = floor p.
     jumps = positions.new_zeros(3, *positions.shape[:-1], width + 1)

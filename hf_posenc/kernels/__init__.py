@@ -11,6 +11,7 @@ from __future__ import annotations
 from .call import Call
 from .dense import eager, sdpa
 from .diagonal_tiles import diagonal_tiles_cpu, diagonal_tiles_sdpa
+from .flex_attention import flex, flex_compiled, two_position_flex
 from .key_fold import key_fold_cpu
 from .own_attention import attend
 from .select import select
@@ -26,6 +27,9 @@ KERNELS = {
     "attend": attend,
     "two_position_tiled": two_position_tiled,
     "two_position_explicit": two_position_explicit,
+    "flex": flex,
+    "flex_compiled": flex_compiled,
+    "two_position_flex": two_position_flex,
 }
 
 __all__ = ["KERNELS", "Call", "select"]

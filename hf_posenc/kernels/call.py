@@ -57,7 +57,7 @@ class Call:
     Attributes:
         device: ``query.device.type`` (``"cpu"``, ``"cuda"``, ...).
         dtype: The compute dtype (after autocast).
-        backend: ``"eager"`` or ``"sdpa"`` (which of our attention functions runs).
+        backend: ``"eager"``, ``"sdpa"`` or ``"flex_attention"`` (which of our attention functions runs).
         causal: The layer is causal.
         queries: Query rows in this call (1 for a decode step).
         compiling: Under ``torch.compile`` (the tiled kernels size Python loops from the cache counter and
@@ -65,6 +65,8 @@ class Call:
         softcap: The layer soft-caps its logits (only explicit scores can).
         dropout: Attention dropout probability in effect (0 in eval).
         fused_cpu: This torch has the fused CPU kernel's ATen op.
+        grad: A gradient is needed: autograd is on and q/k/v or the layer's tables require one (FlexAttention
+            has no fused backward on CPU).
         query: ``[B, H, q, D]``; key, value: ``[B, Hkv, kv, D]`` (after the cache update, before any cast).
         attention_mask: transformers' 4D mask for ``backend`` (bool for sdpa, float for eager) or None.
         q_pos, k_pos: Positions of the queries ``[q]`` and keys ``[kv]`` (int64;
@@ -89,6 +91,7 @@ class Call:
     softcap: bool = False
     dropout: float = 0.0
     fused_cpu: bool = True
+    grad: bool = False
     query: torch.Tensor | None = None
     key: torch.Tensor | None = None
     value: torch.Tensor | None = None

@@ -19,6 +19,11 @@ on its own (``tests/test_kernels.py``) and an encoding only declares what it can
   pieces with flash-style memory (:mod:`hf_posenc.kernels.two_position`).
 * ``two_position_explicit``: the same attention with explicit scores (weights, soft-capping, dropout,
   ``torch.compile``).
+* ``flex``, ``flex_compiled``: FlexAttention, the bias as ``score_mod`` and the masks as a block mask, unfused
+  (exact anywhere, forward and backward) or ``torch.compile``-d (fused; on CPU forward only)
+  (:mod:`hf_posenc.kernels.flex_attention`). The ``flex_attention`` backend runs them; on CUDA they are the bias
+  encodings' kernel for the sdpa backend too.
+* ``two_position_flex``: Self-Extend/ReRoPE as two compiled flex passes with their log-sum-exp (CUDA).
 
 The shared Toeplitz/tiling helpers are in :mod:`hf_posenc.kernels.tiling`.
 """
@@ -30,6 +35,21 @@ import torch
 from ..registry import Capabilities
 from .call import Call
 
+#: Query rows from which a CPU forward without gradient on the ``flex_attention`` backend takes the compiled
+#: kernel: shorter forwards (decode steps, short prompts) are not worth a compilation per shape.
+FLEX_CPU_COMPILED_FROM = 1024
+
+
+def _flex_kernel(call: Call) -> str:
+    """``flex_compiled`` where the fused kernel runs this call (CUDA; a long CPU forward without gradient),
+    ``flex`` otherwise (and under an outer ``torch.compile``, which fuses the plain call itself)."""
+    if call.compiling:
+        return "flex"
+    if call.device == "cuda":
+        return "flex_compiled"
+    cpu_forward = call.device == "cpu" and not call.grad and call.queries >= FLEX_CPU_COMPILED_FROM
+    return "flex_compiled" if cpu_forward else "flex"
+
 
 def select(capabilities: Capabilities, call: Call) -> str:
     """The name of the kernel (a key of :data:`hf_posenc.kernels.KERNELS`) for an encoding with
@@ -39,7 +59,13 @@ def select(capabilities: Capabilities, call: Call) -> str:
         ValueError: The encoding needs the logits and the layer soft-caps them (conversion refuses this).
     """
     route = capabilities.route
+    # Flex has neither weights nor dropout, and a row bias (FIRE, FoX) is built from the call's keys and mask,
+    # which a score_mod of positions does not see: those take the dense kernels.
+    flex_fits = not call.explicit and call.dropout == 0 and capabilities.bias_form != "rows"
     if route == "two_position_rope":
+        if call.device == "cuda" and flex_fits and not call.compiling:
+            # The fused pieces of two_position_tiled call a CPU-only ATen op; flex gives the log-sum-exp on CUDA.
+            return "two_position_flex"
         # Explicit scores where the call needs them (weights, soft-capping, dropout) and under torch.compile
         # (the tiles size Python loops from the cache counter); the exact tiled two-pass attention otherwise.
         explicit = call.explicit or call.compiling or call.dropout > 0
@@ -49,6 +75,12 @@ def select(capabilities: Capabilities, call: Call) -> str:
             raise ValueError("An encoding that computes its own logits cannot soft-cap them; conversion refuses "
                              "this combination (allowed: a config with attn_logit_softcapping=None).")
         return "attend"
+    if call.backend == "flex_attention" and flex_fits:
+        return _flex_kernel(call)
+    if route == "bias" and call.device == "cuda" and flex_fits and call.queries > 1:
+        # The fused kernel with the bias as score_mod (decode steps keep a [H, 1, kv] bias row on sdpa: no
+        # compilation per cache length).
+        return _flex_kernel(call)
     explicit = call.explicit
     if route != "bias" or explicit or not call.causal or call.compiling:
         # Rotation and NoPE change nothing about the kernel; encoder biases do not decompose by diagonal tiles.

@@ -229,7 +229,7 @@ def explicit_attention(q_near, k_near, q_far, k_far, value, near, allowed, scale
     return torch.matmul(probs, value), probs
 
 
-def _rotated(call: Call):
+def rotated_copies(call: Call):
     """``(q_near, k_near, q_far, k_far, value)`` of a call: rotated by the position module before the cast,
     as stock RoPE does, then cast to the compute dtype, GQA heads expanded (``[B, H, n, D]`` each)."""
     posenc, dtype, heads = call.posenc, call.dtype, call.query.shape[1]
@@ -249,7 +249,7 @@ def _allowed(call: Call) -> torch.Tensor | None:
 
 def two_position_tiled(call: Call) -> tuple[torch.Tensor, None]:
     """Kernel ``two_position_tiled`` (:func:`two_pass_attention`). Returns ``(output [B, H, q, D], None)``."""
-    q_near, k_near, q_far, k_far, value = _rotated(call)
+    q_near, k_near, q_far, k_far, value = rotated_copies(call)
     return two_pass_attention(q_near, k_near, q_far, k_far, value, _allowed(call), call.diagonal, call.posenc.window,
                               call.scaling), None
 
@@ -260,7 +260,7 @@ def two_position_explicit(call: Call) -> tuple[torch.Tensor, torch.Tensor | None
     Returns:
         ``(output [B, H, q, D], probabilities [B, H, q, kv] or None)``: weights for the eager backend only.
     """
-    q_near, k_near, q_far, k_far, value = _rotated(call)
+    q_near, k_near, q_far, k_far, value = rotated_copies(call)
     q_pos, k_pos = call.q_pos, call.k_pos
     near = (q_pos[:, None] - k_pos[None, :]) < call.posenc.window  # [q, kv]
     allowed = _allowed(call)
