@@ -236,12 +236,11 @@ def test_base_model_resume_state_is_loaded_weights_only(tmp_path, tmp_path_facto
     """A resume checkpoint that would run code when unpickled is refused, and the code does not run."""
     import pickle
 
-    from hf_posenc.context_extension import base_model
-    from hf_posenc.context_extension import data as corpus
-    from hf_posenc.context_extension.config import PretrainConfig
+    from hf_posenc.experiments.context_extension import base_model
+    from hf_posenc.experiments.context_extension import data as corpus
+    from hf_posenc.experiments.context_extension.config import PretrainConfig
 
     monkeypatch.setenv(corpus.CACHE_ENV, str(tmp_path_factory.getbasetemp() / "hf_posenc_cache"))
-    monkeypatch.setenv(base_model.THREADS_ENV, "1")
     real_train = base_model.train_bpe_tokenizer
     monkeypatch.setattr(base_model, "train_bpe_tokenizer",
                         lambda texts, size, **kwargs: real_train(texts, size, max_chars=200_000, **kwargs))
