@@ -339,6 +339,15 @@ def eval_summary(results: dict[str, Any]) -> EvalSummary:
     return EvalSummary(records_from_rows(comparison_rows(results)))
 
 
+def _annotate(ax, grid: list[list[float]], fontsize: int) -> None:
+    """Write each cell's accuracy on a heatmap (NaN cells stay empty), dark on light cells and light on dark."""
+    for i, row in enumerate(grid):
+        for j, value in enumerate(row):
+            if value == value:  # not NaN
+                ax.text(j, i, f"{value:.2f}", ha="center", va="center", fontsize=fontsize,
+                        color="white" if value < 0.6 else "black")
+
+
 def plot_passkey(results: dict[str, Any], path: Path) -> None:
     """Heatmap of passkey accuracy: variants x lengths."""
     import matplotlib
@@ -352,11 +361,7 @@ def plot_passkey(results: dict[str, Any], path: Path) -> None:
     image = ax.imshow(grid, vmin=0, vmax=1, cmap="viridis", aspect="auto")
     ax.set_xticks(range(len(lengths)), lengths)
     ax.set_yticks(range(len(grid)), [v["name"] for v in results["variants"]])
-    for i, row in enumerate(grid):
-        for j, value in enumerate(row):
-            if value == value:  # not NaN
-                ax.text(j, i, f"{value:.2f}", ha="center", va="center", fontsize=10,
-                        color="white" if value < 0.6 else "black")
+    _annotate(ax, grid, fontsize=10)
     ax.set_xlabel("prompt length (tokens)")
     ax.set_ylabel("variant")
     ax.set_title("passkey retrieval accuracy")
@@ -403,11 +408,7 @@ def plot_ruler(results: dict[str, Any], task: str, path: Path) -> None:
     image = ax.imshow(grid, vmin=0, vmax=1, cmap="viridis", aspect="auto")
     ax.set_xticks(range(len(columns)), [f"{n}\n@{d}" for n, d in columns], fontsize=9)
     ax.set_yticks(range(len(grid)), [v["name"] for v in results["variants"]])
-    for i, row in enumerate(grid):
-        for j, value in enumerate(row):
-            if value == value:  # not NaN
-                ax.text(j, i, f"{value:.2f}", ha="center", va="center", fontsize=9,
-                        color="white" if value < 0.6 else "black")
+    _annotate(ax, grid, fontsize=9)
     ax.set_xlabel("prompt length (tokens) @ needle depth")
     ax.set_ylabel("variant")
     ax.set_title(f"RULER-style {task}: exact-match accuracy")
