@@ -293,19 +293,25 @@ def plot(records: list[dict], path: str) -> None:
             axes[0, column].plot([r["T"] for r in mine], [r["peak_bytes"] / 2**20 for r in mine], **style)
             ratios = [r for r in mine if "ratio_vs_sdpa" in r]
             axes[1, column].plot([r["T"] for r in ratios], [r["ratio_vs_sdpa"] for r in ratios], **style)
-        axes[1, column].axhline(1.5, color="red", linestyle=":", linewidth=1)
-        axes[1, column].annotate("issue 25 limit, 1.5x", (0.02, 1.5), xycoords=("axes fraction", "data"),
-                                 textcoords="offset points", xytext=(0, 4), fontsize=10, color="red")
+        has_ratios = any("ratio_vs_sdpa" in r for r in rows)
+        if has_ratios:
+            axes[1, column].axhline(1.5, color="red", linestyle=":", linewidth=1)
+            axes[1, column].annotate("issue 25 limit, 1.5x", (0.02, 1.5), xycoords=("axes fraction", "data"),
+                                     textcoords="offset points", xytext=(0, 4), fontsize=10, color="red")
+        else:  # stock sdpa's step added no memory: nothing to divide by
+            axes[1, column].text(0.5, 0.5, "no ratio: stock sdpa's step added no memory", ha="center",
+                                 transform=axes[1, column].transAxes, fontsize=11)
         for row, ylabel in enumerate(("peak memory added by the step (MiB)", "peak memory / stock sdpa's")):
             ax = axes[row, column]
-            ax.set_xscale("log", base=2)
+            if row == 0 or has_ratios:  # a log axis over no data at all cannot place its ticks
+                ax.set_xscale("log", base=2)
+                ax.legend(fontsize=9)
             if row == 0 and all(r["peak_bytes"] > 0 for r in rows):  # a tiny (smoke) step can add no memory at all
                 ax.set_yscale("log")
             ax.set_xlabel("sequence length T (tokens)", fontsize=11)
             ax.set_ylabel(ylabel, fontsize=11)
             ax.set_title(f"{title}, Llama d=256, 2 layers", fontsize=12)
             ax.grid(True, which="both", alpha=0.3)
-            ax.legend(fontsize=9)
     figure.tight_layout()
     figure.savefig(path, dpi=100)
     plt.close(figure)

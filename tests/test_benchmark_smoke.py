@@ -134,6 +134,19 @@ def test_memory_smoke_covers_every_token_kind_and_both_modes(memory_bench, tmp_p
     assert (tmp_path / "m.png").read_bytes()[:4] == b"\x89PNG"
 
 
+def test_memory_plot_draws_a_mode_whose_steps_added_no_memory(memory_bench, tmp_path):
+    # A smoke-sized forward step can add no resident memory at all (seen on CI): then no ratio exists for that
+    # mode, and its panels must still draw instead of asking matplotlib for a log axis over no data.
+    records = [
+        {"encoding": encoding, "T": 16, "mode": "forward", "peak_bytes": 0} for encoding in ("stock_sdpa", "kerple")
+    ] + [
+        {"encoding": "stock_sdpa", "T": 16, "mode": "forward_backward", "peak_bytes": 2**20, "ratio_vs_sdpa": 1.0},
+        {"encoding": "kerple", "T": 16, "mode": "forward_backward", "peak_bytes": 2**19, "ratio_vs_sdpa": 0.5},
+    ]
+    memory_bench.plot(records, str(tmp_path / "zero.png"))
+    assert (tmp_path / "zero.png").read_bytes()[:4] == b"\x89PNG"
+
+
 def test_memory_row_runs_in_a_fresh_process_and_ratios_divide_by_sdpa(memory_bench):
     args = memory_bench.parse_args(["--tiny", "--threads", "1", "--lengths", "16", "--modes", "forward_backward"])
     (cell,) = memory_bench.run_encoding_in_subprocess("kerple", args)
