@@ -174,6 +174,23 @@ def cache_past_length(cache, layer_idx: int):
 PATCH_TABLE_METHOD = "interpolate_pos_encoding"
 
 
+def empty_cache(cache: Cache) -> None:
+    """Empty ``cache`` in place, so that the next forward writes it from position 0 (same object: a StaticCache
+    stays static and a compiled graph keeps its buffers).
+
+    ``Cache.reset`` alone is not enough on every supported release: before transformers 5.25 a dynamic layer's
+    ``reset`` zeroed its tensors instead of dropping them, so they kept their length and the next ``update``
+    appended after the zeros.
+    """
+    cache.reset()
+    for layer in getattr(cache, "layers", ()):
+        if layer.is_initialized and not layer.is_compileable and layer.keys.numel():
+            layer.keys = layer.values = None  # grown by concatenation: the next update starts them again
+            layer.is_initialized = False
+            if isinstance(getattr(layer, "cumulative_length", None), int):
+                layer.cumulative_length = 0
+
+
 def _no_patch_table(embeddings: torch.Tensor, height: int, width: int) -> torch.Tensor:
     # embeddings: [B, n, D] -> zeros [1, 1, D], broadcast over every token and any image size.
     return embeddings.new_zeros(1, 1, embeddings.shape[-1])
@@ -243,12 +260,16 @@ def reset_rope_state(model) -> int:
         types = module.rope_type if isinstance(module.rope_type, dict) else {None: module.rope_type}
         for layer_type, rope_type in types.items():
             prefix = "" if layer_type is None else f"{layer_type}_"
-            cached = getattr(module, f"{prefix}max_seq_len_cached", module.max_seq_len_cached)
-            if "dynamic" not in str(rope_type) or cached <= original_length:
-                continue
             original = getattr(module, f"{prefix}original_inv_freq")
+            # The frequencies themselves say whether the module holds state: before 5.25 the update wrote its
+            # length counter under the name "None_max_seq_len_cached", so the counter stayed at the original length
+            # while the frequencies stayed enlarged.
+            if "dynamic" not in str(rope_type) or torch.equal(getattr(module, f"{prefix}inv_freq"), original):
+                continue
             module.register_buffer(f"{prefix}inv_freq", original.clone(), persistent=False)
-            setattr(module, f"{prefix}max_seq_len_cached", original_length)
+            for counter in (f"{prefix}max_seq_len_cached", f"{layer_type}_max_seq_len_cached"):
+                if hasattr(module, counter):
+                    setattr(module, counter, original_length)
             reset += 1
     return reset
 

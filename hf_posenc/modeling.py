@@ -215,7 +215,7 @@ def posenc_class(base: type) -> type:
             cache = kwargs.get("cache", kwargs.get("past_key_values"))
             if (cache is not None and input_ids is not None and kwargs.get("inputs_embeds") is None
                     and cache_is_stale(self, cache.get_seq_length(), input_ids.shape[-1])):
-                cache.reset()
+                _hf.empty_cache(cache)
                 kwargs["next_sequence_length"] = None
             return base.prepare_inputs_for_generation(self, input_ids, *args, **kwargs)
 
