@@ -110,14 +110,14 @@ def main(argv=None) -> dict:
     (out / f"train_stats.rank{accelerator.process_index}.json").write_text(json.dumps(stats, indent=2))
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
-        # lora.full_attention trains the model itself: there is no adapter, the trained model is the result.
-        adapter = cfg.output.save_adapter and not cfg.lora.full_attention
+        # lora.full_attention / full_model train the model itself: no adapter, the trained model is the result.
+        adapter = cfg.output.save_adapter and not cfg.lora.trains_in_full
         if adapter:
             unwrapped.save_pretrained(str(out / "adapter"))
             tokenizer.save_pretrained(str(out / "adapter"))
             write_card(cfg, out, source.label, stats, original)
-        if cfg.output.save_merged or cfg.lora.full_attention:
-            merged = unwrapped if cfg.lora.full_attention else unwrapped.merge_and_unload()
+        if cfg.output.save_merged or cfg.lora.trains_in_full:
+            merged = unwrapped if cfg.lora.trains_in_full else unwrapped.merge_and_unload()
             merged.save_pretrained(str(out / "merged"))
             tokenizer.save_pretrained(str(out / "merged"))
         (out / "train_stats.json").write_text(json.dumps(stats, indent=2))

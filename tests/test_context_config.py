@@ -36,7 +36,7 @@ def test_unknown_key_names_file_key_suggestion_and_allowed_keys(tmp_path):
         load_config(FinetuneConfig, path)
     assert str(caught.value) == ("cfg.yaml: lora: unknown key 'alpah' (did you mean 'alpha'?); allowed keys: "
                                  "r, alpha, dropout, target_modules, modules_to_save, train_embeddings_and_norms, "
-                                 "full_attention")
+                                 "full_attention, full_model")
     with pytest.raises(ConfigError, match=r"^cfg.yaml: top level: unknown key 'trian' \(did you mean 'train'\?\)"):
         load_config(FinetuneConfig, _write(tmp_path, {"posenc": {"kind": "nope"}, "trian": {}}))
 
@@ -244,3 +244,11 @@ def test_preset_describes_the_run_committed_for_it(name):
     results = json.loads((ROOT / "recipes" / "results" / name / "results.json").read_text())
     assert results["base_model"] == f"hf_posenc:tiny-stdlib-llama ({base_model_dir(cfg.model.builtin).name})"
     assert cfg.eval.model_dump(mode="json") == results["eval"]
+
+
+def test_full_model_and_full_attention_are_exclusive():
+    from hf_posenc.experiments.context_extension.config import LoraSettings
+
+    with pytest.raises(ValueError, match="at most one of lora.full_attention and lora.full_model"):
+        LoraSettings(full_attention=True, full_model=True)
+    assert LoraSettings(full_model=True).trains_in_full and not LoraSettings().trains_in_full

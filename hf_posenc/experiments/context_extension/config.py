@@ -126,6 +126,21 @@ class LoraSettings(Section):
     #: No adapter: train the attention projections (``target_modules``, default the architecture's) in
     #: full, with the position tables; the stronger recalibration a LoRA budget is compared against.
     full_attention: bool = False
+    #: No adapter: train every parameter (full fine-tuning), as DroPE recalibrates a model after dropping its
+    #: RoPE (Gelberg et al. 2025, https://arxiv.org/abs/2512.12167).
+    full_model: bool = False
+
+    @model_validator(mode="after")
+    def _one_full_mode(self) -> LoraSettings:
+        if self.full_attention and self.full_model:
+            raise ValueError("set at most one of lora.full_attention and lora.full_model: full_model already "
+                             "trains the attention projections")
+        return self
+
+    @property
+    def trains_in_full(self) -> bool:
+        """Whether training changes the model itself (no adapter to save or merge)."""
+        return self.full_attention or self.full_model
 
 
 class TrainConfig(Section):

@@ -208,7 +208,7 @@ def finetune_lora(accelerator, model, tokenizer, texts: list[str], lora: LoraSet
                   ckpt_root: Path | None, progress: bool = True, desc: str = "finetune",
                   on_step: Callable[[int, Any], None] | None = None):
     """Wrap ``model`` with LoRA and train it on windows of ``texts`` (or, with ``lora.full_attention``, train
-    its attention projections in full: :func:`train_attention_only`).
+    its attention projections in full: :func:`train_attention_only`; with ``lora.full_model``, every parameter).
 
     The adapter targets the architecture's attention projections (unless ``lora.target_modules`` is
     set) and trains, in full, the encoding's ``posenc`` tables whenever they have parameters (a fresh
@@ -230,15 +230,19 @@ def finetune_lora(accelerator, model, tokenizer, texts: list[str], lora: LoraSet
     Returns:
         ``(peft_model, stats)``: the trained ``PeftModel``, unwrapped from Accelerate (save it with
         ``save_pretrained`` or merge it with ``merge_and_unload``), and the statistics of :func:`train`;
-        with ``lora.full_attention`` the trained model itself.
+        with ``lora.full_attention`` or ``lora.full_model`` the trained model itself.
     """
     from peft import get_peft_model
 
     windows = training_windows(texts, tokenizer, cfg)
-    if lora.full_attention:
-        train_attention_only(model, lora.target_modules)
+    if lora.trains_in_full:
+        if lora.full_model:
+            model.requires_grad_(True)
+        else:
+            train_attention_only(model, lora.target_modules)
         trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
-        logger.info("%s: attention in full, %d of %d parameters trainable", desc, trainable,
+        logger.info("%s: %s in full, %d of %d parameters trainable", desc,
+                    "every parameter" if lora.full_model else "attention", trainable,
                     sum(p.numel() for p in model.parameters()))
         stats = train(accelerator, model, windows, cfg, ckpt_root, progress=progress, desc=desc, on_step=on_step)
         return accelerator.unwrap_model(model), stats
