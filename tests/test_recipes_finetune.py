@@ -198,8 +198,10 @@ def test_merged_yarn_checkpoint_keeps_its_scaling_for_inference(tmp_path, cache_
     assert not torch.allclose(reloaded.model.rotary_emb.inv_freq, base.model.rotary_emb.inv_freq)
 
 
-def test_full_attention_saves_the_trained_model_and_no_adapter(tmp_path, cache_env, monkeypatch):
-    """``lora.full_attention``: no adapter; the saved model differs from the base in attention and tables only."""
+@pytest.mark.parametrize("mode", ["full_attention", "full_model"])
+def test_training_in_full_saves_the_trained_model_and_no_adapter(mode, tmp_path, cache_env, monkeypatch):
+    """``lora.full_attention``: no adapter; the saved model differs from the base in attention and tables only.
+    ``lora.full_model`` (DroPE's recalibration): no adapter; every part of the model trained, MLPs included."""
     from transformers import AutoModelForCausalLM
 
     import hf_posenc  # noqa: F401  (the saved T5-bias model needs the plug-in to load)
@@ -207,33 +209,9 @@ def test_full_attention_saves_the_trained_model_and_no_adapter(tmp_path, cache_e
     from hf_posenc.experiments.context_extension.config import FinetuneConfig, ModelConfig, PretrainConfig
     from hf_posenc.experiments.context_extension.models import apply_encoding, load_model, resolve
 
-    out = tmp_path / "full"
+    out = tmp_path / mode
     config = _config(tmp_path, out, steps=2, checkpoint_every=0)
-    proc = _run([sys.executable, "recipes/finetune_lora.py", "--config", str(config), "lora.full_attention=true",
-                 "output.save_merged=false"], cache_env)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    assert not (out / "adapter").exists() and (out / "merged" / "config.json").is_file()
-    trained = AutoModelForCausalLM.from_pretrained(str(out / "merged")).state_dict()
-    monkeypatch.setenv("HF_POSENC_CACHE", cache_env["HF_POSENC_CACHE"])
-    base = apply_encoding(load_model(resolve(ModelConfig(builtin=PretrainConfig(**TINY["model"]["builtin"])),
-                                             progress=False)), load_config(FinetuneConfig, config).posenc).state_dict()
-    changed = {k for k in base if not torch.equal(base[k], trained[k])}
-    assert changed and all(".self_attn." in k for k in changed)
-    assert any(k.endswith("q_proj.weight") for k in changed) and any(".posenc." in k for k in changed)
-
-
-def test_full_model_saves_the_trained_model_and_no_adapter(tmp_path, cache_env, monkeypatch):
-    """``lora.full_model`` (DroPE's recalibration): no adapter; every part of the model trained, MLPs included."""
-    from transformers import AutoModelForCausalLM
-
-    import hf_posenc  # noqa: F401  (the saved T5-bias model needs the plug-in to load)
-    from hf_posenc.experiments.config import load_config
-    from hf_posenc.experiments.context_extension.config import FinetuneConfig, ModelConfig, PretrainConfig
-    from hf_posenc.experiments.context_extension.models import apply_encoding, load_model, resolve
-
-    out = tmp_path / "full_model"
-    config = _config(tmp_path, out, steps=2, checkpoint_every=0)
-    proc = _run([sys.executable, "recipes/finetune_lora.py", "--config", str(config), "lora.full_model=true",
+    proc = _run([sys.executable, "recipes/finetune_lora.py", "--config", str(config), f"lora.{mode}=true",
                  "output.save_merged=false"], cache_env)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert not (out / "adapter").exists() and (out / "merged" / "config.json").is_file()
@@ -243,4 +221,8 @@ def test_full_model_saves_the_trained_model_and_no_adapter(tmp_path, cache_env, 
                                              progress=False)), load_config(FinetuneConfig, config).posenc).state_dict()
     changed = {k for k in base if not torch.equal(base[k], trained[k])}
     assert any(k.endswith("q_proj.weight") for k in changed) and any(".posenc." in k for k in changed)
-    assert any(".mlp." in k for k in changed) and any("embed_tokens" in k for k in changed)
+    outside_attention = {k for k in changed if ".self_attn." not in k}
+    if mode == "full_attention":
+        assert not outside_attention
+    else:
+        assert any(".mlp." in k for k in outside_attention) and any("embed_tokens" in k for k in outside_attention)
