@@ -102,8 +102,10 @@ def test_a_fresh_layer_learns_its_exponent_first():
     q, k, v = (torch.randn(1, 4, 9, 8) for _ in range(3))
     call_bias = module.decay(k, torch.arange(9))
     assert not call_bias.any()  # a = 0: log f = 0 exactly
-    out, _ = attention.posenc_sdpa_attention(layer, q, k, v, None)
-    module.gate_scale.data.fill_(1e-3)  # the identity path adds no bias at all; a > 0 builds the graph
-    out, _ = attention.posenc_sdpa_attention(layer, q, k, v, None)
+    with torch.no_grad():
+        identity, _ = attention.posenc_sdpa_attention(layer, q, k, v, None)  # a = 0: no bias at all
+    out, _ = attention.posenc_sdpa_attention(layer, q, k, v, None)  # training from a = 0 exactly
+    torch.testing.assert_close(out, identity, rtol=0, atol=1e-6)  # a zero bias: another kernel, same values
     out.square().sum().backward()
-    assert module.gate_scale.grad.abs().sum() > 0
+    assert module.gate_scale.grad.abs().sum() > 0  # the exponent learns first ...
+    assert module.gate_weight.grad is None or not module.gate_weight.grad.any()  # ... w and b after it

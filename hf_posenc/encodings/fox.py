@@ -94,8 +94,11 @@ class ForgetGate(PositionModule):
 
         Future keys get ``-D`` (positive); the causal mask removes them whatever their value.
         """
-        if not torch.compiler.is_compiling() and not bool(self.gate_scale.detach().any()):
-            return None  # exactly no bias: the kernels take the model's own path
+        # At a = 0 there is exactly no bias, and the kernels can take the model's own path; but not while the
+        # exponent trains, since its gradient (the paper's gate at w = 0) flows only through the bias.
+        learning = torch.is_grad_enabled() and self.gate_scale.requires_grad
+        if not learning and not torch.compiler.is_compiling() and not bool(self.gate_scale.detach().any()):
+            return None
         kv_len = call.key.shape[2]
         q_index = (call.q_pos - call.k_pos[0]).clamp(0, kv_len - 1)  # [q]: each query's own key
         return self.decay(call.key, q_index, call.heads)
