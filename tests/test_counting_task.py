@@ -203,7 +203,7 @@ def test_presets_are_found_by_name():
         assert recipe.kind == "counting" and load_config(recipe.path).encodings
         assert run_hint(recipe) == f"python $(hf-posenc recipes path counting_task) --config {name}"
     quick = load_config(QUICK)
-    assert [e.name for e in quick.encodings] == ["rope", "nope", "alibi", "t5_bias", "cope"]
+    assert [e.name for e in quick.encodings] == ["rope", "nope", "alibi", "t5_bias", "cope", "fire", "fox"]
     assert len(quick.seeds) == 3
 
 
