@@ -72,8 +72,9 @@ if AVAILABLE:
         if HAS_DIAGONAL:
             valid = valid & (offs_n[None, :] <= offs_m[:, None] + diagonal)
         if HAS_MASK:
-            allowed = tl.load(mask_ptr + offs_m[:, None] * stride_mm + offs_n[None, :] * stride_mn, mask=valid,
-                              other=0)
+            # int64 offsets: a [q, kv] mask passes 2**31 elements from 46k tokens on
+            offsets = offs_m[:, None].to(tl.int64) * stride_mm + offs_n[None, :].to(tl.int64) * stride_mn
+            allowed = tl.load(mask_ptr + offsets, mask=valid, other=0)
             valid = valid & (allowed != 0)
         return valid
 
@@ -124,7 +125,7 @@ if AVAILABLE:
         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
         CHUNK: tl.constexpr,
     ):
-        block, bh = tl.program_id(0), tl.program_id(1)
+        block, bh = tl.program_id(0), tl.program_id(1).to(tl.int64)  # int64: B * H * T * D may pass 2**31
         offs_m = block * BLOCK_M + tl.arange(0, BLOCK_M)
         offs_d = tl.arange(0, BLOCK_D)
         offs_dv = tl.arange(0, BLOCK_DV)
@@ -179,7 +180,7 @@ if AVAILABLE:
         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
         CHUNK: tl.constexpr,
     ):
-        block, bh = tl.program_id(0), tl.program_id(1)
+        block, bh = tl.program_id(0), tl.program_id(1).to(tl.int64)  # int64: B * H * T * D may pass 2**31
         offs_m = block * BLOCK_M + tl.arange(0, BLOCK_M)
         offs_d = tl.arange(0, BLOCK_D)
         offs_dv = tl.arange(0, BLOCK_DV)
