@@ -23,7 +23,7 @@ import torch
 from tiny_models import example_params, input_ids, randomize_position_tables, tiny_model
 
 import hf_posenc
-from hf_posenc import PosEncConfig
+from hf_posenc import PosEncConfig, kernels
 from hf_posenc.encodings.cope import cope_attention
 from hf_posenc.kernels.triton_cope import cope_attention_triton
 
@@ -57,6 +57,12 @@ def test_triton_kernels_equal_the_pytorch_path(report, case):
     assert errors["output"] <= output_tol, errors
     for name in ("q", "k", "v", "pos_emb"):
         assert errors[name] <= grad_tol, (name, errors)
+    assert errors.get("rows_without_keys", 0.0) == 0.0, errors  # zero output where a row sees no key
+
+
+def test_cases_include_rows_without_keys(report):
+    """Left padding leaves query rows that see no key: the padded cases check their zero output."""
+    assert {case for case, errors in report.items() if "rows_without_keys" in errors} == {"padded"}
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -91,9 +97,12 @@ def test_cuda_kernels_equal_the_pytorch_path(dtype, output_tol, grad_tol, pads):
 
 @pytest.mark.gpu
 @needs_cuda
-def test_cuda_model_takes_the_triton_kernel_and_equals_eager():
+def test_cuda_model_takes_the_triton_kernel_and_equals_eager(monkeypatch):
     """A converted CoPE model on CUDA (sdpa backend: ``cope_triton``) against the eager backend's PyTorch path
     (``attend``, explicit weights), forward and backward, on a padded batch."""
+    triton_calls = []
+    kernel = kernels.KERNELS["cope_triton"]
+    monkeypatch.setitem(kernels.KERNELS, "cope_triton", lambda call: triton_calls.append(call) or kernel(call))
     model = hf_posenc.convert(tiny_model("llama", "sdpa"), PosEncConfig(**example_params("cope"))).cuda()
     randomize_position_tables(model)
     reference = copy.deepcopy(model)
@@ -108,6 +117,7 @@ def test_cuda_model_takes_the_triton_kernel_and_equals_eager():
         logits.square().mean().backward()
         results.append((logits.detach(), {n: p.grad for n, p in m.named_parameters() if p.grad is not None}))
     (got, got_grads), (expected, expected_grads) = results
+    assert triton_calls  # the sdpa model ran the Triton kernel
     torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-4)
     for name, grad in expected_grads.items():
         assert ((got_grads[name] - grad).norm() / grad.norm().clamp(min=1e-12)) < 1e-3, name
