@@ -14,7 +14,7 @@ import torch
 
 from . import _hf, kernels, parallel
 from .encodings.base import PositionModule
-from .kernels import cpu_fused
+from .kernels import cpu_fused, triton_cope
 from .positions import grid_positions, positions
 
 EAGER = "hf_posenc_eager"
@@ -100,7 +100,8 @@ def posenc_attention(
         device=query.device.type, dtype=compute_dtype(query, key, value), backend=backend,
         causal=getattr(module, "is_causal", True), queries=q_len, compiling=not _eager_only_paths(),
         softcap=softcap is not None, dropout=dropout if module.training else 0.0,
-        fused_cpu=cpu_fused.has_fused_kernel(), grad=_needs_gradient(query, key, value, posenc), query=query,
+        fused_cpu=cpu_fused.has_fused_kernel(), triton=triton_cope.AVAILABLE,
+        grad=_needs_gradient(query, key, value, posenc), query=query,
         key=key, value=value, attention_mask=attention_mask,
         q_pos=q_pos, k_pos=k_pos, past=posenc_past, scaling=query.shape[-1] ** -0.5 if scaling is None else scaling,
         logit_cap=softcap, training=module.training, posenc=posenc, capabilities=capabilities,

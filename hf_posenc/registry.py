@@ -32,7 +32,9 @@ BIAS_FORMS = ("dense", "diagonal", "banded", "rows")
 #: Kernel families an encoding may declare (:func:`hf_posenc.kernels.select.select` picks one per call):
 #: ``dense``: a materialised bias on eager/SDPA; ``diagonal_tiles``: causal tiles of per-diagonal biases;
 #: ``key_fold``: a causal bias ``-m_h (i - j)`` folded into an extra head dimension (ALiBi).
-KERNEL_FAMILIES = ("dense", "diagonal_tiles", "key_fold")
+KERNEL_FAMILIES = ("dense", "diagonal_tiles", "key_fold", "cope_triton")
+#: The families an encoding of the attend route may declare: CoPE's own Triton kernel (CUDA).
+ATTEND_KERNELS = ("cope_triton",)
 #: The backends our attention functions implement (``hf_posenc_eager`` / ``hf_posenc_sdpa`` /
 #: ``hf_posenc_flex_attention``).
 OWN_BACKENDS = ("eager", "sdpa", "flex_attention")
@@ -62,7 +64,8 @@ class Capabilities:
         causal_only: Only decoders can take it.
         tables: Names of the module's learned parameters (PEFT ``modules_to_save`` targets); checked on
             every module conversion builds.
-        kernels: Kernel families of :data:`KERNEL_FAMILIES` it may run on (bias route only).
+        kernels: Kernel families of :data:`KERNEL_FAMILIES` it may run on (bias route; the attend route only
+            those of :data:`ATTEND_KERNELS`).
         flush_denormals: Its far keys' weights underflow to denormals, which x86 computes slowly: the CPU
             kernels flush them to zero.
         extends_rope: It re-uses the model's own RoPE (frequencies, scaling, layout): refused on
@@ -202,8 +205,11 @@ def _check(entry: Encoding) -> None:
         raise bad("module_class", entry.module_class, "a module class and a build function exactly when route is set")
     if caps.route == "bias" and caps.bias_form not in BIAS_FORMS:
         raise bad("bias_form", caps.bias_form, f"one of {list(BIAS_FORMS)} for the bias route")
-    if caps.route != "bias" and (caps.bias_form is not None or caps.kernels):
-        raise bad("bias_form", caps.bias_form, "None and no kernels outside the bias route")
+    if caps.route != "bias" and (caps.bias_form is not None or set(caps.kernels) - set(ATTEND_KERNELS)):
+        raise bad("bias_form", caps.bias_form,
+                  f"None, and no kernels outside the bias route but {list(ATTEND_KERNELS)} on the attend route")
+    if caps.route != "attend" and set(caps.kernels) & set(ATTEND_KERNELS):
+        raise bad("kernels", caps.kernels, f"{list(ATTEND_KERNELS)} only on the attend route")
     unknown = [k for k in caps.kernels if k not in KERNEL_FAMILIES]
     if unknown or (caps.route == "bias" and "dense" not in caps.kernels):
         raise bad("kernels", caps.kernels, f"families of {list(KERNEL_FAMILIES)}, 'dense' included (the fallback)")

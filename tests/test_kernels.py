@@ -20,6 +20,7 @@ BANDED = Capabilities(route="bias", bias_form="banded", tables=("table",), kerne
 DENSE = Capabilities(route="bias", bias_form="dense", kernels=("dense",))
 ATTEND = Capabilities(route="attend", needs_logits=True, causal_only=True)
 TWO_POSITION_ROPE = Capabilities(route="two_position_rope", causal_only=True, extends_rope=True)
+COPE = Capabilities(route="attend", needs_logits=True, causal_only=True, kernels=("cope_triton",))
 PREFILL = kernels.Call(device="cpu", dtype=torch.float32, backend="sdpa", queries=16)
 
 
@@ -90,6 +91,18 @@ def call(**changes) -> kernels.Call:
         (TWO_POSITION_ROPE, {"device": "cuda", "backend": "eager"}, "two_position_explicit"),
         (TWO_POSITION_ROPE, {"device": "cuda", "dropout": 0.1}, "two_position_explicit"),
         (TWO_POSITION_ROPE, {"device": "cuda", "compiling": True}, "two_position_explicit"),
+        # CoPE: its Triton kernel on CUDA where triton imports; the weights (eager), torch.compile, float64 and
+        # other devices take its PyTorch path.
+        (COPE, {}, "attend"),
+        (COPE, {"device": "cuda"}, "cope_triton"),
+        (COPE, {"device": "cuda", "dtype": torch.bfloat16, "grad": True}, "cope_triton"),
+        (COPE, {"device": "cuda", "dtype": torch.float16, "queries": 1}, "cope_triton"),
+        (COPE, {"device": "cuda", "backend": "flex_attention"}, "cope_triton"),
+        (COPE, {"device": "cuda", "backend": "eager"}, "attend"),
+        (COPE, {"device": "cuda", "compiling": True}, "attend"),
+        (COPE, {"device": "cuda", "triton": False}, "attend"),
+        (COPE, {"device": "cuda", "dtype": torch.float64}, "attend"),
+        (COPE, {"device": "mps"}, "attend"),
     ],
 )
 def test_selector(capabilities, changes, expected):
@@ -109,7 +122,7 @@ def test_selector_refuses_softcap_for_an_encoding_that_needs_the_logits():
 
 
 def test_every_kernel_is_reachable():
-    cases = [(c, call(**k)) for c in (ALIBI_LIKE, BANDED, ATTEND, TWO_POSITION_ROPE) for k in
+    cases = [(c, call(**k)) for c in (ALIBI_LIKE, BANDED, ATTEND, TWO_POSITION_ROPE, COPE) for k in
              ({}, {"queries": 1}, {"backend": "eager"}, {"compiling": True}, {"dtype": torch.bfloat16},
               {"device": "cuda"}, {"backend": "flex_attention"})]
     assert {kernels.select(c, x) for c, x in cases} == set(kernels.KERNELS)

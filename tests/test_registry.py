@@ -121,7 +121,10 @@ def test_a_dropped_capability_fails_the_kernel_table(monkeypatch, kind, capabili
 
 @pytest.mark.parametrize("kind, capabilities", [("alibi", {"kernels": ("dense", "diagonal_tiles", "fold")}),
                                                  ("t5_bias", {"bias_form": "band"}),
-                                                 ("cope", {"route": "attention"})])
+                                                 ("cope", {"route": "attention"}),
+                                                 # CoPE's Triton family is for the attend route, and only it is
+                                                 ("alibi", {"kernels": ("dense", "key_fold", "cope_triton")}),
+                                                 ("cope", {"kernels": ("cope_triton", "dense")})])
 def test_a_renamed_capability_is_an_inconsistent_entry(monkeypatch, kind, capabilities):
     _mutate(monkeypatch, kind, **capabilities)
     with pytest.raises(ValueError, match="invalid"):

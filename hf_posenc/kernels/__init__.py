@@ -15,6 +15,7 @@ from .flex_attention import flex, flex_compiled, two_position_flex
 from .key_fold import key_fold_cpu
 from .own_attention import attend
 from .select import select
+from .triton_cope import cope_triton
 from .two_position import two_position_explicit, two_position_tiled
 
 #: Every kernel by the name :func:`select` gives it.
@@ -30,6 +31,7 @@ KERNELS = {
     "flex": flex,
     "flex_compiled": flex_compiled,
     "two_position_flex": two_position_flex,
+    "cope_triton": cope_triton,
 }
 
 __all__ = ["KERNELS", "Call", "select"]

@@ -65,6 +65,7 @@ class Call:
         softcap: The layer soft-caps its logits (only explicit scores can).
         dropout: Attention dropout probability in effect (0 in eval).
         fused_cpu: This torch has the fused CPU kernel's ATen op.
+        triton: The triton package imports here (CoPE's Triton kernel on CUDA).
         grad: A gradient is needed: autograd is on and q/k/v or the layer's tables require one (FlexAttention
             has no fused backward on CPU).
         query: ``[B, H, q, D]``; key, value: ``[B, Hkv, kv, D]`` (after the cache update, before any cast).
@@ -91,6 +92,7 @@ class Call:
     softcap: bool = False
     dropout: float = 0.0
     fused_cpu: bool = True
+    triton: bool = True
     grad: bool = False
     query: torch.Tensor | None = None
     key: torch.Tensor | None = None

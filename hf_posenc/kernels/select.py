@@ -24,6 +24,8 @@ on its own (``tests/test_kernels.py``) and an encoding only declares what it can
   (:mod:`hf_posenc.kernels.flex_attention`). The ``flex_attention`` backend runs them; on CUDA they are the bias
   encodings' kernel for the sdpa backend too.
 * ``two_position_flex``: Self-Extend/ReRoPE as two compiled flex passes with their log-sum-exp (CUDA).
+* ``cope_triton``: CoPE's attention as Triton kernels, forward and backward (CUDA, where triton imports;
+  :mod:`hf_posenc.kernels.triton_cope`).
 
 The shared Toeplitz/tiling helpers are in :mod:`hf_posenc.kernels.tiling`.
 """
@@ -74,6 +76,11 @@ def select(capabilities: Capabilities, call: Call) -> str:
         if call.softcap:
             raise ValueError("An encoding that computes its own logits cannot soft-cap them; conversion refuses "
                              "this combination (allowed: a config with attn_logit_softcapping=None).")
+        # CoPE's Triton kernel on CUDA; the weights (eager backend) and torch.compile take the PyTorch path.
+        triton_fits = call.triton and call.dtype in (torch.float32, torch.bfloat16, torch.float16)
+        if "cope_triton" in capabilities.kernels and call.device == "cuda" and triton_fits and not call.explicit \
+                and not call.compiling:
+            return "cope_triton"
         return "attend"
     if call.backend == "flex_attention" and flex_fits:
         return _flex_kernel(call)
