@@ -31,7 +31,7 @@ from transformers.models.auto.configuration_auto import CONFIG_MAPPING
 from . import _hf, attention, plugin
 from .architectures import ARCHITECTURES, MODEL_TYPE_PREFIX, Architecture, architecture_of, attention_modules
 from .config import CONFIG_KEY, NATIVE_KEY, PosEncConfig
-from .encodings.rope import ROPE_LAYOUTS, RopeConfig
+from .encodings.rope import ROPE_LAYOUTS, RopeConfig, rotary_dim
 from .layout import layout_permutation, permute_attention
 from .model_shape import current_rope_parameters, head_dim, rope_layer_types
 from .modeling import CLASS_PREFIX, STUB_MODULE, posenc_class, posenc_config_class, stock_class
@@ -440,9 +440,8 @@ def rope_layout(model, layout: str):
     if posenc.layout == layout:
         return model
     partial = posenc.partial_rotary_factor or current_rope_parameters(config, arch).get("partial_rotary_factor", 1.0)
-    rotary_dim = int(head_dim(config) * partial)
-    rotary_dim -= rotary_dim % 2
-    perm = layout_permutation(rotary_dim, head_dim(config), posenc.layout, layout)
+    rotary = rotary_dim({"rope_type": posenc.rope_type, "partial_rotary_factor": partial}, head_dim(config))
+    perm = layout_permutation(rotary, head_dim(config), posenc.layout, layout)
     # hf_posenc.revert undoes the permutations too (in reverse order), back to the original rows.
     origin = remember_origin(model)
     for layer_idx, attn in enumerate(attention_modules(model, arch)):

@@ -11,6 +11,8 @@ from __future__ import annotations
 import copy
 import dataclasses
 
+from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
+
 from . import registry
 from .architectures import ARCHITECTURES, Architecture, architecture_of, is_causal
 from .config import CONFIG_KEY, NATIVE_KEY, PosEncConfig
@@ -59,8 +61,13 @@ def stock_expresses(posenc: PosEncConfig, config, arch: Architecture) -> bool:
         return False
     if arch.rope_types is not None and posenc.rope_type not in arch.rope_types:
         return False  # e.g. Phi-3's config validation accepts longrope only
+    if posenc.rope_type != "default" and posenc.rope_type not in ROPE_INIT_FUNCTIONS:
+        return False  # a release without this frequency function (p-RoPE before it): the plug-in runs it
     partial = resolved_rope_parameters(posenc, config, arch)["partial_rotary_factor"]
-    if not (arch.rope == "native_partial" or partial == 1.0):
+    # p-RoPE's frequency function reads the factor itself and gives frequencies for the whole head, which a model
+    # that slices its rotated dimensions by the factor (native_partial) would not fit.
+    honours_partial = "native" if posenc.rope_type == "proportional" else "native_partial"
+    if not (arch.rope == honours_partial or partial == 1.0):
         return False
     if rope_layer_types(config) is not None and posenc.rope_type != "default":
         # transformers 5.1 validates scaled types on per-layer-type parameters by reading the outer dict
