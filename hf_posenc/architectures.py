@@ -69,6 +69,11 @@ class Architecture:
         nope_layers: Layers that natively have no RoPE, as ``(config attribute, value)``: layer ``i`` has none
             iff ``config.<attribute>[i] == value`` (SmolLM3 ``no_rope_layers``, Cohere 2's global layers). A
             RoPE request without ``layers`` leaves them without, so it stays the identity.
+        rope_switch: ``(attention attribute, value of a RoPE layer)`` where each attention module turns its RoPE on
+            or off from the ``nope_layers`` list alone and that list sets nothing else (SmolLM3: ``use_rope``, read
+            from ``no_rope_layers``): any set of RoPE and NoPE layers is then a stock config. None: the list also
+            sets other behaviour (Cohere 2's ``layer_types``: the sliding window) or there is none, so only the
+            model's own set of RoPE layers is stock.
         rope_types: The ``rope_type`` values the stock config accepts (None: all); others run in the plug-in.
         cache: False for encoder-only attention modules whose forward takes no KV cache at all.
         patch_grid: Image models: the path (from the base model) of the patch embedding's convolution, whose
@@ -92,6 +97,7 @@ class Architecture:
     lora_targets: tuple[str, ...] = ("q_proj", "k_proj", "v_proj", "o_proj")
     rope_layout: str = "half"
     nope_layers: tuple[str, object] | None = None
+    rope_switch: tuple[str, object] | None = None
     rope_types: tuple[str, ...] | None = None
     cache: bool = True
     patch_grid: str | None = None
@@ -192,7 +198,7 @@ ARCHITECTURES: dict[str, Architecture] = {
                      nope_layers=("layer_types", "full_attention"), name="Cohere 2",
                      notes="interleaved RoPE on sliding-window layers, global layers NoPE"),
         Architecture("smollm3", layers="layers", attention="self_attn", rope="native",
-                     nope_layers=("no_rope_layers", 0), name="SmolLM3",
+                     nope_layers=("no_rope_layers", 0), rope_switch=("use_rope", 1), name="SmolLM3",
                      notes="native NoPE layers (no_rope_layers)"),
         Architecture("roberta", layers="encoder.layer", attention="attention.self", **_BERT_LIKE, name="RoBERTa",
                      notes="position ids offset by padding_idx"),

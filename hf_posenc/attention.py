@@ -90,6 +90,9 @@ def posenc_attention(
     capabilities = posenc.registry_entry().capabilities if posenc is not None else kernels.call.NO_ENCODING
     softcap = kwargs.get("softcap")
     q_len, kv_len = query.shape[2], key.shape[2]
+    temperature = getattr(module, "posenc_temperature", None)  # hf_posenc.temperature.AttentionTemperature
+    if temperature is not None:
+        query = temperature.scale_queries(query, posenc_past, q_len)
     if capabilities.patch_grid:  # an image encoder: no cache, queries are the keys
         q_pos = k_pos = grid_positions(kwargs.get("posenc_grid"), q_len, query.device)
     else:

@@ -13,6 +13,7 @@ import math
 from typing import Any, ClassVar
 
 from . import registry
+from .temperature import AttentionTemperature
 
 #: Name of the key under which the encoding is recorded in a Hugging Face config.
 CONFIG_KEY = "posenc"
@@ -36,6 +37,7 @@ def check_positive(kind: str, field: str, value: Any, *, integer: bool = False, 
         fail_field(kind, field, value, "a positive integer" if integer else "a positive finite number")
 
 
+@dataclasses.dataclass(frozen=True)
 class PosEncConfig:
     """Base class and factory of positional-encoding configs.
 
@@ -48,6 +50,9 @@ class PosEncConfig:
         **params: The parameters of that kind (see each subclass). ``layers`` (a list of layer indices,
             optional) applies the encoding to those layers only; the other layers get no positional
             encoding (NoPE), which expresses hybrid stacks such as "NoPE every 4th layer".
+            ``attention_temperature`` (any kind, optional): a logit scale that grows with the query's position,
+            ``{"type": "llama4", "floor_scale": ..., "attn_scale": ...}`` or ``{"type": "log_n", "length": L}``
+            (:mod:`hf_posenc.temperature`).
 
     Raises:
         ValueError: Unknown kind, unknown parameter, or invalid value (the message names the field and
@@ -55,6 +60,8 @@ class PosEncConfig:
     """
 
     kind: ClassVar[str]
+    #: Every kind's option (keyword-only, after each kind's own fields): see :mod:`hf_posenc.temperature`.
+    attention_temperature: AttentionTemperature | None = dataclasses.field(default=None, kw_only=True)
 
     def __new__(cls, *args, kind: str | None = None, **params):
         if cls is not PosEncConfig:
@@ -82,6 +89,8 @@ class PosEncConfig:
             if len(set(layers)) != len(layers):
                 fail_field(self.kind, "layers", self.layers, "distinct layer indices")
             object.__setattr__(self, "layers", tuple(sorted(layers)))
+        object.__setattr__(self, "attention_temperature", AttentionTemperature.parse(self.kind,
+                                                                                     self.attention_temperature))
 
     def __post_init__(self) -> None:
         self._validate_common()
@@ -97,6 +106,11 @@ class PosEncConfig:
         Default: no such claim."""
         return False
 
+    def needs_attention_function(self) -> bool:
+        """Whether converted layers run our attention functions: the kind has a route (its registry entry), or an
+        attention temperature scales the queries there."""
+        return registry.get(self.kind).needs_attention_function or self.attention_temperature is not None
+
     def applies_to(self, layer_idx: int) -> bool:
         """Whether this encoding is applied to layer ``layer_idx`` (others get NoPE)."""
         return self.layers is None or layer_idx in self.layers
@@ -108,6 +122,10 @@ class PosEncConfig:
         for f in dataclasses.fields(self):
             value = getattr(self, f.name)
             out[f.name] = list(value) if isinstance(value, tuple) else value
+        # Left out when unset: a checkpoint without it stays readable by releases that read the dict strictly.
+        temperature = out.pop("attention_temperature")
+        if temperature is not None:
+            out["attention_temperature"] = temperature.to_dict()
         return out
 
     @staticmethod

@@ -31,7 +31,8 @@ from transformers.models.auto.configuration_auto import CONFIG_MAPPING
 from . import _hf, attention, plugin
 from .architectures import ARCHITECTURES, MODEL_TYPE_PREFIX, Architecture, architecture_of, attention_modules
 from .config import CONFIG_KEY, NATIVE_KEY, PosEncConfig
-from .encodings.rope import ROPE_LAYOUTS, RopeConfig
+from .encodings.nope import NopeConfig
+from .encodings.rope import ROPE_LAYOUTS, RopeConfig, rotary_dim
 from .layout import layout_permutation, permute_attention
 from .model_shape import current_rope_parameters, head_dim, rope_layer_types
 from .modeling import CLASS_PREFIX, STUB_MODULE, posenc_class, posenc_config_class, stock_class
@@ -42,7 +43,9 @@ from .rules import (
     record,
     resolve_layout,
     resolved_rope_parameters,
+    rope_layers,
     stock_expresses,
+    stock_rope_layers,
     uses_native_rope,
     validate,
     write_native_rope,
@@ -105,11 +108,17 @@ def runs_recorded_encoding(config) -> bool:
         return True
     posenc = PosEncConfig.from_dict(getattr(config, CONFIG_KEY))
     arch = ARCHITECTURES.get(model_type)
-    if arch is None or not isinstance(posenc, RopeConfig) or getattr(config, NATIVE_KEY, None) is False:
+    if (arch is None or not isinstance(posenc, (RopeConfig, NopeConfig))
+            or getattr(config, NATIVE_KEY, None) is False):
         return False
     posenc = resolve_layout(posenc, arch)
     if not uses_native_rope(posenc, config, arch):
         return False
+    # A hybrid layout is stock where the config's per-layer list says it (SmolLM3's no_rope_layers).
+    if rope_layers(posenc, config, arch) != stock_rope_layers(config, arch):
+        return False
+    if isinstance(posenc, NopeConfig):
+        return True
     current = current_rope_parameters(config, arch)
     wanted = resolved_rope_parameters(posenc, config, arch, current=current)
     return all(_plain(current.get(key)) == _plain(value) for key, value in wanted.items())
@@ -221,7 +230,14 @@ def _convert_native(model, posenc: RopeConfig, arch: Architecture) -> nn.Module:
         CONFIG_KEY: getattr(config, CONFIG_KEY, None),
         NATIVE_KEY: getattr(config, NATIVE_KEY, None),
     }
+    if arch.rope_switch is not None:  # the per-layer RoPE list and each attention module's switch read from it
+        state.rope_backup["nope_layers"] = copy.deepcopy(getattr(config, arch.nope_layers[0]))
+        state.rope_backup["switches"] = [(attn, getattr(attn, arch.rope_switch[0]))
+                                         for attn in attention_modules(model, arch)]
     params = write_native_rope(config, posenc, arch)
+    if arch.rope_switch is not None:
+        for attn, value in zip(attention_modules(model, arch), getattr(config, arch.nope_layers[0])):
+            setattr(attn, arch.rope_switch[0], value)
     base = model.base_model
     state.rotary = base.rotary_emb
     device = next((b.device for b in base.rotary_emb.buffers()), None)
@@ -356,6 +372,11 @@ def undo_conversion(model: nn.Module) -> nn.Module:
         model.base_model.rotary_emb = state.rotary
         for attn, ndims in state.rotary_ndims:
             attn.rotary_ndims = ndims
+        if "nope_layers" in state.rope_backup:
+            arch = architecture_of(config)
+            setattr(config, arch.nope_layers[0], state.rope_backup["nope_layers"])
+            for attn, value in state.rope_backup["switches"]:
+                setattr(attn, arch.rope_switch[0], value)
     else:
         plugin.remove(model, state)
         if state.classes is not None:
@@ -440,9 +461,8 @@ def rope_layout(model, layout: str):
     if posenc.layout == layout:
         return model
     partial = posenc.partial_rotary_factor or current_rope_parameters(config, arch).get("partial_rotary_factor", 1.0)
-    rotary_dim = int(head_dim(config) * partial)
-    rotary_dim -= rotary_dim % 2
-    perm = layout_permutation(rotary_dim, head_dim(config), posenc.layout, layout)
+    rotary = rotary_dim({"rope_type": posenc.rope_type, "partial_rotary_factor": partial}, head_dim(config))
+    perm = layout_permutation(rotary, head_dim(config), posenc.layout, layout)
     # hf_posenc.revert undoes the permutations too (in reverse order), back to the original rows.
     origin = remember_origin(model)
     for layer_idx, attn in enumerate(attention_modules(model, arch)):

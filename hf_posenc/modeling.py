@@ -20,7 +20,7 @@ from transformers import AutoConfig
 from transformers.models.auto import modeling_auto
 from transformers.models.auto.configuration_auto import CONFIG_MAPPING
 
-from . import _hf, attention, plugin, registry
+from . import _hf, attention, plugin
 from .architectures import ARCHITECTURES, MODEL_TYPE_PREFIX, architecture_of
 from .config import CONFIG_KEY, PosEncConfig
 from .encodings.base import PositionModule
@@ -261,7 +261,7 @@ def attn_implementation_for(config, requested: str | None) -> str | None:
     posenc = PosEncConfig.from_dict(posenc_dict)
     ours = {value: key for key, value in attention.BACKENDS.items()}
     # A recorded encoding is a plug-in one (a native request leaves a stock config): its entry decides.
-    if not registry.get(posenc.kind).needs_attention_function:
+    if not posenc.needs_attention_function():
         return ours.get(requested, requested)
     requested = requested or "sdpa"
     if requested in ours:
@@ -271,7 +271,8 @@ def attn_implementation_for(config, requested: str | None) -> str | None:
     allowed = sorted([*attention.BACKENDS, *ours])
     raise ValueError(
         f"attn_implementation={requested!r} cannot express the {posenc.kind!r} encoding of this hf_posenc model "
-        f"(it needs an additive bias, the full logits or rotation at attention time); allowed: {allowed}."
+        f"(it needs an additive bias, the full logits, rotation or a temperature at attention time); "
+        f"allowed: {allowed}."
     )
 
 

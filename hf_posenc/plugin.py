@@ -164,7 +164,8 @@ def install(model, posenc: PosEncConfig, arch: Architecture, classes: tuple[type
         _extend_position_buffers(base.embeddings, state)
     # 2. Attach the per-layer encodings and the pre-hook.
     neutralise_rope = arch.rope != "none"
-    use_attention = entry.needs_attention_function
+    temperature = posenc.attention_temperature
+    use_attention = posenc.needs_attention_function()
     modules = attention_modules(model, arch)
     # Fails here, at conversion, if this transformers release renamed the cache argument.
     cache_argument = _hf.cache_argument(modules[0]) if use_attention and arch.cache else None
@@ -180,10 +181,16 @@ def install(model, posenc: PosEncConfig, arch: Architecture, classes: tuple[type
     for layer_idx, attn in enumerate(modules):
         if grid is not None:
             state.hooks.append(attn.register_forward_pre_hook(grid.pass_to_attention, with_kwargs=True))
+        has_encoding = False
         if posenc.applies_to(layer_idx) and layer_idx not in skip:
             module = make_position_module(posenc, config, arch, layer_idx)
             if module is not None:
                 attn.posenc = module.to(_device_of(attn))
+                has_encoding = True
+        if temperature is not None and temperature.applies(has_encoding):
+            # A plain attribute (no weights): the attention function reads it; remove() deletes it.
+            attn.posenc_temperature = temperature
+            state.overrides.append((attn, "posenc_temperature"))
         if neutralise_rope or use_attention:  # e.g. NoPE on GPT-2 needs no hook at all
             state.hooks.append(attn.register_forward_pre_hook(hook, with_kwargs=True))
     # 3. Dispatch to our attention function.

@@ -11,6 +11,8 @@ from __future__ import annotations
 import copy
 import dataclasses
 
+from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
+
 from . import registry
 from .architectures import ARCHITECTURES, Architecture, architecture_of, is_causal
 from .config import CONFIG_KEY, NATIVE_KEY, PosEncConfig
@@ -26,8 +28,25 @@ def resolved_rope_parameters(posenc: RopeConfig, config, arch: Architecture, lay
     return resolve_rope_parameters(posenc, current, config.max_position_embeddings)
 
 
+def rope_layers(posenc: PosEncConfig, config, arch: Architecture) -> set[int]:
+    """The layers a request gives RoPE: its ``layers`` (all for None, less the layers the model natively leaves
+    without: a RoPE request without ``layers`` is the model's own layout); none for NoPE."""
+    if posenc.kind == "nope":
+        return set()
+    own = set(range(num_layers(config))) - arch.native_nope_layers(config)
+    return set(posenc.layers) if posenc.layers is not None else own
+
+
+def stock_rope_layers(config, arch: Architecture) -> set[int]:
+    """The layers a stock model built from ``config`` rotates (no RoPE at all: none)."""
+    return set() if arch.rope == "none" else set(range(num_layers(config))) - arch.native_nope_layers(config)
+
+
 def uses_native_rope(posenc: PosEncConfig, config, arch: Architecture) -> bool:
     """Whether this request is written as a stock checkpoint (the native route) on this architecture.
+
+    NoPE is, where the architecture switches RoPE off per layer from its config alone (SmolLM3's
+    ``no_rope_layers``: :attr:`~hf_posenc.architectures.Architecture.rope_switch`).
 
     Where stock transformers can express it (:func:`stock_expresses`), except for the length-dependent rope
     types (dynamic, longrope), whose stock form is stateful and inexact with a cache: they take the plug-in
@@ -36,6 +55,8 @@ def uses_native_rope(posenc: PosEncConfig, config, arch: Architecture) -> bool:
     Raises:
         ValueError: ``native=True`` and stock transformers cannot express the request.
     """
+    if posenc.kind == "nope":
+        return stock_expresses(posenc, config, arch)
     if not isinstance(posenc, RopeConfig) or posenc.native is False:
         return False
     expressible = stock_expresses(posenc, config, arch)
@@ -51,16 +72,29 @@ def uses_native_rope(posenc: PosEncConfig, config, arch: Architecture) -> bool:
 
 
 def stock_expresses(posenc: PosEncConfig, config, arch: Architecture) -> bool:
-    """Whether stock transformers can express this RoPE request on this architecture by itself."""
+    """Whether stock transformers can express this RoPE (or NoPE) request on this architecture by itself.
+
+    A set of RoPE layers other than the model's own (``layers=``, NoPE) is stock only where the architecture has a
+    per-layer RoPE switch in its config (:attr:`~hf_posenc.architectures.Architecture.rope_switch`).
+    """
+    if posenc.attention_temperature is not None:
+        return False  # no supported architecture's stock config scales queries by position (Llama 4's is not one)
+    if rope_layers(posenc, config, arch) != stock_rope_layers(config, arch) and arch.rope_switch is None:
+        return False
+    if posenc.kind == "nope":
+        return arch.rope_switch is not None
     if (not isinstance(posenc, RopeConfig) or arch.rope == "none"
             or resolve_layout(posenc, arch).layout != arch.rope_layout):
         return False
-    if posenc.layers is not None and set(posenc.layers) != set(range(num_layers(config))):
-        return False
     if arch.rope_types is not None and posenc.rope_type not in arch.rope_types:
         return False  # e.g. Phi-3's config validation accepts longrope only
+    if posenc.rope_type != "default" and posenc.rope_type not in ROPE_INIT_FUNCTIONS:
+        return False  # a release without this frequency function (p-RoPE before it): the plug-in runs it
     partial = resolved_rope_parameters(posenc, config, arch)["partial_rotary_factor"]
-    if not (arch.rope == "native_partial" or partial == 1.0):
+    # p-RoPE's frequency function reads the factor itself and gives frequencies for the whole head, which a model
+    # that slices its rotated dimensions by the factor (native_partial) would not fit.
+    honours_partial = "native" if posenc.rope_type == "proportional" else "native_partial"
+    if not (arch.rope == honours_partial or partial == 1.0):
         return False
     if rope_layer_types(config) is not None and posenc.rope_type != "default":
         # transformers 5.1 validates scaled types on per-layer-type parameters by reading the outer dict
@@ -86,9 +120,9 @@ def resolve_layout(posenc: PosEncConfig, arch: Architecture) -> PosEncConfig:
 
 
 def needs_attention_function(posenc: PosEncConfig, config, arch: Architecture) -> bool:
-    """Whether the converted model runs our attention functions: a kind with a route (its registry entry),
-    unless stock transformers expresses the request natively."""
-    return registry.get(posenc.kind).needs_attention_function and not uses_native_rope(posenc, config, arch)
+    """Whether the converted model runs our attention functions: a kind with a route (its registry entry) or an
+    attention temperature, unless stock transformers expresses the request natively."""
+    return posenc.needs_attention_function() and not uses_native_rope(posenc, config, arch)
 
 
 def validate(posenc: PosEncConfig, config, attn_implementation: str | None = None) -> Architecture:
@@ -133,17 +167,38 @@ def validate(posenc: PosEncConfig, config, attn_implementation: str | None = Non
         raise ValueError(f"PosEncConfig(kind={posenc.kind!r}): {reason}.")
     backend = attn_implementation or getattr(config, "_attn_implementation", None) or "sdpa"
     backend = backend.removeprefix("hf_posenc_")
-    if needs_attention_function(posenc, config, arch) and backend not in entry.backends:
+    backends = entry.backends if entry.backends is not None else registry.OWN_BACKENDS  # NoPE with a temperature
+    if needs_attention_function(posenc, config, arch) and backend not in backends:
         raise ValueError(
             f"attn_implementation={backend!r} cannot express kind={posenc.kind!r} (it needs an additive bias, "
-            f"the full logits or rotation at attention time); allowed: {sorted(entry.backends)}."
+            f"the full logits, rotation or a temperature at attention time); allowed: {sorted(backends)}."
         )
     return arch
 
 
+def write_native_layout(config, posenc: PosEncConfig, arch: Architecture) -> list | None:
+    """Write which layers rotate into the architecture's per-layer list (``rope_switch`` rows; in place).
+
+    Returns:
+        The list written (one value per layer, the attention modules' switch values), or None for an architecture
+        without a switch (its layout is its own).
+    """
+    if arch.rope_switch is None:
+        return None
+    attribute, nope_value = arch.nope_layers
+    wanted = rope_layers(posenc, config, arch)
+    values = [arch.rope_switch[1] if i in wanted else nope_value for i in range(num_layers(config))]
+    setattr(config, attribute, values)
+    return values
+
+
 def write_native_rope(config, posenc: RopeConfig, arch: Architecture) -> dict:
-    """Write a native RoPE request into a stock config (in place); returns the rope parameters (of the
+    """Write a native RoPE (or NoPE) request into a stock config (in place); returns the rope parameters (of the
     first layer type where each layer type has its own: the request applies to each, keeping its base)."""
+    write_native_layout(config, posenc, arch)
+    if posenc.kind == "nope":
+        record(config, posenc, native=True)
+        return current_rope_parameters(config, arch)
     layer_types = rope_layer_types(config)
     if layer_types is None:
         params = resolved_rope_parameters(posenc, config, arch)

@@ -68,6 +68,9 @@ VARIANTS = {
                    high_freq_factor=4.0),
     "longrope": dict(rope_type="longrope", short_factor=SHORT, long_factor=LONG,
                      original_max_position_embeddings=ORIGINAL),
+    # p-RoPE keeps half of the frequencies (the highest), then the same with a linear factor on the kept ones.
+    "proportional": dict(rope_type="proportional", partial_rotary_factor=0.5),
+    "proportional_factor": dict(rope_type="proportional", partial_rotary_factor=0.25, factor=2.0),
 }
 #: The variants whose frequencies depend on the current length (their stock form is stateful).
 LENGTH_DEPENDENT = ["dynamic", "longrope"]
@@ -121,6 +124,14 @@ def _llama3(p: dict) -> torch.Tensor:
     return torch.where(between, (1 - smooth) * theta / s + smooth * theta, out)
 
 
+def _proportional(p: dict) -> torch.Tensor:
+    """p-RoPE (Barbero et al., §5): of the d/2 RoPE frequencies ``base^(-2i/d)``, the ``p * d/2`` highest (the first
+    ones) are kept and the others set to 0, so their pairs never rotate; a linear factor divides the kept ones."""
+    kept = int(p["partial_rotary_factor"] * PAIRS)
+    theta = _default(THETA) / p.get("factor", 1.0)
+    return torch.where(torch.arange(PAIRS) < kept, theta, torch.zeros_like(theta))
+
+
 def reference_frequencies(params: dict, seq_len: int, max_position_embeddings: int = L) -> tuple[torch.Tensor, float]:
     """fp64 inverse frequencies ``[d/2]`` and cos/sin factor of a variant for ``seq_len`` keys on a model of
     length ``max_position_embeddings``."""
@@ -142,6 +153,8 @@ def reference_frequencies(params: dict, seq_len: int, max_position_embeddings: i
         attention = 1.0 if s <= 1 else math.sqrt(1 + math.log(s) / math.log(original))
         factors = torch.tensor(p["long_factor"] if seq_len > original else p["short_factor"], dtype=torch.float64)
         return _default(THETA) / factors, attention
+    if kind == "proportional":
+        return _proportional(p), 1.0
     raise AssertionError(kind)
 
 
@@ -359,6 +372,29 @@ def test_saved_plugin_dynamic_model_reloads_exact_and_reverts(tmp_path, variant)
     with torch.no_grad():
         hf_posenc.revert(model)
         torch.testing.assert_close(model(ids).logits, base_model()(ids).logits, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("variant", ["proportional", "proportional_factor"])
+def test_p_rope_saves_as_a_stock_checkpoint_and_the_forced_plugin_gives_its_logits(tmp_path, variant):
+    """p-RoPE is a stock rope type here: the default route writes a stock checkpoint that plain transformers
+    reloads with the same logits; the plug-in (``native=False``, the route of releases without it) gives the same
+    prefill logits and the same cached greedy decode (the fp64 reference checks each route above)."""
+    stock, forced = converted(variant), converted(variant, native=False)
+    assert type(stock) is LlamaForCausalLM and stock.config.rope_parameters["rope_type"] == "proportional"
+    assert type(forced) is not LlamaForCausalLM
+    ids = tokens(3 * L, batch=2)
+    stock.save_pretrained(tmp_path)
+    reloaded = LlamaForCausalLM.from_pretrained(tmp_path).eval()
+    with torch.no_grad():
+        expected = stock(ids).logits
+        torch.testing.assert_close(reloaded(ids).logits, expected, rtol=0, atol=0)
+        torch.testing.assert_close(forced(ids).logits, expected, rtol=0, atol=2e-5)
+    prompt = tokens(ORIGINAL - 4, seed=3, batch=2)
+    stock_tokens, stock_logits = greedy(stock, prompt, 24)
+    for kwargs in ({}, {"cache_implementation": "static"}, {"use_cache": False}):
+        forced_tokens, forced_logits = greedy(forced, prompt, 24, **kwargs)
+        assert torch.equal(forced_tokens, stock_tokens), kwargs
+        torch.testing.assert_close(forced_logits, stock_logits, rtol=0, atol=2e-5, msg=str(kwargs))
 
 
 def test_native_true_where_stock_cannot_express_it_is_refused():

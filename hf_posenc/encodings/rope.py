@@ -32,7 +32,7 @@ from .. import registry
 from ..config import PosEncConfig, check_positive, fail_field
 from .base import PositionModule
 
-ROPE_TYPES = ("default", "linear", "dynamic", "yarn", "llama3", "longrope")
+ROPE_TYPES = ("default", "linear", "dynamic", "yarn", "llama3", "longrope", "proportional")
 ROPE_LAYOUTS = ("half", "interleaved")
 #: Rope types whose frequencies depend on the current sequence length. Stock transformers recomputes them
 #: statefully per forward and caches keys rotated under older scales (transformers #25104, #33129), so by
@@ -58,6 +58,8 @@ _ROPE_TYPE_PARAMS = {
     },
     "llama3": {"factor", "original_max_position_embeddings", "low_freq_factor", "high_freq_factor"},
     "longrope": {"original_max_position_embeddings", "attention_factor", "short_factor", "long_factor", "factor"},
+    # p-RoPE: the fraction p of frequencies kept is `partial_rotary_factor`; `factor` divides them (stock's form).
+    "proportional": {"factor"},
 }
 _ROPE_REQUIRED = {
     "linear": {"factor"},
@@ -72,6 +74,19 @@ def default_inv_freq(rope_theta: float, rotary_dim: int, device=None) -> torch.T
     """``theta^(-2i/d)`` for ``i < d/2`` (the paper's frequencies), fp32 ``[rotary_dim // 2]``."""
     exponents = torch.arange(0, rotary_dim, 2, dtype=torch.int64, device=device).float() / rotary_dim
     return 1.0 / (rope_theta**exponents)
+
+
+def rotary_dim(rope_parameters: dict, head_dim: int) -> int:
+    """Dimensions of each head that the rotation covers.
+
+    ``partial_rotary_factor`` of the head, except for p-RoPE (``proportional``): there the factor is the fraction
+    of frequencies kept, the frequency function gives one per pair of the whole head (zeros for the dropped ones:
+    those pairs do not rotate), so the rotation covers the whole head.
+    """
+    if rope_parameters.get("rope_type") == "proportional":
+        return head_dim
+    dim = int(head_dim * rope_parameters.get("partial_rotary_factor", 1.0))
+    return dim - dim % 2
 
 
 def rotate_half(x: torch.Tensor) -> torch.Tensor:
@@ -164,9 +179,7 @@ class RotaryPosition(PositionModule):
         self.layout = layout
         self.head_dim = head_dim
         self.max_position_embeddings = max_position_embeddings
-        partial = self.rope_parameters.get("partial_rotary_factor", 1.0)
-        self.rotary_dim = int(head_dim * partial)
-        self.rotary_dim -= self.rotary_dim % 2
+        self.rotary_dim = rotary_dim(self.rope_parameters, head_dim)
         # A bare transformers config carrying what the stock frequency functions read.
         config = PreTrainedConfig()
         config.rope_parameters = dict(self.rope_parameters)
@@ -274,13 +287,16 @@ class RopeConfig(PosEncConfig):
 
     Scaling variants are the stock transformers ones (``transformers.modeling_rope_utils``): linear/PI
     (https://arxiv.org/abs/2306.15595), dynamic NTK, YaRN (https://arxiv.org/abs/2309.00071), llama3,
-    longrope (https://arxiv.org/abs/2402.13753). ``None`` for ``rope_theta`` / ``partial_rotary_factor``
+    longrope (https://arxiv.org/abs/2402.13753), p-RoPE (``proportional``, Barbero et al. 2025,
+    https://arxiv.org/abs/2410.06205: only the highest ``partial_rotary_factor`` fraction of the frequencies
+    rotate, the pairs of the others are left unrotated). ``None`` for ``rope_theta`` / ``partial_rotary_factor``
     keeps the model's own value (or 10000 / 1.0 for models without RoPE).
 
     Args:
         rope_type: One of ``ROPE_TYPES``.
         rope_theta: RoPE base.
-        partial_rotary_factor: Fraction of each head's dimensions that rotate, in (0, 1].
+        partial_rotary_factor: Fraction of each head's dimensions that rotate, in (0, 1]; for ``proportional``, the
+            fraction p of the frequencies kept (the highest), over the whole head.
         layout: Which query/key dimensions of the weights form a rotation pair: ``"half"`` (GPT-NeoX / HF,
             rotate_half: ``i`` with ``i + d/2``) or ``"interleaved"`` (GPT-J / Cohere: ``2i`` with ``2i + 1``).
             None (default): the architecture's own layout, so that ``PosEncConfig(kind="rope")`` is the
