@@ -22,6 +22,7 @@ window's mean (:func:`sequence_parallel_loss`).
 from __future__ import annotations
 
 import importlib.util
+import inspect
 import os
 from importlib.metadata import version as installed_version
 
@@ -56,6 +57,10 @@ def accelerator_kwargs(cfg: TrainConfig) -> dict:
         raise ValueError(f"the launch config sets parallelism_config_sp_size={launched} but train.sp_size="
                          f"{cfg.sp_size}; allowed: the same size, or none in the launch config (the recipe sets it).")
     from accelerate.parallelism_config import ParallelismConfig
+
+    if "sp_size" not in inspect.signature(ParallelismConfig).parameters:
+        raise ValueError(f"train.sp_size={cfg.sp_size} needs an accelerate with sequence parallelism "
+                         "(ParallelismConfig(sp_size=...)): pip install -U accelerate; allowed here: train.sp_size=1.")
     from accelerate.utils import DeepSpeedSequenceParallelConfig
 
     parallel.cpu_process_state()  # before the Accelerator: see the module docs
