@@ -6,6 +6,9 @@
 Steps: load base -> convert (``hf_posenc.convert``) -> PEFT LoRA -> datasets pipeline -> Accelerate
 loop (checkpoints every ``train.checkpoint_every`` steps; a restarted run resumes from the newest) ->
 save adapter + merged model + model card into ``output.dir``.
+
+Long windows across several processes: ``train.sp_size=N`` (sequence parallelism on DeepSpeed Ulysses) under
+``--config_file recipes/accelerate/sequence_parallel.yaml``; each process holds ``seq_len / N`` tokens.
 """
 
 from __future__ import annotations

@@ -163,6 +163,17 @@ class TrainConfig(Section):
     resume: bool = True
     log_every: Positive = 10
     mixed_precision: Literal["no", "bf16", "fp16"] | None = None
+    #: Sequence parallelism (DeepSpeed Ulysses, https://arxiv.org/abs/2309.14509): this many processes share
+    #: each window, each holding ``seq_len / sp_size`` tokens. 1: off. Above 1 it needs the ``sp`` extra and a
+    #: DeepSpeed launch (``recipes/accelerate/sequence_parallel.yaml``); the query heads must divide by it.
+    sp_size: Positive = 1
+
+    @model_validator(mode="after")
+    def _windows_split_over_ranks(self) -> TrainConfig:
+        if self.seq_len % self.sp_size:
+            raise ValueError(f"seq_len ({self.seq_len}) must be divisible by sp_size ({self.sp_size}): each of the "
+                             f"sp_size ranks holds seq_len / sp_size tokens; allowed: a multiple of {self.sp_size}.")
+        return self
 
 
 def _patch_of(section: type[Section]) -> type[Section]:
@@ -325,6 +336,17 @@ class CompareConfig(Section):
             raise ValueError(f"only: unknown variant(s) {unknown}; allowed: {names}")
         if self.seeds is not None and len(set(self.seeds)) != len(self.seeds):
             raise ValueError(f"seeds must be distinct, got {self.seeds}")
+        return self
+
+    @model_validator(mode="after")
+    def _one_process(self) -> CompareConfig:
+        # The grid trains, evaluates and writes its variants in turn in one process; Ulysses needs a launch of
+        # several, each holding part of every window (recipes/finetune_lora.py does that).
+        shared = [v for v in self.variants if self.variant_train(v).sp_size > 1]
+        if shared:
+            raise ValueError(f"train.sp_size must be 1 in a comparison, which runs in one process (variant "
+                             f"{shared[0].name!r} asks for {self.variant_train(shared[0]).sp_size}); allowed: 1, or "
+                             "recipes/finetune_lora.py under recipes/accelerate/sequence_parallel.yaml.")
         return self
 
     def variant_runs(self, variant: VariantConfig) -> list[tuple[str, VariantConfig]]:

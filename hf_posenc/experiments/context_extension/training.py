@@ -11,6 +11,7 @@ batches it already consumed and continues, so no optimizer step is lost or repea
 
 from __future__ import annotations
 
+import itertools
 import json
 import logging
 import os
@@ -25,6 +26,7 @@ import torch
 
 from ..._hf import quiet_checkpointing_deprecation
 from ...peft_utils import POSENC_MODULE, lora_config, lora_target_modules
+from . import sequence_parallel
 from .config import LoraSettings, TrainConfig
 from .data import training_windows
 
@@ -53,15 +55,21 @@ def _save_checkpoint(accelerator, ckpt_root: Path, step: int) -> None:
 def make_accelerator(cfg: TrainConfig):
     """The ``Accelerator`` of a training run: global batches split across processes, checked.
 
+    With ``train.sp_size > 1``, sequence parallelism on DeepSpeed Ulysses (:mod:`.sequence_parallel`).
+
     Raises:
-        ValueError: ``train.batch_size`` is not a multiple of the number of processes.
+        ValueError: ``train.batch_size`` is not a multiple of the number of processes (of sequence-parallel
+            groups), or ``train.sp_size`` cannot run in this launch.
     """
     from accelerate import Accelerator
     from accelerate.utils import DataLoaderConfiguration
 
     accelerator = Accelerator(gradient_accumulation_steps=cfg.grad_accum, mixed_precision=cfg.mixed_precision,
-                              dataloader_config=DataLoaderConfiguration(split_batches=True))
-    if cfg.batch_size % accelerator.num_processes:
+                              dataloader_config=DataLoaderConfiguration(split_batches=True),
+                              **sequence_parallel.accelerator_kwargs(cfg))
+    if sequence_parallel.enabled(cfg):
+        sequence_parallel.check_launch(accelerator, cfg)
+    elif cfg.batch_size % accelerator.num_processes:
         raise ValueError(
             f"train.batch_size={cfg.batch_size} is the global batch and must split evenly over the "
             f"{accelerator.num_processes} processes of this launch; allowed: multiples of {accelerator.num_processes}."
@@ -139,9 +147,19 @@ def train(accelerator, model, windows: torch.Tensor, cfg: TrainConfig, ckpt_root
     # The scheduler is stepped by hand once per optimizer step (not prepared: a prepared scheduler
     # steps once per process) and registered so save_state/load_state carry it.
     scheduler = get_cosine_schedule_with_warmup(optimizer, cfg.warmup_steps, cfg.steps)
-    loader = DataLoader(TensorDataset(windows), batch_size=cfg.batch_size, shuffle=False, drop_last=True)
+    shared = sequence_parallel.enabled(cfg)  # each window shared by train.sp_size processes
+    if shared:
+        sequence_parallel.check_model(model, cfg)
+        sequence_parallel.bind_attention(accelerator, model)
+        per_batch = sequence_parallel.loader_batch_size(cfg)
+        windows = _whole_batches(windows, per_batch)
+        loader = DataLoader(TensorDataset(windows), batch_size=per_batch, shuffle=False, drop_last=True,
+                            collate_fn=sequence_parallel.batch_of)
+    else:
+        loader = DataLoader(TensorDataset(windows), batch_size=cfg.batch_size, shuffle=False, drop_last=True)
     model, optimizer, loader = accelerator.prepare(model, optimizer, loader)
     accelerator.register_for_checkpointing(scheduler)
+    scale = sequence_parallel.gradient_scale(accelerator, cfg) if shared else 1.0
 
     done_steps = 0
     resume_from = latest_checkpoint(ckpt_root) if (ckpt_root and cfg.resume) else None
@@ -149,24 +167,34 @@ def train(accelerator, model, windows: torch.Tensor, cfg: TrainConfig, ckpt_root
         accelerator.load_state(str(resume_from))
         done_steps = json.loads((resume_from / _DONE).read_text())["step"]
         logger.info("resumed from %s (step %d)", resume_from, done_steps)
-    batches = accelerator.skip_first_batches(loader, done_steps * cfg.grad_accum) if done_steps else loader
+    if shared:  # Ulysses' adapter is no DataLoader: it is read past the steps already done
+        batches = itertools.islice(loader, done_steps * cfg.grad_accum, None)
+    else:
+        batches = accelerator.skip_first_batches(loader, done_steps * cfg.grad_accum) if done_steps else loader
 
     fault_step = int(os.environ.get(FAULT_ENV, "0") or 0)
     bar = tqdm(total=cfg.steps, initial=done_steps, desc=desc, leave=False,
                disable=not (progress and accelerator.is_local_main_process))
     model.train()
     losses: list[float] = []
+    grad_norms: list[float] = []
     step = done_steps
     data_checksum = 0  # sum of the token ids this rank trained on (shows each rank got its own shard)
-    for (batch,) in batches:
+    for batch in batches:
         if step >= cfg.steps:
             break
-        data_checksum += int(batch.sum())
+        ids = batch["input_ids"] if shared else batch[0]
+        data_checksum += int(ids.sum())
         with accelerator.accumulate(model):
-            loss = model(input_ids=batch, labels=batch).loss
+            if shared:
+                loss = sequence_parallel.sequence_parallel_loss(model, batch, scale)
+            else:
+                loss = model(input_ids=ids, labels=ids).loss
             accelerator.backward(loss)
             if accelerator.sync_gradients and cfg.max_grad_norm > 0:
-                accelerator.clip_grad_norm_(params, cfg.max_grad_norm)
+                norm = accelerator.clip_grad_norm_(params, cfg.max_grad_norm)  # before clipping (DeepSpeed: its own)
+                if norm is not None:
+                    grad_norms.append(float(norm))
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
         losses.append(loss.item())
@@ -199,9 +227,18 @@ def train(accelerator, model, windows: torch.Tensor, cfg: TrainConfig, ckpt_root
         "world_size": accelerator.num_processes,
         "rank": accelerator.process_index,
         "data_checksum": data_checksum,
+        "sp_size": cfg.sp_size,
+        "grad_norms": grad_norms,  # per optimizer step, before clipping
         # float64 sum of the trainable weights: equal on every rank iff gradients were synchronised.
         "param_checksum": float(sum(p.detach().double().sum() for p in params)),
     }
+
+
+def _whole_batches(windows: torch.Tensor, per_batch: int) -> torch.Tensor:
+    """``windows`` repeated at the end up to a multiple of ``per_batch`` (a loader batch under sequence
+    parallelism is several steps; the loop stops at ``train.steps``, before the repeated ones)."""
+    missing = -len(windows) % per_batch
+    return torch.cat([windows, windows[:missing]]) if missing else windows
 
 
 def finetune_lora(accelerator, model, tokenizer, texts: list[str], lora: LoraSettings, cfg: TrainConfig,

@@ -1,0 +1,76 @@
+"""``train.sp_size``: what the recipes refuse before anything runs, and how they batch windows for Ulysses.
+
+The runs themselves (2 processes against one) are ``tests/test_sequence_parallel_recipe.py`` (slow).
+"""
+
+from __future__ import annotations
+
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+from hf_posenc.experiments.config import ConfigError, load_config
+from hf_posenc.experiments.context_extension import sequence_parallel
+from hf_posenc.experiments.context_extension.config import CompareConfig, FinetuneConfig, TrainConfig
+from hf_posenc.experiments.context_extension.training import _whole_batches
+
+
+def test_windows_must_split_over_the_ranks():
+    with pytest.raises(ConfigError, match=r"seq_len \(4097\) must be divisible by sp_size \(2\)"):
+        load_config(FinetuneConfig, "finetune_long_context_tiny", ["train.seq_len=4097"])
+
+
+def test_the_comparison_refuses_sequence_parallelism():
+    with pytest.raises(ConfigError, match="train.sp_size must be 1 in a comparison"):
+        load_config(CompareConfig, "tiny", ["variants.6.train.sp_size=2"])
+
+
+def test_the_heads_must_divide_by_sp_size():
+    model = SimpleNamespace(config=SimpleNamespace(num_attention_heads=9, num_key_value_heads=3))
+    sequence_parallel.check_model(model, TrainConfig(sp_size=3, seq_len=30))
+    with pytest.raises(ValueError, match="train.sp_size=2 must divide the model's 9 attention heads"):
+        sequence_parallel.check_model(model, TrainConfig(sp_size=2, seq_len=30))
+    gqa = SimpleNamespace(config=SimpleNamespace(num_attention_heads=12, num_key_value_heads=4))
+    sequence_parallel.check_model(gqa, TrainConfig(sp_size=2, seq_len=30))  # 2 KV heads per rank
+    with pytest.raises(ValueError, match="key/value heads: one must divide the other"):
+        sequence_parallel.check_model(gqa, TrainConfig(sp_size=6, seq_len=30))
+
+
+def test_a_launch_that_is_not_deepspeed_or_does_not_split_is_refused():
+    from accelerate.utils import DistributedType
+
+    cfg = TrainConfig(sp_size=2, seq_len=32, batch_size=1)
+    with pytest.raises(ValueError, match="recipes/accelerate/sequence_parallel.yaml"):
+        sequence_parallel.check_launch(SimpleNamespace(distributed_type=DistributedType.NO, num_processes=1), cfg)
+    with pytest.raises(ValueError, match="train.sp_size=2 must divide the 3 processes"):
+        sequence_parallel.check_launch(SimpleNamespace(distributed_type=DistributedType.DEEPSPEED, num_processes=3),
+                                       cfg)
+    with pytest.raises(ValueError, match="must split evenly over the 2 sequence-parallel groups"):
+        sequence_parallel.check_launch(SimpleNamespace(distributed_type=DistributedType.DEEPSPEED, num_processes=4),
+                                       cfg)
+    sequence_parallel.check_launch(SimpleNamespace(distributed_type=DistributedType.DEEPSPEED, num_processes=2), cfg)
+
+
+def test_missing_deepspeed_and_a_conflicting_launch_size_are_refused(monkeypatch):
+    cfg = TrainConfig(sp_size=2, seq_len=32)
+    assert sequence_parallel.accelerator_kwargs(TrainConfig()) == {}
+    monkeypatch.setenv("PARALLELISM_CONFIG_SP_SIZE", "4")
+    with pytest.raises(ValueError, match="parallelism_config_sp_size=4 but train.sp_size=2"):
+        sequence_parallel.accelerator_kwargs(cfg)
+    real = sequence_parallel.importlib.util.find_spec
+    monkeypatch.setattr(sequence_parallel.importlib.util, "find_spec",
+                        lambda name: None if name == "deepspeed" else real(name))
+    with pytest.raises(ValueError, match=r"needs DeepSpeed: pip install 'hf_posenc\[sp\]'"):
+        sequence_parallel.accelerator_kwargs(cfg)
+
+
+def test_batches_carry_what_the_ulysses_adapter_cuts():
+    windows = torch.arange(15).view(5, 3)
+    padded = _whole_batches(windows, 4)  # a loader batch is sp_size steps: the last one is filled up
+    assert padded.shape == (8, 3) and torch.equal(padded[5:], windows[:3])
+    assert torch.equal(_whole_batches(windows, 5), windows)
+    batch = sequence_parallel.batch_of([(windows[0],), (windows[1],)])
+    assert torch.equal(batch["input_ids"], windows[:2]) and torch.equal(batch["labels"], windows[:2])
+    assert torch.equal(batch["position_ids"], torch.tensor([[0, 1, 2], [0, 1, 2]]))
+    assert sequence_parallel.loader_batch_size(TrainConfig(sp_size=2, batch_size=3, seq_len=32)) == 6
