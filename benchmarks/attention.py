@@ -18,7 +18,7 @@ gates on, RoPE kept; a dense per-call bias):
   (``scope="model"``: d=256, 4 layers, 4 heads of 64, byte vocabulary) and of one attention call
   (``scope="attention"``: ``B=1, H=4, D=64``; the stock calls include stock RoPE, as the stock layer does).
 * ``decode``: time per generated token with a KV cache after a prefill of ``T`` tokens (greedy, one token
-  per step).
+  per step; the steps of all encodings interleaved).
 * ``lora_train``: one LoRA training step (r=8 on q/k/v/o, AdamW; learned position tables trainable too),
   time per trained token.
 
@@ -475,27 +475,35 @@ def fold_error(lengths, heads: int = 4, dim: int = 64, eager_max_t: int = 8192) 
 # ---------------------------------------------------------------------------------------------------
 # Decode and LoRA
 # ---------------------------------------------------------------------------------------------------
-def decode_measure(model, context: int, steps: int, vocab: int) -> tuple[float, int]:
-    """Median seconds per generated token after a ``context``-token prefill, and one step's peak memory."""
+def decode_interleaved(models: dict, context: int, steps: int, vocab: int) -> dict[str, tuple[float, int]]:
+    """Median seconds per generated token after a ``context``-token prefill, and one step's peak memory, for every
+    model: each timed step visits every encoding in turn, so that load drifting on a shared machine hits every
+    encoding alike. Returns ``{name: (seconds per token, peak bytes)}``."""
     from transformers import DynamicCache
 
-    model.eval()
     ids = tokens(1, context, vocab)
+    state, times = {}, {name: [] for name in models}
     with torch.no_grad():
-        cache = DynamicCache(config=model.config)
-        out = model(ids, **cache_kwargs(model, cache), use_cache=True)
-        next_id = out.logits[:, -1:].argmax(-1)
-        for _ in range(2):  # warm-up steps: first calls pay one-off costs
-            out = model(next_id, **cache_kwargs(model, cache), use_cache=True)
-            next_id = out.logits[:, -1:].argmax(-1)
-        times = []
-        for _ in range(steps):
-            start = time.perf_counter()
-            out = model(next_id, **cache_kwargs(model, cache), use_cache=True)
-            next_id = out.logits[:, -1:].argmax(-1)
-            times.append(time.perf_counter() - start)
-        peak = peak_memory(lambda: model(next_id, **cache_kwargs(model, cache), use_cache=True))
-    return statistics.median(times), peak
+        for name, model in models.items():
+            model.eval()
+            cache = DynamicCache(config=model.config)
+            out = model(ids, **cache_kwargs(model, cache), use_cache=True)
+            state[name] = (cache, out.logits[:, -1:].argmax(-1))
+        for rep in range(2 + steps):  # two warm-up steps: first calls pay one-off costs
+            for name, model in models.items():
+                cache, next_id = state[name]
+                start = time.perf_counter()
+                out = model(next_id, **cache_kwargs(model, cache), use_cache=True)
+                seconds = time.perf_counter() - start
+                state[name] = (cache, out.logits[:, -1:].argmax(-1))
+                if rep >= 2:
+                    times[name].append(seconds)
+        result = {}
+        for name, model in models.items():
+            cache, next_id = state.pop(name)
+            step = lambda m=model, i=next_id, c=cache: m(i, **cache_kwargs(m, c), use_cache=True)  # noqa: E731
+            result[name] = (statistics.median(times[name]), peak_memory(step))
+    return result
 
 
 def lora_model(model):
@@ -584,8 +592,8 @@ def benchmark(args) -> list[dict]:
                 gc.collect()
     for context in args.decode_contexts:
         log(f"[model] decode after {context} tokens")
-        for name in encodings:
-            per_token, peak = decode_measure(models[name], context, args.decode_steps, vocab)
+        measured = decode_interleaved({name: models[name] for name in encodings}, context, args.decode_steps, vocab)
+        for name, (per_token, peak) in measured.items():
             records.append(record(name, context, "decode", "model", [per_token], peak, steps=args.decode_steps))
     if args.lora_length:
         log(f"[model] LoRA training at T={args.lora_length}")

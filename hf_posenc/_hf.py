@@ -15,7 +15,7 @@ import warnings
 import torch
 import transformers
 from transformers import AttentionInterface
-from transformers.cache_utils import Cache
+from transformers.cache_utils import Cache, DynamicLayer
 from transformers.masking_utils import AttentionMaskInterface, eager_mask, sdpa_mask
 
 #: The transformers range these internals were checked against (the same string as in pyproject.toml;
@@ -165,6 +165,17 @@ def cache_past_length(cache, layer_idx: int):
     cache = getattr(cache, "self_attention_cache", cache)  # EncoderDecoderCache (GPT-2 with cross-attention)
     past = cache.get_seq_length(layer_idx)
     return past.clone() if isinstance(past, torch.Tensor) else past
+
+
+def appending_cache_layer(cache, layer_idx: int):
+    """Layer ``layer_idx`` of ``cache`` if it is a plain ``DynamicLayer`` (its ``update`` concatenates, so the
+    keys it returns start with the very keys it held), else None (no cache, other layer kinds, not built yet)."""
+    if cache is None:
+        return None
+    layers = getattr(getattr(cache, "self_attention_cache", cache), "layers", None)
+    if layers is None or layer_idx >= len(layers) or type(layers[layer_idx]) is not DynamicLayer:
+        return None
+    return layers[layer_idx]
 
 
 #: The method of the stock image embeddings (ViT, DeiT, DINOv2, DINOv2 with registers) that returns the learned

@@ -65,6 +65,7 @@ def posenc_attention(
     *,
     backend: str,
     posenc_past=0,
+    posenc_rotated_keys=None,
     **kwargs,
 ):
     """Attention with the layer's positional encoding (``module.posenc``; none = NoPE layer).
@@ -80,6 +81,8 @@ def posenc_attention(
         dropout: Attention dropout probability (training only).
         backend: ``"eager"``, ``"sdpa"`` or ``"flex_attention"``.
         posenc_past: Tokens cached before this forward (set by the conversion pre-hook).
+        posenc_rotated_keys: The cache layer's store of rotated keys (:mod:`hf_posenc.rotated_keys`; set by the
+            pre-hook for encodings that keep one) or None.
         posenc_grid (in kwargs): The ``(rows, columns)`` patch grid of an image model's forward (set by the
             conversion's hooks), read by encodings that rotate by it.
 
@@ -108,7 +111,7 @@ def posenc_attention(
         key=key, value=value, attention_mask=attention_mask,
         q_pos=q_pos, k_pos=k_pos, past=posenc_past, scaling=query.shape[-1] ** -0.5 if scaling is None else scaling,
         logit_cap=softcap, training=module.training, posenc=posenc, capabilities=capabilities,
-        position_ids=kwargs.get("position_ids"), heads=heads,
+        position_ids=kwargs.get("position_ids"), heads=heads, rotated_keys=posenc_rotated_keys,
     )
     output, weights = kernels.KERNELS[kernels.select(capabilities, call)](call)
     return output.transpose(1, 2).contiguous(), weights

@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from . import _hf, attention, registry
+from . import _hf, attention, registry, rotated_keys
 from .architectures import Architecture, _get, architecture_of, attention_modules
 from .config import PosEncConfig
 from .encodings.base import PositionModule
@@ -252,6 +252,8 @@ def _make_pre_hook(neutralise_rope: bool, use_attention: bool, cache_argument: t
 
     * Replaces native RoPE's ``(cos, sin)`` by ``(1, 0)``: the stock rotation becomes the identity.
     * Records the cache length before the update (``posenc_past``) for the attention function.
+    * Hands encodings that keep rotated keys their cache layer's store (``posenc_rotated_keys``;
+      :mod:`hf_posenc.rotated_keys`).
     * Refuses to run if someone switched the model back to a stock attention backend, which would
       silently drop the encoding.
     """
@@ -280,6 +282,9 @@ def _make_pre_hook(neutralise_rope: bool, use_attention: bool, cache_argument: t
             layer_idx = getattr(module, "layer_idx", None)
             cache = _hf.find_cache(args, kwargs, cache_argument) if cache_argument else None  # None: encoder-only
             kwargs["posenc_past"] = _hf.cache_past_length(cache, layer_idx or 0)
+            if getattr(getattr(module, "posenc", None), "keeps_rotated_keys", False):
+                # Checked before the update: the store is kept only while the layer holds the keys it rotated.
+                kwargs["posenc_rotated_keys"] = rotated_keys.for_cache_layer(cache, layer_idx or 0)
         return args, kwargs
 
     return hook

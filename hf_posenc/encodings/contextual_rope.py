@@ -19,11 +19,13 @@ kernel. The price: a token cannot count differently for different queries (CoPE 
 sentences relevant to one query).
 
 **Cache.** The widths come from the keys, which our routes cache unrotated (the stock rotation is
-neutralised, the rotation happens here), so positions are recomputed from the cache at every step: the
-module keeps no state, and beam search, cache cropping and StaticCache (its empty slots lie after the
-keys, so no prefix sum reads them) work unchanged. The running sum starts at the first cached key's
-index: a sliding-window cache that dropped keys shifts every position alike, which RoPE's relative form
-cancels (exactly while every width is 1). Left pads shift a row's positions by a constant too.
+neutralised, the rotation happens here). A key's width, position and rotation depend on it and the keys
+before it only, so generation with the default cache keeps the rotated keys and the widths' running sum beside
+the cache (:mod:`hf_posenc.rotated_keys`) and a decode step computes its new keys only. Any other cache,
+and a cache that beam search reordered or that was cropped, recomputes every position from the cached keys:
+StaticCache's empty slots lie after the keys, so no prefix sum reads them. The running sum starts at the
+first cached key's index: a sliding-window cache that dropped keys shifts every position alike, which RoPE's
+relative form cancels (exactly while every width is 1). Left pads shift a row's positions by a constant too.
 
 **Precision and memory.** Widths in fp32, their running sum in fp64 (positions then in fp32, like the
 stock integer positions), angles in fp32. One autograd function (:class:`_ContextualRotation`) rotates q
@@ -78,6 +80,17 @@ def _widths_and_positions(key: torch.Tensor, direction: torch.Tensor, first: tor
     widths = 2 * torch.sigmoid(logits)
     positions = (widths.double().cumsum(-1) + (first.double() - 1)).to(acc)
     return widths, positions
+
+
+def _appended_positions(new_keys: torch.Tensor, direction: torch.Tensor, first: int, carried: torch.Tensor | None):
+    """Positions ``[B, Hkv, m]`` of keys appended after others whose widths sum to ``carried`` (fp64 ``[B, Hkv]``,
+    None: no key before), and the new running sum: :func:`_widths_and_positions` continued over a cache."""
+    acc = torch.promote_types(new_keys.dtype, torch.float32)
+    logits = torch.matmul(new_keys.to(acc), direction.to(acc)[:, :, None])[..., 0]  # [B, Hkv, m]
+    sums = (2 * torch.sigmoid(logits)).double().cumsum(-1)
+    if carried is not None:
+        sums += carried[..., None]
+    return (sums + (first - 1)).to(acc), sums[..., -1].clone()
 
 
 def _angle_gradient(grad: torch.Tensor, rotated: torch.Tensor, rotary_dim: int, layout: str) -> torch.Tensor:
@@ -207,7 +220,10 @@ class ContextualRope(RotaryPosition):
         """Widths and positions ``[B, Hkv, kv]`` of cached keys ``[B, Hkv, kv, D]`` at cache indices ``k_pos``."""
         return _widths_and_positions(key, self.width_direction, k_pos[:1])
 
-    def rotate(self, query, key, q_pos, k_pos, heads=None):
+    #: Decode keeps the rotated keys and the widths' running sum beside the cache (:mod:`hf_posenc.rotated_keys`).
+    keeps_rotated_keys = True
+
+    def rotate(self, query, key, q_pos, k_pos, heads=None, store=None):
         # Under sequence parallelism the call holds some heads only: their KV heads' directions.
         direction = self.width_direction if heads is None else heads.of_kv(self.width_direction, key.shape[1])
         if key.shape[1] != direction.shape[0] or query.shape[1] % key.shape[1]:
@@ -217,8 +233,38 @@ class ContextualRope(RotaryPosition):
         # Frequencies for the live token count (dynamic / longrope), as the plug-in RoPE: not the positions,
         # which widths above 1 may take beyond it.
         inv_freq, scaling = self.frequencies(int(q_pos.max()) + 1, query.device)
+        if store is not None:
+            return self._rotate_appended(query, key, direction, q_pos, k_pos, inv_freq, scaling, store)
         return _ContextualRotation.apply(query, key, direction, q_pos - k_pos[0], k_pos[:1], inv_freq,
                                          scaling, self.rotary_dim, self.layout)
+
+    def _rotate_appended(self, query, key, direction, q_pos, k_pos, inv_freq, scaling, store):
+        """:meth:`rotate` without gradient, reusing the store's rotated keys: a key's width, position and
+        rotation depend on that key and the keys before it only, so only the new keys are computed.
+
+        Args:
+            store: The cache layer's :class:`~hf_posenc.rotated_keys.RotatedKeys`.
+        """
+        first = int(k_pos[0])
+        signature = (self, direction, direction._version, inv_freq, scaling, first, key.dtype, query.dtype,
+                     key.shape[:2])
+        start = store.valid_rows(signature)
+        q_index = q_pos - first  # [q]: the key index of each query's own token
+        if start and int(q_index.min()) < start:  # a query of a stored key (not from an appending cache)
+            store.clear()
+            start = store.valid_rows(signature)
+        new = key[:, :, start:]  # [B, Hkv, m, D]
+        positions, store.state["sums"] = _appended_positions(new, direction, first, store.state.get("sums"))
+        k_cos, k_sin = rotation_cos_sin(positions, inv_freq, scaling, key.dtype)  # [B, Hkv, m, rotary_dim / 2]
+        k_rot = store.extend("key", rotate_pairs(new, k_cos, k_sin, self.rotary_dim, self.layout), start)
+        store.covers(key)
+        batch, heads, q_len, dim = query.shape
+        kv_heads = key.shape[1]
+        q_cos, q_sin = rotation_cos_sin(positions.index_select(-1, q_index - start)[:, :, None], inv_freq, scaling,
+                                        query.dtype)  # [B, Hkv, 1, q, rotary_dim / 2]
+        grouped = query.reshape(batch, kv_heads, heads // kv_heads, q_len, dim)
+        q_rot = rotate_pairs(grouped, q_cos, q_sin, self.rotary_dim, self.layout).reshape(batch, heads, q_len, dim)
+        return q_rot, k_rot
 
     def extra_repr(self) -> str:
         return super().extra_repr() + f", num_key_value_heads={self.width_direction.shape[0]}"

@@ -75,15 +75,17 @@ def _block_mask(allowed, start: int, stop: int, limit: int, diagonal: int | None
     return (torch.arange(limit, device=device)[None, :] >= first_visible[:, None])[None, None]
 
 
-def _block_forward(q, k_rev, mask, pos_emb, scaling):
+def _block_forward(q, k_rev, mask, pos_emb, scaling, qk=None):
     """Logits, gates and position terms of one block (keys reversed).
 
     Args:
         q: ``[B, H, qb, D]`` fp32.
-        k_rev: ``[B, H, kb, D]`` fp32, nearest key first.
+        k_rev: ``[B, H, kb, D]`` fp32, nearest key first (unused when ``qk`` is given).
         mask: Bool ``[B|1, 1, qb, kb]`` in the same order, or None.
         pos_emb: ``E``, ``[D, npos_max]`` fp32.
         scaling: Logit scale.
+        qk: The block's scaled logits ``q . k * scaling`` in reversed key order (``[B, H, qb, kb]``, written over),
+            where the caller computed them; None: from ``q`` and ``k_rev``.
 
     Returns:
         ``scores`` (masked logits incl. the position term, ``[B, H, qb, kb]``) and, for backward, ``gates``
@@ -93,7 +95,8 @@ def _block_forward(q, k_rev, mask, pos_emb, scaling):
         position is clamped at the top: the term is the constant ``z[npos_max - 1]`` with no slope.
     """
     npos_max = pos_emb.shape[-1]
-    qk = torch.matmul(q, k_rev.transpose(-1, -2)).mul_(scaling)  # [B, H, qb, kb]
+    if qk is None:
+        qk = torch.matmul(q, k_rev.transpose(-1, -2)).mul_(scaling)  # [B, H, qb, kb]
     gates = torch.sigmoid(qk)
     if mask is not None:
         gates = gates.masked_fill_(~mask, 0.0)
@@ -162,7 +165,13 @@ class _CopeAttention(torch.autograd.Function):
         batch, heads, q_len, _ = query.shape
         kv_len = key.shape[-2]
         e32 = pos_emb.float()
-        k_rev, v_rev = key.float().flip(-2), value.float().flip(-2)  # [B, H, kv, D], nearest key first
+        # Fewer query rows than head dimensions (decode): the [q, kv] logits and probabilities are smaller than
+        # the keys and values, so they are flipped instead of copying the whole cache reversed at every step.
+        flip_rows = q_len < key.shape[-1] and not return_weights
+        if flip_rows:
+            key32, value32 = key.float(), value.float()
+        else:
+            k_rev, v_rev = key.float().flip(-2), value.float().flip(-2)  # [B, H, kv, D], nearest key first
         output = query.new_empty(batch, heads, q_len, value.shape[-1], dtype=torch.float32)
         stats = query.new_empty(2, batch, heads, q_len, dtype=torch.float32)  # row max, row sum of exp
         weights = query.new_zeros(batch, heads, q_len, kv_len, dtype=torch.float32) if return_weights else None
@@ -170,8 +179,12 @@ class _CopeAttention(torch.autograd.Function):
             stop = min(start + block_size, q_len)
             limit = _causal_limit(stop, kv_len, diagonal)
             mask = _block_mask(allowed, start, stop, limit, diagonal, query.device)
-            scores, *_ = _block_forward(query[:, :, start:stop].float(), k_rev[:, :, kv_len - limit:], mask, e32,
-                                        scaling)
+            q = query[:, :, start:stop].float()
+            if flip_rows:
+                qk = torch.matmul(q, key32[:, :, :limit].transpose(-1, -2)).flip(-1).mul_(scaling)  # [B, H, qb, kb]
+                scores, *_ = _block_forward(q, None, mask, e32, scaling, qk=qk)
+            else:
+                scores, *_ = _block_forward(q, k_rev[:, :, kv_len - limit:], mask, e32, scaling)
             # Softmax statistics kept per row: the max and the normaliser. Recomputing exp(s - max) / sum
             # in backward is as exact as the forward softmax; exp(s - logsumexp) would round s - lse at
             # the magnitude of the logits (relative errors ~1e-5 on peaked rows).
@@ -179,7 +192,10 @@ class _CopeAttention(torch.autograd.Function):
             probs = scores.sub_(row_max).exp_()  # [B, H, qb, kb]
             row_sum = probs.sum(dim=-1, keepdim=True)
             probs = probs.div_(row_sum)
-            output[:, :, start:stop] = torch.matmul(probs, v_rev[:, :, kv_len - limit:])
+            if flip_rows:
+                output[:, :, start:stop] = torch.matmul(probs.flip(-1), value32[:, :, :limit])
+            else:
+                output[:, :, start:stop] = torch.matmul(probs, v_rev[:, :, kv_len - limit:])
             stats[0, :, :, start:stop] = row_max[..., 0]
             stats[1, :, :, start:stop] = row_sum[..., 0]
             if return_weights:

@@ -7,7 +7,8 @@ give far keys another, smaller distance. The attention that merges the two regim
 The position modules (:class:`TwoPositionRope` and its subclasses) rotate with the model's own RoPE
 frequencies and scaling (every ``rope_type``, from transformers' ``ROPE_INIT_FUNCTIONS`` via
 :class:`~hf_posenc.encodings.rope.RotaryPosition`): conversion neutralises the stock rotation, so the KV
-cache holds unrotated keys from which both rotations are recomputed at every step.
+cache holds unrotated keys. Both rotations of a cached key never change, so generation keeps them beside the
+cache (:mod:`hf_posenc.rotated_keys`) and a decode step rotates its new keys only.
 """
 
 from __future__ import annotations
@@ -37,6 +38,8 @@ class TwoPositionRope(RotaryPosition):
         window: Keys at distance ``i - j < window`` keep RoPE's exact positions.
     """
 
+    #: Decode keeps both rotations of every cached key beside the cache (:mod:`hf_posenc.rotated_keys`).
+    keeps_rotated_keys = True
     #: Whether the far positions change when every position shifts by the same amount (Self-Extend's
     #: floor division does): rows are then positioned by ``position_ids``, not by cache index.
     shift_variant = False
@@ -63,7 +66,7 @@ class TwoPositionRope(RotaryPosition):
         offsets = q_pos[-1] - position_ids[:, -1:].to(q_pos.device)  # [B|1, 1]
         return offsets.expand(batch, 1) if offsets.shape[0] == 1 else offsets
 
-    def near_and_far(self, query, key, q_pos, k_pos, *, live: bool, position_ids=None):
+    def near_and_far(self, query, key, q_pos, k_pos, *, live: bool, position_ids=None, store=None):
         """q/k rotated at the near (cache) positions and at the far positions, before any cast.
 
         Args:
@@ -72,19 +75,34 @@ class TwoPositionRope(RotaryPosition):
             live: Frequencies for the live length (dynamic / longrope); False under ``torch.compile`` (the
                 maximum length: no data-dependent length).
             position_ids: The model's ``[B, q]`` positions (used by shift-variant encodings only).
+            store: The cache layer's :class:`~hf_posenc.rotated_keys.RotatedKeys` (inference only), or None.
+                Both rotations of a key depend on that key, its position, the frequencies and (Self-Extend)
+                its row's offset only, so the rows it holds are reused and only new keys are rotated.
 
         Returns:
             ``(q_near, k_near, q_far, k_far)``, shapes as ``query`` and ``key``.
         """
         seq_len = int(q_pos.max()) + 1 if live else self.max_position_embeddings
         q_rows, k_rows = q_pos, k_pos
+        offsets = None
         if self.shift_variant:
             offsets = self.row_offsets(q_pos, position_ids, query.shape[0])
             if offsets is not None:
                 q_rows, k_rows = q_pos[None] - offsets, k_pos[None] - offsets  # [B, q], [B, kv]
         q_far_pos, k_far_pos = self.far_positions(q_rows, k_rows)
-        return (self.rotate_at(query, q_pos, seq_len), self.rotate_at(key, k_pos, seq_len),
-                self.rotate_at(query, q_far_pos, seq_len), self.rotate_at(key, k_far_pos, seq_len))
+        q_near, q_far = self.rotate_at(query, q_pos, seq_len), self.rotate_at(query, q_far_pos, seq_len)
+        if store is None:
+            return q_near, self.rotate_at(key, k_pos, seq_len), q_far, self.rotate_at(key, k_far_pos, seq_len)
+        inv_freq, scaling = self.frequencies(seq_len, key.device)
+        # What the stored rotations depend on: a new frequency table (dynamic scaling past the pretraining
+        # length), other row offsets or another first key position makes them stale.
+        row_offsets = None if offsets is None else tuple(offsets.flatten().tolist())
+        start = store.valid_rows((self, inv_freq, scaling, row_offsets, int(k_pos[0]), key.dtype, key.shape[:2]))
+        new = key[:, :, start:]
+        k_near = store.extend("near", self.rotate_at(new, k_pos[start:], seq_len), start)
+        k_far = store.extend("far", self.rotate_at(new, k_far_pos[..., start:], seq_len), start)
+        store.covers(key)
+        return q_near, k_near, q_far, k_far
 
     def extra_repr(self) -> str:
         return super().extra_repr() + f", window={self.window}"

@@ -81,6 +81,8 @@ class Call:
         position_ids: The model's ``[B, q]`` positions, where the call received them.
         heads: The layer's query heads this call holds (None: all of them; :class:`Heads`). A bias, slopes or
             any other per-head table of the encoding is restricted to them with :func:`own_heads`.
+        rotated_keys: The cache layer's store of keys already rotated (``hf_posenc.rotated_keys.RotatedKeys``),
+            or None; see :attr:`key_store`.
     """
 
     device: str
@@ -108,12 +110,19 @@ class Call:
     capabilities: registry.Capabilities = NO_ENCODING
     position_ids: torch.Tensor | None = None
     heads: Heads | None = None
+    rotated_keys: Any = None
 
     @property
     def cpu_kernel(self) -> bool:
         """Whether the fused CPU kernel can take this call (it runs without dropout)."""
         return (self.fused_cpu and self.device == "cpu" and self.dropout == 0
                 and self.dtype in (torch.float32, torch.bfloat16, torch.float16))
+
+    @property
+    def key_store(self) -> Any:
+        """The store of rotated keys where this call may use it: inference (no gradient) outside
+        ``torch.compile``; None otherwise (the rotations then run over every key, differentiably)."""
+        return None if self.grad or self.compiling else self.rotated_keys
 
     @property
     def explicit(self) -> bool:

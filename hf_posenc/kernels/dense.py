@@ -27,7 +27,9 @@ def prepared(call: Call) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torc
     query, key, value = call.query, call.key, call.value
     if call.capabilities.route == "rotate" or call.capabilities.rotates:
         # Before the cast, as stock RoPE does: under autocast q/k still hold fp32 here.
-        query, key = call.posenc.rotate(query, key, call.q_pos, call.k_pos, heads=call.heads)
+        store = call.key_store if getattr(call.posenc, "keeps_rotated_keys", False) else None
+        stored = {} if store is None else {"store": store}  # rotated keys kept beside the cache (inference)
+        query, key = call.posenc.rotate(query, key, call.q_pos, call.k_pos, heads=call.heads, **stored)
     query, key, value = query.to(call.dtype), key.to(call.dtype), value.to(call.dtype)
     # Explicit scores (eager backend, soft-capping) need the whole mask, whichever kernel runs.
     plain = call.plain_causal and not call.explicit

@@ -109,7 +109,8 @@ def _pieces(rows: slice, kv_len: int, diagonal: int, window: int):
     if far_end > far_all:
         out.append(("far", slice(far_all, far_end), "far_edge"))
     if limit > far_all:
-        out.append(("near", slice(far_all, limit), "near"))
+        # One row (a decode step) sees every key of its band, all near: no structural mask to build or apply.
+        out.append(("near", slice(far_all, limit), "near" if rows.stop - rows.start > 1 else "none"))
     return out
 
 
@@ -235,7 +236,8 @@ def rotated_copies(call: Call):
     posenc, dtype, heads = call.posenc, call.dtype, call.query.shape[1]
     # Frequencies for the live length (dynamic / longrope), as the plug-in RoPE does; compiled: the maximum.
     q_near, k_near, q_far, k_far = posenc.near_and_far(call.query, call.key, call.q_pos, call.k_pos,
-                                                       live=not call.compiling, position_ids=call.position_ids)
+                                                       live=not call.compiling, position_ids=call.position_ids,
+                                                       store=call.key_store)
     return (q_near.to(dtype), expand_kv(k_near.to(dtype), heads), q_far.to(dtype), expand_kv(k_far.to(dtype), heads),
             expand_kv(call.value.to(dtype), heads))
 

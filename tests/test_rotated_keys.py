@@ -1,0 +1,186 @@
+"""Decode with rotated keys kept beside the cache (``hf_posenc.rotated_keys``) and CoPE's decode without flipped
+copies of the cache: exact against recomputing without a cache and against the full re-rotation.
+
+References: every logit of a cached decode step equals the logits of one forward over the whole sequence without a
+cache (an independent computation: no store, no cache, prefill kernels), and equals the same step with the store
+switched off (every key rotated again, the implementation before the store). Boundaries: the tiny windows and
+groups (Self-Extend G=2, W=3; ReRoPE w=3) are crossed many times by the generated lengths.
+"""
+
+import pytest
+import torch
+from test_cope_fast import assert_close_to_scale, causal, make_inputs, naive_cope
+from tiny_models import converted, input_ids, randomize_position_tables, tiny_config
+from transformers import AutoModelForCausalLM, DynamicCache
+
+import hf_posenc
+from hf_posenc import rotated_keys
+from hf_posenc._hf import cache_kwargs
+from hf_posenc.encodings import contextual_rope, rope
+from hf_posenc.encodings.cope import cope_attention
+
+KINDS = {
+    "self_extend": dict(group_size=2, neighbor_window=3),
+    "rerope": dict(window=3),
+    "leaky_rerope": dict(window=3, leak=2.0),
+    "contextual_rope": {},
+    "cope": dict(npos_max=16),
+}
+#: Kinds that keep a store (CoPE's positions depend on the query: nothing to keep).
+STORED = ("self_extend", "rerope", "leaky_rerope", "contextual_rope")
+TOL = 2e-5
+
+
+def model_of(name: str, backend: str = "sdpa", arch: str = "llama"):
+    kind = "rerope" if name == "leaky_rerope" else name
+    model = converted(arch, kind, backend, **KINDS[name])
+    randomize_position_tables(model)
+    return model
+
+
+def decode_logits(model, ids: torch.Tensor, prompt: int, cache=None) -> list[torch.Tensor]:
+    """Last-position logits after the prompt and after each following token fed one at a time (teacher forcing)."""
+    cache = DynamicCache(config=model.config) if cache is None else cache
+    with torch.no_grad():
+        out = [model(ids[:, :prompt], **cache_kwargs(model, cache), use_cache=True).logits[:, -1]]
+        for t in range(prompt, ids.shape[1]):
+            out.append(model(ids[:, t:t + 1], **cache_kwargs(model, cache), use_cache=True).logits[:, -1])
+    return out
+
+
+def full_logits(model, ids: torch.Tensor, prompt: int) -> list[torch.Tensor]:
+    with torch.no_grad():
+        logits = model(ids, use_cache=False).logits
+    return [logits[:, t - 1] for t in range(prompt, ids.shape[1] + 1)]
+
+
+def without_store(monkeypatch):
+    """Switch the store off: every decode step rotates every cached key again (the previous implementation)."""
+    monkeypatch.setattr(rotated_keys, "for_cache_layer", lambda cache, layer_idx: None)
+
+
+def assert_all_close(got, expected, what):
+    for step, (a, b) in enumerate(zip(got, expected)):
+        error = (a - b).abs().max().item()
+        assert error <= TOL, f"{what}: step {step} differs by {error:.3g}"
+
+
+@pytest.mark.parametrize("backend", ["sdpa", "eager"])
+@pytest.mark.parametrize("name", list(KINDS))
+def test_cached_decode_equals_no_cache_and_the_full_rerotation(monkeypatch, name, backend):
+    model = model_of(name, backend)
+    ids = input_ids(2, 17)
+    cached = decode_logits(model, ids, prompt=4)
+    assert_all_close(cached, full_logits(model, ids, prompt=4), "cache vs no cache")
+    with monkeypatch.context() as patch:
+        without_store(patch)
+        assert_all_close(cached, decode_logits(model, ids, prompt=4), "store vs full re-rotation")
+
+
+@pytest.mark.parametrize("name", STORED)
+def test_a_decode_step_rotates_its_new_key_only(monkeypatch, name):
+    """With the store a decode step rotates one row per rotation (the query, the new key); the store then holds
+    every cached key. Without the store (before it existed) the step rotated the whole cache."""
+    rows = []
+
+    def counting(original):
+        def rotate_pairs(x, cos, sin, *args, **kwargs):
+            rows.append(x.shape[-2])
+            return original(x, cos, sin, *args, **kwargs)
+        return rotate_pairs
+
+    for module in (rope, contextual_rope):
+        monkeypatch.setattr(module, "rotate_pairs", counting(module.rotate_pairs))
+    model = model_of(name)
+    ids = input_ids(1, 12)
+    cache = DynamicCache(config=model.config)
+    decode_logits(model, ids[:, :11], prompt=8, cache=cache)
+    rows.clear()
+    with torch.no_grad():
+        model(ids[:, 11:], **cache_kwargs(model, cache), use_cache=True)
+    assert rows and max(rows) == 1, rows
+    for layer in cache.layers:
+        store = rotated_keys._STORES[layer]
+        assert store.rows == 12 and store.holds(layer.keys)
+
+
+@pytest.mark.parametrize("name", STORED)
+def test_reordered_cropped_or_edited_caches_rotate_again(name):
+    """Beam search's reorder, crop and an in-place edit of the cached keys each make the store stale: the next
+    step equals a fresh cache built from the same keys."""
+    model = model_of(name)
+    ids = input_ids(3, 12)
+    reference = DynamicCache(config=model.config)
+    decode_logits(model, ids, prompt=6, cache=reference)
+    order = torch.tensor([2, 0, 1])
+    for change in ("reorder", "crop", "edit"):
+        cache = DynamicCache(config=model.config)
+        decode_logits(model, ids, prompt=6, cache=cache)
+        token = ids[:, -1:]
+        if change == "reorder":
+            cache.reorder_cache(order)
+            token = token[order]
+        elif change == "crop":
+            cache.crop(-3)  # back to 9 tokens
+        else:
+            for layer in cache.layers:
+                layer.keys.mul_(1.5)
+        rebuilt = DynamicCache(config=model.config)
+        for index, layer in enumerate(cache.layers):  # a new cache holding the same keys: no store yet
+            rebuilt.update(layer.keys.clone(), layer.values.clone(), index)
+        with torch.no_grad():
+            got = model(token, **cache_kwargs(model, cache), use_cache=True).logits
+            expected = model(token, **cache_kwargs(model, rebuilt), use_cache=True).logits
+        assert (got - expected).abs().max() <= TOL, change
+
+
+@pytest.mark.parametrize("name", list(KINDS))
+def test_beam_search_and_left_padding_equal_no_cache(name):
+    model = model_of(name)
+    batch = input_ids(2, 7)
+    mask = torch.ones_like(batch)
+    mask[1, :3] = 0  # row 1 left-padded by 3 tokens
+    batch[1, :3] = 0
+    kwargs = dict(max_new_tokens=10, min_new_tokens=10, do_sample=False, attention_mask=mask)
+    with torch.no_grad():
+        for extra in ({}, {"num_beams": 3}):
+            cached = model.generate(batch, **kwargs, **extra)
+            assert torch.equal(cached, model.generate(batch, use_cache=False, **kwargs, **extra)), extra
+
+
+def test_dynamic_rope_scaling_past_the_pretraining_length_rotates_again():
+    """Dynamic NTK scaling changes the frequencies with the length past max_position_embeddings: the stored rows
+    are stale then, and each step still equals the forward of its prefix without a cache."""
+    config = tiny_config("llama")
+    config.rope_parameters = {"rope_type": "dynamic", "factor": 2.0, "rope_theta": 10000.0}
+    config.max_position_embeddings = 10
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(config, attn_implementation="sdpa").eval()
+    hf_posenc.convert(model, hf_posenc.PosEncConfig(kind="self_extend", **KINDS["self_extend"]))
+    ids = input_ids(1, 16)
+    with torch.no_grad():  # the frequencies depend on the length: one forward per prefix
+        prefixes = [model(ids[:, :t], use_cache=False).logits[:, -1] for t in range(4, 17)]
+    assert_all_close(decode_logits(model, ids, prompt=4), prefixes, "dynamic scaling")
+
+
+@pytest.mark.parametrize("q_len", [1, 5])
+@pytest.mark.parametrize("padded", [False, True])
+def test_cope_decode_without_flipped_cache_matches_naive(q_len, padded):
+    """Fewer query rows than head dimensions take the path that flips the logits instead of the keys; gradients
+    through it (the backward is shared) match the paper's equations too."""
+    kv_len = 40
+    q, k, v, e = make_inputs(q_len=q_len, kv_len=kv_len, npos=5)
+    allowed = causal(q_len, kv_len).expand(2, 1, q_len, kv_len).clone()
+    if padded:
+        allowed[1, :, :, :6] = False
+    scaling = q.shape[-1] ** -0.5
+    diagonal = kv_len - q_len
+    expected, _ = naive_cope(q, k, v, allowed, e, scaling)
+    got, weights = cope_attention(q, k, v, allowed if padded else None, e, scaling, 64, diagonal=diagonal)
+    assert weights is None
+    assert_close_to_scale(got, expected, "output")
+    upstream = torch.randn(got.shape, generator=torch.Generator().manual_seed(7))
+    mine = torch.autograd.grad((got * upstream).sum(), (q, k, v, e))
+    ref = torch.autograd.grad((expected * upstream.double()).sum(), (q, k, v, e))
+    for name, a, b in zip("qkvE", mine, ref):
+        assert_close_to_scale(a, b, f"grad {name}")
