@@ -117,15 +117,6 @@ class Architecture:
         return next((rule for rule in self.refusals if rule.applies(kind, config)), None)
 
 
-#: CoPE (every kind that needs the logits of its own attention) cannot soft-cap them: capping would have to
-#: act inside it.
-_SOFTCAP_NEEDS_LOGITS = Refusal(
-    (), "attn_logit_softcapping",
-    "this config soft-caps the attention logits (attn_logit_softcapping) and the encoding computes its logits "
-    "inside its own attention (CoPE: its gates too), which does not cap them; set "
-    "config.attn_logit_softcapping=None first",
-    capability="needs_logits",
-)
 _BERT_LIKE = dict(rope="none", absolute=("embeddings.position_embeddings",), causal=None, q_proj="query",
                   k_proj="key", lora_targets=("query", "key", "value"))
 
@@ -163,10 +154,9 @@ ARCHITECTURES: dict[str, Architecture] = {
         ),
         Architecture("bert", layers="encoder.layer", attention="attention.self", **_BERT_LIKE, name="BERT"),
         Architecture("gemma", layers="layers", attention="self_attn", rope="native", name="Gemma"),
-        Architecture("gemma2", layers="layers", attention="self_attn", rope="native", refusals=(_SOFTCAP_NEEDS_LOGITS,),
-                     name="Gemma 2",
-                     notes="attention-logit soft-capping, alternating sliding-window layers; "
-                           "eager only (no stock sdpa)"),
+        Architecture("gemma2", layers="layers", attention="self_attn", rope="native", name="Gemma 2",
+                     notes="attention-logit soft-capping (CoPE caps its own logits), alternating sliding-window "
+                           "layers; eager only (no stock sdpa)"),
         Architecture("gemma3_text", layers="layers", attention="self_attn", rope="native",
                      qk_norms=("q_norm", "k_norm"), name="Gemma 3 (text)",
                      notes="local/global RoPE bases per layer type, sliding-window layers, q/k norms"),

@@ -205,6 +205,10 @@ def posenc_class(base: type) -> type:
         def check_and_adjust_attn_implementation(self, requested, *args, **kwargs):
             # Called by `__init__` (so also by from_pretrained(attn_implementation=...)) and by
             # set_attn_implementation: map the stock names to ours, refuse what would drop the encoding.
+            # transformers' default (None) is sdpa, or eager for a class without sdpa (Gemma 2): ours follows
+            # that choice, or a plain from_pretrained(folder) would ask such a class for our sdpa function.
+            if requested is None and not getattr(self, "_supports_sdpa", True):
+                requested = "eager"
             return base._check_and_adjust_attn_implementation(
                 self, attn_implementation_for(self.config, requested), *args, **kwargs)
 

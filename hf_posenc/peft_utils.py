@@ -164,18 +164,20 @@ def load_adapter(model: nn.Module, adapter_path: str | os.PathLike, **kwargs) ->
                                 "pass a folder written by PeftModel.save_pretrained.")
     weights = load_peft_weights(str(adapter_path), device="cpu")
     adapter_tables = _position_keys(weights)
+    recorded, adapter_base = _recorded_base_encoding(adapter_path)
     if adapter_tables:
         base_tables = _position_keys(name for name, _ in model.named_parameters())
         missing = sorted(adapter_tables - base_tables)
         if missing:
-            found = (f"it has {sorted(base_tables)}" if base_tables else
-                     "it has no position tables (not converted?)")
+            # One line, the fix first: a 32-layer model's full lists of tables made a wall of text.
+            found = (f"{len(base_tables)} others (e.g. {sorted(base_tables)[0]})" if base_tables else
+                     "no position tables (not converted?)")
+            encoding = _describe(adapter_base) if recorded and adapter_base else "PosEncConfig(...)"
             raise ValueError(
-                f"The adapter at {adapter_path} trains position tables {missing} that the base model cannot hold: "
-                f"{found}. Convert the base with the adapter's encoding first: "
-                "hf_posenc.convert(base, PosEncConfig(...)) or load it from the converted checkpoint."
+                f"Convert the base with the adapter's encoding first: hf_posenc.convert(base, {encoding}); the "
+                f"adapter {_folder_name(adapter_path)!r} trains {len(missing)} position tables this base lacks "
+                f"(e.g. {missing[0]}); the base has {found}."
             )
-    recorded, adapter_base = _recorded_base_encoding(adapter_path)
     if recorded:
         _check_same_encoding(adapter_base, base_encoding(model), adapter_path)
     with _hf.quiet_checkpointing_deprecation():
@@ -206,5 +208,11 @@ def _check_same_encoding(adapter_base: dict | None, base: dict | None, adapter_p
         hint = "Load it on the unconverted base (hf_posenc.revert(base), or the original checkpoint)"
     else:
         hint = f"Convert the base first: hf_posenc.convert(base, {_describe(adapter_base)})"
-    raise ValueError(f"{hint}: the adapter at {os.fspath(adapter_path)} was trained on the encoding "
-                     f"{_describe(adapter_base)}; this base runs {_describe(base)}.")
+    # The fix names the adapter's encoding already; the folder by its last part keeps the line short.
+    raise ValueError(f"{hint}: the adapter {_folder_name(adapter_path)!r} was trained on that encoding; this base "
+                     f"runs {_describe(base)}.")
+
+
+def _folder_name(adapter_path) -> str:
+    """The last part of an adapter folder or Hub id (the user passed the whole of it)."""
+    return os.path.basename(os.path.normpath(os.fspath(adapter_path)))

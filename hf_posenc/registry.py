@@ -60,7 +60,8 @@ class Capabilities:
     Attributes:
         route: One of :data:`ROUTES`, or None (nothing to apply: NoPE).
         bias_form: One of :data:`BIAS_FORMS` (bias route only).
-        needs_logits: The module computes the logits itself (no fused kernel, no soft-capping).
+        needs_logits: The module computes the logits itself (no fused kernel); its ``attend`` also applies the
+            layer's logit soft-capping (``softcap``, Gemma 2).
         causal_only: Only decoders can take it.
         tables: Names of the module's learned parameters (PEFT ``modules_to_save`` targets); checked on
             every module conversion builds.

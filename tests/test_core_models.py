@@ -61,7 +61,7 @@ def test_identity_rope_conversion_is_bitwise(arch):
         assert torch.equal(stock(x)[0], model(x)[0])
 
 
-# Refused kinds (CoPE on encoders and soft-capped configs) are checked in test_architectures.
+# Refused kinds (CoPE on encoders) are checked in test_architectures.
 NOOP_CASES = [(arch, kind) for arch in CONFIGS for kind in NOOP_KINDS if kind in allowed_kinds(arch)]
 
 

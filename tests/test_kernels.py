@@ -116,9 +116,9 @@ def test_selector_only_picks_declared_kernels():
     assert kernels.select(Capabilities(route="bias", bias_form="diagonal", kernels=("dense",)), PREFILL) == "sdpa"
 
 
-def test_selector_refuses_softcap_for_an_encoding_that_needs_the_logits():
-    with pytest.raises(ValueError, match="cannot soft-cap"):
-        kernels.select(ATTEND, call(softcap=True))
+def test_selector_gives_a_softcap_to_the_encoding_that_computes_the_logits():
+    """CoPE applies Gemma 2's cap inside its own attention (tests/test_cope_softcap.py)."""
+    assert kernels.select(ATTEND, call(softcap=True)) == "attend"
 
 
 def test_every_kernel_is_reachable():

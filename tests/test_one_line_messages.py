@@ -87,3 +87,43 @@ def test_each_bad_input_is_one_line_with_the_hint_first(bad_input, words, stock,
     for word in words:
         assert word in line, (word, line)
     assert not (tmp_path / "out").exists()
+
+
+@pytest.fixture(scope="module")
+def adapters(tmp_path_factory):
+    """A CoPE adapter (tables in modules_to_save) and an ALiBi one (no tables; its base encoding recorded)."""
+    from peft import get_peft_model
+    from tiny_models import randomize_position_tables
+
+    root = tmp_path_factory.mktemp("adapters-with-a-long-folder-name-as-users-have-them")
+    for kind in ("cope", "alibi"):
+        base = hf_posenc.convert(tiny_model("llama"), PosEncConfig(kind=kind))
+        randomize_position_tables(base)
+        get_peft_model(base, hf_posenc.lora_config(base, r=2)).save_pretrained(root / kind)
+    return root
+
+
+# (adapter, base, words the line must hold)
+ADAPTER_CASES = [
+    ("cope", None, ["hf_posenc.convert(base, PosEncConfig(kind='cope'", "no position tables"]),
+    ("cope", "t5_bias", ["hf_posenc.convert(base, PosEncConfig(kind='cope'", "pos_emb", "relative_attention_bias"]),
+    ("alibi", None, ["hf_posenc.convert(base, PosEncConfig(kind='alibi'", "unconverted"]),
+    ("alibi", "t5_bias", ["hf_posenc.convert(base, PosEncConfig(kind='alibi'", "t5_bias"]),
+]
+
+
+@pytest.mark.parametrize(("adapter", "base_kind", "words"), ADAPTER_CASES,
+                         ids=[f"{a}-adapter-on-{b or 'stock'}" for a, b, _ in ADAPTER_CASES])
+def test_adapter_mismatch_is_one_line_with_the_hint_first(adapters, adapter, base_kind, words):
+    """Issue 24, item 8: an adapter whose encoding or tables the base does not have (each ~1,000 characters with
+    the hint at the end before) gets one line of at most 300 characters that starts with the fix."""
+    base = tiny_model("llama")
+    if base_kind is not None:
+        base = hf_posenc.convert(base, PosEncConfig(kind=base_kind))
+    with pytest.raises(ValueError) as caught:
+        hf_posenc.load_adapter(base, adapters / adapter)
+    line = str(caught.value)
+    assert "\n" not in line and len(line) <= 300, (len(line), line)
+    assert line.split()[0] == "Convert", line
+    for word in words:
+        assert word in line, (word, line)

@@ -12,6 +12,13 @@ The position term is added unscaled, as in the paper's listing (the reference co
 sqrt(d); the two are equivalent up to a rescaling of E). Gates are multiplied by the causal/padding
 mask, so padded keys and empty StaticCache slots count zero.
 
+On a model that soft-caps its logits (Gemma 2's ``attn_logit_softcapping = c``) the logits become
+``tanh(logits_ij / c) * c`` before the mask, as in Gemma 2's eager attention. The cap takes the whole logit:
+both terms are dot products of the query (with the key, with the interpolated position embedding), as
+RoPE's rotated ``q . k`` is in stock Gemma 2; what the cap bounds is what the softmax sees. The gates keep
+the raw ``q_i . k_j * scale``, as in the paper: they are a sigmoid, bounded already, and a model without a
+cap counts the same positions.
+
 How the fast path works (:class:`_CopeAttention`, a custom autograd function):
 
 * **Keys in reverse order.** Every block works on the keys flipped (nearest key first), so the
@@ -75,7 +82,7 @@ def _block_mask(allowed, start: int, stop: int, limit: int, diagonal: int | None
     return (torch.arange(limit, device=device)[None, :] >= first_visible[:, None])[None, None]
 
 
-def _block_forward(q, k_rev, mask, pos_emb, scaling, qk=None):
+def _block_forward(q, k_rev, mask, pos_emb, scaling, softcap=None, qk=None):
     """Logits, gates and position terms of one block (keys reversed).
 
     Args:
@@ -84,11 +91,12 @@ def _block_forward(q, k_rev, mask, pos_emb, scaling, qk=None):
         mask: Bool ``[B|1, 1, qb, kb]`` in the same order, or None.
         pos_emb: ``E``, ``[D, npos_max]`` fp32.
         scaling: Logit scale.
+        softcap: Soft-capping constant ``c`` of the logits (None: none); the gates see the raw ``q . k``.
         qk: The block's scaled logits ``q . k * scaling`` in reversed key order (``[B, H, qb, kb]``, written over),
             where the caller computed them; None: from ``q`` and ``k_rev``.
 
     Returns:
-        ``scores`` (masked logits incl. the position term, ``[B, H, qb, kb]``) and, for backward, ``gates``
+        ``scores`` (masked logits incl. the position term, soft-capped, ``[B, H, qb, kb]``) and, for backward, ``gates``
         (``[B, H, qb, kb]``), ``frac`` (``p - floor p``) and ``slope`` (``z[floor p + 1] - z[floor p]``) on
         the first ``width`` keys (``[B, H, qb, width]``), and ``bounds`` ``[B, H, qb, npos_max - 1]`` (the
         first key of each run ``floor p >= n``, ``n = 1..npos_max-1``). From key ``width`` on, every row's
@@ -129,6 +137,8 @@ def _block_forward(q, k_rev, mask, pos_emb, scaling, qk=None):
     scores = qk
     scores[..., :width].add_(step_fns[0]).addcmul_(frac, slope)
     scores[..., width:].add_(z[..., -1:])
+    if softcap is not None:
+        scores = scores.div_(softcap).tanh_().mul_(softcap)
     if mask is not None:
         scores = scores.masked_fill_(~mask, _NEG)
     return scores, gates, frac, slope, bounds
@@ -153,15 +163,15 @@ class _CopeAttention(torch.autograd.Function):
     """Blocked CoPE attention with a recomputing backward (see the module docstring)."""
 
     @staticmethod
-    def forward(ctx, query, key, value, pos_emb, allowed, scaling, block_size, diagonal, return_weights):
+    def forward(ctx, query, key, value, pos_emb, allowed, scaling, block_size, diagonal, return_weights, softcap):
         # Gates, cumsum and positions must stay fp32 (over 8k keys the position error is ~2 in fp16, ~8 in bf16):
         # autocast would run the block matmuls in bf16/fp16, which also cannot hold the fp32 mask fill.
         with torch.autocast(query.device.type, enabled=False):
             return _CopeAttention._forward(ctx, query, key, value, pos_emb, allowed, scaling, block_size, diagonal,
-                                           return_weights)
+                                           return_weights, softcap)
 
     @staticmethod
-    def _forward(ctx, query, key, value, pos_emb, allowed, scaling, block_size, diagonal, return_weights):
+    def _forward(ctx, query, key, value, pos_emb, allowed, scaling, block_size, diagonal, return_weights, softcap):
         batch, heads, q_len, _ = query.shape
         kv_len = key.shape[-2]
         e32 = pos_emb.float()
@@ -182,9 +192,9 @@ class _CopeAttention(torch.autograd.Function):
             q = query[:, :, start:stop].float()
             if flip_rows:
                 qk = torch.matmul(q, key32[:, :, :limit].transpose(-1, -2)).flip(-1).mul_(scaling)  # [B, H, qb, kb]
-                scores, *_ = _block_forward(q, None, mask, e32, scaling, qk=qk)
+                scores, *_ = _block_forward(q, None, mask, e32, scaling, softcap, qk=qk)
             else:
-                scores, *_ = _block_forward(q, k_rev[:, :, kv_len - limit:], mask, e32, scaling)
+                scores, *_ = _block_forward(q, k_rev[:, :, kv_len - limit:], mask, e32, scaling, softcap)
             # Softmax statistics kept per row: the max and the normaliser. Recomputing exp(s - max) / sum
             # in backward is as exact as the forward softmax; exp(s - logsumexp) would round s - lse at
             # the magnitude of the logits (relative errors ~1e-5 on peaked rows).
@@ -203,7 +213,7 @@ class _CopeAttention(torch.autograd.Function):
         output = output.to(value.dtype)
         ctx.save_for_backward(query, key, value, pos_emb, output, stats)
         ctx.allowed = allowed  # a bool mask shared by every layer; saved by reference
-        ctx.config = (scaling, block_size, diagonal)
+        ctx.config = (scaling, block_size, diagonal, softcap)
         ctx.device_type = query.device.type
         # The weights are differentiable (attribution methods take gradients through them); without this a
         # caller that only uses the output would hand backward a [B, H, q, kv] tensor of zeros.
@@ -223,7 +233,7 @@ class _CopeAttention(torch.autograd.Function):
         ``rowsum(P * dO v^T) = dO . O``: the weights add ``dW`` to ``dP`` and ``rowsum(P * dW)`` to the row term.
         """
         query, key, value, pos_emb, output, stats = ctx.saved_tensors
-        scaling, block_size, diagonal = ctx.config
+        scaling, block_size, diagonal, softcap = ctx.config
         allowed = ctx.allowed
         q_len, kv_len = query.shape[-2], key.shape[-2]
         e32 = pos_emb.float()
@@ -244,7 +254,10 @@ class _CopeAttention(torch.autograd.Function):
             mask = _block_mask(allowed, start, stop, limit, diagonal, query.device)
             q = query[:, :, start:stop].float()
             d_out = grad_output[:, :, start:stop]
-            scores, gates, frac, slope, bounds = _block_forward(q, k_rev[:, :, keys], mask, e32, scaling)
+            scores, gates, frac, slope, bounds = _block_forward(q, k_rev[:, :, keys], mask, e32, scaling, softcap)
+            # d(c * tanh(x / c)) / dx = 1 - (capped / c) ** 2; masked keys hold the fill value: the clamp gives
+            # them 0 (their probability is 0 too) instead of inf.
+            cap_slope = 1 - (scores / softcap).clamp_(-1, 1).square_() if softcap is not None else None
             probs = scores.sub_(stats[0, :, :, start:stop, None]).exp_().div_(stats[1, :, :, start:stop, None])
             grad_v_rev[:, :, keys] += torch.matmul(probs.transpose(-1, -2), d_out)
             d_probs = torch.matmul(d_out, v_rev[:, :, keys].transpose(-1, -2))  # [B, H, qb, kb]
@@ -254,7 +267,9 @@ class _CopeAttention(torch.autograd.Function):
                 d_probs.add_(d_weights)
                 row_term = row_term + (d_weights * probs).sum(-1, keepdim=True)
             d_scores = d_probs.sub_(row_term).mul_(probs)  # softmax backward, [B, H, qb, kb]
-            del probs, scores
+            if cap_slope is not None:  # back through the cap: the gradient of the uncapped logits
+                d_scores.mul_(cap_slope)
+            del probs, scores, cap_slope
             # Position term e = Z + frac * slope, linear in z on each run floor p = n:
             # dz_n gets (1 - frac) * dS from run n and frac * dS from run n - 1.
             width = frac.shape[-1]
@@ -275,7 +290,7 @@ class _CopeAttention(torch.autograd.Function):
             grad_k_rev[:, :, keys] += torch.matmul(d_qk.transpose(-1, -2), q)
             grad_e += q.reshape(-1, q.shape[-1]).t() @ grad_z.reshape(-1, grad_z.shape[-1])
         return (grad_q.to(query.dtype), grad_k_rev.flip(-2).to(key.dtype), grad_v_rev.flip(-2).to(value.dtype),
-                grad_e.to(pos_emb.dtype), None, None, None, None, None)
+                grad_e.to(pos_emb.dtype), None, None, None, None, None, None)
 
 
 def cope_attention(
@@ -288,6 +303,7 @@ def cope_attention(
     block_size: int,
     return_weights: bool = False,
     diagonal: int | None = None,
+    softcap: float | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Blocked CoPE attention over all query rows (see the module docstring for the equations).
 
@@ -303,6 +319,8 @@ def cope_attention(
             differentiable like the output.
         diagonal: Causal offset: query row ``r`` may only see keys ``j <= r + diagonal`` (``kv - q``
             for a dynamic cache). Lets blocks skip keys no row of theirs can see; None: read all keys.
+        softcap: Gemma 2's ``attn_logit_softcapping`` ``c``: logits become ``tanh(logits / c) * c`` before the
+            mask (the gates see the raw ``q . k``; module docstring). None: no cap.
 
     Returns:
         ``(output [B, H, q, D] in the value dtype, weights fp32 or None)``. Gates, positions and softmax run
@@ -310,7 +328,8 @@ def cope_attention(
     """
     rows = max(1, min(int(block_size), TILE_ROWS))
     return _CopeAttention.apply(query, key, value, pos_emb, allowed, float(scaling), rows,
-                                None if diagonal is None else int(diagonal), bool(return_weights))
+                                None if diagonal is None else int(diagonal), bool(return_weights),
+                                None if softcap is None else float(softcap))
 
 
 class CoPE(PositionModule):
@@ -334,9 +353,9 @@ class CoPE(PositionModule):
         with torch.no_grad():
             self.pos_emb.zero_()
 
-    def attend(self, query, key, value, allowed, scaling, return_weights=False, diagonal=None):
+    def attend(self, query, key, value, allowed, scaling, return_weights=False, diagonal=None, softcap=None):
         return cope_attention(query, key, value, allowed, self.pos_emb, scaling, self.block_size, return_weights,
-                              diagonal)
+                              diagonal, softcap)
 
     def extra_repr(self) -> str:
         return f"head_dim={self.pos_emb.shape[0]}, npos_max={self.npos_max}, block_size={self.block_size}"

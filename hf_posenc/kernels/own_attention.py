@@ -1,4 +1,8 @@
-"""Kernel ``attend``: the encoding computes the whole attention itself, as it needs the logits (CoPE)."""
+"""Kernel ``attend``: the encoding computes the whole attention itself, as it needs the logits (CoPE).
+
+Its ``attend(query, key, value, allowed, scaling, return_weights, diagonal, softcap)`` also applies the layer's
+logit soft-capping (``softcap``: Gemma 2's constant, or None).
+"""
 
 from __future__ import annotations
 
@@ -22,5 +26,6 @@ def attend(call: Call) -> tuple[torch.Tensor, torch.Tensor | None]:
         # Compiled: a mask alone makes it causal; without one, queries and keys align (diagonal 0).
         diagonal = (0 if allowed is None else None) if call.compiling else call.diagonal
     key, value = expand_kv(key, query.shape[1]), expand_kv(value, query.shape[1])
+    # A soft-capping layer (Gemma 2) hands its cap on: the encoding applies it to the logits it computes.
     return call.posenc.attend(query, key, value, allowed, call.scaling, return_weights=call.backend == "eager",
-                              diagonal=diagonal)
+                              diagonal=diagonal, softcap=call.logit_cap if call.softcap else None)

@@ -55,11 +55,7 @@ def _flex_kernel(call: Call) -> str:
 
 def select(capabilities: Capabilities, call: Call) -> str:
     """The name of the kernel (a key of :data:`hf_posenc.kernels.KERNELS`) for an encoding with
-    ``capabilities`` in ``call``.
-
-    Raises:
-        ValueError: The encoding needs the logits and the layer soft-caps them (conversion refuses this).
-    """
+    ``capabilities`` in ``call``."""
     route = capabilities.route
     # Flex has neither weights nor dropout, and a row bias (FIRE, FoX) is built from the call's keys and mask,
     # which a score_mod of positions does not see: those take the dense kernels.
@@ -72,12 +68,10 @@ def select(capabilities: Capabilities, call: Call) -> str:
         # (the tiles size Python loops from the cache counter); the exact tiled two-pass attention otherwise.
         explicit = call.explicit or call.compiling or call.dropout > 0
         return "two_position_explicit" if explicit else "two_position_tiled"
-    if route == "attend":
-        if call.softcap:
-            raise ValueError("An encoding that computes its own logits cannot soft-cap them; conversion refuses "
-                             "this combination (allowed: a config with attn_logit_softcapping=None).")
-        # CoPE's Triton kernel on CUDA; the weights (eager backend) and torch.compile take the PyTorch path.
-        triton_fits = call.triton and call.dtype in (torch.float32, torch.bfloat16, torch.float16)
+    if route == "attend":  # it soft-caps the logits it computes itself
+        # CoPE's Triton kernel on CUDA (it has no soft-cap); the weights (eager backend) and torch.compile take the
+        # PyTorch path.
+        triton_fits = call.triton and call.dtype in (torch.float32, torch.bfloat16, torch.float16) and not call.softcap
         if "cope_triton" in capabilities.kernels and call.device == "cuda" and triton_fits and not call.explicit \
                 and not call.compiling:
             return "cope_triton"
