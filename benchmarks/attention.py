@@ -120,7 +120,9 @@ class NaiveCoPE(CoPE):
     full ``[B, H, q, kv]`` gates, a reverse cumsum, two gathers for the interpolation, autograd keeping
     every intermediate. The baseline that shows what the fast path gains."""
 
-    def attend(self, query, key, value, allowed, scaling, return_weights=False, diagonal=None):
+    def attend(self, query, key, value, allowed, scaling, return_weights=False, diagonal=None, softcap=None):
+        if softcap is not None:
+            raise ValueError("NaiveCoPE benchmarks CoPE without a soft-cap (pass softcap=None)")
         if allowed is None and diagonal is not None:
             rows = torch.arange(query.shape[2], device=query.device)
             allowed = (torch.arange(key.shape[2], device=query.device)[None] <= rows[:, None] + diagonal)[None, None]

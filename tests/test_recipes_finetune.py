@@ -112,7 +112,7 @@ def test_adapter_with_position_tables_refuses_an_unconverted_base(full_run, cach
 
     monkeypatch.setenv("HF_POSENC_CACHE", cache_env["HF_POSENC_CACHE"])
     base = load_model(resolve(ModelConfig(builtin=PretrainConfig(**TINY["model"]["builtin"])), progress=False))
-    with pytest.raises(ValueError, match="it has no position tables"):
+    with pytest.raises(ValueError, match="the base has no position tables"):
         load_adapter(base, str(full_run / "adapter"))  # stock RoPE base: no posenc tables
 
 
