@@ -10,7 +10,6 @@ multiplies bf16 matrices wrongly (``tl.dot`` of two random bf16 16x16 tiles diff
 triton 3.8), so bf16 is checked on CUDA only (``pytest -m gpu``).
 """
 
-import copy
 import importlib.util
 import json
 import os
@@ -20,10 +19,9 @@ from pathlib import Path
 
 import pytest
 import torch
-from tiny_models import example_params, input_ids, randomize_position_tables, tiny_model
+from tiny_models import assert_cuda_sdpa_equals_eager
 
-import hf_posenc
-from hf_posenc import PosEncConfig, kernels
+from hf_posenc import kernels
 from hf_posenc.encodings.cope import cope_attention
 from hf_posenc.kernels.triton_cope import cope_attention_triton
 
@@ -103,21 +101,5 @@ def test_cuda_model_takes_the_triton_kernel_and_equals_eager(monkeypatch):
     triton_calls = []
     kernel = kernels.KERNELS["cope_triton"]
     monkeypatch.setitem(kernels.KERNELS, "cope_triton", lambda call: triton_calls.append(call) or kernel(call))
-    model = hf_posenc.convert(tiny_model("llama", "sdpa"), PosEncConfig(**example_params("cope"))).cuda()
-    randomize_position_tables(model)
-    reference = copy.deepcopy(model)
-    reference.set_attn_implementation("eager")
-    ids = input_ids(2, 14).cuda()
-    mask = torch.ones_like(ids)
-    mask[0, :4] = 0
-    results = []
-    for m in (model, reference):
-        m.zero_grad()
-        logits = m(ids, attention_mask=mask).logits * mask[..., None]
-        logits.square().mean().backward()
-        results.append((logits.detach(), {n: p.grad for n, p in m.named_parameters() if p.grad is not None}))
-    (got, got_grads), (expected, expected_grads) = results
+    assert_cuda_sdpa_equals_eager("cope")
     assert triton_calls  # the sdpa model ran the Triton kernel
-    torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-4)
-    for name, grad in expected_grads.items():
-        assert ((got_grads[name] - grad).norm() / grad.norm().clamp(min=1e-12)) < 1e-3, name

@@ -189,3 +189,25 @@ def _is_position_module(module) -> bool:
 def input_ids(batch: int = 2, length: int = 12, seed: int = 0) -> torch.Tensor:
     generator = torch.Generator().manual_seed(seed)
     return torch.randint(3, VOCAB, (batch, length), generator=generator)
+
+
+def assert_cuda_sdpa_equals_eager(kind: str) -> None:
+    """A converted tiny Llama on CUDA with the sdpa backend (the kernels ``select`` picks there) equals the eager
+    backend's explicit scores, forward and backward, on a padded batch with randomised position tables."""
+    model = hf_posenc.convert(tiny_model("llama", "sdpa"), hf_posenc.PosEncConfig(**example_params(kind))).cuda()
+    randomize_position_tables(model)
+    reference = copy.deepcopy(model)
+    reference.set_attn_implementation("eager")
+    ids = input_ids(2, 14).cuda()
+    mask = torch.ones_like(ids)
+    mask[0, :4] = 0
+    results = []
+    for m in (model, reference):
+        m.zero_grad()
+        logits = m(ids, attention_mask=mask).logits * mask[..., None]
+        logits.square().mean().backward()
+        results.append((logits.detach(), {n: p.grad for n, p in m.named_parameters() if p.grad is not None}))
+    (got, got_grads), (expected, expected_grads) = results
+    torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-4)
+    for name, grad in expected_grads.items():
+        assert ((got_grads[name] - grad).norm() / grad.norm().clamp(min=1e-12)) < 1e-3, name
