@@ -32,7 +32,7 @@ def check_positive(kind: str, field: str, value: Any, *, integer: bool = False, 
     """:func:`fail_field` unless ``value`` is a positive finite number (an int if ``integer``)."""
     if value is None and allow_none:
         return
-    numeric = isinstance(value, int) if integer else isinstance(value, (int, float))
+    numeric = isinstance(value, int) if integer else isinstance(value, int | float)
     if isinstance(value, bool) or not numeric or not math.isfinite(value) or value <= 0:
         fail_field(kind, field, value, "a positive integer" if integer else "a positive finite number")
 
@@ -81,7 +81,7 @@ class PosEncConfig:
             fail_field(type(self).kind, "kind", self.kind, repr(type(self).kind))
         if self.layers is not None:
             layers = self.layers
-            if isinstance(layers, (str, bytes)) or not hasattr(layers, "__iter__"):
+            if isinstance(layers, str | bytes) or not hasattr(layers, "__iter__"):
                 fail_field(self.kind, "layers", layers, "None or a list of distinct non-negative layer indices")
             layers = tuple(layers)
             if not layers or any(isinstance(i, bool) or not isinstance(i, int) or i < 0 for i in layers):

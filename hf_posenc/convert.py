@@ -108,7 +108,7 @@ def runs_recorded_encoding(config) -> bool:
         return True
     posenc = PosEncConfig.from_dict(getattr(config, CONFIG_KEY))
     arch = ARCHITECTURES.get(model_type)
-    if (arch is None or not isinstance(posenc, (RopeConfig, NopeConfig))
+    if (arch is None or not isinstance(posenc, RopeConfig | NopeConfig)
             or getattr(config, NATIVE_KEY, None) is False):
         return False
     posenc = resolve_layout(posenc, arch)
@@ -295,7 +295,7 @@ def _forget_own_auto_map(config_dict: dict) -> None:
     stub = STUB_MODULE.rpartition(".")[2] + "."
     kept = {key: value for key, value in auto_map.items()
             if not any(str(v).rpartition("--")[2].startswith(stub)
-                       for v in (value if isinstance(value, (list, tuple)) else [value]))}
+                       for v in (value if isinstance(value, list | tuple) else [value]))}
     if kept:
         config_dict["auto_map"] = kept
     else:

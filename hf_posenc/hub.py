@@ -447,7 +447,7 @@ def _summary(results: Any, method: str | None) -> EvalSummary | None:
     """``results`` in any accepted form as one summary, restricted to ``method`` when given."""
     if results is None or isinstance(results, EvalSummary):
         summary = results
-    elif isinstance(results, (str, os.PathLike)):
+    elif isinstance(results, str | os.PathLike):
         summary = load_results(results)
     elif isinstance(results, Sequence):
         summary = EvalSummary(records_from_rows(results))
@@ -466,7 +466,7 @@ def _existing_folder(folder: str | os.PathLike[str]) -> Path:
 
 def _materialise(model_or_folder: Any, scratch: Path) -> tuple[Path, Any]:
     """The folder to upload, saving a model object first. Returns (folder, model object or None)."""
-    if isinstance(model_or_folder, (str, os.PathLike)):
+    if isinstance(model_or_folder, str | os.PathLike):
         return _existing_folder(model_or_folder), None
     if not hasattr(model_or_folder, "save_pretrained"):
         raise ValueError(
@@ -764,7 +764,7 @@ def _explain(err: Exception, repo_id: str, endpoint: str) -> HubPushError:
     if isinstance(err, ValueError) and "Invalid metadata in README.md" in str(err):
         return PushFailedError(f"The Hub rejected the model card metadata: {err}. {note}")
     module = type(err).__module__
-    if module.startswith(("httpx", "httpcore")) or isinstance(err, (OSError, ConnectionError, RuntimeError)):
+    if module.startswith(("httpx", "httpcore")) or isinstance(err, OSError | ConnectionError | RuntimeError):
         return PushFailedError(
             f"Network failure while pushing to {repo_id} at {endpoint}: {type(err).__name__}: {err}. {note} "
             "Run the push again; LFS files that already reached the server are not sent twice."

@@ -260,7 +260,7 @@ def attn_implementation_for(config, requested: str | None) -> str | None:
         ValueError: A backend that cannot express the encoding (flash attention, flex attention, kernels).
     """
     posenc_dict = getattr(config, CONFIG_KEY, None)
-    if not posenc_dict or not isinstance(requested, (str, type(None))):
+    if not posenc_dict or not isinstance(requested, str | type(None)):
         return requested  # nothing recorded yet, or a per-sub-config dict: transformers decides
     posenc = PosEncConfig.from_dict(posenc_dict)
     ours = {value: key for key, value in attention.BACKENDS.items()}

@@ -35,7 +35,7 @@ _STORES: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 def _same(a, b) -> bool:
     """Signature entries are equal: tensors and modules by identity, the rest by value."""
-    if isinstance(a, (torch.Tensor, torch.nn.Module)) or isinstance(b, (torch.Tensor, torch.nn.Module)):
+    if isinstance(a, torch.Tensor | torch.nn.Module) or isinstance(b, torch.Tensor | torch.nn.Module):
         return a is b
     return type(a) is type(b) and a == b
 

@@ -75,7 +75,7 @@ class AttentionTemperature:
             value = {**LLAMA4_DEFAULTS, **value}
             for key in ("floor_scale", "attn_scale"):
                 number = value[key]
-                if isinstance(number, bool) or not isinstance(number, (int, float)) or not math.isfinite(number) \
+                if isinstance(number, bool) or not isinstance(number, int | float) or not math.isfinite(number) \
                         or number <= 0:
                     _fail(kind, {key: number}, f"{key!r}: a positive finite number")
         else:

@@ -75,8 +75,8 @@ def imports(importer: str) -> tuple[set[str], set[str]]:
 
     def visit(node, in_function: bool):
         for child in ast.iter_child_nodes(node):
-            inside = in_function or isinstance(child, (ast.FunctionDef, ast.AsyncFunctionDef, ast.Lambda))
-            if isinstance(child, (ast.Import, ast.ImportFrom)):
+            inside = in_function or isinstance(child, ast.FunctionDef | ast.AsyncFunctionDef | ast.Lambda)
+            if isinstance(child, ast.Import | ast.ImportFrom):
                 for target in resolve(importer, child):
                     reached = with_packages(importer, target)
                     edges.update(reached)

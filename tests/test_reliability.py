@@ -201,7 +201,7 @@ def test_stub_only_imports_the_installed_package_and_hands_its_classes_on():
     assert isinstance(statement, ast.ImportFrom) and statement.module == "hf_posenc.modeling"
     assert [(a.name, a.asname) for a in statement.names] == [("class_by_name", "__getattr__")]
     for handler in body[1].handlers:
-        assert all(isinstance(node, (ast.If, ast.Raise)) for node in handler.body)
+        assert all(isinstance(node, ast.If | ast.Raise) for node in handler.body)
     assert not body[1].orelse and not body[1].finalbody
 
 

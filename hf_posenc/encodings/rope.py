@@ -344,7 +344,7 @@ class RopeConfig(PosEncConfig):
             fail_field(k, "layout", self.layout, ", ".join(ROPE_LAYOUTS))
         check_positive(k, "rope_theta", self.rope_theta, allow_none=True)
         prf = self.partial_rotary_factor
-        if prf is not None and (isinstance(prf, bool) or not isinstance(prf, (int, float)) or not 0 < prf <= 1):
+        if prf is not None and (isinstance(prf, bool) or not isinstance(prf, int | float) or not 0 < prf <= 1):
             fail_field(k, "partial_rotary_factor", prf, "a number in (0, 1]")
         given = {name for name in self.scaling_parameters()}
         extra = given - _ROPE_TYPE_PARAMS[self.rope_type]
@@ -373,8 +373,8 @@ class RopeConfig(PosEncConfig):
         for name in ("short_factor", "long_factor"):
             value = getattr(self, name)
             if value is not None:
-                if isinstance(value, (str, bytes)) or not hasattr(value, "__iter__") or not all(
-                        isinstance(v, (int, float)) and not isinstance(v, bool) and v > 0 for v in value):
+                if isinstance(value, str | bytes) or not hasattr(value, "__iter__") or not all(
+                        isinstance(v, int | float) and not isinstance(v, bool) and v > 0 for v in value):
                     fail_field(k, name, value, "a list of positive numbers (one per rotary frequency)")
                 object.__setattr__(self, name, tuple(float(v) for v in value))
         if self.truncate is not None and not isinstance(self.truncate, bool):
