@@ -28,7 +28,8 @@ def bench():
 def run(bench, tmp_path_factory):
     out = tmp_path_factory.mktemp("bench")
     argv = ["--tiny", "--lengths", "24", "--reps", "1", "--decode-contexts", "8", "16", "--decode-steps", "1",
-            "--lora-length", "16", "--vision-grids", *(["3"] if LAYOUT_MATCHES else []),  # image rows: see test_rope_2d
+            "--clock", "cpu", "--lora-length", "16",
+            "--vision-grids", *(["3"] if LAYOUT_MATCHES else []),  # image rows: see test_rope_2d
             "--json", str(out / "r.json"), "--markdown", str(out / "r.md")]
     bench.main(argv)
     return json.loads((out / "r.json").read_text()), (out / "r.md").read_text()

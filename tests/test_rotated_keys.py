@@ -18,6 +18,7 @@ from hf_posenc import rotated_keys
 from hf_posenc._hf import cache_kwargs
 from hf_posenc.encodings import contextual_rope, rope
 from hf_posenc.encodings.cope import cope_attention
+from hf_posenc.kernels.two_position import two_pass_attention
 
 KINDS = {
     "self_extend": dict(group_size=2, neighbor_window=3),
@@ -184,3 +185,31 @@ def test_cope_decode_without_flipped_cache_matches_naive(q_len, padded):
     ref = torch.autograd.grad((expected * upstream.double()).sum(), (q, k, v, e))
     for name, a, b in zip("qkvE", mine, ref):
         assert_close_to_scale(a, b, f"grad {name}")
+
+
+@pytest.mark.parametrize("padded", [False, True])
+@pytest.mark.parametrize("kv_len,diagonal,window", [(40, 39, 8), (40, 39, 64), (40, 5, 3), (40, 2, 8), (40, -1, 4)])
+def test_a_decode_row_of_two_position_attention_equals_the_definition(kv_len, diagonal, window, padded):
+    """The one-row path (decode, no gradient: one softmax over the far keys' and the near band's scores) against
+    the definition in fp64: key ``c`` is visible iff ``c <= diagonal``, near iff ``diagonal - c < window``;
+    windows wider than the cache, a row that sees a few keys and a row that sees none included."""
+    g = torch.Generator().manual_seed(kv_len + diagonal + window)
+    q_near, q_far = (torch.randn(2, 3, 1, 8, generator=g) for _ in range(2))
+    k_near, k_far, value = (torch.randn(2, 3, kv_len, 8, generator=g) for _ in range(3))
+    allowed = None
+    if padded:  # the second row's first 4 keys are left pads
+        allowed = torch.ones(2, 1, 1, kv_len, dtype=torch.bool)
+        allowed[1, ..., :4] = False
+    with torch.no_grad():
+        out = two_pass_attention(q_near, k_near, q_far, k_far, value, allowed, diagonal, window, 0.3)
+
+    c = torch.arange(kv_len)
+    visible = (c <= diagonal)[None, None, None] & (True if allowed is None else allowed)  # [B|1, 1, 1, kv]
+    near = (diagonal - c) < window
+    scores = torch.where(near, q_near.double() @ k_near.double().mT, q_far.double() @ k_far.double().mT) * 0.3
+    probs = torch.softmax(scores.masked_fill(~visible, float("-inf")), dim=-1).nan_to_num(0.0)
+    expected = probs @ value.double()  # a row that sees no key at all (diagonal -1): zeros, as the tiled path gives
+    # A query whose visible keys are all pads is itself a pad (left padding): its output is never read, and
+    # neither stock SDPA nor the tiled path gives it a defined value.
+    read = (visible.any(-1, keepdim=True) | (diagonal < 0)).expand_as(out)  # [B, H, 1, D]
+    torch.testing.assert_close(out.double()[read], expected[read], rtol=1e-5, atol=1e-6)

@@ -203,7 +203,31 @@ class _TwoPassAttention(torch.autograd.Function):
 
 def two_pass_attention(q_near, k_near, q_far, k_far, value, allowed, diagonal: int, window: int, scale: float):
     """Exact, memory-bounded two-position attention; arguments as :class:`_TwoPassAttention`."""
+    one_row = q_near.shape[2] == 1 and q_near.dtype in (torch.float32, torch.float64)
+    if one_row and not (torch.is_grad_enabled() and any(
+            t.requires_grad for t in (q_near, k_near, q_far, k_far, value))):
+        return _decode_row(q_near, k_near, q_far, k_far, value, allowed, diagonal, window, scale)
     return _TwoPassAttention.apply(q_near, k_near, q_far, k_far, value, allowed, diagonal, window, scale)
+
+
+def _decode_row(q_near, k_near, q_far, k_far, value, allowed, diagonal: int, window: int, scale: float):
+    """One query row without gradient (a decode step): the far keys' and the near band's scores side by side in
+    one ``[B, H, 1, kv]`` row and one softmax, instead of two fused calls and a log-sum-exp merge. Every visible
+    key is read once, as stock attention reads its cache; a row of ``kv`` scores is cheap to hold. fp32/fp64
+    only: the reduced-precision inputs keep the fused kernel, which accumulates in fp32 without casting the
+    cached keys. Arguments as :class:`_TwoPassAttention`; returns ``[B, H, 1, D]``.
+    """
+    kv_len = k_near.shape[2]
+    limit = max(0, min(kv_len, diagonal + 1))  # keys after this are in the future
+    split = max(0, min(limit, diagonal - window + 1))  # keys before this are far
+    if limit == 0:  # no visible key (not reachable from a causal layer): zeros, like the tiled path
+        return torch.zeros_like(q_near)
+    scores = torch.cat([torch.matmul(q_far, k_far[:, :, :split].transpose(-1, -2)),
+                        torch.matmul(q_near, k_near[:, :, split:limit].transpose(-1, -2))], dim=-1)  # [B, H, 1, kv]
+    scores = scores * scale
+    if allowed is not None:
+        scores = scores.masked_fill(~allowed[..., :limit], torch.finfo(scores.dtype).min)
+    return torch.matmul(torch.softmax(scores, dim=-1), value[:, :, :limit])
 
 
 def explicit_attention(q_near, k_near, q_far, k_far, value, near, allowed, scale, softcap=None, dropout=0.0,
