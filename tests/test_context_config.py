@@ -11,7 +11,9 @@ import pytest
 import yaml
 
 from hf_posenc.config import PosEncConfig
+from hf_posenc.experiments import grid
 from hf_posenc.experiments.config import ConfigError, apply_overrides, load_config
+from hf_posenc.experiments.context_extension import compare
 from hf_posenc.experiments.context_extension.config import (
     CompareConfig,
     EvaluateConfig,
@@ -252,3 +254,21 @@ def test_full_model_and_full_attention_are_exclusive():
     with pytest.raises(ValueError, match="at most one of lora.full_attention and lora.full_model"):
         LoraSettings(full_attention=True, full_model=True)
     assert LoraSettings(full_model=True).trains_in_full and not LoraSettings().trains_in_full
+
+
+def test_a_setting_added_after_runs_were_recorded_keeps_their_fingerprints():
+    """``train.sp_size`` came after runs were recorded: at its default (1, and unset in a variant) a run's
+    fingerprint is the one those runs were recorded under, written here as the payload without the key, so their
+    records are reused; any other value makes them stale."""
+    cfg = load_config(CompareConfig, CONFIGS / "compare_drope.yaml")
+    variant = next(v for v in cfg.variants if v.finetune)
+    before = {"variant": variant.model_dump(mode="json"), "train": cfg.variant_train(variant).model_dump(mode="json"),
+              "lora": cfg.variant_lora(variant).model_dump(mode="json"), "model": cfg.model.model_dump(mode="json"),
+              "data": cfg.data.model_dump(mode="json"), "eval": cfg.eval.model_dump(mode="json")}
+    del before["variant"]["train"]["sp_size"], before["train"]["sp_size"]
+    assert compare._fingerprint(cfg, variant) == grid.fingerprint(before)
+
+    shared = cfg.model_copy(update={"train": cfg.train.model_copy(update={"sp_size": 2})})
+    own = variant.model_copy(update={"train": variant.train.model_copy(update={"sp_size": 2})})
+    assert compare._fingerprint(shared, variant) != grid.fingerprint(before)
+    assert compare._fingerprint(cfg, own) != grid.fingerprint(before)

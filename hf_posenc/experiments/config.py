@@ -38,6 +38,11 @@ INCLUDE_KEY = "include"
 PositiveFloat = Annotated[float, Field(gt=0)]
 Fraction = Annotated[float, Field(ge=0.0, le=1.0)]
 
+#: ``json_schema_extra`` of a setting added after runs were recorded, whose default computes exactly what those
+#: runs computed: :func:`fingerprint_settings` leaves it out while it has its default, so that adding it does not
+#: make every recorded run stale (a grid resumes from the records whose fingerprint matches).
+SINCE_RECORDED = {"fingerprint": "omit_at_default"}
+
 
 class ConfigError(ValueError):
     """A config file, key or value is invalid. The message names the file and the offending key."""
@@ -77,6 +82,26 @@ class Section(BaseModel):
 
 
 Config = TypeVar("Config", bound=Section)
+
+
+def fingerprint_settings(section: Section) -> dict[str, Any]:
+    """``section.model_dump(mode="json")`` as a run's fingerprint reads it: settings declared with
+    :data:`SINCE_RECORDED` are left out while they have their default, in nested sections too."""
+    return _drop_since_recorded(section, section.model_dump(mode="json"))
+
+
+def _drop_since_recorded(section: Section, dumped: dict[str, Any]) -> dict[str, Any]:
+    for name, info in type(section).model_fields.items():
+        value = getattr(section, name)
+        if (info.json_schema_extra or {}).get("fingerprint") == "omit_at_default" and value == info.default:
+            dumped.pop(name, None)
+        elif isinstance(value, Section):
+            _drop_since_recorded(value, dumped[name])
+        elif isinstance(value, list | tuple):
+            for item, item_dumped in zip(value, dumped[name]):
+                if isinstance(item, Section):
+                    _drop_since_recorded(item, item_dumped)
+    return dumped
 
 
 # -- reading -------------------------------------------------------------------------------------------

@@ -23,7 +23,7 @@ from typing import Any
 import torch
 
 from .. import grid
-from ..config import encoding_dict, load_config
+from ..config import encoding_dict, fingerprint_settings, load_config
 from ..intervals import merge_seeds
 from .config import CompareConfig, VariantConfig
 from .data import eval_stream, load_texts
@@ -38,12 +38,12 @@ logger = logging.getLogger(__name__)
 def _fingerprint(cfg: CompareConfig, variant: VariantConfig) -> str:
     """Hash of every setting that changes a variant's record."""
     payload = {
-        "variant": variant.model_dump(mode="json"),
-        "train": cfg.variant_train(variant).model_dump(mode="json") if variant.finetune else None,
-        "lora": cfg.variant_lora(variant).model_dump(mode="json") if variant.finetune else None,
-        "model": cfg.model.model_dump(mode="json"),
-        "data": cfg.data.model_dump(mode="json"),
-        "eval": cfg.eval.model_dump(mode="json"),
+        "variant": fingerprint_settings(variant),
+        "train": fingerprint_settings(cfg.variant_train(variant)) if variant.finetune else None,
+        "lora": fingerprint_settings(cfg.variant_lora(variant)) if variant.finetune else None,
+        "model": fingerprint_settings(cfg.model),
+        "data": fingerprint_settings(cfg.data),
+        "eval": fingerprint_settings(cfg.eval),
     }
     return grid.fingerprint(payload)
 

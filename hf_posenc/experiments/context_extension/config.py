@@ -10,7 +10,7 @@ from typing import Annotated, ClassVar, Literal
 
 from pydantic import Field, create_model, model_validator
 
-from ..config import Encoding, Fraction, Positive, PositiveFloat, Section
+from ..config import SINCE_RECORDED, Encoding, Fraction, Positive, PositiveFloat, Section
 
 #: ``model.name_or_path`` of the base model the project pretrains itself (no download).
 BUILTIN_MODEL = "hf_posenc:tiny-stdlib-llama"
@@ -166,7 +166,8 @@ class TrainConfig(Section):
     #: Sequence parallelism (DeepSpeed Ulysses, https://arxiv.org/abs/2309.14509): this many processes share
     #: each window, each holding ``seq_len / sp_size`` tokens. 1: off. Above 1 it needs the ``sp`` extra and a
     #: DeepSpeed launch (``recipes/accelerate/sequence_parallel.yaml``); the query heads must divide by it.
-    sp_size: Positive = 1
+    #: Added after runs were recorded: 1 computes what they did (:data:`SINCE_RECORDED`).
+    sp_size: Annotated[Positive, Field(json_schema_extra=SINCE_RECORDED)] = 1
 
     @model_validator(mode="after")
     def _windows_split_over_ranks(self) -> TrainConfig:
@@ -183,7 +184,9 @@ def _patch_of(section: type[Section]) -> type[Section]:
         __base__=Section,
         __doc__=(f"Some keys of the shared section, each with the type and bounds it has in "
                  f":class:`{section.__name__}`."),
-        **{name: (info.rebuild_annotation() | None, None) for name, info in section.model_fields.items()},
+        # A key left unset (None) inherits; one the section declares SINCE_RECORDED stays out of fingerprints too.
+        **{name: (info.rebuild_annotation() | None, Field(None, json_schema_extra=info.json_schema_extra))
+           for name, info in section.model_fields.items()},
     )
 
 
