@@ -18,6 +18,7 @@ from .encodings import AlibiConfig, CopeConfig, NopeConfig, ReRopeConfig, RopeCo
 from .encodings.rope import ROPE_TYPES
 from .convert import convert, patch_config, posenc_of, revert, rope_layout, set_backend
 from .modeling import register_auto_classes
+from .native_alibi import native_alibi
 from . import modeling_hf_posenc  # noqa: F401,E402  (the module the HfPosenc classes live in)
 
 __version__ = "0.1.0"
@@ -55,6 +56,7 @@ __all__ = [
     "load_adapter",
     "lora_config",
     "lora_target_modules",
+    "native_alibi",
     "patch_config",
     "posenc_of",
     "push_to_hub",

@@ -44,6 +44,28 @@ class Refusal:
 
 
 @dataclass(frozen=True)
+class NativeAlibi:
+    """An ALiBi bias that the model adds itself, instead of RoPE, when its config says so (Falcon's ``alibi``).
+
+    Attributes:
+        config_flag: The config attribute that turns the bias on (and the model's RoPE off).
+        model_flag: The base model's attribute that its forward reads (copied from the config at construction):
+            a conversion sets it False on the instance, so the model adds no bias of its own.
+        slope_dtype: The dtype the stock code rounds the slopes through (Falcon: ``"bfloat16"``).
+        head_dim_scaled: Whether the stock bias is divided by ``sqrt(head_dim)`` (Falcon: yes).
+    """
+
+    config_flag: str
+    model_flag: str
+    slope_dtype: str = "float32"
+    head_dim_scaled: bool = False
+
+    def on(self, config) -> bool:
+        """Whether a model built from ``config`` adds this bias."""
+        return bool(getattr(config, self.config_flag, False))
+
+
+@dataclass(frozen=True)
 class Architecture:
     """Where the pieces of one transformers architecture live.
 
@@ -58,7 +80,10 @@ class Architecture:
         q_proj, k_proj: Names of the query/key projections in the attention module; for fused
             projections, the fused module name and ``fused`` says the row layout.
         fused: None, ``"neox"`` (rows ``[H, (q, k, v), D]``), ``"qkv"`` (rows ``[q: H*D | k: Hkv*D | v: Hkv*D]``,
-            Phi-3, ModernBERT) or ``"gpt2"`` (Conv1D columns ``[(q, k, v), H, D]``).
+            Phi-3, ModernBERT), ``"grouped"`` (rows ``[Hkv, (H/Hkv q heads, k, v), D]``, Falcon's new decoder) or
+            ``"gpt2"`` (Conv1D columns ``[(q, k, v), H, D]``).
+        fused_by: Where the fused layout depends on the config (Falcon): ``(config attribute, layout)`` pairs read
+            in order, the first whose attribute is set gives the layout; ``fused`` when none is.
         qk_norms: Norms applied to q/k before RoPE; their weights follow RoPE layouts in blocks of
             ``head_dim`` whatever their width (per head, per head of a ``[H, D]`` weight, a ModuleList of
             per-head norms, or the whole projection as in OLMo 2: a norm over the whole projection is
@@ -75,6 +100,12 @@ class Architecture:
             sets other behaviour (Cohere 2's ``layer_types``: the sliding window) or there is none, so only the
             model's own set of RoPE layers is stock.
         rope_types: The ``rope_type`` values the stock config accepts (None: all); others run in the plug-in.
+        rotary_dim: For a RoPE fixed in the model's code (GPT-J: base 10000, no ``rope_parameters`` in the config),
+            the config attribute giving the number of rotated dimensions per head; only the model's own RoPE is
+            then stock, any other request runs in the plug-in. None: the config's ``rope_parameters`` say.
+        native_alibi: The model's own ALiBi, where its config can switch it on instead of RoPE (Falcon).
+        rotary_pair: The order of the ``position_embeddings`` pair the attention module receives (GPT-J's is
+            ``("sin", "cos")``): the identity rotation that neutralises native RoPE is built in this order.
         cache: False for encoder-only attention modules whose forward takes no KV cache at all.
         patch_grid: Image models: the path (from the base model) of the patch embedding's convolution, whose
             output ``[B, D, rows, columns]`` gives each forward's patch grid; ``absolute`` then names the learned
@@ -93,12 +124,16 @@ class Architecture:
     q_proj: str = "q_proj"
     k_proj: str = "k_proj"
     fused: str | None = None
+    fused_by: tuple[tuple[str, str], ...] = ()
     qk_norms: tuple[str, ...] = ()
     lora_targets: tuple[str, ...] = ("q_proj", "k_proj", "v_proj", "o_proj")
     rope_layout: str = "half"
     nope_layers: tuple[str, object] | None = None
     rope_switch: tuple[str, object] | None = None
     rope_types: tuple[str, ...] | None = None
+    rotary_dim: str | None = None
+    rotary_pair: tuple[str, str] = ("cos", "sin")
+    native_alibi: NativeAlibi | None = None
     cache: bool = True
     patch_grid: str | None = None
     refusals: tuple[Refusal, ...] = ()
@@ -111,6 +146,14 @@ class Architecture:
             return set()
         attribute, value = self.nope_layers
         return {i for i, v in enumerate(getattr(config, attribute) or ()) if v == value}
+
+    def fused_layout(self, config) -> str | None:
+        """The fused q/k/v layout of a model with this config (see ``fused`` and ``fused_by``)."""
+        return next((layout for attribute, layout in self.fused_by if getattr(config, attribute, None)), self.fused)
+
+    def has_native_rope(self, config) -> bool:
+        """Whether a model with this config rotates by its own RoPE (not where its native ALiBi is on)."""
+        return self.rope != "none" and not (self.native_alibi is not None and self.native_alibi.on(config))
 
     def refusal(self, kind: str, config) -> Refusal | None:
         """The first rule that refuses ``kind`` on a model with this config (None: allowed)."""
@@ -149,8 +192,22 @@ ARCHITECTURES: dict[str, Architecture] = {
             lora_targets=("query_key_value", "dense"), name="GPT-NeoX", notes="partial rotary, fused qkv",
         ),
         Architecture(
+            "gptj", layers="h", attention="attn", rope="native_partial", rope_layout="interleaved",
+            rotary_dim="rotary_dim", rotary_pair=("sin", "cos"), rope_types=("default",),
+            lora_targets=("q_proj", "k_proj", "v_proj", "out_proj"), name="GPT-J",
+            notes="interleaved partial rotary (`rotary_dim`), base fixed in code",
+        ),
+        Architecture(
             "gpt2", layers="h", attention="attn", rope="none", absolute=("wpe",),
             q_proj="c_attn", k_proj="c_attn", fused="gpt2", lora_targets=("c_attn", "c_proj"), name="GPT-2",
+        ),
+        Architecture(
+            "falcon", layers="h", attention="self_attention", rope="native", q_proj="query_key_value",
+            k_proj="query_key_value", fused="neox",
+            fused_by=(("new_decoder_architecture", "grouped"), ("multi_query", "qkv")),
+            native_alibi=NativeAlibi("alibi", "use_alibi", slope_dtype="bfloat16", head_dim_scaled=True),
+            lora_targets=("query_key_value", "dense"), name="Falcon",
+            notes="fused qkv (grouped, multi-query or per head), native ALiBi (`alibi`) converts to the plug-in's",
         ),
         Architecture("bert", layers="encoder.layer", attention="attention.self", **_BERT_LIKE, name="BERT"),
         Architecture("gemma", layers="layers", attention="self_attn", rope="native", name="Gemma"),

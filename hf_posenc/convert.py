@@ -223,6 +223,11 @@ def convert(model: nn.Module, posenc_config, *, attn_implementation: str | None 
 def _convert_native(model, posenc: RopeConfig, arch: Architecture) -> nn.Module:
     config = model.config
     state = _State(posenc=posenc, native=True)
+    if arch.rotary_dim is not None:  # RoPE fixed in code (GPT-J): the request is its own, nothing changes
+        state.rope_backup = {key: getattr(config, key, None) for key in (CONFIG_KEY, NATIVE_KEY)}
+        write_native_rope(config, posenc, arch)
+        setattr(model, _STATE_ATTR, state)
+        return model
     state.rope_backup = {
         "rope_parameters": copy.deepcopy(config.rope_parameters),
         "max_position_embeddings": config.max_position_embeddings,
@@ -365,18 +370,8 @@ def undo_conversion(model: nn.Module) -> nn.Module:
     state: _State = getattr(model, _STATE_ATTR)
     config = model.config
     if state.native:
-        config.rope_parameters = state.rope_backup["rope_parameters"]
-        config.max_position_embeddings = state.rope_backup["max_position_embeddings"]
-        if state.rope_backup["head_dim"] is None:
-            config.head_dim = None
-        model.base_model.rotary_emb = state.rotary
-        for attn, ndims in state.rotary_ndims:
-            attn.rotary_ndims = ndims
-        if "nope_layers" in state.rope_backup:
-            arch = architecture_of(config)
-            setattr(config, arch.nope_layers[0], state.rope_backup["nope_layers"])
-            for attn, value in state.rope_backup["switches"]:
-                setattr(attn, arch.rope_switch[0], value)
+        if "rope_parameters" in state.rope_backup:  # absent where RoPE is fixed in code (GPT-J): nothing changed
+            _restore_native_rope(model, state)
     else:
         plugin.remove(model, state)
         if state.classes is not None:
@@ -390,6 +385,23 @@ def undo_conversion(model: nn.Module) -> nn.Module:
             delattr(config, key)
     delattr(model, _STATE_ATTR)
     return model
+
+
+def _restore_native_rope(model: nn.Module, state: _State) -> None:
+    """Put back what :func:`_convert_native` changed: the RoPE config, the rotary module, per-layer switches."""
+    config = model.config
+    config.rope_parameters = state.rope_backup["rope_parameters"]
+    config.max_position_embeddings = state.rope_backup["max_position_embeddings"]
+    if state.rope_backup["head_dim"] is None:
+        config.head_dim = None
+    model.base_model.rotary_emb = state.rotary
+    for attn, ndims in state.rotary_ndims:
+        attn.rotary_ndims = ndims
+    if "nope_layers" in state.rope_backup:
+        arch = architecture_of(config)
+        setattr(config, arch.nope_layers[0], state.rope_backup["nope_layers"])
+        for attn, value in state.rope_backup["switches"]:
+            setattr(attn, arch.rope_switch[0], value)
 
 
 def patch_config(config, posenc_config):
@@ -444,8 +456,9 @@ def rope_layout(model, layout: str):
     arch = architecture_of(config)
     posenc = posenc_of(model) if getattr(model, _STATE_ATTR, None) is not None else None
     if posenc is None:
-        if arch.rope == "none":
-            raise ValueError(f"rope_layout needs a RoPE model; {config.model_type!r} has learned absolute positions. "
+        if not arch.has_native_rope(config):
+            own = "its own ALiBi" if arch.rope != "none" else "learned absolute positions"
+            raise ValueError(f"rope_layout needs a RoPE model; {config.model_type!r} has {own}. "
                              "Convert it first with PosEncConfig(kind='rope').")
         params = current_rope_parameters(config, arch)
         if rope_layer_types(config) is not None:

@@ -44,26 +44,35 @@ def permute_attention(attn, arch: Architecture, config, perm: torch.Tensor) -> N
     hidden_q = config.num_attention_heads * d
     hidden_k = getattr(config, "num_key_value_heads", None) or config.num_attention_heads
     hidden_k *= d
-    if arch.fused is None:
+    fused = arch.fused_layout(config)
+    if fused is None:
         for name, rows in ((arch.q_proj, hidden_q), (arch.k_proj, hidden_k)):
             proj = getattr(attn, name)
             _permute_heads(proj.weight, 0, 0, rows, perm)
             if proj.bias is not None:
                 _permute_heads(proj.bias, 0, 0, rows, perm)
-    elif arch.fused == "gpt2":
+    elif fused == "gpt2":
         # Conv1D: weight [in, 3 * hidden] with columns (q, k, v), each [H, D].
         proj = getattr(attn, arch.q_proj)
         for start in (0, hidden_q):
             _permute_heads(proj.weight, 1, start, start + hidden_q, perm)
             _permute_heads(proj.bias, 0, start, start + hidden_q, perm)
-    elif arch.fused == "qkv":
+    elif fused == "qkv":
         # Linear rows [q: H * D | k: Hkv * D | v: Hkv * D] (Phi-3 qkv_proj, ModernBERT Wqkv).
         proj = getattr(attn, arch.q_proj)
         for tensor in (proj.weight, proj.bias):
             if tensor is not None:
                 _permute_heads(tensor, 0, 0, hidden_q, perm)
                 _permute_heads(tensor, 0, hidden_q, hidden_q + hidden_k, perm)
-    elif arch.fused == "neox":
+    elif fused == "grouped":
+        # Linear rows [Hkv, (H/Hkv q heads, k, v), D] (Falcon's new decoder): permute all but each group's v.
+        proj = getattr(attn, arch.q_proj)
+        for tensor in (proj.weight, proj.bias):
+            if tensor is None:
+                continue
+            for group in tensor.unflatten(0, (hidden_k // d, -1)):
+                _permute_heads(group, 0, 0, group.shape[0] - d, perm)
+    elif fused == "neox":
         # Linear rows [H, (q, k, v), D]: permute the q and k blocks of every head.
         proj = getattr(attn, arch.q_proj)
         for tensor in (proj.weight, proj.bias):

@@ -6,6 +6,8 @@ that every converter and loader needs from a transformers config.
 
 from __future__ import annotations
 
+import math
+
 from .architectures import Architecture
 
 #: RoPE base given to architectures without RoPE.
@@ -40,6 +42,13 @@ def current_rope_parameters(config, arch: Architecture, layer_idx: int = 0) -> d
     """The RoPE parameters of layer ``layer_idx`` (a default set for architectures without RoPE)."""
     if arch.rope == "none":
         return {"rope_type": "default", "rope_theta": DEFAULT_ROPE_THETA, "partial_rotary_factor": 1.0}
+    if arch.rotary_dim is not None:
+        # RoPE fixed in code (GPT-J): the default base over the first `rotary_dim` dimensions of each head.
+        rotated = getattr(config, arch.rotary_dim, None) or head_dim(config)
+        factor = rotated / head_dim(config)
+        if int(head_dim(config) * factor) != rotated:  # rotary_dim() truncates the product: 30 / 44 * 44 < 30
+            factor = math.nextafter(factor, math.inf)
+        return {"rope_type": "default", "rope_theta": DEFAULT_ROPE_THETA, "partial_rotary_factor": factor}
     params = dict(config.rope_parameters)
     if rope_layer_types(config) is not None:
         params = dict(params[config.layer_types[layer_idx]])

@@ -162,14 +162,20 @@ def install(model, posenc: PosEncConfig, arch: Architecture, classes: tuple[type
             setattr(parent, name, ZeroPositionEmbedding(old))
     if "embeddings.position_embeddings" in arch.absolute and not arch.patch_grid:
         _extend_position_buffers(base.embeddings, state)
+    if arch.native_alibi is not None and arch.native_alibi.on(config):
+        # The model adds its own ALiBi while this flag, read by its forward, is set; the config keeps saying
+        # `alibi`, so the attention modules still apply no RoPE and a reverted or reloaded model is the original.
+        flag = arch.native_alibi.model_flag
+        state.replaced.append((base, flag, getattr(base, flag)))
+        setattr(base, flag, False)
     # 2. Attach the per-layer encodings and the pre-hook.
-    neutralise_rope = arch.rope != "none"
+    neutralise_rope = arch.has_native_rope(config)
     temperature = posenc.attention_temperature
     use_attention = posenc.needs_attention_function()
     modules = attention_modules(model, arch)
     # Fails here, at conversion, if this transformers release renamed the cache argument.
     cache_argument = _hf.cache_argument(modules[0]) if use_attention and arch.cache else None
-    hook = _make_pre_hook(neutralise_rope, use_attention, cache_argument)
+    hook = _make_pre_hook(arch.rotary_pair if neutralise_rope else None, use_attention, cache_argument)
     # A rotation on "all layers" keeps the layers that natively have none without (SmolLM3, Cohere 2), so that
     # the model's own RoPE requested again is the identity.
     rotary_everywhere = ((entry.capabilities.route == "rotate" or entry.capabilities.extends_rope)
@@ -247,10 +253,17 @@ def _extend_position_buffers(embeddings: nn.Module, state: State, length: int = 
         embeddings.token_type_ids = torch.zeros((1, length), dtype=torch.long, device=device)
 
 
-def _make_pre_hook(neutralise_rope: bool, use_attention: bool, cache_argument: tuple[str, int | None] | None):
+def _identity_rotation(pair: tuple, names: tuple[str, str]) -> tuple:
+    """``pair`` (cos and sin, in the order ``names`` gives) replaced by cos = 1 and sin = 0, same shapes."""
+    return tuple(torch.ones_like(t) if name == "cos" else torch.zeros_like(t) for name, t in zip(names, pair))
+
+
+def _make_pre_hook(rotary_pair: tuple[str, str] | None, use_attention: bool,
+                   cache_argument: tuple[str, int | None] | None):
     """Forward pre-hook of every attention module of a plug-in-converted model.
 
-    * Replaces native RoPE's ``(cos, sin)`` by ``(1, 0)``: the stock rotation becomes the identity.
+    * Replaces native RoPE's ``(cos, sin)`` by ``(1, 0)``, in the order ``rotary_pair`` names them (None: the
+      model has no RoPE to neutralise): the stock rotation becomes the identity.
     * Records the cache length before the update (``posenc_past``) for the attention function.
     * Hands encodings that keep rotated keys their cache layer's store (``posenc_rotated_keys``;
       :mod:`hf_posenc.rotated_keys`).
@@ -262,14 +275,14 @@ def _make_pre_hook(neutralise_rope: bool, use_attention: bool, cache_argument: t
     identity = {"source": None, "pair": None}
 
     def hook(module, args, kwargs):
-        if neutralise_rope and kwargs.get("position_embeddings") is not None:
-            cos, sin = kwargs["position_embeddings"]
+        if rotary_pair is not None and kwargs.get("position_embeddings") is not None:
+            pair = kwargs["position_embeddings"]
             if torch.compiler.is_compiling():
                 # No cached pair under torch.compile: it would guard on the stored tensor and recompile per step.
-                kwargs["position_embeddings"] = (torch.ones_like(cos), torch.zeros_like(sin))
+                kwargs["position_embeddings"] = _identity_rotation(pair, rotary_pair)
             else:
-                if identity["source"] is not cos:
-                    identity["source"], identity["pair"] = cos, (torch.ones_like(cos), torch.zeros_like(sin))
+                if identity["source"] is not pair[0]:
+                    identity["source"], identity["pair"] = pair[0], _identity_rotation(pair, rotary_pair)
                 kwargs["position_embeddings"] = identity["pair"]
         if use_attention:
             backend = module.config._attn_implementation

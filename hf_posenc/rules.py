@@ -39,7 +39,9 @@ def rope_layers(posenc: PosEncConfig, config, arch: Architecture) -> set[int]:
 
 def stock_rope_layers(config, arch: Architecture) -> set[int]:
     """The layers a stock model built from ``config`` rotates (no RoPE at all: none)."""
-    return set() if arch.rope == "none" else set(range(num_layers(config))) - arch.native_nope_layers(config)
+    if not arch.has_native_rope(config):
+        return set()
+    return set(range(num_layers(config))) - arch.native_nope_layers(config)
 
 
 def uses_native_rope(posenc: PosEncConfig, config, arch: Architecture) -> bool:
@@ -83,11 +85,14 @@ def stock_expresses(posenc: PosEncConfig, config, arch: Architecture) -> bool:
         return False
     if posenc.kind == "nope":
         return arch.rope_switch is not None
-    if (not isinstance(posenc, RopeConfig) or arch.rope == "none"
+    if (not isinstance(posenc, RopeConfig) or not arch.has_native_rope(config)
             or resolve_layout(posenc, arch).layout != arch.rope_layout):
         return False
     if arch.rope_types is not None and posenc.rope_type not in arch.rope_types:
         return False  # e.g. Phi-3's config validation accepts longrope only
+    if arch.rotary_dim is not None:  # RoPE fixed in code (GPT-J): only the model's own parameters are stock
+        current = current_rope_parameters(config, arch)
+        return resolved_rope_parameters(posenc, config, arch, current=current) == current
     if posenc.rope_type != "default" and posenc.rope_type not in ROPE_INIT_FUNCTIONS:
         return False  # a release without this frequency function (p-RoPE before it): the plug-in runs it
     partial = resolved_rope_parameters(posenc, config, arch)["partial_rotary_factor"]
@@ -144,7 +149,7 @@ def validate(posenc: PosEncConfig, config, attn_implementation: str | None = Non
                          f"{refusal.why}.")
     causal = is_causal(arch, config)
     entry = registry.get(posenc.kind)
-    if entry.capabilities.extends_rope and arch.rope == "none":
+    if entry.capabilities.extends_rope and not arch.has_native_rope(config):
         causal_only = entry.capabilities.causal_only
         allowed = ", ".join(a for a, row in ARCHITECTURES.items()
                             if row.rope != "none" and (row.causal is True or not causal_only))
@@ -196,7 +201,7 @@ def write_native_rope(config, posenc: RopeConfig, arch: Architecture) -> dict:
     """Write a native RoPE (or NoPE) request into a stock config (in place); returns the rope parameters (of the
     first layer type where each layer type has its own: the request applies to each, keeping its base)."""
     write_native_layout(config, posenc, arch)
-    if posenc.kind == "nope":
+    if posenc.kind == "nope" or arch.rotary_dim is not None:  # nothing to write: the model's own RoPE (GPT-J)
         record(config, posenc, native=True)
         return current_rope_parameters(config, arch)
     layer_types = rope_layer_types(config)

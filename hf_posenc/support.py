@@ -33,6 +33,7 @@ def _own(row: Architecture) -> str:
         return "learned absolute" if row.absolute else "none"
     own = "partial RoPE" if row.rope == "native_partial" else "RoPE"
     own += " (interleaved)" if row.rope_layout == "interleaved" else ""
+    own += f", ALiBi where `{row.native_alibi.config_flag}` says" if row.native_alibi else ""
     return own + (f", NoPE where `{row.nope_layers[0]}` says" if row.nope_layers else "")
 
 

@@ -292,8 +292,11 @@ def test_every_row_reloads_in_a_fresh_process(saved_rows, reloaded, arch, kind, 
         assert torch.equal(reloaded_out, expected)
     config = json.loads(Path(path, "config.json").read_text())
     # Native YaRN saves a stock checkpoint, except where the stock config cannot take it: Phi-3 accepts
-    # longrope only, and transformers 5.1 cannot validate YaRN on per-layer-type RoPE (Gemma 3, ModernBERT).
-    if kind == "yarn" and arch != "phi3" and not (arch in ("gemma3_text", "modernbert") and OLD_ROPE_VALIDATION):
+    # longrope only, GPT-J's RoPE is fixed in its code, and transformers 5.1 cannot validate YaRN on per-layer-type
+    # RoPE (Gemma 3, ModernBERT). NoPE is stock where the config switches RoPE off per layer (SmolLM3).
+    stock_yarn = kind == "yarn" and arch not in ("phi3", "gptj") and not (
+        arch in ("gemma3_text", "modernbert") and OLD_ROPE_VALIDATION)
+    if stock_yarn or (kind == "nope" and ARCHITECTURES[arch].rope_switch is not None):
         assert config["model_type"] == arch and "auto_map" not in config
         assert not reloaded_class.startswith("HfPosenc")
     else:

@@ -24,6 +24,9 @@ _COMMON = dict(vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidde
 _TOKENS = dict(pad_token_id=0, bos_token_id=1, eos_token_id=2)
 #: The sliding window of the tiny configs that have one: shorter than the generate tests' sequences.
 WINDOW = 6
+#: Falcon's shape; its configs choose the fused qkv layout (new_decoder_architecture, multi_query) and ALiBi.
+FALCON = dict(vocab_size=VOCAB, hidden_size=32, ffn_hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
+              max_position_embeddings=128, bias=True, **_TOKENS)
 _ALTERNATING = dict(sliding_window=WINDOW, layer_types=["sliding_attention", "full_attention"])
 
 
@@ -38,6 +41,11 @@ CONFIGS = {
     "qwen3": lambda: _config("Qwen3Config", **_COMMON, num_key_value_heads=2, head_dim=8),
     "phi": lambda: _config("PhiConfig", **_COMMON, partial_rotary_factor=0.5),
     "gpt_neox": lambda: _config("GPTNeoXConfig", **_COMMON, rotary_pct=0.5),
+    # rotary_dim=4 of head_dim 8: partial interleaved rotary.
+    "gptj": lambda: _config("GPTJConfig", vocab_size=VOCAB, n_embd=32, n_layer=2, n_head=4, n_positions=128,
+                            n_inner=64, rotary_dim=4, **_TOKENS),
+    # The new decoder (grouped fused qkv, 2 kv heads) with biases; the other layouts and ALiBi: test_gptj_falcon.
+    "falcon": lambda: _config("FalconConfig", **FALCON, new_decoder_architecture=True, num_kv_heads=2),
     "gpt2": lambda: _config("GPT2Config", vocab_size=VOCAB, n_embd=32, n_layer=2, n_head=4, n_positions=128),
     "bert": lambda: _config("BertConfig", **_COMMON),
     "gemma": lambda: _config("GemmaConfig", **_COMMON, num_key_value_heads=2, head_dim=8),

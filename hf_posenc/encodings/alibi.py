@@ -8,7 +8,7 @@ from dataclasses import dataclass
 import torch
 
 from .. import registry
-from ..config import PosEncConfig, check_positive
+from ..config import PosEncConfig, check_positive, fail_field
 from ..kernels.tiling import distance_diagonals, toeplitz
 from .base import PositionModule
 
@@ -48,15 +48,25 @@ class AlibiBias(PositionModule):
     Args:
         num_heads: Number of query heads.
         max_bias: See :func:`alibi_slopes`.
+        slopes: Explicit per-head slopes instead of the paper's (``AlibiConfig.slopes``).
+
+    Raises:
+        ValueError: ``slopes`` does not give one slope per head.
     """
 
-    def __init__(self, num_heads: int, max_bias: float = 8.0):
+    def __init__(self, num_heads: int, max_bias: float = 8.0, slopes: tuple[float, ...] | None = None):
         super().__init__()
+        if slopes is not None and len(slopes) != num_heads:
+            raise ValueError(f"PosEncConfig(kind='alibi'): invalid slopes (length {len(slopes)}); allowed: one slope "
+                             f"per attention head ({num_heads} for this model).")
         self.num_heads = num_heads
         self.max_bias = max_bias
+        self.explicit_slopes = slopes
 
     def slopes(self, device: torch.device) -> torch.Tensor:
         """``[H]`` fp32 slopes ``m_h`` (the ``key_fold`` kernel folds ``-m_h (i - j)`` into a head dimension)."""
+        if self.explicit_slopes is not None:
+            return torch.tensor(self.explicit_slopes, dtype=torch.float32, device=device)
         return alibi_slopes(self.num_heads, self.max_bias).to(device)
 
     def bias_diagonals(self, q_pos: torch.Tensor, k_pos: torch.Tensor, causal: bool) -> torch.Tensor:
@@ -73,7 +83,8 @@ class AlibiBias(PositionModule):
         return toeplitz(self.bias_diagonals(q_pos, k_pos, causal), q_pos.shape[0], k_pos.shape[0])[None]
 
     def extra_repr(self) -> str:
-        return f"num_heads={self.num_heads}, max_bias={self.max_bias}"
+        own = "" if self.explicit_slopes is None else ", explicit slopes"
+        return f"num_heads={self.num_heads}, max_bias={self.max_bias}{own}"
 
 
 @dataclass(frozen=True)
@@ -87,21 +98,30 @@ class AlibiConfig(PosEncConfig):
 
     Args:
         max_bias: The paper's 8: the exponent range of the slopes.
+        slopes: One slope per attention head, used instead of the paper's sequence (``max_bias`` is then
+            unused): a model's own ALiBi, e.g. a Falcon ALiBi checkpoint's (:func:`hf_posenc.native_alibi`).
     """
 
     kind: str = "alibi"
     max_bias: float = 8.0
     layers: tuple[int, ...] | None = None
+    slopes: tuple[float, ...] | None = None
 
     def _validate(self) -> None:
         check_positive(self.kind, "max_bias", self.max_bias)
+        if self.slopes is not None:
+            if isinstance(self.slopes, str | bytes) or not hasattr(self.slopes, "__iter__") or not self.slopes:
+                fail_field(self.kind, "slopes", self.slopes, "None or a non-empty list of positive numbers")
+            object.__setattr__(self, "slopes", tuple(self.slopes))  # a saved config gives a list
+            for slope in self.slopes:
+                check_positive(self.kind, "slopes", slope)
 
 
 registry.register(registry.Encoding(
     kind="alibi",
     config_class=AlibiConfig,
     module_class=AlibiBias,
-    build=lambda config, layer: AlibiBias(layer.num_heads, config.max_bias),
+    build=lambda config, layer: AlibiBias(layer.num_heads, config.max_bias, config.slopes),
     capabilities=registry.Capabilities(
         route="bias", bias_form="diagonal", kernels=("dense", "diagonal_tiles", "key_fold"),
         # Far keys' logits make exp return denormal floats, which x86 computes slowly.
