@@ -2,14 +2,18 @@
 
 Adding an architecture is one row of ``ARCHITECTURES`` plus tests (see CONTRIBUTING.md). What an
 architecture cannot take is data too (:class:`Refusal`), so that conversion, the tests and the README
-table all read the same rules.
+table all read the same rules. A Llama-like decoder without a row gets one read from its module tree
+(:mod:`hf_posenc.module_tree`); a row in the table overrides that reading.
 """
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
 
-from . import registry
+from transformers.models.auto.configuration_auto import CONFIG_MAPPING_NAMES
+
+from . import module_tree, registry
 
 
 @dataclass(frozen=True)
@@ -287,18 +291,41 @@ def base_model_type(model_type: str) -> str:
 
 
 def architecture_of(config) -> Architecture:
-    """The table row of a model config.
+    """The table row of a model config, or for a decoder without one, the row read from its module tree.
 
     Raises:
-        ValueError: The architecture is not supported (the message lists the supported ones).
+        ValueError: The architecture has no row and its module tree cannot be read unambiguously (the message
+            names what was not found and lists the architectures with rows).
     """
     model_type = base_model_type(getattr(config, "model_type", "") or "")
-    if model_type not in ARCHITECTURES:
-        raise ValueError(
-            f"Unsupported architecture model_type={model_type!r}; hf_posenc supports: {sorted(ARCHITECTURES)}. "
-            "Adding one is a row in hf_posenc/architectures.py (see CONTRIBUTING.md)."
-        )
-    return ARCHITECTURES[model_type]
+    if model_type in ARCHITECTURES:
+        return ARCHITECTURES[model_type]
+    supported = (f"Unsupported architecture model_type={model_type!r}; hf_posenc supports: {sorted(ARCHITECTURES)} "
+                 "(rows of hf_posenc/architectures.py, see CONTRIBUTING.md) and Llama-like transformers decoders "
+                 "without a row")
+    if model_type not in CONFIG_MAPPING_NAMES:
+        raise ValueError(f"{supported}; transformers does not know this one.")
+    # Keyed by the whole config: a flag can add modules (q/k norms) to the same model_type.
+    key = json.dumps(config.to_dict(), sort_keys=True, default=str)
+    if key not in _READ_ROWS:
+        try:
+            fields = module_tree.read_decoder(config, model_type)
+        except module_tree.StructureError as error:
+            raise ValueError(f"{supported}, whose module tree must show {error}: this one does not.") from None
+        _READ_ROWS[key] = Architecture(model_type, **fields)
+    return _READ_ROWS[key]
+
+
+def find_architecture(config) -> Architecture | None:
+    """:func:`architecture_of`, or None for an architecture hf_posenc cannot convert."""
+    try:
+        return architecture_of(config)
+    except ValueError:
+        return None
+
+
+#: Rows read from module trees, by config (reading builds a meta-device model: done once per config).
+_READ_ROWS: dict[str, Architecture] = {}
 
 
 def is_causal(arch: Architecture, config) -> bool:

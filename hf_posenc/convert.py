@@ -29,7 +29,7 @@ from torch import nn
 from transformers.models.auto.configuration_auto import CONFIG_MAPPING
 
 from . import _hf, attention, plugin
-from .architectures import ARCHITECTURES, MODEL_TYPE_PREFIX, Architecture, architecture_of, attention_modules
+from .architectures import MODEL_TYPE_PREFIX, Architecture, architecture_of, attention_modules, find_architecture
 from .config import CONFIG_KEY, NATIVE_KEY, PosEncConfig
 from .encodings.nope import NopeConfig
 from .encodings.rope import ROPE_LAYOUTS, RopeConfig, rotary_dim
@@ -107,7 +107,7 @@ def runs_recorded_encoding(config) -> bool:
     if model_type.startswith(MODEL_TYPE_PREFIX):
         return True
     posenc = PosEncConfig.from_dict(getattr(config, CONFIG_KEY))
-    arch = ARCHITECTURES.get(model_type)
+    arch = find_architecture(config)
     if (arch is None or not isinstance(posenc, RopeConfig | NopeConfig)
             or getattr(config, NATIVE_KEY, None) is False):
         return False
@@ -167,12 +167,15 @@ def is_native_checkpoint(config) -> bool | None:
                              "(it is written by hf_posenc.convert).")
         return recorded
     model_type = str(data.get("model_type", ""))
-    if model_type.startswith(MODEL_TYPE_PREFIX) or model_type not in ARCHITECTURES:
+    if model_type.startswith(MODEL_TYPE_PREFIX) or model_type not in CONFIG_MAPPING:
         return False
     stock = CONFIG_MAPPING[model_type].from_dict(dict(data))
+    arch = find_architecture(stock)
+    if arch is None:
+        return False
     # Such checkpoints predate the plug-in default for dynamic/longrope: the rule of their time decides.
     request = PosEncConfig.from_dict(dict(posenc))
-    return getattr(request, "native", None) is not False and stock_expresses(request, stock, ARCHITECTURES[model_type])
+    return getattr(request, "native", None) is not False and stock_expresses(request, stock, arch)
 
 
 # ---------------------------------------------------------------------------------------------------

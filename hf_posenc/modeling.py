@@ -18,7 +18,7 @@ import logging
 import transformers
 from transformers import AutoConfig
 from transformers.models.auto import modeling_auto
-from transformers.models.auto.configuration_auto import CONFIG_MAPPING
+from transformers.models.auto.configuration_auto import CONFIG_MAPPING, CONFIG_MAPPING_NAMES
 
 from . import _hf, attention, plugin
 from .architectures import ARCHITECTURES, MODEL_TYPE_PREFIX, architecture_of
@@ -292,18 +292,56 @@ def class_by_name(name: str) -> type:
     return posenc_class(stock)
 
 
+def register_model_type(model_type: str) -> type:
+    """Register ``hf_posenc_<model_type>`` with AutoConfig and every Auto model class the architecture has
+    (idempotent); returns its config class."""
+    config_cls = posenc_config_class(CONFIG_MAPPING[model_type])
+    if CONFIG_MAPPING._extra_content.get(config_cls.model_type) is not config_cls:
+        # exist_ok: a rowless type's placeholder (_RowlessConfig) hands its place over.
+        AutoConfig.register(config_cls.model_type, config_cls, exist_ok=True)
+    _hf.share_weight_conversions(model_type, config_cls.model_type)
+    for auto, names in _AUTO_CLASSES:
+        stock = _stock_names(names, model_type)
+        if not stock:
+            continue
+        # Several classes: transformers' Auto class picks the one the config's `architectures` names.
+        model_cls = tuple(posenc_class(getattr(transformers, name)) for name in stock)
+        if config_cls not in auto._model_mapping._extra_content:
+            auto.register(config_cls, model_cls[0] if len(model_cls) == 1 else model_cls)
+    return config_cls
+
+
+class _RowlessConfig:
+    """Holds AutoConfig's place for ``hf_posenc_<type>`` of a decoder without a table row, until transformers
+    reads such a config: then it registers the real classes (:func:`register_model_type`) and hands over.
+
+    Registering the real classes of every such decoder at import would import each one's modeling code
+    (seconds); a converted checkpoint of any of them must still reload with only ``import hf_posenc``.
+    """
+
+    stock_type = ""
+    model_type = ""
+
+    def __new__(cls, *args, **kwargs):  # AutoConfig.for_model
+        return register_model_type(cls.stock_type)(*args, **kwargs)
+
+    @classmethod
+    def from_dict(cls, *args, **kwargs):  # AutoConfig.from_pretrained
+        return register_model_type(cls.stock_type).from_dict(*args, **kwargs)
+
+    @classmethod
+    def from_pretrained(cls, *args, **kwargs):
+        return register_model_type(cls.stock_type).from_pretrained(*args, **kwargs)
+
+
 def register_auto_classes() -> None:
-    """Register every ``hf_posenc_<type>`` with AutoConfig and the Auto model classes (idempotent)."""
+    """Register every ``hf_posenc_<type>`` with AutoConfig and the Auto model classes (idempotent): the rows'
+    types now, the decoders without a row when a config of theirs is first read (:class:`_RowlessConfig`)."""
     for model_type in ARCHITECTURES:
-        config_cls = posenc_config_class(CONFIG_MAPPING[model_type])
-        if config_cls.model_type not in CONFIG_MAPPING:
-            AutoConfig.register(config_cls.model_type, config_cls)
-        _hf.share_weight_conversions(model_type, config_cls.model_type)
-        for auto, names in _AUTO_CLASSES:
-            stock = _stock_names(names, model_type)
-            if not stock:
-                continue
-            # Several classes: transformers' Auto class picks the one the config's `architectures` names.
-            model_cls = tuple(posenc_class(getattr(transformers, name)) for name in stock)
-            if config_cls not in auto._model_mapping._extra_content:
-                auto.register(config_cls, model_cls[0] if len(model_cls) == 1 else model_cls)
+        register_model_type(model_type)
+    for model_type in modeling_auto.MODEL_FOR_CAUSAL_LM_MAPPING_NAMES:
+        own = MODEL_TYPE_PREFIX + model_type
+        if model_type in CONFIG_MAPPING_NAMES and own not in CONFIG_MAPPING:
+            placeholder = type(f"_Rowless_{model_type}", (_RowlessConfig,), {"stock_type": model_type,
+                                                                             "model_type": own})
+            AutoConfig.register(own, placeholder)

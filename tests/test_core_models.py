@@ -12,6 +12,7 @@ from tiny_models import (
     REPRESENTATIVE,
     ROPE_ARCHS,
     allowed_kinds,
+    assert_cache_equals_no_cache,
     converted,
     input_ids,
     randomize_position_tables,
@@ -96,14 +97,7 @@ def test_generate_cache_invariants(arch, kind, backend):
     architectures with sliding-window layers (5 + 10 tokens, window 6)."""
     model = converted(arch, kind, backend)
     randomize_position_tables(model)
-    prompt = input_ids(1, 5)
-    kwargs = dict(max_new_tokens=10, do_sample=False, min_new_tokens=10)
-    with torch.no_grad():
-        no_cache = model.generate(prompt, use_cache=False, **kwargs)
-        dynamic = model.generate(prompt, **kwargs)
-        static = model.generate(prompt, cache_implementation="static", **kwargs)
-    assert torch.equal(dynamic, no_cache)
-    assert torch.equal(static, no_cache)
+    assert_cache_equals_no_cache(model, input_ids(1, 5), 10)
 
 
 @pytest.mark.parametrize("arch,kind,backend", matrix(CONFIGS))
@@ -237,9 +231,4 @@ def test_sliding_window_caches_match_no_cache(kind, backend):
     model = AutoModelForCausalLM.from_config(config, attn_implementation=backend).eval()
     hf_posenc.convert(model, PosEncConfig(kind=kind, **({"layers": [1]} if kind == "rope" else {})))
     randomize_position_tables(model)
-    prompt = input_ids(1, 5)
-    kwargs = dict(max_new_tokens=12, min_new_tokens=12, do_sample=False)
-    with torch.no_grad():
-        expected = model.generate(prompt, use_cache=False, **kwargs)
-        assert torch.equal(model.generate(prompt, **kwargs), expected)
-        assert torch.equal(model.generate(prompt, cache_implementation="static", **kwargs), expected)
+    assert_cache_equals_no_cache(model, input_ids(1, 5), 12)

@@ -26,7 +26,8 @@ FLOORS = {
     "hf_posenc.registry": (),
     "hf_posenc.positions": (),
     "hf_posenc.kernels": ("hf_posenc.kernels", "hf_posenc.registry", "hf_posenc.positions"),
-    "hf_posenc.architectures": ("hf_posenc.registry",),
+    "hf_posenc.module_tree": (),
+    "hf_posenc.architectures": ("hf_posenc.registry", "hf_posenc.module_tree"),
     "hf_posenc.model_shape": ("hf_posenc.architectures",),
     "hf_posenc.layout": ("hf_posenc.architectures",),
 }

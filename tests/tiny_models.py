@@ -199,6 +199,16 @@ def input_ids(batch: int = 2, length: int = 12, seed: int = 0) -> torch.Tensor:
     return torch.randint(3, VOCAB, (batch, length), generator=generator)
 
 
+def assert_cache_equals_no_cache(model, prompt: torch.Tensor, new_tokens: int) -> None:
+    """Greedy generation of exactly ``new_tokens`` with a dynamic and with a static cache equals generation
+    without a cache."""
+    kwargs = dict(max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False)
+    with torch.no_grad():
+        expected = model.generate(prompt, use_cache=False, **kwargs)
+        assert torch.equal(model.generate(prompt, **kwargs), expected)
+        assert torch.equal(model.generate(prompt, cache_implementation="static", **kwargs), expected)
+
+
 def assert_cuda_sdpa_equals_eager(kind: str) -> None:
     """A converted tiny Llama on CUDA with the sdpa backend (the kernels ``select`` picks there) equals the eager
     backend's explicit scores, forward and backward, on a padded batch with randomised position tables."""
