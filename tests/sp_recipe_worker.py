@@ -87,9 +87,11 @@ def updates(model) -> dict[str, torch.Tensor]:
     params = dict(model.named_parameters())
     result = {}
     for name, param in params.items():
-        if param.requires_grad:
-            start = params.get(name.replace(".modules_to_save.default.", ".original_module."))
-            result[name] = (param - start if start is not None else param).detach().clone()
+        if not param.requires_grad:
+            continue
+        copy = ".modules_to_save.default."
+        start = params[name.replace(copy, ".original_module.")] if copy in name else None
+        result[name] = (param - start if start is not None else param).detach().clone()
     return result
 
 
