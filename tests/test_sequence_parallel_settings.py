@@ -22,8 +22,14 @@ def test_windows_must_split_over_the_ranks():
 
 
 def test_the_comparison_refuses_sequence_parallelism():
-    with pytest.raises(ConfigError, match="train.sp_size must be 1 in a comparison"):
+    """The refusal names the commands that do it: the fine-tuning recipe under the Ulysses launch config, then the
+    evaluation recipe with its adapter."""
+    with pytest.raises(ConfigError, match="train.sp_size must be 1 in a comparison") as refusal:
         load_config(CompareConfig, "tiny", ["variants.6.train.sp_size=2"])
+    message = str(refusal.value)
+    assert ("accelerate launch --config_file recipes/accelerate/sequence_parallel.yaml --num_processes 2 "
+            "recipes/finetune_lora.py --config") in message
+    assert "recipes/evaluate_context.py --config EVALUATE.yaml adapter=OUTPUT_DIR/adapter" in message
 
 
 def test_the_heads_must_divide_by_sp_size():

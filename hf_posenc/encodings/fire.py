@@ -68,8 +68,10 @@ class FireBias(PositionModule):
         self.hidden_weight = nn.Parameter(torch.empty(width, dtype=torch.float32))  # [width]
         self.hidden_bias = nn.Parameter(torch.empty(width, dtype=torch.float32))  # [width]
         self.output_weight = nn.Parameter(torch.empty(num_heads, width, dtype=torch.float32))  # [H, width]
-        self.c = nn.Parameter(torch.empty((), dtype=torch.float32))
-        self.threshold = nn.Parameter(torch.empty((), dtype=torch.float32))
+        # [1], not 0-dim: DeepSpeed's engine broadcasts every parameter viewed as bytes at start-up, which a 0-dim
+        # tensor cannot be ("self.dim() cannot be 0 to view Float as Byte"), so FIRE could not train under it.
+        self.c = nn.Parameter(torch.empty(1, dtype=torch.float32))  # [1]
+        self.threshold = nn.Parameter(torch.empty(1, dtype=torch.float32))  # [1]
         self.reset_parameters()
 
     def reset_parameters(self) -> None:

@@ -344,12 +344,19 @@ class CompareConfig(Section):
     @model_validator(mode="after")
     def _one_process(self) -> CompareConfig:
         # The grid trains, evaluates and writes its variants in turn in one process; Ulysses needs a launch of
-        # several, each holding part of every window (recipes/finetune_lora.py does that).
+        # several, each holding part of every window (recipes/finetune_lora.py does that, and the evaluation
+        # recipe scores its adapter with the comparison's metrics).
         shared = [v for v in self.variants if self.variant_train(v).sp_size > 1]
         if shared:
-            raise ValueError(f"train.sp_size must be 1 in a comparison, which runs in one process (variant "
-                             f"{shared[0].name!r} asks for {self.variant_train(shared[0]).sp_size}); allowed: 1, or "
-                             "recipes/finetune_lora.py under recipes/accelerate/sequence_parallel.yaml.")
+            size = self.variant_train(shared[0]).sp_size
+            raise ValueError(
+                f"train.sp_size must be 1 in a comparison, which runs in one process (variant {shared[0].name!r} "
+                f"asks for {size}); allowed: 1. To fine-tune that variant with {size} processes sharing each window: "
+                f"accelerate launch --config_file recipes/accelerate/sequence_parallel.yaml --num_processes {size} "
+                "recipes/finetune_lora.py --config FINETUNE.yaml (its posenc, lora and train sections; e.g. "
+                "recipes/configs/finetune_long_context_tiny.yaml), then evaluate its adapter: python "
+                "recipes/evaluate_context.py --config EVALUATE.yaml adapter=OUTPUT_DIR/adapter (e.g. "
+                "recipes/configs/evaluate_quick.yaml, with the same posenc).")
         return self
 
     def variant_runs(self, variant: VariantConfig) -> list[tuple[str, VariantConfig]]:
