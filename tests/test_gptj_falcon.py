@@ -142,6 +142,17 @@ def test_falcon_native_alibi_slopes():
     assert not torch.equal(paper.bfloat16().float(), paper)  # the rounding matters there
     with pytest.raises(ValueError, match="native_alibi needs a model whose own encoding is ALiBi; this 'falcon'"):
         hf_posenc.native_alibi(falcon())
+
+
+def test_falcon_native_alibi_warns_where_it_cannot_be_exact(caplog):
+    """16 heads: slopes that are not powers of two, whose bf16 product with the position the stock code rounds;
+    the conversion says so instead of reporting nothing. 4 heads (powers of two): no warning."""
+    sixteen = transformers.FalconConfig(**{**FALCON, "hidden_size": 128, "num_attention_heads": 16}, alibi=True)
+    with caplog.at_level("WARNING", logger="hf_posenc.native_alibi"):
+        hf_posenc.native_alibi(falcon(alibi=True))
+        assert not caplog.records
+        hf_posenc.native_alibi(sixteen)
+    assert len(caplog.records) == 1 and "16 heads give slopes that are not powers of two" in caplog.text
     with pytest.raises(ValueError, match="allowed: one slope per attention head"):
         hf_posenc.convert(falcon(alibi=True), PosEncConfig(kind="alibi", slopes=[0.5, 0.25]))
     with pytest.raises(ValueError, match="invalid slopes"):
