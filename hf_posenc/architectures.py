@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass
 
+import transformers
 from transformers.models.auto.configuration_auto import CONFIG_MAPPING_NAMES
 
 from . import module_tree, registry
@@ -115,6 +116,9 @@ class Architecture:
             output ``[B, D, rows, columns]`` gives each forward's patch grid; ``absolute`` then names the learned
             table parameter of the image embeddings. None: a model of token sequences.
         refusals: Encodings this architecture cannot take, and why.
+        interface_checked: Older transformers releases computed this architecture's attention in per-backend
+            classes of its own instead of through ``AttentionInterface`` (GPT-J and Falcon on 5.5): where the
+            installed release still does, the row is refused, since the plug-in's attention would never run.
         name: Display name (README table).
         notes: What the architecture does around attention that hf_posenc honours (README table).
     """
@@ -141,6 +145,7 @@ class Architecture:
     cache: bool = True
     patch_grid: str | None = None
     refusals: tuple[Refusal, ...] = ()
+    interface_checked: bool = False
     name: str = ""
     notes: str = ""
 
@@ -197,7 +202,7 @@ ARCHITECTURES: dict[str, Architecture] = {
         ),
         Architecture(
             "gptj", layers="h", attention="attn", rope="native_partial", rope_layout="interleaved",
-            rotary_dim="rotary_dim", rotary_pair=("sin", "cos"), rope_types=("default",),
+            rotary_dim="rotary_dim", rotary_pair=("sin", "cos"), rope_types=("default",), interface_checked=True,
             lora_targets=("q_proj", "k_proj", "v_proj", "out_proj"), name="GPT-J",
             notes="interleaved partial rotary (`rotary_dim`), base fixed in code",
         ),
@@ -210,7 +215,7 @@ ARCHITECTURES: dict[str, Architecture] = {
             k_proj="query_key_value", fused="neox",
             fused_by=(("new_decoder_architecture", "grouped"), ("multi_query", "qkv")),
             native_alibi=NativeAlibi("alibi", "use_alibi", slope_dtype="bfloat16", head_dim_scaled=True),
-            lora_targets=("query_key_value", "dense"), name="Falcon",
+            interface_checked=True, lora_targets=("query_key_value", "dense"), name="Falcon",
             notes="fused qkv (grouped, multi-query or per head), native ALiBi (`alibi`) converts to the plug-in's",
         ),
         Architecture("bert", layers="encoder.layer", attention="attention.self", **_BERT_LIKE, name="BERT"),
@@ -299,7 +304,13 @@ def architecture_of(config) -> Architecture:
     """
     model_type = base_model_type(getattr(config, "model_type", "") or "")
     if model_type in ARCHITECTURES:
-        return ARCHITECTURES[model_type]
+        row = ARCHITECTURES[model_type]
+        if row.interface_checked and not module_tree.calls_attention_interface(model_type):
+            raise ValueError(f"{row.name} on transformers {transformers.__version__} computes attention in its own "
+                             "per-backend classes, not through AttentionInterface, so hf_posenc cannot run an "
+                             f"encoding there; allowed: a transformers release whose {model_type} attention calls "
+                             "AttentionInterface (5.25 is tested).")
+        return row
     supported = (f"Unsupported architecture model_type={model_type!r}; hf_posenc supports: {sorted(ARCHITECTURES)} "
                  "(rows of hf_posenc/architectures.py, see CONTRIBUTING.md) and Llama-like transformers decoders "
                  "without a row")

@@ -12,6 +12,7 @@ read here into a row; rows in the table stay authoritative.
 from __future__ import annotations
 
 import copy
+import functools
 import inspect
 import sys
 
@@ -28,6 +29,15 @@ PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj")
 class StructureError(ValueError):
     """The module tree does not say unambiguously where a piece lives; the message names the piece, as what the
     tree must show."""
+
+
+@functools.cache
+def calls_attention_interface(model_type: str) -> bool:
+    """Whether the installed transformers' modeling file of ``model_type`` calls attention through
+    ``AttentionInterface`` (it reads ``ALL_ATTENTION_FUNCTIONS``) rather than per-backend classes of its own."""
+    name = modeling_auto.MODEL_MAPPING_NAMES.get(model_type)
+    model_class = getattr(transformers, name, None) if isinstance(name, str) else None
+    return model_class is not None and "ALL_ATTENTION_FUNCTIONS" in vars(sys.modules[model_class.__module__])
 
 
 def read_decoder(config, model_type: str) -> dict:

@@ -11,6 +11,7 @@ from test_persistence import run_python
 from tiny_models import (
     CONFIGS,
     DECODERS,
+    REFUSED_HERE,
     ROPE_ARCHS,
     TESTED,
     allowed_kinds,
@@ -39,10 +40,23 @@ except KeyError:
     OLD_ROPE_VALIDATION = True
 
 
+def test_rows_whose_attention_this_transformers_runs_itself_are_refused_in_one_line():
+    """GPT-J and Falcon computed attention in per-backend classes of their own before transformers routed them
+    through AttentionInterface (5.5 does, 5.25 does not): the plug-in's attention would never run, so conversion
+    refuses there, and converts where the interface is called."""
+    for arch in ("gptj", "falcon"):
+        if arch in REFUSED_HERE:
+            with pytest.raises(ValueError, match=r"computes attention in its own per-backend classes, not through "
+                                                 r"AttentionInterface.*allowed: a transformers release"):
+                hf_posenc.convert(tiny_model(arch), PosEncConfig(kind="alibi"))
+        else:
+            hf_posenc.convert(tiny_model(arch), PosEncConfig(kind="alibi"))
+
+
 def test_every_row_is_tested_and_every_tested_config_is_a_row():
     from tiny_vision_models import VISION_CONFIGS, vision_config
 
-    assert sorted(ARCHITECTURES) == sorted(TESTED + list(VISION_CONFIGS)), \
+    assert sorted(ARCHITECTURES) == sorted(TESTED + REFUSED_HERE + list(VISION_CONFIGS)), \
         "tests/tiny_models.py CONFIGS + tests/tiny_vision_models.py VISION_CONFIGS and ARCHITECTURES drifted apart"
     assert not set(TESTED) & set(VISION_CONFIGS)
     assert all(bool(ARCHITECTURES[arch].patch_grid) == (arch in VISION_CONFIGS) for arch in ARCHITECTURES)

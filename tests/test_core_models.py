@@ -5,12 +5,12 @@ import pytest
 import torch
 from tiny_models import (
     ATTENTION_KINDS,
-    CONFIGS,
     DECODERS,
     KINDS,
     NOOP_KINDS,
     REPRESENTATIVE,
     ROPE_ARCHS,
+    TESTED,
     allowed_kinds,
     assert_cache_equals_no_cache,
     converted,
@@ -69,7 +69,7 @@ def test_identity_rope_conversion_is_bitwise(arch):
 
 
 # Refused kinds (CoPE on encoders) are checked in test_architectures.
-NOOP_CASES = [(arch, kind) for arch in CONFIGS for kind in NOOP_KINDS if kind in allowed_kinds(arch)]
+NOOP_CASES = [(arch, kind) for arch in TESTED for kind in NOOP_KINDS if kind in allowed_kinds(arch)]
 
 
 @pytest.mark.parametrize("arch,kind", NOOP_CASES)
@@ -100,7 +100,7 @@ def test_generate_cache_invariants(arch, kind, backend):
     assert_cache_equals_no_cache(model, input_ids(1, 5), 10)
 
 
-@pytest.mark.parametrize("arch,kind,backend", matrix(CONFIGS))
+@pytest.mark.parametrize("arch,kind,backend", matrix(TESTED))
 def test_left_padded_batch_matches_rows_alone(arch, kind, backend):
     model = converted(arch, kind, backend)
     randomize_position_tables(model)

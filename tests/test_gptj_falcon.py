@@ -12,11 +12,16 @@ import pytest
 import torch
 import transformers
 from test_persistence import run_python
-from tiny_models import FALCON, input_ids, randomize_position_tables, tiny_model
+from tiny_models import FALCON, REFUSED_HERE, input_ids, randomize_position_tables, tiny_model
 from transformers import AutoModelForCausalLM
 
 import hf_posenc
 from hf_posenc import PosEncConfig
+
+# Where this transformers computes their attention in classes of its own (5.5), conversion refuses both rows:
+# test_architectures checks that refusal; everything below needs the rows to run.
+pytestmark = pytest.mark.skipif(bool(REFUSED_HERE), reason=f"transformers {transformers.__version__} runs "
+                                f"{REFUSED_HERE} attention outside AttentionInterface: conversion refuses them")
 
 #: Falcon's three fused q/k/v layouts: the new decoder (grouped, 2 kv heads), multi-query, one block per head.
 LAYOUTS = {
