@@ -31,12 +31,17 @@ class StructureError(ValueError):
     tree must show."""
 
 
+def _base_model_class(model_type: str) -> type | None:
+    """The stock base model class of ``model_type`` (one class name in transformers' mapping), or None."""
+    name = modeling_auto.MODEL_MAPPING_NAMES.get(model_type)
+    return getattr(transformers, name, None) if isinstance(name, str) else None
+
+
 @functools.cache
 def calls_attention_interface(model_type: str) -> bool:
     """Whether the installed transformers' modeling file of ``model_type`` calls attention through
     ``AttentionInterface`` (it reads ``ALL_ATTENTION_FUNCTIONS``) rather than per-backend classes of its own."""
-    name = modeling_auto.MODEL_MAPPING_NAMES.get(model_type)
-    model_class = getattr(transformers, name, None) if isinstance(name, str) else None
+    model_class = _base_model_class(model_type)
     return model_class is not None and "ALL_ATTENTION_FUNCTIONS" in vars(sys.modules[model_class.__module__])
 
 
@@ -57,10 +62,10 @@ def read_decoder(config, model_type: str) -> dict:
     """
     if model_type not in modeling_auto.MODEL_FOR_CAUSAL_LM_MAPPING_NAMES:
         raise StructureError("a causal-LM head in transformers (only decoders convert without a row)")
-    name = modeling_auto.MODEL_MAPPING_NAMES.get(model_type)
-    model_class = getattr(transformers, name, None) if isinstance(name, str) else None
+    model_class = _base_model_class(model_type)
     if model_class is None:
         raise StructureError("a single base model class in transformers")
+    name = model_class.__name__
     if not getattr(model_class, "_supports_attention_backend", False):
         raise StructureError(f"attention called through AttentionInterface ({name} does not declare it)")
     stock = copy.deepcopy(config)
