@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -238,7 +239,6 @@ def test_standard_preset_runs_every_text_kind_with_seeds():
 def test_preset_describes_the_run_committed_for_it(name):
     """A preset and its committed results agree on the base model (cache key) and the evaluation, so the
     results are what running the preset gives."""
-    import json
 
     from hf_posenc.experiments.context_extension.base_model import base_model_dir
 
@@ -266,9 +266,41 @@ def test_a_setting_added_after_runs_were_recorded_keeps_their_fingerprints():
               "lora": cfg.variant_lora(variant).model_dump(mode="json"), "model": cfg.model.model_dump(mode="json"),
               "data": cfg.data.model_dump(mode="json"), "eval": cfg.eval.model_dump(mode="json")}
     del before["variant"]["train"]["sp_size"], before["train"]["sp_size"]
+    del before["variant"]["lora"]["full_model"], before["lora"]["full_model"]  # the same (the test below)
     assert compare._fingerprint(cfg, variant) == grid.fingerprint(before)
 
     shared = cfg.model_copy(update={"train": cfg.train.model_copy(update={"sp_size": 2})})
     own = variant.model_copy(update={"train": variant.train.model_copy(update={"sp_size": 2})})
     assert compare._fingerprint(shared, variant) != grid.fingerprint(before)
     assert compare._fingerprint(cfg, own) != grid.fingerprint(before)
+
+
+def test_records_written_while_a_later_setting_was_in_the_payload_are_reused(tmp_path):
+    """``lora.full_model`` entered every payload at its default before it was declared SINCE_RECORDED: records
+    from before it came (payload without the key) and from that window (with it) both describe today's run, so
+    the grid reuses either; a run that sets the key is a different run and reuses neither."""
+    cfg = load_config(CompareConfig, CONFIGS / "compare_drope.yaml")
+    variant = next(v for v in cfg.variants if v.name == "rope_yarn_finetuned")
+    with_key = {"variant": variant.model_dump(mode="json"), "train": cfg.variant_train(variant).model_dump(mode="json"),
+                "lora": cfg.variant_lora(variant).model_dump(mode="json"), "model": cfg.model.model_dump(mode="json"),
+                "data": cfg.data.model_dump(mode="json"), "eval": cfg.eval.model_dump(mode="json")}
+    del with_key["variant"]["train"]["sp_size"], with_key["train"]["sp_size"]
+    without_key = json.loads(json.dumps(with_key))
+    del without_key["variant"]["lora"]["full_model"], without_key["lora"]["full_model"]
+    assert with_key["lora"]["full_model"] is False and with_key["variant"]["lora"]["full_model"] is None
+    current = compare._fingerprint(cfg, variant)
+    earlier = compare._earlier_fingerprints(cfg, variant)
+    assert current == grid.fingerprint(without_key)
+    assert grid.fingerprint(with_key) in earlier
+
+    full = variant.model_copy(update={"lora": variant.lora.model_copy(update={"full_model": True})})
+    assert {compare._fingerprint(cfg, full), *compare._earlier_fingerprints(cfg, full)}.isdisjoint(
+        {grid.fingerprint(with_key), grid.fingerprint(without_key)})
+
+    cell = grid.Cell("run", current, earlier=earlier)
+    grid.save_record(tmp_path / "run.json", {"fingerprint": grid.fingerprint(with_key), "value": 1})
+    done = grid.run_grid([cell], lambda c: pytest.fail("recomputed a reusable record"), tmp_path, progress=False)
+    assert done.reused == 1 and done.records["run"]["value"] == 1
+    other = grid.Cell("run", compare._fingerprint(cfg, full))
+    done = grid.run_grid([other], lambda c: {"fingerprint": c.fingerprint, "value": 2}, tmp_path, progress=False)
+    assert done.computed == 1 and done.records["run"]["value"] == 2

@@ -21,7 +21,7 @@ found next to that file or else among the shipped presets, so a preset copied ou
 from __future__ import annotations
 
 import difflib
-from collections.abc import Sequence
+from collections.abc import Collection, Sequence
 from pathlib import Path
 from typing import Annotated, Any, ClassVar, TypeVar, get_args, get_origin
 
@@ -84,23 +84,43 @@ class Section(BaseModel):
 Config = TypeVar("Config", bound=Section)
 
 
-def fingerprint_settings(section: Section) -> dict[str, Any]:
+def fingerprint_settings(section: Section, keep: Collection[str] = ()) -> dict[str, Any]:
     """``section.model_dump(mode="json")`` as a run's fingerprint reads it: settings declared with
-    :data:`SINCE_RECORDED` are left out while they have their default, in nested sections too."""
-    return _drop_since_recorded(section, section.model_dump(mode="json"))
+    :data:`SINCE_RECORDED` are left out while they have their default, in nested sections too.
+
+    Args:
+        section: The settings.
+        keep: Names of :data:`SINCE_RECORDED` settings to keep even at their default: the payload that code
+            from before a later setting was declared so wrote (see :func:`since_recorded_names`).
+    """
+    return _drop_since_recorded(section, section.model_dump(mode="json"), frozenset(keep))
 
 
-def _drop_since_recorded(section: Section, dumped: dict[str, Any]) -> dict[str, Any]:
+def since_recorded_names(section: Section) -> set[str]:
+    """The names of the :data:`SINCE_RECORDED` settings in ``section`` and its nested sections."""
+    names: set[str] = set()
     for name, info in type(section).model_fields.items():
         value = getattr(section, name)
-        if (info.json_schema_extra or {}).get("fingerprint") == "omit_at_default" and value == info.default:
+        if (info.json_schema_extra or {}).get("fingerprint") == "omit_at_default":
+            names.add(name)
+        for item in value if isinstance(value, list | tuple) else [value]:
+            if isinstance(item, Section):
+                names |= since_recorded_names(item)
+    return names
+
+
+def _drop_since_recorded(section: Section, dumped: dict[str, Any], keep: frozenset[str]) -> dict[str, Any]:
+    for name, info in type(section).model_fields.items():
+        value = getattr(section, name)
+        if ((info.json_schema_extra or {}).get("fingerprint") == "omit_at_default" and value == info.default
+                and name not in keep):
             dumped.pop(name, None)
         elif isinstance(value, Section):
-            _drop_since_recorded(value, dumped[name])
+            _drop_since_recorded(value, dumped[name], keep)
         elif isinstance(value, list | tuple):
             for item, item_dumped in zip(value, dumped[name]):
                 if isinstance(item, Section):
-                    _drop_since_recorded(item, item_dumped)
+                    _drop_since_recorded(item, item_dumped, keep)
     return dumped
 
 

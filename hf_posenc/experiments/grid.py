@@ -43,11 +43,14 @@ class Cell:
         name: The record's file name without ``.json`` (unique within the grid).
         fingerprint: :func:`fingerprint` of the cell's settings; a stored record with another one is stale.
         spec: Whatever the experiment's ``compute`` needs to produce the record.
+        earlier: Fingerprints that earlier code wrote for these same settings (a setting added since, at the
+            default that computes what those runs did); a record under one of them is reused too.
     """
 
     name: str
     fingerprint: str
     spec: Any = None
+    earlier: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -69,12 +72,13 @@ class GridRun:
 Mapper = Callable[[Sequence[Cell]], Iterable[tuple[Cell, dict[str, Any]]]]
 
 
-def stored_record(path: Path, expected: str) -> dict[str, Any] | None:
-    """The record at ``path`` if it exists and was made under the fingerprint ``expected``, else None."""
+def stored_record(path: Path, expected: str, earlier: Iterable[str] = ()) -> dict[str, Any] | None:
+    """The record at ``path`` if it exists and was made under the fingerprint ``expected`` (or one of the
+    ``earlier`` fingerprints of the same settings), else None."""
     if not path.is_file():
         return None
     record = json.loads(path.read_text())
-    if record.get(FINGERPRINT_KEY) == expected:
+    if record.get(FINGERPRINT_KEY) == expected or record.get(FINGERPRINT_KEY) in set(earlier):
         return record
     logger.info("%s changed since its last run: recomputing", path.stem)
     return None
@@ -114,7 +118,7 @@ def run_grid(cells: Sequence[Cell], compute: Callable[[Cell], dict[str, Any]], f
     pending: list[Cell] = []
     for cell in cells:
         path = folder / f"{cell.name}.json"
-        record = stored_record(path, cell.fingerprint)
+        record = stored_record(path, cell.fingerprint, cell.earlier)
         if record is None:
             pending.append(cell)
         else:

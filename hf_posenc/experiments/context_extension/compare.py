@@ -11,19 +11,21 @@ that produced it), so an interrupted comparison resumes where it stopped.
 
 from __future__ import annotations
 
+import itertools
 import json
 import logging
 import math
 import os
 import shutil
 import time
+from collections.abc import Collection
 from pathlib import Path
 from typing import Any
 
 import torch
 
 from .. import grid
-from ..config import encoding_dict, fingerprint_settings, load_config
+from ..config import encoding_dict, fingerprint_settings, load_config, since_recorded_names
 from ..intervals import merge_seeds
 from .config import CompareConfig, VariantConfig
 from .data import eval_stream, load_texts
@@ -35,17 +37,25 @@ from .training import finetune_lora, make_accelerator
 logger = logging.getLogger(__name__)
 
 
-def _fingerprint(cfg: CompareConfig, variant: VariantConfig) -> str:
-    """Hash of every setting that changes a variant's record."""
+def _fingerprint(cfg: CompareConfig, variant: VariantConfig, keep: Collection[str] = ()) -> str:
+    """Hash of every setting that changes a variant's record (``keep``: see :func:`fingerprint_settings`)."""
     payload = {
-        "variant": fingerprint_settings(variant),
-        "train": fingerprint_settings(cfg.variant_train(variant)) if variant.finetune else None,
-        "lora": fingerprint_settings(cfg.variant_lora(variant)) if variant.finetune else None,
-        "model": fingerprint_settings(cfg.model),
-        "data": fingerprint_settings(cfg.data),
-        "eval": fingerprint_settings(cfg.eval),
+        "variant": fingerprint_settings(variant, keep),
+        "train": fingerprint_settings(cfg.variant_train(variant), keep) if variant.finetune else None,
+        "lora": fingerprint_settings(cfg.variant_lora(variant), keep) if variant.finetune else None,
+        "model": fingerprint_settings(cfg.model, keep),
+        "data": fingerprint_settings(cfg.data, keep),
+        "eval": fingerprint_settings(cfg.eval, keep),
     }
     return grid.fingerprint(payload)
+
+
+def _earlier_fingerprints(cfg: CompareConfig, variant: VariantConfig) -> tuple[str, ...]:
+    """The fingerprints earlier code wrote for the same settings: between a setting's arrival and its
+    :data:`~hf_posenc.experiments.config.SINCE_RECORDED` declaration, records carried it at its default."""
+    names = sorted(since_recorded_names(cfg) | since_recorded_names(variant))
+    subsets = (kept for size in range(1, len(names) + 1) for kept in itertools.combinations(names, size))
+    return tuple(dict.fromkeys(_fingerprint(cfg, variant, kept) for kept in subsets))
 
 
 def _setup_logging(out_dir: Path) -> logging.Handler:
@@ -235,7 +245,8 @@ def run_compare(config_path: str | Path, out_dir: str | Path, overrides: list[st
             curve_reference = {"perplexity": math.exp(math.fsum(nll) / len(nll)), "tokens": cfg.eval.curve_tokens}
             del base
         runs = [(variant, run) for variant in cfg.selected_variants() for run in cfg.variant_runs(variant)]
-        cells = [grid.Cell(run_name, _fingerprint(cfg, run), run) for _, (run_name, run) in runs]
+        cells = [grid.Cell(run_name, _fingerprint(cfg, run), run, _earlier_fingerprints(cfg, run))
+                 for _, (run_name, run) in runs]
 
         def compute(cell: grid.Cell) -> dict[str, Any]:
             return run_variant(cfg, cell.spec, source, tokenizer, held_out, get_train_texts, out_dir, progress,

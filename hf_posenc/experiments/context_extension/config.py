@@ -128,7 +128,8 @@ class LoraSettings(Section):
     full_attention: bool = False
     #: No adapter: train every parameter (full fine-tuning), as DroPE recalibrates a model after dropping its
     #: RoPE (Gelberg et al. 2025, https://arxiv.org/abs/2512.12167).
-    full_model: bool = False
+    #: Added after runs were recorded: False computes what they did (:data:`SINCE_RECORDED`).
+    full_model: Annotated[bool, Field(json_schema_extra=SINCE_RECORDED)] = False
 
     @model_validator(mode="after")
     def _one_full_mode(self) -> LoraSettings:
