@@ -15,6 +15,8 @@ Ulysses wrapper can be running.
 from __future__ import annotations
 
 import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
 
 from .kernels.call import Heads
 
@@ -95,6 +97,31 @@ def register_ulysses(model, sequence_parallel_size: int, micro_batch_size: int, 
     return UlyssesSPAttentionHF.register_with_transformers(
         model, core_attn_implementation=name, sequence_parallel_size=sequence_parallel_size,
         micro_batch_size=micro_batch_size, **kwargs)
+
+
+@contextmanager
+def ulysses_scope(model) -> Iterator[None]:
+    """Undo, on exit, what registering Ulysses around ``model``'s attention did process-wide.
+
+    Registration (:func:`register_ulysses`, or Accelerate's ``prepare``) replaces the model's attention function
+    in transformers' registry by its wrapper and creates DeepSpeed's sequence-parallel groups; only a teardown of
+    the whole process group clears them. A second registration in the same launch (the next model trained, e.g.
+    the comparison's next variant) would wrap the wrapper, and DeepSpeed refuses a second set of groups. After
+    the block the model attends with its plain function again (on every token, e.g. for evaluation).
+    """
+    from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+
+    name = attention_name(model)
+    function = ALL_ATTENTION_FUNCTIONS[name]
+    try:
+        yield
+    finally:
+        # Undo `ALL_ATTENTION_FUNCTIONS[name] = wrapper` with the same public mapping operation.
+        ALL_ATTENTION_FUNCTIONS[name] = function
+        state = sys.modules.get(_STATE_MODULE)
+        if state is not None:
+            # DeepSpeed's own release, which it runs when the whole process group is destroyed.
+            state._release_sequence_parallel_groups()
 
 
 def _routes(model) -> set[str | None]:

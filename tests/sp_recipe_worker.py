@@ -10,7 +10,8 @@ A launch starts once (importing DeepSpeed and setting up gloo costs more than a 
 trains every case in turn, released between them with ``Accelerator.free_memory`` as Accelerate documents for
 successive trainings. Ulysses leaves two process-wide states behind that only a teardown of the whole process
 group clears: the attention function's registry entry (wrapped in place) and DeepSpeed's sequence-parallel
-groups (a second ``initialize_sequence_parallel`` asserts there are none). Both are put back between cases.
+groups (a second ``initialize_sequence_parallel`` asserts there are none). Both are put back between cases
+(:func:`hf_posenc.parallel.ulysses_scope`).
 
 Rank 0 writes ``{case: {"stats": ..., "trained": {name: update}}}`` (:func:`updates`) with ``torch.save``;
 every rank adds its ``param_checksum`` to ``checksums``.
@@ -60,26 +61,6 @@ def training_texts() -> list[str]:
     return [Path(one.__file__).read_text(), Path(two.__file__).read_text()]
 
 
-class UlyssesReset:
-    """Puts back what Ulysses registered process-wide, so that the next case registers it afresh."""
-
-    def __init__(self, name: str):
-        from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
-
-        self.name = name
-        self.function = ALL_ATTENTION_FUNCTIONS[name]
-
-    def __call__(self) -> None:
-        from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
-
-        # Undo `ALL_ATTENTION_FUNCTIONS[name] = wrapper` with the same public mapping operation.
-        ALL_ATTENTION_FUNCTIONS[self.name] = self.function
-        state = sys.modules.get("deepspeed.runtime.sequence_parallel.parallel_state_sp")
-        if state is not None:
-            # DeepSpeed's own release, which it runs when the whole process group is destroyed.
-            state._release_sequence_parallel_groups()
-
-
 def updates(model) -> dict[str, torch.Tensor]:
     """What training changed in each trainable parameter: a position table's update (PEFT keeps its starting
     value as ``original_module``: the randomised table would drown a small error), else the value (LoRA B
@@ -111,15 +92,15 @@ def run_case(accelerator, kind: str, kv_heads: int, sp_size: int) -> dict:
     set_seed(train.seed)  # where the recipe seeds: before conversion and LoRA
     model = apply_encoding(model, PosEncConfig(**example_params(kind)))
     randomize_position_tables(model, seed=1)
-    reset = UlyssesReset(parallel.attention_name(model))
     tokenizer = AutoTokenizer.from_pretrained(EMBEDDED)
     try:
-        trained, stats = finetune_lora(accelerator, model, tokenizer, training_texts(), LoraSettings(r=2, alpha=4),
-                                       train, None, progress=False, desc=f"{kind}-kv{kv_heads}")
-        weights = updates(trained)
+        with parallel.ulysses_scope(model):  # the next case registers Ulysses afresh
+            trained, stats = finetune_lora(accelerator, model, tokenizer, training_texts(),
+                                           LoraSettings(r=2, alpha=4), train, None, progress=False,
+                                           desc=f"{kind}-kv{kv_heads}")
+            weights = updates(trained)
     finally:
         accelerator.free_memory()
-        reset()
     return {"stats": stats, "trained": weights}
 
 

@@ -27,9 +27,6 @@ from __future__ import annotations
 
 import inspect
 import json
-import os
-import socket
-import subprocess
 import sys
 from pathlib import Path
 
@@ -37,6 +34,8 @@ import pytest
 import torch
 import yaml
 from safetensors.torch import load_file
+from sp_launch import launch, launch_env
+from sp_launch import run as _run
 from sp_recipe_worker import KV_HEADS, case_kinds
 
 pytest.importorskip("deepspeed")
@@ -54,18 +53,9 @@ CASES = {  # id: (encoding, KV heads, ZeRO stage)
 }
 
 
-def _free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def env(tmp_path_factory):
-    cache = tmp_path_factory.mktemp("sp_cache")
-    return {**os.environ, "HF_POSENC_CACHE": str(cache), "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1",
-            "PYTHONPATH": str(ROOT), "TOKENIZERS_PARALLELISM": "false", "OMP_NUM_THREADS": "1",
-            "DS_ACCELERATOR": "cpu"}  # TORCH_EXTENSIONS_DIR as set outside: DeepSpeed's compiled op is cached there
+    return launch_env(tmp_path_factory.mktemp("sp_cache"))
 
 
 def _base(folder: Path, kv_heads: int) -> Path:
@@ -91,11 +81,6 @@ def _config(folder: Path, base: Path, posenc: dict, name: str, sp_size: int) -> 
     return path
 
 
-def _run(cmd: list[str], env: dict, timeout: int = 600) -> None:
-    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-
-
 @pytest.fixture(scope="module", params=list(CASES))
 def runs(request, tmp_path_factory, env):
     """``(one process, sequence parallel)`` output folders of one case."""
@@ -103,10 +88,8 @@ def runs(request, tmp_path_factory, env):
     folder = tmp_path_factory.mktemp(request.param)
     base = _base(folder / "base", kv_heads)
     _run([sys.executable, "recipes/finetune_lora.py", "--config", str(_config(folder, base, posenc, "one", 1))], env)
-    _run([sys.executable, "-m", "accelerate.commands.launch", "--config_file",
-          "recipes/accelerate/sequence_parallel.yaml", "--mixed_precision", "no", "--zero_stage", str(stage),
-          "--main_process_port", str(_free_port()), "recipes/finetune_lora.py",
-          "--config", str(_config(folder, base, posenc, "sp", 2))], env)
+    _run(launch("recipes/finetune_lora.py", "--config", str(_config(folder, base, posenc, "sp", 2)), zero_stage=stage),
+         env)
     return folder / "one", folder / "sp"
 
 
@@ -147,9 +130,7 @@ def matrix(tmp_path_factory, env):
     folder = tmp_path_factory.mktemp("matrix")
     worker = "tests/sp_recipe_worker.py"
     _run([sys.executable, worker, "--sp-size", "1", "--out", str(folder / "one.pt")], env)
-    _run([sys.executable, "-m", "accelerate.commands.launch", "--config_file",
-          "recipes/accelerate/sequence_parallel.yaml", "--mixed_precision", "no", "--zero_stage", "2",
-          "--main_process_port", str(_free_port()), worker, "--sp-size", "2", "--out", str(folder / "sp.pt")], env,
+    _run(launch(worker, "--sp-size", "2", "--out", str(folder / "sp.pt")), env,
          timeout=1800)  # 22 trainings: 86 s on the shared 2-core machine at load 8, over 600 s at load 13
     return tuple(torch.load(folder / name, weights_only=False) for name in ("one.pt", "sp.pt"))
 

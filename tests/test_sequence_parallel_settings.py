@@ -1,19 +1,24 @@
 """``train.sp_size``: what the recipes refuse before anything runs, and how they batch windows for Ulysses.
 
-The runs themselves (2 processes against one) are ``tests/test_sequence_parallel_recipe.py`` (slow).
+The runs themselves (2 processes against one) are ``tests/test_sequence_parallel_recipe.py`` and, for the
+comparison, ``tests/test_sequence_parallel_compare.py`` (slow).
 """
 
 from __future__ import annotations
 
+from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
 import torch
 
 from hf_posenc.experiments.config import ConfigError, load_config
-from hf_posenc.experiments.context_extension import sequence_parallel
+from hf_posenc.experiments.context_extension import compare, sequence_parallel
 from hf_posenc.experiments.context_extension.config import CompareConfig, FinetuneConfig, TrainConfig
+from hf_posenc.experiments.context_extension.models import ModelSource
 from hf_posenc.experiments.context_extension.training import _whole_batches
+
+EMBEDDED = Path(__file__).resolve().parents[1] / "hf_posenc" / "experiments" / "context_extension" / "embedded_base"
 
 
 def test_windows_must_split_over_the_ranks():
@@ -21,15 +26,44 @@ def test_windows_must_split_over_the_ranks():
         load_config(FinetuneConfig, "finetune_long_context_tiny", ["train.seq_len=4097"])
 
 
-def test_the_comparison_refuses_sequence_parallelism():
-    """The refusal names the commands that do it: the fine-tuning recipe under the Ulysses launch config, then the
-    evaluation recipe with its adapter."""
-    with pytest.raises(ConfigError, match="train.sp_size must be 1 in a comparison") as refusal:
-        load_config(CompareConfig, "tiny", ["variants.6.train.sp_size=2"])
-    message = str(refusal.value)
-    assert ("accelerate launch --config_file recipes/accelerate/sequence_parallel.yaml --num_processes 2 "
-            "recipes/finetune_lora.py --config") in message
-    assert "recipes/evaluate_context.py --config EVALUATE.yaml adapter=OUTPUT_DIR/adapter" in message
+def test_a_comparison_with_sp_size_runs_only_under_a_launch_of_that_many_processes(tmp_path, monkeypatch):
+    """In one process the refusal names the launch that runs it, before anything is written; launched on several
+    processes without ``sp_size`` (each would run the whole grid) it names both ways. A zero-shot variant's
+    ``sp_size`` is never used. Before the comparison ran under sequence parallelism the config itself was refused:
+    ``train.sp_size must be 1 in a comparison, which runs in one process``."""
+    monkeypatch.delenv("WORLD_SIZE", raising=False)
+    assert compare.shared_train_settings(load_config(CompareConfig, "tiny")) is None
+    assert compare.shared_train_settings(load_config(CompareConfig, "tiny", ["variants.0.train.sp_size=2"])) is None
+    with pytest.raises(ConfigError, match=r"train.sp_size=2 \(variant 'rope_finetuned'\) shares each window between 2 "
+                       r"processes, but this comparison runs in one; allowed: train.sp_size=1, or accelerate launch "
+                       r"--config_file recipes/accelerate/sequence_parallel.yaml --num_processes 2 recipes/compare.py"):
+        compare.run_compare("tiny", tmp_path / "out", ["train.sp_size=2"], progress=False)
+    assert not (tmp_path / "out").exists()
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    with pytest.raises(ConfigError, match=r"launched on 2 processes but no fine-tuned variant sets train.sp_size.*"
+                       r"allowed: one process .*, or train.sp_size=2 under accelerate launch"):
+        compare.shared_train_settings(load_config(CompareConfig, "tiny"))
+    only = "only=[rope,rope_finetuned,rope_linear]"  # one zero-shot, two fine-tunes with the same batch
+    shared = compare.shared_train_settings(load_config(CompareConfig, "tiny", ["train.sp_size=2", only]))
+    assert (shared.sp_size, shared.seq_len) == (2, 64)
+
+
+def test_the_fine_tunes_of_a_shared_comparison_agree_on_what_its_launch_fixes(monkeypatch):
+    """One DeepSpeed launch fixes the micro batch, accumulation and precision of all its fine-tunes."""
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    with pytest.raises(ConfigError, match=r"train.batch_size is 2 in variant 'nope' but 1 in 'rope_finetuned'.*"
+                       r"allowed: 1 in every fine-tuned variant"):
+        compare.shared_train_settings(load_config(CompareConfig, "tiny", ["train.sp_size=2", "train.seq_len=32"]))
+    with pytest.raises(ConfigError, match=r"train.sp_size is 1 in variant 'rope_linear' but 2 in 'rope_finetuned'"):
+        compare.shared_train_settings(load_config(CompareConfig, "tiny", ["variants.1.train.sp_size=2"]))
+
+
+def test_a_shared_comparison_refuses_a_base_whose_heads_the_ranks_cannot_share():
+    """The embedded base has 2 heads: 4 ranks cannot share them (checked before any variant runs)."""
+    source = ModelSource(str(EMBEDDED), None, "embedded")
+    compare._check_heads(source, TrainConfig(sp_size=2, seq_len=32))
+    with pytest.raises(ConfigError, match="train.sp_size=4 must divide the model's 2 attention heads"):
+        compare._check_heads(source, TrainConfig(sp_size=4, seq_len=32))
 
 
 def test_the_heads_must_divide_by_sp_size():

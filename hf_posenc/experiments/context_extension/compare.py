@@ -7,6 +7,14 @@ skipped on a re-run when their settings are unchanged (their record carries a fi
 that produced it), so an interrupted comparison resumes where it stopped.
 
 ``hf-posenc compare`` and ``recipes/compare.py`` both run :func:`compare_command`.
+
+Sequence parallelism (``train.sp_size > 1``, DeepSpeed Ulysses: :mod:`.sequence_parallel`): the comparison itself
+is launched on the processes that share each window (``accelerate launch --config_file
+recipes/accelerate/sequence_parallel.yaml recipes/compare.py CONFIG --out DIR``). Every rank runs the same grid in
+the same order: the main process reads the finished records and tells the others which runs are pending; each
+fine-tune is the collective Ulysses step of all ranks; then every rank evaluates the merged model (the same weights
+on every rank), so that no rank waits inside a collective for the length of an evaluation, which the process
+group's timeout bounds; only the main process writes checkpoint stamps, adapters, records and the report.
 """
 
 from __future__ import annotations
@@ -18,16 +26,19 @@ import math
 import os
 import shutil
 import time
-from collections.abc import Collection
+from collections.abc import Callable, Collection, Iterator, Sequence
+from contextlib import nullcontext
 from pathlib import Path
 from typing import Any
 
 import torch
 
+from ... import parallel
 from .. import grid
-from ..config import encoding_dict, fingerprint_settings, load_config, since_recorded_names
+from ..config import ConfigError, encoding_dict, fingerprint_settings, load_config, since_recorded_names
 from ..intervals import merge_seeds
-from .config import CompareConfig, VariantConfig
+from . import sequence_parallel
+from .config import CompareConfig, TrainConfig, VariantConfig
 from .data import eval_stream, load_texts
 from .evaluation import evaluate_context, non_overlapping
 from .models import apply_encoding, load_model, load_tokenizer, resolve
@@ -68,15 +79,17 @@ def _setup_logging(out_dir: Path) -> logging.Handler:
 
 
 def run_variant(cfg: CompareConfig, variant: VariantConfig, source, tokenizer, held_out, get_train_texts,
-                out_dir: Path, progress: bool, run_name: str | None = None) -> dict[str, Any]:
+                out_dir: Path, progress: bool, run_name: str | None = None, accelerator=None) -> dict[str, Any]:
     """Produce one run's record (see ``results.json`` in the module docs of ``report``).
 
     ``run_name`` names its folder under ``variants/`` (default: the variant's name; ``name@seedN`` for one
-    seed of several).
+    seed of several). ``accelerator``: the launch's, under sequence parallelism (every rank runs this; the
+    main one writes); None: one process, an ``Accelerator`` per fine-tune.
     """
     from accelerate.utils import set_seed
 
     run_name = run_name or variant.name
+    writes = accelerator is None or accelerator.is_main_process
     workdir = out_dir / "variants" / run_name
     fingerprint = _fingerprint(cfg, variant)
     # Nothing in workdir changes before the model has loaded: a run that fails to start leaves the
@@ -98,15 +111,20 @@ def run_variant(cfg: CompareConfig, variant: VariantConfig, source, tokenizer, h
             on_step = _curve_recorder(curve, held_out[: cfg.eval.curve_tokens], cfg.base_length, cfg.eval.curve_every,
                                       train_cfg)
             on_step(0, model)
-        accelerator = make_accelerator(train_cfg)  # single process: the grid runs its variants in turn
-        trained, stats = finetune_lora(accelerator, model, tokenizer, get_train_texts(), cfg.variant_lora(variant),
-                                       train_cfg, _checkpoint_folder(workdir, fingerprint), progress=progress,
-                                       desc=f"finetune {run_name}", on_step=on_step)
+        if accelerator is None:
+            accelerator = make_accelerator(train_cfg)  # single process: the grid runs its variants in turn
+            trained, stats = finetune_lora(accelerator, model, tokenizer, get_train_texts(), cfg.variant_lora(variant),
+                                           train_cfg, _checkpoint_folder(workdir, fingerprint), progress=progress,
+                                           desc=f"finetune {run_name}", on_step=on_step)
+        else:
+            trained, stats = _finetune_shared(accelerator, model, tokenizer, get_train_texts(), cfg, variant, train_cfg,
+                                              workdir, fingerprint, progress, run_name, on_step)
         if isinstance(trained, PeftModel):
             # Beside the last run's adapter until this run's record is complete (see below).
             new_adapter = workdir / ".adapter.partial"
-            shutil.rmtree(new_adapter, ignore_errors=True)
-            trained.save_pretrained(str(new_adapter))
+            if writes:
+                shutil.rmtree(new_adapter, ignore_errors=True)
+                trained.save_pretrained(str(new_adapter))
             model = trained.merge_and_unload()
         else:  # attention trained in full: nothing to merge (and no adapter to keep)
             model = trained.eval()
@@ -116,7 +134,7 @@ def run_variant(cfg: CompareConfig, variant: VariantConfig, source, tokenizer, h
     with torch.no_grad():
         evaluation = evaluate_context(model, tokenizer, held_out, cfg.eval, progress=progress,
                                       desc=f"evaluate {run_name}")
-    if new_adapter is not None:  # the run is complete: its adapter replaces the last run's
+    if new_adapter is not None and writes:  # the run is complete: its adapter replaces the last run's
         shutil.rmtree(workdir / "adapter", ignore_errors=True)
         new_adapter.replace(workdir / "adapter")
         (workdir / "fingerprint").write_text(fingerprint)  # the settings the adapter beside it came from
@@ -136,6 +154,23 @@ def run_variant(cfg: CompareConfig, variant: VariantConfig, source, tokenizer, h
         "eval_seconds": round(time.time() - started, 1),
         "fingerprint": fingerprint,
     }
+
+
+def _finetune_shared(accelerator, model, tokenizer, texts: list[str], cfg: CompareConfig, variant: VariantConfig,
+                     train_cfg: TrainConfig, workdir: Path, fingerprint: str, progress: bool, run_name: str,
+                     on_step: Callable[[int, Any], None] | None):
+    """:func:`finetune_lora` under sequence parallelism, on every rank of the launch: the main process prepares
+    the checkpoint folder before any rank looks for a checkpoint in it, and Ulysses' registration is undone after
+    the fine-tune (the next variant registers its own; the evaluation attends with the plain function)."""
+    folder = _checkpoint_folder(workdir, fingerprint) if accelerator.is_main_process else workdir / "checkpoints"
+    accelerator.wait_for_everyone()
+    try:
+        with parallel.ulysses_scope(model):
+            return finetune_lora(accelerator, model, tokenizer, texts, cfg.variant_lora(variant), train_cfg, folder,
+                                 progress=progress and accelerator.is_main_process, desc=f"finetune {run_name}",
+                                 on_step=on_step)
+    finally:
+        accelerator.free_memory()
 
 
 def _checkpoint_folder(workdir: Path, fingerprint: str) -> Path:
@@ -210,31 +245,48 @@ def run_compare(config_path: str | Path, out_dir: str | Path, overrides: list[st
 
     Returns:
         Paths of the written files (keys ``json``, ``csv``, ``markdown``, ``perplexity_plot``,
-        ``passkey_plot``).
+        ``passkey_plot``); none on the processes other than the main one of a sequence-parallel launch
+        (``train.sp_size > 1``; see the module docs), which writes.
 
     Raises:
-        hf_posenc.context_extension.config.ConfigError: invalid config (before anything runs).
+        hf_posenc.context_extension.config.ConfigError: invalid config, or ``train.sp_size`` that this launch
+            cannot run (:func:`shared_train_settings`; before anything runs).
         FileNotFoundError: ``config_path`` is neither a file nor a preset name.
     """
     cfg = load_config(CompareConfig, config_path, overrides)
+    shared_train = shared_train_settings(cfg)
+    accelerator = None  # one process; under sequence parallelism the launch's, for every fine-tune
+    if shared_train is not None:
+        accelerator = _shared_accelerator(cfg, shared_train)
+        progress = progress and accelerator.is_main_process
+    writes = accelerator is None or accelerator.is_main_process
+    main_first = accelerator.main_process_first if accelerator is not None else nullcontext
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    handler = _setup_logging(out_dir)
+    handler = _setup_logging(out_dir) if writes else None
     try:
         started = time.time()
         load_at_start = _load_average()
         # config.json is written with the report it describes (below); until then the log says what runs.
         logger.info("compare config: %s", json.dumps(cfg.model_dump(mode="json")))
-        source = resolve(cfg.model, cfg.data.held_out_percent, progress=progress)
+        with main_first():  # the builtin base is built once, by the main process, and cached
+            source = resolve(cfg.model, cfg.data.held_out_percent, progress=progress)
+        if shared_train is not None:
+            _check_heads(source, shared_train)
         base_seconds = round(time.time() - started, 1)
         tokenizer = load_tokenizer(source)
-        held_out = eval_stream(load_texts(cfg.data, cfg.data.eval_split), tokenizer, cfg.eval.stream_tokens())
+        with main_first():
+            held_out = eval_stream(load_texts(cfg.data, cfg.data.eval_split), tokenizer, cfg.eval.stream_tokens())
         train_texts: list[str] = []
 
         def get_train_texts() -> list[str]:
             if not train_texts:
                 train_texts.extend(load_texts(cfg.data, cfg.data.train_split))
             return train_texts
+
+        if accelerator is not None:  # read now, main process first, rather than inside a collective step
+            with main_first():
+                get_train_texts()
 
         curve_reference = None
         if cfg.eval.curve_every:
@@ -250,13 +302,21 @@ def run_compare(config_path: str | Path, out_dir: str | Path, overrides: list[st
 
         def compute(cell: grid.Cell) -> dict[str, Any]:
             return run_variant(cfg, cell.spec, source, tokenizer, held_out, get_train_texts, out_dir, progress,
-                               run_name=cell.name)
+                               run_name=cell.name, accelerator=accelerator)
 
         def log_record(cell: grid.Cell, record: dict[str, Any]) -> None:
             logger.info("run %s: %s", cell.name, json.dumps(record["perplexity"]))
 
-        done = grid.run_grid(cells, compute, out_dir / "variants", on_record=log_record, indent=2,
-                             progress=progress, desc="runs" if cfg.seeds else "variants")
+        grid_args = {"on_record": log_record, "indent": 2, "progress": progress,
+                     "desc": "runs" if cfg.seeds else "variants"}
+        if accelerator is None:
+            done = grid.run_grid(cells, compute, out_dir / "variants", **grid_args)
+        else:
+            done = _shared_grid(accelerator, cells, compute, out_dir / "variants", **grid_args)
+            if done is None:  # not the main process: it computed the pending runs with the others; the main one writes
+                accelerator.wait_for_everyone()
+                accelerator.end_training()
+                return {}
         records = []
         for variant in cfg.selected_variants():
             seeded = [done.records[run_name] for run_name, _ in cfg.variant_runs(variant)]
@@ -279,10 +339,107 @@ def run_compare(config_path: str | Path, out_dir: str | Path, overrides: list[st
             results["base_model_build"] = json.loads(build_info.read_text())
         paths = write_report(results, out_dir)
         (out_dir / "config.json").write_text(json.dumps(cfg.model_dump(mode="json"), indent=2))
+        if accelerator is not None:
+            accelerator.wait_for_everyone()
+            accelerator.end_training()
         return paths
     finally:
-        logging.getLogger("hf_posenc").removeHandler(handler)
-        handler.close()
+        if handler is not None:
+            logging.getLogger("hf_posenc").removeHandler(handler)
+            handler.close()
+
+
+#: How ``recipes/compare.py`` is launched when its fine-tunes share windows (``N``: ``train.sp_size``).
+SHARED_LAUNCH = ("accelerate launch --config_file recipes/accelerate/sequence_parallel.yaml --num_processes {n} "
+                 "recipes/compare.py CONFIG --out DIR")
+
+
+def shared_train_settings(cfg: CompareConfig) -> TrainConfig | None:
+    """The ``train`` settings of the comparison's fine-tunes when they share windows between processes
+    (``train.sp_size > 1``), or None when the comparison runs in one process. Checked before anything runs.
+
+    Raises:
+        ConfigError: ``sp_size > 1`` in a single process, a launch of several processes without it (each would
+            run the whole grid), or fine-tuned runs that differ in what one DeepSpeed launch fixes for all its
+            fine-tunes (``sp_size``, ``batch_size``, ``grad_accum``, ``mixed_precision``).
+    """
+    runs = [(name, cfg.variant_train(run)) for variant in cfg.selected_variants() if variant.finetune
+            for name, run in cfg.variant_runs(variant)]
+    processes = int(os.environ.get("WORLD_SIZE", "1"))  # set by every torch.distributed launcher
+    shared = [(name, train) for name, train in runs if train.sp_size > 1]
+    if not shared:
+        if processes > 1:
+            raise ConfigError(
+                f"this comparison was launched on {processes} processes but no fine-tuned variant sets train.sp_size, "
+                f"so each process would run the whole grid; allowed: one process (python recipes/compare.py CONFIG "
+                f"--out DIR), or train.sp_size={processes} under {SHARED_LAUNCH.format(n=processes)}.")
+        return None
+    name, first = shared[0]
+    if processes == 1:
+        raise ConfigError(
+            f"train.sp_size={first.sp_size} (variant {name!r}) shares each window between {first.sp_size} processes, "
+            f"but this comparison runs in one; allowed: train.sp_size=1, or {SHARED_LAUNCH.format(n=first.sp_size)}.")
+    for other, train in runs:
+        for key in ("sp_size", "batch_size", "grad_accum", "mixed_precision"):
+            if getattr(train, key) != getattr(first, key):
+                raise ConfigError(
+                    f"train.{key} is {getattr(train, key)} in variant {other!r} but {getattr(first, key)} in "
+                    f"{name!r}: under sequence parallelism the fine-tunes share one DeepSpeed launch, which fixes "
+                    f"it for all; allowed: {getattr(first, key)} in every fine-tuned variant.")
+    return first
+
+
+def _shared_accelerator(cfg: CompareConfig, train: TrainConfig):
+    """The launch's ``Accelerator`` for every fine-tune of a sequence-parallel comparison, its launch checked
+    against every fine-tuned run (the finetune recipe's checks; as config errors)."""
+    try:
+        accelerator = make_accelerator(train)
+        for variant in cfg.selected_variants():
+            if variant.finetune:
+                sequence_parallel.check_launch(accelerator, cfg.variant_train(variant))
+    except ValueError as err:
+        raise ConfigError(str(err)) from err
+    return accelerator
+
+
+def _check_heads(source, train: TrainConfig) -> None:
+    """Refuse, before anything runs, a base whose attention heads ``train.sp_size`` ranks cannot share."""
+    from types import SimpleNamespace
+
+    from transformers import AutoConfig
+
+    config = AutoConfig.from_pretrained(source.path, **({"gguf_file": source.gguf_file} if source.gguf_file else {}))
+    try:
+        sequence_parallel.check_model(SimpleNamespace(config=config), train)
+    except ValueError as err:
+        raise ConfigError(str(err)) from err
+
+
+def _shared_grid(accelerator, cells: Sequence[grid.Cell], compute: Callable[[grid.Cell], dict[str, Any]],
+                 folder: Path, **grid_args) -> grid.GridRun | None:
+    """:func:`grid.run_grid` on every rank of a sequence-parallel launch.
+
+    The main process reads and writes the records; it sends the names of the pending runs to the others, and
+    every rank computes them in that order (a fine-tune is a collective step of all ranks), so the ranks agree
+    on the pending runs even if a record appears while they start.
+
+    Returns:
+        The grid's run on the main process; None on the others.
+    """
+    from accelerate.utils import broadcast_object_list
+
+    def in_step(pending: Sequence[grid.Cell]) -> Iterator[tuple[grid.Cell, dict[str, Any]]]:
+        broadcast_object_list([[cell.name for cell in pending]])
+        for cell in pending:
+            yield cell, compute(cell)
+
+    if accelerator.is_main_process:
+        return grid.run_grid(cells, compute, folder, mapper=in_step, **grid_args)
+    names = broadcast_object_list([None])[0]
+    by_name = {cell.name: cell for cell in cells}
+    for name in names:
+        compute(by_name[name])
+    return None
 
 
 def compare_command(config: str | Path, out_dir: str | Path, overrides: list[str] | tuple[str, ...] = (),
@@ -301,6 +458,8 @@ def compare_command(config: str | Path, out_dir: str | Path, overrides: list[str
         The paths :func:`run_compare` returned.
     """
     paths = run_compare(config, out_dir, overrides, progress=progress)
+    if not paths:  # a process of a sequence-parallel launch other than the main one, which prints
+        return paths
     print(paths["markdown"].read_text())
     for key, path in paths.items():
         print(f"{key}: {path}")

@@ -166,7 +166,9 @@ class TrainConfig(Section):
     mixed_precision: Literal["no", "bf16", "fp16"] | None = None
     #: Sequence parallelism (DeepSpeed Ulysses, https://arxiv.org/abs/2309.14509): this many processes share
     #: each window, each holding ``seq_len / sp_size`` tokens. 1: off. Above 1 it needs the ``sp`` extra and a
-    #: DeepSpeed launch (``recipes/accelerate/sequence_parallel.yaml``); the query heads must divide by it.
+    #: DeepSpeed launch (``recipes/accelerate/sequence_parallel.yaml``); the query heads must divide by it. A
+    #: comparison is launched so itself, and all its fine-tuned variants then share one ``sp_size``, ``batch_size``,
+    #: ``grad_accum`` and ``mixed_precision`` (:func:`..compare.shared_train_settings`).
     #: Added after runs were recorded: 1 computes what they did (:data:`SINCE_RECORDED`).
     sp_size: Annotated[Positive, Field(json_schema_extra=SINCE_RECORDED)] = 1
 
@@ -340,24 +342,6 @@ class CompareConfig(Section):
             raise ValueError(f"only: unknown variant(s) {unknown}; allowed: {names}")
         if self.seeds is not None and len(set(self.seeds)) != len(self.seeds):
             raise ValueError(f"seeds must be distinct, got {self.seeds}")
-        return self
-
-    @model_validator(mode="after")
-    def _one_process(self) -> CompareConfig:
-        # The grid trains, evaluates and writes its variants in turn in one process; Ulysses needs a launch of
-        # several, each holding part of every window (recipes/finetune_lora.py does that, and the evaluation
-        # recipe scores its adapter with the comparison's metrics).
-        shared = [v for v in self.variants if self.variant_train(v).sp_size > 1]
-        if shared:
-            size = self.variant_train(shared[0]).sp_size
-            raise ValueError(
-                f"train.sp_size must be 1 in a comparison, which runs in one process (variant {shared[0].name!r} "
-                f"asks for {size}); allowed: 1. To fine-tune that variant with {size} processes sharing each window: "
-                f"accelerate launch --config_file recipes/accelerate/sequence_parallel.yaml --num_processes {size} "
-                "recipes/finetune_lora.py --config FINETUNE.yaml (its posenc, lora and train sections; e.g. "
-                "recipes/configs/finetune_long_context_tiny.yaml), then evaluate its adapter: python "
-                "recipes/evaluate_context.py --config EVALUATE.yaml adapter=OUTPUT_DIR/adapter (e.g. "
-                "recipes/configs/evaluate_quick.yaml, with the same posenc).")
         return self
 
     def variant_runs(self, variant: VariantConfig) -> list[tuple[str, VariantConfig]]:

@@ -110,8 +110,10 @@ def check_model(model, cfg: TrainConfig) -> None:
                          f"{kv_heads} that divides {heads}.")
 
 
-def bind_attention(accelerator, model) -> None:
-    """Point Accelerate's Ulysses handler at the attention function the (converted) model runs, and check it.
+def bind_attention(accelerator, model, cfg: TrainConfig) -> None:
+    """Point Accelerate's Ulysses handler at the attention function the (converted) model runs and at this
+    run's window length, and check it. Set before each ``prepare``: one launch may train several models in turn
+    (the comparison's variants, each with its own ``train.seq_len``).
 
     Raises:
         ValueError: A parallel setting that would drop or corrupt the encoding
@@ -121,7 +123,9 @@ def bind_attention(accelerator, model) -> None:
     if config is None or not config.sp_enabled:
         return
     config.sp_handler.sp_attn_implementation = parallel.attention_name(model)
+    config.sp_handler.sp_seq_length = cfg.seq_len
     parallel.check_parallelism(model, config)
+
 
 
 def loader_batch_size(cfg: TrainConfig) -> int:

@@ -150,7 +150,7 @@ def train(accelerator, model, windows: torch.Tensor, cfg: TrainConfig, ckpt_root
     shared = sequence_parallel.enabled(cfg)  # each window shared by train.sp_size processes
     if shared:
         sequence_parallel.check_model(model, cfg)
-        sequence_parallel.bind_attention(accelerator, model)
+        sequence_parallel.bind_attention(accelerator, model, cfg)
         per_batch = sequence_parallel.loader_batch_size(cfg)
         windows = _whole_batches(windows, per_batch)
         loader = DataLoader(TensorDataset(windows), batch_size=per_batch, shuffle=False, drop_last=True,
