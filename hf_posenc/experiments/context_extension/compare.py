@@ -14,7 +14,8 @@ recipes/accelerate/sequence_parallel.yaml recipes/compare.py CONFIG --out DIR``)
 the same order: the main process reads the finished records and tells the others which runs are pending; each
 fine-tune is the collective Ulysses step of all ranks; then every rank evaluates the merged model (the same weights
 on every rank), so that no rank waits inside a collective for the length of an evaluation, which the process
-group's timeout bounds; only the main process writes checkpoint stamps, adapters, records and the report.
+group's timeout bounds (DeepSpeed's default 10 min, torch's 30; one variant of the SmolLM2 preset evaluates for
+20-25 min on CPU); only the main process writes checkpoint stamps, adapters, records, the log and the report.
 """
 
 from __future__ import annotations
