@@ -5,7 +5,9 @@ recipes/compare.py CONFIG --out DIR``, on the embedded tiny base (2 heads, one p
 and two fine-tuned ones whose encodings have per-head values (ALiBi slopes, a T5 bias table trained in full), a
 recalibration curve and a checkpoint every step. The reference is the same config with ``train.sp_size=1`` in one
 process. The zero-shot record of the one-process run (its settings do not include ``train``) is put into the
-launch's folder first, marked: the launch must reuse it (a resumed comparison), not recompute it.
+launch's folder first, marked: the launch must reuse it (a resumed comparison), not recompute it. The first launch
+is cut off (both processes SIGKILL themselves after ALiBi's checkpoint at step 1, ``HF_POSENC_KILL_AFTER_STEP``);
+the second reuses the marked record, resumes ALiBi from that checkpoint and computes T5 bias.
 
 Tolerance: the fine-tunes equal one process's to float rounding (the recipe's tests bound the loss by 1e-5; here
 5e-7), so the merged weights are nearly identical and so is every evaluation: perplexities measured within 2.3e-8
@@ -13,8 +15,9 @@ relative; 1e-6 is asserted. Passkey accuracies are equal.
 
 Before the comparison ran under sequence parallelism (main a149a6e) the launch failed with ``config error: ...
 train.sp_size must be 1 in a comparison, which runs in one process (variant 'alibi' asks for 2); allowed: 1. ...``.
-Cost: about 45 s in one process and 4 min 15 s for the launch (3.5 min of it the 2 processes starting: imports,
-DeepSpeed, gloo) on the shared 2-core machine at load 7.
+Cost on the shared 2-core machine: 4 min 25 s in all at load 4-8 (about 45 s in one process, 1 min 20 s for the
+cut-off launch, 1 min 55 s for the resumed one; most of each launch is the 2 processes starting: imports,
+DeepSpeed, gloo).
 """
 
 from __future__ import annotations
@@ -22,12 +25,14 @@ from __future__ import annotations
 import inspect
 import json
 import math
+import subprocess
 
 import pytest
 import yaml
-from sp_launch import launch, launch_env, run
+from sp_launch import ROOT, launch, launch_env, run
 
 from hf_posenc.experiments.context_extension.compare import run_compare
+from hf_posenc.experiments.context_extension.training import FAULT_ENV
 
 pytest.importorskip("deepspeed")
 pytestmark = pytest.mark.slow
@@ -73,6 +78,10 @@ def compared(tmp_path_factory):
     seeded = json.loads((folder / "one" / "variants" / "rope.json").read_text())
     (folder / "sp" / "variants").mkdir(parents=True)
     (folder / "sp" / "variants" / "rope.json").write_text(json.dumps({**seeded, "eval_seconds": SEEDED_SECONDS}))
+    command = launch("recipes/compare.py", str(config), "--out", str(folder / "sp"), "--no-progress")
+    cut_off = subprocess.run(command, cwd=ROOT, env={**env, FAULT_ENV: "1"}, capture_output=True, timeout=600)
+    assert cut_off.returncode != 0 and (folder / "sp" / "variants" / "alibi" / "checkpoints" / "step_0000001").is_dir()
+    assert not (folder / "sp" / "variants" / "alibi.json").exists()
     run(launch("recipes/compare.py", str(config), "--out", str(folder / "sp"), "--no-progress"), env)
     return json.loads(one["json"].read_text()), json.loads((folder / "sp" / "results.json").read_text())
 
@@ -88,14 +97,20 @@ def test_the_finished_record_is_reused_and_the_others_computed(compared):
 
 
 def test_the_fine_tunes_shared_each_window_and_trained_as_one_process(compared):
+    """ALiBi resumed after step 1: its loss is that of step 2 alone and its curve lost step 1's point (as in one
+    process); T5 bias ran whole."""
     one, shared = compared
     for want, got in zip(one["variants"][1:], shared["variants"][1:], strict=True):
         assert (want["train"]["world_size"], got["train"]["world_size"], got["train"]["sp_size"]) == (1, 2, 2)
         assert got["train_tokens"] == want["train_tokens"] == 2 * 64
-        assert abs(got["train"]["final_loss"] - want["train"]["final_loss"]) < 1e-5
-        assert [point["step"] for point in got["curve"]] == [0, 1, 2]
-        for a, b in zip(got["curve"], want["curve"], strict=True):
-            assert _close(a["perplexity"], b["perplexity"]), (got["name"], got["curve"], want["curve"])
+        resumed = got["train"]["resumed_from"]
+        assert (got["name"], resumed) in (("alibi", 1), ("t5_bias", 0))
+        if not resumed:
+            assert abs(got["train"]["final_loss"] - want["train"]["final_loss"]) < 1e-5
+        reference = {point["step"]: point["perplexity"] for point in want["curve"]}
+        assert [point["step"] for point in got["curve"]] == ([0, 2] if resumed else [0, 1, 2])
+        for point in got["curve"]:
+            assert _close(point["perplexity"], reference[point["step"]]), (got["name"], got["curve"], want["curve"])
 
 
 def test_every_record_equals_one_process(compared):
