@@ -21,9 +21,10 @@ from . import tiling
 from .call import Call
 from .dense import prepared
 
-#: (query, key) pairs per tile: FIRE's MLP holds ``width`` fp32 values per pair during a tile's backward
-#: (width 32: 32 MiB per intermediate at 2^18 pairs), besides the tile's ``[B, H, rows, keys]`` scores.
-ROW_TILE_PAIRS = 1 << 18
+#: (query, key) pairs per tile: FIRE's MLP holds ``width`` fp32 values per pair (width 32: 8 MiB at 2^16 pairs),
+#: besides the tile's ``[B, H, rows, keys]`` scores. 2^18 took the same time (one attention call at T=2048,
+#: forward and backward) but added ~50 MiB to a short forward's peak.
+ROW_TILE_PAIRS = 1 << 16
 
 
 def row_tiles(call: Call) -> tuple[torch.Tensor, None]:
@@ -33,23 +34,25 @@ def row_tiles(call: Call) -> tuple[torch.Tensor, None]:
     rows_per_tile = max(1, min(tiling.TILE_ROWS, ROW_TILE_PAIRS // kv_len))
     outputs = []
     for rows, limit in tiling.tiles(q_len, kv_len, call.diagonal, rows_per_tile):
-        if allowed is None:  # plain causality
-            visible = tiling.causal_tile_mask(rows, limit, call.diagonal, query.device)
-        else:
-            visible = allowed[:, :, rows, :limit]  # [B|1, 1, rows, limit]
-        tile = (query[:, :, rows], key[:, :, :limit], value[:, :, :limit], visible)
+        tile = (query[:, :, rows], key[:, :, :limit], value[:, :, :limit], allowed)
         if call.grad:
-            # Recomputed in backward: only the tile's inputs (views of q/k/v) and output are kept.
+            # Recomputed in backward: only the tile's inputs (views of q/k/v and the caller's mask) and output are
+            # kept; the tile's causal mask is rebuilt inside, as a saved one per tile would add up to [q, kv].
             outputs.append(checkpoint(_tile_attention, call, rows, *tile, use_reentrant=False))
         else:
             outputs.append(_tile_attention(call, rows, *tile))
     return (torch.cat(outputs, dim=2) if len(outputs) > 1 else outputs[0]), None
 
 
-def _tile_attention(call: Call, rows: slice, query, key, value, visible):
-    """One tile: ``query`` ``[B, H, rows, D]`` on ``key``/``value`` ``[B, Hkv, limit, D]``, ``visible`` bool
-    ``[B|1, 1, rows, limit]``. Returns ``[B, H, rows, D]``."""
-    bias = call.posenc.tile_bias(call, rows, key.shape[2], visible)  # [B|1, H, rows, limit] fp32
+def _tile_attention(call: Call, rows: slice, query, key, value, allowed):
+    """One tile: ``query`` ``[B, H, rows, D]`` on ``key``/``value`` ``[B, Hkv, limit, D]``; ``allowed`` the call's
+    bool ``[B|1, 1, q, kv]`` or None (plain causality). Returns ``[B, H, rows, D]``."""
+    limit = key.shape[2]
+    if allowed is None:
+        visible = tiling.causal_tile_mask(rows, limit, call.diagonal, query.device)  # [1, 1, rows, limit]
+    else:
+        visible = allowed[:, :, rows, :limit]  # [B|1, 1, rows, limit]
+    bias = call.posenc.tile_bias(call, rows, limit, visible)  # [B|1, H, rows, limit] fp32
     mask = torch.where(visible, bias.to(query.dtype), torch.finfo(query.dtype).min)
     return F.scaled_dot_product_attention(query, key, value, attn_mask=mask, scale=call.scaling,
                                           enable_gqa=key.shape[1] != query.shape[1])
