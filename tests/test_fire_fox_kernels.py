@@ -67,11 +67,11 @@ def assert_matches(got, expected, got_grads, expected_grads, names, allowed, tol
 
 #: (output atol, gradient atol over the gradient's largest entry). fp32 logits carry FoX's gate sums (the fold's
 #: within a tile, the dense bias's ``F_i - F_j``), whose rounding the gates' gradients sum over the causal
-#: triangle: measured against fp64 at most 2.5e-6 on outputs and 9e-6 of the scale on gradients (fold), 4e-6
-#: (dense fp32 bias).
-FOX_TOL = (1e-5, 2e-5)
+#: triangle: measured against fp64 (worst case and tensor) 2.5e-6 on outputs and 1.9e-5 of the scale on
+#: gradients for the fold, 1.7e-6 and 9.3e-6 for the dense fp32 bias; the two differ by up to their sum.
+FOX_TOL = (1e-5, 5e-5)
 #: FIRE's fp32 MLP bias is the same on both paths (the tiles sum the parameters' gradients in another order):
-#: measured 6e-7 on outputs, up to 1.3e-5 of the scale on gradients (``output_weight``).
+#: measured 6.6e-7 on outputs, 5.9e-6 (tiles) and 8.0e-6 (dense) of the scale on gradients.
 FIRE_TOL = (1e-5, 3e-5)
 
 
