@@ -4,18 +4,17 @@ encoding's own per-pair intermediates over every (query, key) pair (FIRE's ``[q,
 exists at any time.
 
 Each tile of rows stops at its last visible key; its bias comes from the encoding's ``tile_bias`` and runs on
-``F.scaled_dot_product_attention`` with a float mask. With a gradient, each tile runs under
-``torch.utils.checkpoint``: forward keeps the tile's output only, and backward recomputes the tile's bias and
-attention to take its gradients (q/k/v and the encoding's parameters, through autograd), one tile's memory at a
-time. Rows per tile: as many as keep ``rows * keys`` under :data:`ROW_TILE_PAIRS` (at most
-:data:`hf_posenc.kernels.tiling.TILE_ROWS`).
+``F.scaled_dot_product_attention`` with a float mask. With a gradient, forward keeps nothing of the tiles and
+backward recomputes each tile with autograd to take its gradients (q/k/v and the encoding's parameters), one
+tile's memory at a time (:class:`_RowTiles`). Rows per tile: as many as keep ``rows * keys`` under
+:data:`ROW_TILE_PAIRS` (at most :data:`hf_posenc.kernels.tiling.TILE_ROWS`).
 """
 
 from __future__ import annotations
 
 import torch
+from torch.autograd.function import once_differentiable
 from torch.nn import functional as F
-from torch.utils.checkpoint import checkpoint
 
 from . import tiling
 from .call import Call
@@ -30,18 +29,62 @@ ROW_TILE_PAIRS = 1 << 16
 def row_tiles(call: Call) -> tuple[torch.Tensor, None]:
     """Kernel ``row_tiles`` (see the module docstring). Returns ``(output [B, H, q, D], None)``."""
     query, key, value, allowed = prepared(call)
-    q_len, kv_len = query.shape[2], key.shape[2]
+    if not call.grad:
+        with torch.no_grad():
+            return _tiles_forward(call, query, key, value, allowed), None
+    params = [p for p in call.posenc.parameters() if p.requires_grad]
+    return _RowTiles.apply(call, allowed, query, key, value, *params), None
+
+
+def _tiles(call: Call, q_len: int, kv_len: int):
     rows_per_tile = max(1, min(tiling.TILE_ROWS, ROW_TILE_PAIRS // kv_len))
-    outputs = []
-    for rows, limit in tiling.tiles(q_len, kv_len, call.diagonal, rows_per_tile):
-        tile = (query[:, :, rows], key[:, :, :limit], value[:, :, :limit], allowed)
-        if call.grad:
-            # Recomputed in backward: only the tile's inputs (views of q/k/v and the caller's mask) and output are
-            # kept; the tile's causal mask is rebuilt inside, as a saved one per tile would add up to [q, kv].
-            outputs.append(checkpoint(_tile_attention, call, rows, *tile, use_reentrant=False))
-        else:
-            outputs.append(_tile_attention(call, rows, *tile))
-    return (torch.cat(outputs, dim=2) if len(outputs) > 1 else outputs[0]), None
+    return tiling.tiles(q_len, kv_len, call.diagonal, rows_per_tile)
+
+
+def _tiles_forward(call: Call, query, key, value, allowed) -> torch.Tensor:
+    output = query.new_empty(query.shape)
+    for rows, limit in _tiles(call, query.shape[2], key.shape[2]):
+        output[:, :, rows] = _tile_attention(call, rows, query[:, :, rows], key[:, :, :limit], value[:, :, :limit],
+                                             allowed)
+    return output
+
+
+class _RowTiles(torch.autograd.Function):
+    """The tiles without gradient in forward; backward recomputes each tile with autograd and takes its gradients
+    in the tile's q/k/v and the encoding's parameters, accumulated in place (per-tile checkpoints instead would
+    give each tile's key gradient as a whole ``[B, Hkv, kv, D]`` tensor to add, and keep an RNG state per tile).
+
+    Args (``apply``, positional): the call, ``allowed`` (bool ``[B|1, 1, q, kv]`` or None), query ``[B, H, q, D]``,
+    key, value ``[B, Hkv, kv, D]``, then the encoding's parameters that require a gradient (which the tiles'
+    bias reads from the module itself; passed so that autograd routes their gradients here).
+    """
+
+    @staticmethod
+    def forward(ctx, call, allowed, query, key, value, *params):
+        ctx.call, ctx.params = call, params  # the module's own parameters, which the recomputed tiles read
+        ctx.save_for_backward(allowed, query, key, value)
+        return _tiles_forward(call, query, key, value, allowed)
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad):
+        allowed, query, key, value = ctx.saved_tensors
+        params = ctx.params
+        grad_q, grad_k, grad_v = torch.zeros_like(query), torch.zeros_like(key), torch.zeros_like(value)
+        grad_params = [torch.zeros_like(p) for p in params]
+        for rows, limit in _tiles(ctx.call, query.shape[2], key.shape[2]):
+            with torch.enable_grad():
+                tile = [x.detach().requires_grad_(True) for x in (query[:, :, rows], key[:, :, :limit],
+                                                                  value[:, :, :limit])]
+                output = _tile_attention(ctx.call, rows, *tile, allowed)
+                grads = torch.autograd.grad(output, (*tile, *params), grad[:, :, rows], allow_unused=True)
+            grad_q[:, :, rows] += grads[0]
+            grad_k[:, :, :limit] += grads[1]
+            grad_v[:, :, :limit] += grads[2]
+            for total, part in zip(grad_params, grads[3:]):
+                if part is not None:
+                    total += part
+        return None, None, grad_q, grad_k, grad_v, *grad_params
 
 
 def _tile_attention(call: Call, rows: slice, query, key, value, allowed):
