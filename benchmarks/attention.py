@@ -11,8 +11,8 @@ What is measured (``mode``), for ``stock_sdpa``, ``stock_eager``, ``rope``, ``ro
 ``alibi``, ``t5_bias``, ``cope``, ``cope_naive`` (the paper's formulation with full ``[B, H, T, T]``
 tensors and gather interpolation, defined here as the baseline the fast path is judged against),
 ``self_extend`` (G=4, W=256), ``rerope`` (w=256), ``kerple`` / ``kerple_power`` (log / power kernel),
-``contextual_rope`` (learned widths, u ~ N(0, 0.1)), ``fire`` (a dense per-call bias) and ``fox`` (forget
-gates on, RoPE kept; a dense per-call bias):
+``contextual_rope`` (learned widths, u ~ N(0, 0.1)), ``fire`` (its bias per tile of query rows, kernel
+``row_tiles``) and ``fox`` (forget gates on, RoPE kept; folded per key, kernel ``key_term_fold_cpu``):
 
 * ``forward`` (no grad, eval) and ``forward_backward`` (train mode, loss.backward()) of a small Llama
   (``scope="model"``: d=256, 4 layers, 4 heads of 64, byte vocabulary) and of one attention call

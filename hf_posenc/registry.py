@@ -31,8 +31,10 @@ ROUTES = ("rotate", "bias", "attend", "two_position_rope")
 BIAS_FORMS = ("dense", "diagonal", "banded", "rows")
 #: Kernel families an encoding may declare (:func:`hf_posenc.kernels.select.select` picks one per call):
 #: ``dense``: a materialised bias on eager/SDPA; ``diagonal_tiles``: causal tiles of per-diagonal biases;
-#: ``key_fold``: a causal bias ``-m_h (i - j)`` folded into an extra head dimension (ALiBi).
-KERNEL_FAMILIES = ("dense", "diagonal_tiles", "key_fold", "cope_triton")
+#: ``key_fold``: a causal bias ``-m_h (i - j)`` folded into an extra head dimension (ALiBi); ``key_term_fold``: a
+#: causal bias that is a differentiable per-key term up to a row constant, folded the same way (FoX);
+#: ``row_tiles``: a ``rows`` bias computed tile by tile of query rows, recomputed in backward (FIRE).
+KERNEL_FAMILIES = ("dense", "diagonal_tiles", "key_fold", "key_term_fold", "row_tiles", "cope_triton")
 #: The families an encoding of the attend route may declare: CoPE's own Triton kernel (CUDA).
 ATTEND_KERNELS = ("cope_triton",)
 #: The backends our attention functions implement (``hf_posenc_eager`` / ``hf_posenc_sdpa`` /
@@ -50,6 +52,8 @@ REQUIRED_METHODS: dict[tuple[str, str], tuple[str, ...]] = {
     ("bias_form", "rows"): ("row_bias",),
     ("rotates", "True"): ("rotate",),
     ("kernel", "key_fold"): ("slopes",),
+    ("kernel", "key_term_fold"): ("key_terms",),
+    ("kernel", "row_tiles"): ("tile_bias",),
 }
 
 

@@ -62,7 +62,10 @@ def test_causal_attention_matches_the_paper(backend, case):
     got_grads = torch.autograd.grad(got.double(), (q, k, v, *(getattr(module, n) for n in PARAMS)), upstream)
     expected_grads = torch.autograd.grad(expected, (q, k, v, *params.values()), upstream)
     for name, a, b in zip(("q", "k", "v", *PARAMS), got_grads, expected_grads):
-        torch.testing.assert_close(a.double(), b.double(), rtol=2e-5, atol=2e-5,
+        # Relative to the largest entry: the gates' gradients sum the rounding of fp32 logits that carry gate sums
+        # of ~30 here (strongly forgetting random gates) over the causal triangle; the sdpa prefills' fused fold
+        # (kernel key_term_fold_cpu) measured up to 1.9e-5 of it, the dense bias 4e-6.
+        torch.testing.assert_close(a.double(), b.double(), rtol=0, atol=3e-5 * float(b.abs().max()),
                                    msg=lambda m, name=name: f"{name}: {m}")
 
 

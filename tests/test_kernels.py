@@ -21,6 +21,9 @@ DENSE = Capabilities(route="bias", bias_form="dense", kernels=("dense",))
 ATTEND = Capabilities(route="attend", needs_logits=True, causal_only=True)
 TWO_POSITION_ROPE = Capabilities(route="two_position_rope", causal_only=True, extends_rope=True)
 COPE = Capabilities(route="attend", needs_logits=True, causal_only=True, kernels=("cope_triton",))
+FOX_LIKE = Capabilities(route="bias", bias_form="rows", kernels=("dense", "key_term_fold"), rotates=True,
+                        causal_only=True)
+FIRE_LIKE = Capabilities(route="bias", bias_form="rows", kernels=("dense", "row_tiles"))
 PREFILL = kernels.Call(device="cpu", dtype=torch.float32, backend="sdpa", queries=16)
 
 
@@ -103,6 +106,28 @@ def call(**changes) -> kernels.Call:
         (COPE, {"device": "cuda", "triton": False}, "attend"),
         (COPE, {"device": "cuda", "dtype": torch.float64}, "attend"),
         (COPE, {"device": "mps"}, "attend"),
+        # FoX: its per-key term folded on the fused CPU kernel in fp32 prefills; a decode step, other dtypes and
+        # devices keep the dense bias.
+        (FOX_LIKE, {}, "key_term_fold_cpu"),
+        (FOX_LIKE, {"grad": True}, "key_term_fold_cpu"),
+        (FOX_LIKE, {"backend": "flex_attention"}, "key_term_fold_cpu"),  # flex cannot read the keys' gates
+        (FOX_LIKE, {"dtype": torch.bfloat16}, "sdpa"),
+        (FOX_LIKE, {"queries": 1}, "sdpa"),
+        (FOX_LIKE, {"device": "cuda"}, "sdpa"),
+        (FOX_LIKE, {"fused_cpu": False}, "sdpa"),
+        (FOX_LIKE, {"dropout": 0.1}, "sdpa"),
+        (FOX_LIKE, {"compiling": True}, "sdpa"),
+        (FOX_LIKE, {"backend": "eager"}, "eager"),
+        # FIRE: tiles of query rows on any device and dtype, but for decode steps, dropout, encoders, weights.
+        (FIRE_LIKE, {}, "row_tiles"),
+        (FIRE_LIKE, {"dtype": torch.bfloat16, "grad": True}, "row_tiles"),
+        (FIRE_LIKE, {"device": "cuda"}, "row_tiles"),
+        (FIRE_LIKE, {"backend": "flex_attention"}, "row_tiles"),
+        (FIRE_LIKE, {"queries": 1}, "sdpa"),
+        (FIRE_LIKE, {"dropout": 0.1}, "sdpa"),
+        (FIRE_LIKE, {"causal": False}, "sdpa"),
+        (FIRE_LIKE, {"compiling": True}, "sdpa"),
+        (FIRE_LIKE, {"backend": "eager"}, "eager"),
     ],
 )
 def test_selector(capabilities, changes, expected):
@@ -122,7 +147,7 @@ def test_selector_gives_a_softcap_to_the_encoding_that_computes_the_logits():
 
 
 def test_every_kernel_is_reachable():
-    cases = [(c, call(**k)) for c in (ALIBI_LIKE, BANDED, ATTEND, TWO_POSITION_ROPE, COPE) for k in
+    cases = [(c, call(**k)) for c in (ALIBI_LIKE, BANDED, ATTEND, TWO_POSITION_ROPE, COPE, FOX_LIKE, FIRE_LIKE) for k in
              ({}, {"queries": 1}, {"backend": "eager"}, {"compiling": True}, {"dtype": torch.bfloat16},
               {"device": "cuda"}, {"backend": "flex_attention"})]
     assert {kernels.select(c, x) for c, x in cases} == set(kernels.KERNELS)

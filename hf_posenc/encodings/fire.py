@@ -16,7 +16,10 @@ the farthest key on either side, which keeps the input in ``[0, 1]`` as the pape
 written for causal models).
 
 The normaliser depends on the query's own reach, not on ``i - j`` alone, so the bias is not Toeplitz: it is
-a ``[B|1, H, q, kv]`` bias per call (``bias_form="rows"``) on the dense kernels.
+a ``[B|1, H, q, kv]`` bias per call (``bias_form="rows"``). Causal calls of more than one query compute it tile
+by tile of query rows (kernel ``row_tiles``, :meth:`FireBias.tile_bias`), recomputed in backward, so that
+neither the bias nor the MLP's ``[q, kv, width]`` hidden layer exists whole; decode steps, encoders and the
+eager backend take the dense kernels.
 """
 
 from __future__ import annotations
@@ -100,7 +103,9 @@ class FireBias(PositionModule):
 
     def mlp(self, x: torch.Tensor) -> torch.Tensor:
         """``f_theta``: ``[B, 1, q, kv]`` inputs to ``[B, H, q, kv]`` fp32 biases."""
-        hidden = torch.relu(x[..., None] * self.hidden_weight.float() + self.hidden_bias.float())  # [.., q, kv, W]
+        # One [.., q, kv, W] tensor: the ReLU in place on the fused multiply-add (whose backward needs only its
+        # inputs), the largest intermediate of FIRE's attention.
+        hidden = torch.addcmul(self.hidden_bias.float(), x[..., None], self.hidden_weight.float()).relu_()
         with torch.autocast(x.device.type, enabled=False):  # fp32 like every bias, whatever the autocast dtype
             return torch.einsum("bxqkw,hw->bhqk", hidden, self.output_weight.float())  # [B, H, q, kv]
 
@@ -110,6 +115,13 @@ class FireBias(PositionModule):
         if allowed is None and call.causal:
             allowed = allowed_keys(None, call.q_pos, call.k_pos, True)
         return own_heads(call.heads, self.mlp(self.normalised_distance(call.q_pos, call.k_pos, allowed)), dim=1)
+
+    def tile_bias(self, call, rows: slice, limit: int, allowed: torch.Tensor) -> torch.Tensor:
+        """``[B|1, H, rows, limit]`` fp32 bias of query ``rows`` of a causal call on its first ``limit`` keys
+        (the ``row_tiles`` kernel), ``allowed`` the bool ``[B|1, 1, rows, limit]`` keys they see: every key a
+        causal row sees is among them, so its normaliser is the whole row's."""
+        distance = self.normalised_distance(call.q_pos[rows], call.k_pos[:limit], allowed)
+        return own_heads(call.heads, self.mlp(distance), dim=1)
 
     def bias(self, q_pos: torch.Tensor, k_pos: torch.Tensor, causal: bool) -> torch.Tensor:
         """``[1, H, q, kv]`` bias of unpadded rows (every key of a causal query up to itself visible)."""
@@ -152,7 +164,7 @@ registry.register(registry.Encoding(
     module_class=FireBias,
     build=lambda config, layer: FireBias(layer.num_heads, config.width, config.init_c, config.init_threshold),
     capabilities=registry.Capabilities(
-        route="bias", bias_form="rows", kernels=("dense",),
+        route="bias", bias_form="rows", kernels=("dense", "row_tiles"),
         tables=("hidden_weight", "hidden_bias", "output_weight", "c", "threshold"),
     ),
     display_name="FIRE",
@@ -163,7 +175,7 @@ registry.register(registry.Encoding(
     # L gets a gradient worth comparing; c is kept positive. The
     # MLP's and L's gradients are sums over every (query, key) pair that cancel down to the variation along a
     # row (as KERPLE's), from scores rounded to 16 bits: wider tolerances than the shared ones (fp16 and bf16).
-    example=registry.Example(params={"width": 8, "init_threshold": 6.0}, prefill_kernels=("sdpa", "sdpa"),
+    example=registry.Example(params={"width": 8, "init_threshold": 6.0}, prefill_kernels=("row_tiles", "row_tiles"),
                              positive_tables=("c",), fixed_tables={"threshold": 6.5}, archs=("llama", "bert"),
                              grad_tol=0.06, bf16_table_grad_tol=0.25),
 ))

@@ -89,15 +89,26 @@ class ForgetGate(PositionModule):
         cumulative = self.log_forget(key, heads).cumsum(-1)  # [B, H, kv]: F
         return cumulative[..., q_index, None] - cumulative[..., None, :]
 
+    def identity(self) -> bool:
+        """Whether this call may skip the bias: every exponent is 0 (no bias at all) and none is learning."""
+        # At a = 0 there is exactly no bias, and the kernels can take the model's own path; but not while the
+        # exponent trains, since its gradient (the paper's gate at w = 0) flows only through the bias.
+        learning = torch.is_grad_enabled() and self.gate_scale.requires_grad
+        return not learning and not torch.compiler.is_compiling() and not bool(self.gate_scale.detach().any())
+
+    def key_terms(self, call) -> torch.Tensor | None:
+        """``-F_j``, ``[B, H, kv]`` fp32, for the ``key_term_fold`` kernel: ``D_ij = F_i - F_j`` is this per-key
+        term up to ``F_i``, a constant per query row that the softmax ignores. None as in :meth:`row_bias`."""
+        if self.identity():
+            return None
+        return -self.log_forget(call.key, call.heads).cumsum(-1)
+
     def row_bias(self, call, allowed: torch.Tensor | None) -> torch.Tensor | None:
         """``[B, H, q, kv]`` fp32 bias of one attention call, or None while every exponent is 0 (the identity).
 
         Future keys get ``-D`` (positive); the causal mask removes them whatever their value.
         """
-        # At a = 0 there is exactly no bias, and the kernels can take the model's own path; but not while the
-        # exponent trains, since its gradient (the paper's gate at w = 0) flows only through the bias.
-        learning = torch.is_grad_enabled() and self.gate_scale.requires_grad
-        if not learning and not torch.compiler.is_compiling() and not bool(self.gate_scale.detach().any()):
+        if self.identity():
             return None
         kv_len = call.key.shape[2]
         q_index = (call.q_pos - call.k_pos[0]).clamp(0, kv_len - 1)  # [q]: each query's own key
@@ -144,7 +155,7 @@ registry.register(registry.Encoding(
     config_class=FoxConfig,
     module_class=ForgetGate,
     build=_build,
-    capabilities=registry.Capabilities(route="bias", bias_form="rows", kernels=("dense",), rotates=True,
+    capabilities=registry.Capabilities(route="bias", bias_form="rows", kernels=("dense", "key_term_fold"), rotates=True,
                                        extends_rope=True, causal_only=True,
                                        tables=("gate_weight", "gate_bias", "gate_scale")),
     display_name="FoX",
@@ -152,5 +163,5 @@ registry.register(registry.Encoding(
     backends=registry.OWN_BACKENDS,
     causal_reason="its bias sums the forget gates of the tokens between key and query, in sequence order",
     # The exponent randomised positive, so that every head forgets and w, b get gradients.
-    example=registry.Example(params={}, prefill_kernels=("sdpa", "sdpa"), positive_tables=("gate_scale",)),
+    example=registry.Example(params={}, prefill_kernels=("key_term_fold_cpu", "sdpa"), positive_tables=("gate_scale",)),
 ))

@@ -12,8 +12,9 @@ from .call import Call
 from .dense import eager, sdpa
 from .diagonal_tiles import diagonal_tiles_cpu, diagonal_tiles_sdpa
 from .flex_attention import flex, flex_compiled, two_position_flex
-from .key_fold import key_fold_cpu
+from .key_fold import key_fold_cpu, key_term_fold_cpu
 from .own_attention import attend
+from .row_tiles import row_tiles
 from .select import select
 from .triton_cope import cope_triton
 from .two_position import two_position_explicit, two_position_tiled
@@ -23,6 +24,8 @@ KERNELS = {
     "eager": eager,
     "sdpa": sdpa,
     "key_fold_cpu": key_fold_cpu,
+    "key_term_fold_cpu": key_term_fold_cpu,
+    "row_tiles": row_tiles,
     "diagonal_tiles_cpu": diagonal_tiles_cpu,
     "diagonal_tiles_sdpa": diagonal_tiles_sdpa,
     "attend": attend,

@@ -129,15 +129,22 @@ def _folded(x: torch.Tensor, fill: float) -> torch.Tensor:
     return torch.cat((x, x.new_full((*x.shape[:-1], 1), fill)), dim=-1)
 
 
-def _write_key_term(key_folded: torch.Tensor, slopes: torch.Tensor, limit: int, scale: float) -> None:
-    """Set the extra dimension of the first ``limit`` keys to ``m_h (j - (limit - 1)) / scale`` (in place)."""
-    distance = torch.arange(-(limit - 1), 1, device=key_folded.device, dtype=torch.float32)  # j - (limit - 1)
-    term = slopes[:, None] * (distance / scale)  # [H, limit] fp32
+def _write_key_term(key_folded: torch.Tensor, slopes: torch.Tensor | None, terms: torch.Tensor | None, limit: int,
+                    scale: float) -> None:
+    """Set the extra dimension of the first ``limit`` keys (in place) to ``m_h (j - (limit - 1)) / scale`` (ALiBi's
+    ``slopes``) or to ``(t_j - t_{limit - 1}) / scale`` (a general per-key ``terms`` tensor): either way measured
+    from the tile's last visible key."""
+    if terms is None:
+        distance = torch.arange(-(limit - 1), 1, device=key_folded.device, dtype=torch.float32)  # j - (limit - 1)
+        term = slopes[:, None] * (distance / scale)  # [H, limit] fp32
+    else:
+        term = (terms[..., :limit] - terms[..., limit - 1:limit]) / scale  # [B|1, H, limit] fp32
     key_folded[:, :, :limit, -1] = term.to(key_folded.dtype)
 
 
 class TiledFoldAttention(torch.autograd.Function):
-    """Causal ALiBi on the fused CPU kernel, its bias folded into one extra head dimension, tile by tile.
+    """Causal ALiBi, or any causal bias of the form ``t_j - t_i`` per key, on the fused CPU kernel, its bias folded
+    into one extra head dimension, tile by tile.
 
     ``-m_h (i - j) = m_h (j - c) - m_h (i - c)`` for any constant ``c``: the second term is constant along a
     query row and cancels in the softmax, the first is a per-key term that rides in an extra head dimension
@@ -149,6 +156,13 @@ class TiledFoldAttention(torch.autograd.Function):
     its keys from its own last visible key, so the offset of any row stays below ``FOLD_TILE_ROWS * m_h`` at
     every length and the error stays at eager's level (~1e-6; ``benchmarks/attention.py --fold-error``).
 
+    A general per-key term ``terms`` (FoX: ``t_j = -F_j``, the cumulative log forget gates, so that the logit
+    gains ``F_i - F_j`` up to the row constant) takes the slopes' place: the tile's keys hold
+    ``(t_j - t_ref) / scale`` with ``t_ref`` the term of its last visible key (again the row constant the
+    softmax ignores, and what keeps the offset of a row to the gates of at most one tile). Its gradient is the
+    extra dimension's key gradient over ``scale``, summed over tiles; ``t_ref``'s share is dropped, as the
+    output does not depend on it (each row's ``dS`` sums to 0).
+
     Without a mask a tile is two fused-kernel calls merged through their log-sum-exps: the keys before
     the tile's diagonal block (all visible, no mask) and the square diagonal block on the kernel's causal
     path; with the caller's mask it is one masked call over the keys the tile can see. The keys' extra
@@ -158,17 +172,19 @@ class TiledFoldAttention(torch.autograd.Function):
 
     Args (``apply``, positional):
         query: ``[B, H, q, D]``; key, value: ``[B, H, kv, D]`` (heads expanded), fp32.
-        slopes: ``[H]`` fp32 ALiBi slopes.
+        slopes: ``[H]`` fp32 ALiBi slopes, or None when ``terms`` is given.
         allowed: Bool ``[B|1, 1, q, kv]`` or None (plain causality from ``diagonal``).
         diagonal: Row ``r`` may see key ``j`` iff ``j <= r + diagonal``.
         scale: Logit scale.
+        terms: ``[B|1, H, kv]`` fp32 per-key terms ``t_j`` (the logit of key ``j`` gains ``t_j`` up to a row
+            constant), differentiable; None with ``slopes``.
 
     Returns:
         ``[B, H, q, D]``.
     """
 
     @staticmethod
-    def forward(ctx, query, key, value, slopes, allowed, diagonal, scale):
+    def forward(ctx, query, key, value, slopes, allowed, diagonal, scale, terms=None):
         q_len, kv_len, dim = query.shape[2], key.shape[2], query.shape[3]
         # Equal q/k/v head dims (D + 1 each): the fused kernel needs them; the value's extra dimension is 0.
         query_f, key_f, value_f = _folded(query, 1.0), _folded(key, 0.0), _folded(value, 0.0)
@@ -176,19 +192,19 @@ class TiledFoldAttention(torch.autograd.Function):
         lse = query.new_empty(query.shape[:3], dtype=torch.float32)
         with denormals_flushed(), autocast_off():
             for rows, limit in tiling.tiles(q_len, kv_len, diagonal, FOLD_TILE_ROWS):
-                _write_key_term(key_f, slopes, limit, scale)
+                _write_key_term(key_f, slopes, terms, limit, scale)
                 parts = [flash_attention_lse(query_f[:, :, rows], key_f[:, :, keys], value_f[:, :, keys], mask,
                                              causal, scale)
                          for keys, mask, causal in _fold_tile_parts(allowed, rows, limit, diagonal)]
                 output[:, :, rows], lse[:, :, rows] = _merged(parts)
-        ctx.save_for_backward(query, key, value, output, lse, slopes, allowed)
+        ctx.save_for_backward(query, key, value, output, lse, slopes, allowed, terms)
         ctx.diagonal, ctx.scale = diagonal, scale
         return output[..., :dim]
 
     @staticmethod
     @once_differentiable
     def backward(ctx, grad):
-        query, key, value, output, lse, slopes, allowed = ctx.saved_tensors
+        query, key, value, output, lse, slopes, allowed, terms = ctx.saved_tensors
         q_len, kv_len, dim = query.shape[2], key.shape[2], query.shape[3]
         query_f, key_f, value_f = _folded(query, 1.0), _folded(key, 0.0), _folded(value, 0.0)
         grad_f = F.pad(grad, (0, 1))  # [B, H, q, D + 1]: the extra output dimension is 0 and gets no gradient
@@ -196,7 +212,7 @@ class TiledFoldAttention(torch.autograd.Function):
         grad_q, grad_k, grad_v = torch.zeros_like(query_f), torch.zeros_like(key_f), torch.zeros_like(value_f)
         with denormals_flushed(), autocast_off():
             for rows, limit in tiling.tiles(q_len, kv_len, ctx.diagonal, FOLD_TILE_ROWS):
-                _write_key_term(key_f, slopes, limit, ctx.scale)
+                _write_key_term(key_f, slopes, terms, limit, ctx.scale)
                 for keys, mask, causal in _fold_tile_parts(allowed, rows, limit, ctx.diagonal):
                     # The merged output and lse: each part's P = exp(S - lse) and rowsum(dO * O) are the
                     # whole row's, so the parts' gradients add up to the gradient of the whole tile.
@@ -207,7 +223,12 @@ class TiledFoldAttention(torch.autograd.Function):
                     grad_q[:, :, rows] += d_q
                     grad_k[:, :, keys] += d_k
                     grad_v[:, :, keys] += d_v
-        return grad_q[..., :dim], grad_k[..., :dim], grad_v[..., :dim], None, None, None, None
+        # d logit / d t_j = 1 on every tile that holds key j: the extra dimension's gradient over the scale.
+        grad_terms = None
+        if terms is not None and ctx.needs_input_grad[7]:
+            grad_terms = (grad_k[..., -1] / ctx.scale).sum(0, keepdim=True) if terms.shape[0] == 1 \
+                else grad_k[..., -1] / ctx.scale  # [B|1, H, kv]
+        return grad_q[..., :dim], grad_k[..., :dim], grad_v[..., :dim], None, None, None, None, grad_terms
 
 
 def _fold_tile_parts(allowed, rows: slice, limit: int, diagonal: int):

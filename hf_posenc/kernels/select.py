@@ -11,6 +11,10 @@ on its own (``tests/test_kernels.py``) and an encoding only declares what it can
 * ``key_fold_cpu``: causal ALiBi with its per-key term in an extra head dimension, tiles of query rows on
   the fused CPU kernel (:mod:`hf_posenc.kernels.key_fold`). fp32 only: the folded term of a
   tile reaches ``m * FOLD_TILE_ROWS``, beyond what bf16/fp16 resolve.
+* ``key_term_fold_cpu``: the same fold for a differentiable per-key term (FoX's cumulative log forget gates),
+  with its gradient (:mod:`hf_posenc.kernels.key_fold`). fp32 only, as ``key_fold_cpu``.
+* ``row_tiles``: a causal bias per query row (FIRE) computed and attended tile by tile of query rows, each tile
+  recomputed in backward (:mod:`hf_posenc.kernels.row_tiles`); any device and dtype.
 * ``diagonal_tiles_cpu``: causal per-diagonal biases on the fused CPU kernel, tile by tile, the learned
   table's gradient from its band (:mod:`hf_posenc.kernels.diagonal_tiles`).
 * ``diagonal_tiles_sdpa``: the same tiles on ``F.scaled_dot_product_attention`` (other devices).
@@ -90,6 +94,12 @@ def select(capabilities: Capabilities, call: Call) -> str:
     if "key_fold" in kernels and call.dtype == torch.float32 and call.queries > 1 and call.cpu_kernel:
         # One-token decode steps excluded: padding the whole cache costs more than a [H, 1, kv] bias row.
         return "key_fold_cpu"
+    if "key_term_fold" in kernels and call.dtype == torch.float32 and call.queries > 1 and call.cpu_kernel:
+        # As ALiBi's fold (decode steps keep a [B, H, 1, kv] bias row); other dtypes and devices the dense bias.
+        return "key_term_fold_cpu"
+    if "row_tiles" in kernels and call.queries > 1 and call.dropout == 0:
+        # A decode step's bias is one [B, H, 1, kv] row; dropout stays on the dense path (no RNG replay needed).
+        return "row_tiles"
     if "diagonal_tiles" in kernels and capabilities.bias_form in ("diagonal", "banded"):
         # Decode steps stay off the CPU tiles: reversing the whole cache for one row costs more than its bias.
         return "diagonal_tiles_cpu" if call.cpu_kernel and call.queries > 1 else "diagonal_tiles_sdpa"
