@@ -16,8 +16,10 @@ from transformers import AutoModelForCausalLM, DynamicCache
 import hf_posenc
 from hf_posenc import rotated_keys
 from hf_posenc._hf import cache_kwargs
-from hf_posenc.encodings import contextual_rope, rope
+from hf_posenc.encodings import contextual_rope, cope, rope
 from hf_posenc.encodings.cope import cope_attention
+from hf_posenc.encodings.rerope import ReRoPE
+from hf_posenc.kernels import two_position
 from hf_posenc.kernels.two_position import two_pass_attention
 
 KINDS = {
@@ -213,3 +215,102 @@ def test_a_decode_row_of_two_position_attention_equals_the_definition(kv_len, di
     # neither stock SDPA nor the tiled path gives it a defined value.
     read = (visible.any(-1, keepdim=True) | (diagonal < 0)).expand_as(out)  # [B, H, 1, D]
     torch.testing.assert_close(out.double()[read], expected[read], rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("kv_len,diagonal", [(40, 39), (40, 20), (40, 8), (300, 299)])
+@pytest.mark.parametrize("padded", [False, True])
+def test_a_cope_decode_row_without_gradient_equals_the_definition(monkeypatch, kv_len, diagonal, padded):
+    """One query row without gradient (a decode step) takes CoPE's one-row path, not the blocked autograd function
+    (whose per-block machinery costs more than a row's arithmetic), and equals the paper's equations in fp64:
+    keys after ``diagonal`` unseen (a cache longer than what it holds), left pads, positions past ``npos_max``."""
+    calls = []
+    monkeypatch.setattr(cope._CopeAttention, "apply", lambda *args: calls.append(args))
+    q, k, v, e = (t.detach() for t in make_inputs(q_len=1, kv_len=kv_len, npos=5))
+    allowed = (torch.arange(kv_len) <= diagonal)[None, None, None].expand(2, 1, 1, kv_len).clone()
+    if padded:
+        allowed[1, ..., :6] = False
+    scaling = q.shape[-1] ** -0.5
+    expected, _ = naive_cope(q, k, v, allowed, e, scaling)
+    with torch.no_grad():
+        got, weights = cope_attention(q, k, v, allowed if padded else None, e, scaling, 64, diagonal=diagonal)
+    assert weights is None and not calls
+    assert_close_to_scale(got, expected, "output")
+
+
+@pytest.mark.parametrize("dtype,softcap", [(torch.float32, 5.0), (torch.bfloat16, None), (torch.float32, None)])
+def test_the_cope_decode_row_equals_the_blocked_path(dtype, softcap):
+    """Against the blocked path (with a gradient): soft-capping, bf16 inputs (fp32 inside, as the blocked path) and a
+    padded row that sees no key at all (both give it the same finite output)."""
+    q, k, v, e = (t.detach() for t in make_inputs(q_len=1, kv_len=300, npos=16))
+    q, k, v = q.to(dtype), k.to(dtype), v.to(dtype)
+    for diagonal in (299, 3):
+        allowed = torch.ones(2, 1, 1, 300, dtype=torch.bool)
+        allowed[1, ..., :6] = False  # with diagonal 3, row 1 sees no key
+        with torch.no_grad():
+            got, _ = cope_attention(q, k, v, allowed, e, 0.3, 64, diagonal=diagonal, softcap=softcap)
+        blocked, _ = cope_attention(q.clone().requires_grad_(), k, v, allowed, e, 0.3, 64, diagonal=diagonal,
+                                    softcap=softcap)
+        assert got.dtype == blocked.dtype == dtype
+        torch.testing.assert_close(got.float(), blocked.detach().float(), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("layout,partial", [("half", 1.0), ("half", 0.5), ("interleaved", 1.0)])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64])
+def test_rotating_at_several_position_sets_equals_one_set_at_a_time(layout, partial, dtype):
+    """``rotate_at_sets`` (one cos/sin table and one pass for the near and far rotations of a decode step) gives,
+    set by set, exactly what ``rotate_at`` gives: shared positions ``[S, n]`` and per-row positions ``[B, S, n]``,
+    integer and fractional (Leaky ReRoPE)."""
+    module = rope.RotaryPosition({"rope_type": "default", "rope_theta": 10000.0, "partial_rotary_factor": partial},
+                                 16, 64, layout)
+    x = torch.randn(2, 3, 5, 16, generator=torch.Generator().manual_seed(0)).to(dtype)
+    shared = torch.stack((torch.arange(40, 45), torch.arange(5) // 2 + 7))  # [2, 5]
+    per_row = torch.stack((shared, shared.double() / 3 + 1.5))  # [B=2, S=2, 5]
+    with torch.no_grad():
+        for positions in (shared, per_row):
+            both = module.rotate_at_sets(x, positions, 45)
+            assert both.shape == (2, 3, 2, 5, 16)
+            for s in range(2):
+                assert torch.equal(both[:, :, s], module.rotate_at(x, positions[..., s, :], 45))
+    x.requires_grad_()  # the differentiable form (training) too
+    torch.testing.assert_close(module.rotate_at_sets(x, shared, 45)[:, :, 1], module.rotate_at(x, shared[1], 45))
+
+
+def test_rerope_keeps_no_rotated_copy_of_its_far_keys():
+    """ReRoPE rotates far keys at position 0, the identity (cos/sin factor 1): the far keys are the cached keys
+    themselves and the store keeps the near rotation only. With a cos/sin factor (YaRN's attention factor) they
+    are rotated and kept."""
+    for rope_parameters, unrotated in (({"rope_type": "default", "rope_theta": 10000.0}, True),
+                                       ({"rope_type": "yarn", "rope_theta": 10000.0, "factor": 2.0}, False)):
+        module = ReRoPE(rope_parameters, 16, 64, window=3)
+        store = rotated_keys.RotatedKeys()
+        query, key = torch.randn(1, 2, 1, 16), torch.randn(1, 2, 9, 16)
+        with torch.no_grad():
+            q_near, k_near, q_far, k_far = module.near_and_far(query, key, torch.tensor([8]), torch.arange(9),
+                                                               live=True, store=store)
+            reference = module.near_and_far(query, key, torch.tensor([8]), torch.arange(9), live=True)
+        assert (k_far is key) == unrotated and set(store._buffers) == ({"near"} if unrotated else {"near_and_far"})
+        for got, expected in zip((q_near, k_near, q_far, k_far), reference):
+            assert torch.equal(got, expected)
+        assert torch.equal(reference[3], module.rotate_at(key, torch.zeros(9, dtype=torch.long), 9))
+
+
+@pytest.mark.parametrize("kv_heads", [1, 2])
+@pytest.mark.parametrize("padded", [False, True])
+def test_a_grouped_decode_row_reads_the_cache_without_expanding_it(monkeypatch, kv_heads, padded):
+    """GQA: the one-row path takes ``[B, Hkv, kv, D]`` keys and values as they are (no expanded copy of the cache
+    per step) and equals the row over expanded heads (query head ``h`` reads key/value head ``h // (H / Hkv)``)."""
+    g = torch.Generator().manual_seed(kv_heads)
+    q_near, q_far = (torch.randn(2, 4, 1, 8, generator=g) for _ in range(2))
+    k_near, k_far, value = (torch.randn(2, kv_heads, 30, 8, generator=g) for _ in range(3))
+    allowed = None
+    if padded:
+        allowed = torch.ones(2, 1, 1, 30, dtype=torch.bool)
+        allowed[1, ..., :5] = False
+    expand = lambda x: x.repeat_interleave(4 // kv_heads, dim=1)  # noqa: E731
+    expanded = []
+    monkeypatch.setattr(two_position, "expand_kv", lambda x, heads: expanded.append(x) or x)
+    with torch.no_grad():
+        got = two_pass_attention(q_near, k_near, q_far, k_far, value, allowed, 29, 6, 0.3)
+        reference = two_pass_attention(q_near, expand(k_near), q_far, expand(k_far), expand(value), allowed, 29, 6, 0.3)
+    assert not expanded and got.shape == (2, 4, 1, 8)
+    torch.testing.assert_close(got, reference, rtol=1e-5, atol=1e-6)  # other GEMM shapes: rounding only

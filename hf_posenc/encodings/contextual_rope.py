@@ -250,7 +250,8 @@ class ContextualRope(RotaryPosition):
                      key.shape[:2])
         start = store.valid_rows(signature)
         q_index = q_pos - first  # [q]: the key index of each query's own token
-        if start and int(q_index.min()) < start:  # a query of a stored key (not from an appending cache)
+        lowest = int(q_index.min())
+        if start and lowest < start:  # a query of a stored key (not from an appending cache)
             store.clear()
             start = store.valid_rows(signature)
         new = key[:, :, start:]  # [B, Hkv, m, D]
@@ -260,8 +261,16 @@ class ContextualRope(RotaryPosition):
         store.covers(key)
         batch, heads, q_len, dim = query.shape
         kv_heads = key.shape[1]
-        q_cos, q_sin = rotation_cos_sin(positions.index_select(-1, q_index - start)[:, :, None], inv_freq, scaling,
-                                        query.dtype)  # [B, Hkv, 1, q, rotary_dim / 2]
+        if query.dtype == key.dtype:
+            # A query takes its own key's position: its cos/sin are that key's (one table, as in a prefill).
+            if q_len == new.shape[-2] and lowest == start:  # the queries are the new keys (consecutive)
+                q_cos, q_sin = k_cos[:, :, None], k_sin[:, :, None]
+            else:
+                rows = q_index - start
+                q_cos, q_sin = k_cos.index_select(-2, rows)[:, :, None], k_sin.index_select(-2, rows)[:, :, None]
+        else:
+            q_cos, q_sin = rotation_cos_sin(positions.index_select(-1, q_index - start)[:, :, None], inv_freq,
+                                            scaling, query.dtype)  # [B, Hkv, 1, q, rotary_dim / 2]
         grouped = query.reshape(batch, kv_heads, heads // kv_heads, q_len, dim)
         q_rot = rotate_pairs(grouped, q_cos, q_sin, self.rotary_dim, self.layout).reshape(batch, heads, q_len, dim)
         return q_rot, k_rot

@@ -74,9 +74,10 @@ def _block_mask(allowed, start: int, stop: int, limit: int, diagonal: int | None
     """Bool mask of one block in reversed key order, ``[B|1, 1, qb, limit]`` (None: every key allowed)."""
     if allowed is not None:
         return allowed[:, :, start:stop, :limit].flip(-1)
-    if diagonal is None:
+    # Reversed position jr holds key j = limit - 1 - jr; row r sees j <= r + diagonal, so its first visible
+    # position is (limit - 1 - diagonal) - r. None where the block's first row already sees every key (decode).
+    if diagonal is None or limit - 1 - diagonal - start <= 0:
         return None
-    # Reversed position jr holds key j = limit - 1 - jr; row r sees j <= r + diagonal.
     rows = torch.arange(start, stop, device=device)
     first_visible = (limit - 1 - diagonal) - rows  # [qb]: smallest jr visible to the row
     return (torch.arange(limit, device=device)[None, :] >= first_visible[:, None])[None, None]
@@ -293,6 +294,41 @@ class _CopeAttention(torch.autograd.Function):
                 grad_e.to(pos_emb.dtype), None, None, None, None, None, None)
 
 
+def _decode_row(query, key, value, pos_emb, allowed, scaling: float, diagonal: int | None, softcap: float | None):
+    """One query row without gradient (a decode step): the paper's equations on a ``[B, H, 1, kv]`` row, in key
+    order, the position term read with two gathers from ``q @ E``.
+
+    A row of ``kv`` logits is small, so none of the blocked path's machinery (reversed keys, run boundaries,
+    step functions rebuilt by cumulative sums, clamp detection) pays for itself here: its many small operations
+    cost more than the arithmetic. The running sum still adds the nearest gates first (over the flipped row).
+    Arguments as :func:`cope_attention` (``allowed`` ``[B|1, 1, 1, kv]`` or None); returns ``[B, H, 1, D]``.
+    """
+    with torch.autocast(query.device.type, enabled=False):  # fp32 gates and positions, as the blocked path
+        npos_max = pos_emb.shape[-1]
+        limit = _causal_limit(1, key.shape[-2], diagonal)  # keys after these are in the future
+        q = query.float()
+        qk = torch.matmul(q, key[:, :, :limit].float().transpose(-1, -2)).mul_(scaling)  # [B, H, 1, kb]
+        gates = torch.sigmoid(qk)
+        mask = None
+        if allowed is not None:
+            mask = allowed[..., :limit]
+            gates.masked_fill_(~mask, 0.0)
+        # p_j = sum of the gates of keys j..last: a running sum over the row flipped (nearest key first).
+        positions = gates.flip(-1).cumsum(-1).clamp_(max=npos_max - 1)  # reversed key order
+        floor = positions.floor()
+        index = floor.long()
+        z = torch.matmul(q, pos_emb.float())  # [B, H, 1, npos_max]
+        low = z.gather(-1, index)
+        high = z.gather(-1, index.add_(1).clamp_(max=npos_max - 1))
+        scores = qk.add_(high.sub_(low).mul_(positions.sub_(floor)).add_(low).flip(-1))  # key order again
+        if softcap is not None:
+            scores = scores.div_(softcap).tanh_().mul_(softcap)
+        if mask is not None:
+            scores = scores.masked_fill_(~mask, _NEG)
+        probs = torch.softmax(scores, dim=-1)
+        return torch.matmul(probs, value[:, :, :limit].float()).to(value.dtype)
+
+
 def cope_attention(
     query: torch.Tensor,
     key: torch.Tensor,
@@ -326,6 +362,10 @@ def cope_attention(
         ``(output [B, H, q, D] in the value dtype, weights fp32 or None)``. Gates, positions and softmax run
         in fp32 whatever the input dtype and autocast state.
     """
+    one_row = query.shape[2] == 1 and not return_weights and not torch.compiler.is_compiling() and not (
+        torch.is_grad_enabled() and any(t.requires_grad for t in (query, key, value, pos_emb)))
+    if one_row:
+        return _decode_row(query, key, value, pos_emb, allowed, float(scaling), diagonal, softcap), None
     rows = max(1, min(int(block_size), TILE_ROWS))
     return _CopeAttention.apply(query, key, value, pos_emb, allowed, float(scaling), rows,
                                 None if diagonal is None else int(diagonal), bool(return_weights),

@@ -77,6 +77,10 @@ class ReRoPE(TwoPositionRope):
         k = self.leak
         return q_pos.double() / k + (w - w / k), k_pos.double() / k
 
+    def far_keys_unrotated(self, scaling: float) -> bool:
+        # ReRoPE rotates far keys at position 0: cos = scaling, sin = 0, the identity when scaling is 1.
+        return self.leak is None and scaling == 1.0
+
     def extra_repr(self) -> str:
         return super().extra_repr() + f", leak={self.leak}"
 

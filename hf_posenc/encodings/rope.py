@@ -111,6 +111,8 @@ def rotation_cos_sin(positions: torch.Tensor, inv_freq: torch.Tensor, scaling: f
     """
     precision = torch.promote_types(dtype, torch.float32)
     angles = positions.to(precision)[..., None] * inv_freq.to(precision)
+    if scaling == 1.0:  # the common case, and x * 1.0 is x: two operations fewer per rotation (decode counts them)
+        return angles.cos().to(dtype), angles.sin().to(dtype)
     return (angles.cos() * scaling).to(dtype), (angles.sin() * scaling).to(dtype)
 
 
@@ -255,6 +257,25 @@ class RotaryPosition(PositionModule):
             positions = positions[:, None]
         cos, sin = rotation_cos_sin(positions, inv_freq, scaling, x.dtype)  # [(B, H,) n, rotary_dim / 2]
         return rotate_pairs(x, cos, sin, self.rotary_dim, self.layout)
+
+    def rotate_at_sets(self, x: torch.Tensor, positions: torch.Tensor, seq_len: int) -> torch.Tensor:
+        """``x [B, H, n, head_dim]`` rotated at each of ``S`` position sets at once, ``[B, H, S, n, head_dim]``.
+
+        One cos/sin table and one rotation pass for all sets instead of one per set (a decode step rotates a
+        single row, where the per-call cost is what counts); every element is computed as :meth:`rotate_at`
+        computes it.
+
+        Args:
+            x: Queries or keys, ``[B, H, n, head_dim]``.
+            positions: ``[S, n]``, or ``[B, S, n]`` per row (any float or int dtype).
+            seq_len: As :meth:`rotate_at`.
+        """
+        inv_freq, scaling = self.frequencies(seq_len, x.device)
+        if positions.dim() == 3:  # per-row positions: broadcast over heads
+            positions = positions[:, None]
+        cos, sin = rotation_cos_sin(positions, inv_freq, scaling, x.dtype)  # [(B, 1,) S, n, rotary_dim / 2]
+        sets = x[:, :, None].expand(*x.shape[:2], positions.shape[-2], *x.shape[2:])  # a view, no copy
+        return rotate_pairs(sets, cos, sin, self.rotary_dim, self.layout)
 
     def extra_repr(self) -> str:
         return f"rope_parameters={self.rope_parameters}, rotary_dim={self.rotary_dim}, layout={self.layout!r}"

@@ -19,6 +19,11 @@ from ..config import fail_field
 from .rope import RotaryPosition
 
 
+def _near_and_far(near: torch.Tensor, far: torch.Tensor) -> torch.Tensor:
+    """Near positions ``[n]`` and far positions ``[n]`` or ``[B, n]`` as two position sets, ``[(B,) 2, n]``."""
+    return torch.stack(torch.broadcast_tensors(near, far), dim=-2)
+
+
 def check_every_layer(kind: str, layers) -> None:
     """The extensions apply to every RoPE layer: a layer left out would lose RoPE, not keep it."""
     if layers is not None:
@@ -66,8 +71,16 @@ class TwoPositionRope(RotaryPosition):
         offsets = q_pos[-1] - position_ids[:, -1:].to(q_pos.device)  # [B|1, 1]
         return offsets.expand(batch, 1) if offsets.shape[0] == 1 else offsets
 
+    def far_keys_unrotated(self, scaling: float) -> bool:
+        """Whether every far key's rotation is the identity (ReRoPE rotates far keys at position 0), so that the
+        far keys are the cached keys themselves: no rotated copy is made or kept."""
+        return False
+
     def near_and_far(self, query, key, q_pos, k_pos, *, live: bool, position_ids=None, store=None):
         """q/k rotated at the near (cache) positions and at the far positions, before any cast.
+
+        Both rotations of a tensor come from one cos/sin table and one pass (``rotate_at_sets``); the two
+        results are views of one ``[B, H, 2, n, D]`` tensor.
 
         Args:
             query: ``[B, H, q, D]`` unrotated; key: ``[B, Hkv, kv, D]`` unrotated (from the cache).
@@ -90,18 +103,29 @@ class TwoPositionRope(RotaryPosition):
             if offsets is not None:
                 q_rows, k_rows = q_pos[None] - offsets, k_pos[None] - offsets  # [B, q], [B, kv]
         q_far_pos, k_far_pos = self.far_positions(q_rows, k_rows)
-        q_near, q_far = self.rotate_at(query, q_pos, seq_len), self.rotate_at(query, q_far_pos, seq_len)
-        if store is None:
-            return q_near, self.rotate_at(key, k_pos, seq_len), q_far, self.rotate_at(key, k_far_pos, seq_len)
+        both = self.rotate_at_sets(query, _near_and_far(q_pos, q_far_pos), seq_len)  # [B, H, 2, q, D]
+        q_near, q_far = both[:, :, 0], both[:, :, 1]
         inv_freq, scaling = self.frequencies(seq_len, key.device)
-        # What the stored rotations depend on: a new frequency table (dynamic scaling past the pretraining
-        # length), other row offsets or another first key position makes them stale.
-        row_offsets = None if offsets is None else tuple(offsets.flatten().tolist())
-        start = store.valid_rows((self, inv_freq, scaling, row_offsets, int(k_pos[0]), key.dtype, key.shape[:2]))
+        unrotated_far = self.far_keys_unrotated(scaling)
+        start = 0
+        if store is not None:
+            # What the stored rotations depend on: a new frequency table (dynamic scaling past the pretraining
+            # length), other row offsets or another first key position makes them stale.
+            row_offsets = None if offsets is None else tuple(offsets.flatten().tolist())
+            start = store.valid_rows((self, inv_freq, scaling, row_offsets, int(k_pos[0]), key.dtype, key.shape[:2]))
         new = key[:, :, start:]
-        k_near = store.extend("near", self.rotate_at(new, k_pos[start:], seq_len), start)
-        k_far = store.extend("far", self.rotate_at(new, k_far_pos[..., start:], seq_len), start)
-        store.covers(key)
+        if unrotated_far:
+            k_near = self.rotate_at(new, k_pos[start:], seq_len)
+            if store is not None:
+                k_near = store.extend("near", k_near, start)
+            k_far = key
+        else:
+            both = self.rotate_at_sets(new, _near_and_far(k_pos[start:], k_far_pos[..., start:]), seq_len)
+            if store is not None:
+                both = store.extend("near_and_far", both, start)  # [B, Hkv, 2, kv, D]
+            k_near, k_far = both[:, :, 0], both[:, :, 1]
+        if store is not None:
+            store.covers(key)
         return q_near, k_near, q_far, k_far
 
     def extra_repr(self) -> str:

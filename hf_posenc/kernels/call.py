@@ -135,6 +135,15 @@ class Call:
         return self.causal and self.attention_mask is None and self.queries == self.key.shape[2]
 
     @property
+    def every_key_visible(self) -> bool:
+        """No mask and every query may see every key (a decode step of a causal layer: its one query comes after
+        every cached key), so that no mask needs to be built or applied. False under ``torch.compile``, where
+        :attr:`diagonal` is not a Python int."""
+        if self.attention_mask is not None or self.compiling:
+            return False
+        return not self.causal or self.diagonal >= self.key.shape[2] - 1
+
+    @property
     def diagonal(self) -> int:
         """Causal query row ``r`` may see key index ``j`` iff ``j <= r + diagonal`` (a Python int: not for
         use under ``torch.compile``; :func:`hf_posenc.positions.causal_diagonal`)."""

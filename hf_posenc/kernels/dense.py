@@ -31,8 +31,9 @@ def prepared(call: Call) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torc
         stored = {} if store is None else {"store": store}  # rotated keys kept beside the cache (inference)
         query, key = call.posenc.rotate(query, key, call.q_pos, call.k_pos, heads=call.heads, **stored)
     query, key, value = query.to(call.dtype), key.to(call.dtype), value.to(call.dtype)
-    # Explicit scores (eager backend, soft-capping) need the whole mask, whichever kernel runs.
-    plain = call.plain_causal and not call.explicit
+    # Explicit scores (eager backend, soft-capping) need the whole mask, whichever kernel runs, unless every
+    # query sees every key (a decode step): then there is nothing to mask.
+    plain = (call.plain_causal and not call.explicit) or call.every_key_visible
     allowed = None if plain else allowed_keys(call.attention_mask, call.q_pos, call.k_pos, call.causal)
     return query, key, value, allowed
 

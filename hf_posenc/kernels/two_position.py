@@ -202,12 +202,21 @@ class _TwoPassAttention(torch.autograd.Function):
 
 
 def two_pass_attention(q_near, k_near, q_far, k_far, value, allowed, diagonal: int, window: int, scale: float):
-    """Exact, memory-bounded two-position attention; arguments as :class:`_TwoPassAttention`."""
-    one_row = q_near.shape[2] == 1 and q_near.dtype in (torch.float32, torch.float64)
-    if one_row and not (torch.is_grad_enabled() and any(
-            t.requires_grad for t in (q_near, k_near, q_far, k_far, value))):
+    """Exact, memory-bounded two-position attention; arguments as :class:`_TwoPassAttention`, except that k/v may
+    keep fewer (grouped, GQA) heads ``[B, Hkv, kv, D]``: a decode row reads them as they are, the tiles expand them.
+    """
+    if _one_row(q_near, k_near, q_far, k_far, value):
         return _decode_row(q_near, k_near, q_far, k_far, value, allowed, diagonal, window, scale)
+    heads = q_near.shape[1]
+    k_near, k_far, value = expand_kv(k_near, heads), expand_kv(k_far, heads), expand_kv(value, heads)
     return _TwoPassAttention.apply(q_near, k_near, q_far, k_far, value, allowed, diagonal, window, scale)
+
+
+def _one_row(*tensors) -> bool:
+    """Whether :func:`_decode_row` takes the call: one query row, fp32/fp64, no gradient."""
+    query = tensors[0]
+    return query.shape[2] == 1 and query.dtype in (torch.float32, torch.float64) and not (
+        torch.is_grad_enabled() and any(t.requires_grad for t in tensors))
 
 
 def _decode_row(q_near, k_near, q_far, k_far, value, allowed, diagonal: int, window: int, scale: float):
@@ -215,19 +224,24 @@ def _decode_row(q_near, k_near, q_far, k_far, value, allowed, diagonal: int, win
     one ``[B, H, 1, kv]`` row and one softmax, instead of two fused calls and a log-sum-exp merge. Every visible
     key is read once, as stock attention reads its cache; a row of ``kv`` scores is cheap to hold. fp32/fp64
     only: the reduced-precision inputs keep the fused kernel, which accumulates in fp32 without casting the
-    cached keys. Arguments as :class:`_TwoPassAttention`; returns ``[B, H, 1, D]``.
+    cached keys. Grouped key/value heads (GQA, ``[B, Hkv, kv, D]``) are read in place: the query heads of a group
+    become that group's rows, so no expanded copy of the cache is made. Arguments as
+    :class:`_TwoPassAttention`; returns ``[B, H, 1, D]``.
     """
-    kv_len = k_near.shape[2]
+    batch, heads, _, dim = q_near.shape
+    kv_heads, kv_len = k_near.shape[1], k_near.shape[2]
     limit = max(0, min(kv_len, diagonal + 1))  # keys after this are in the future
     split = max(0, min(limit, diagonal - window + 1))  # keys before this are far
     if limit == 0:  # no visible key (not reachable from a causal layer): zeros, like the tiled path
         return torch.zeros_like(q_near)
+    if kv_heads != heads:  # [B, Hkv, G, D]: a group's query heads as rows (the query heads of a group are adjacent)
+        q_near, q_far = q_near.reshape(batch, kv_heads, -1, dim), q_far.reshape(batch, kv_heads, -1, dim)
     scores = torch.cat([torch.matmul(q_far, k_far[:, :, :split].transpose(-1, -2)),
-                        torch.matmul(q_near, k_near[:, :, split:limit].transpose(-1, -2))], dim=-1)  # [B, H, 1, kv]
+                        torch.matmul(q_near, k_near[:, :, split:limit].transpose(-1, -2))], dim=-1)  # [B, H|Hkv, ., kv]
     scores = scores * scale
     if allowed is not None:
         scores = scores.masked_fill(~allowed[..., :limit], torch.finfo(scores.dtype).min)
-    return torch.matmul(torch.softmax(scores, dim=-1), value[:, :, :limit])
+    return torch.matmul(torch.softmax(scores, dim=-1), value[:, :, :limit]).reshape(batch, heads, 1, dim)
 
 
 def explicit_attention(q_near, k_near, q_far, k_far, value, near, allowed, scale, softcap=None, dropout=0.0,
@@ -254,10 +268,12 @@ def explicit_attention(q_near, k_near, q_far, k_far, value, near, allowed, scale
     return torch.matmul(probs, value), probs
 
 
-def rotated_copies(call: Call):
+def rotated_copies(call: Call, expand: bool = True):
     """``(q_near, k_near, q_far, k_far, value)`` of a call: rotated by the position module before the cast,
-    as stock RoPE does, then cast to the compute dtype, GQA heads expanded (``[B, H, n, D]`` each)."""
-    posenc, dtype, heads = call.posenc, call.dtype, call.query.shape[1]
+    as stock RoPE does, then cast to the compute dtype, GQA heads expanded (``[B, H, n, D]`` each) unless
+    ``expand`` is False (k/v then keep ``[B, Hkv, n, D]``)."""
+    posenc, dtype = call.posenc, call.dtype
+    heads = call.query.shape[1] if expand else call.key.shape[1]
     # Frequencies for the live length (dynamic / longrope), as the plug-in RoPE does; compiled: the maximum.
     q_near, k_near, q_far, k_far = posenc.near_and_far(call.query, call.key, call.q_pos, call.k_pos,
                                                        live=not call.compiling, position_ids=call.position_ids,
@@ -275,7 +291,7 @@ def _allowed(call: Call) -> torch.Tensor | None:
 
 def two_position_tiled(call: Call) -> tuple[torch.Tensor, None]:
     """Kernel ``two_position_tiled`` (:func:`two_pass_attention`). Returns ``(output [B, H, q, D], None)``."""
-    q_near, k_near, q_far, k_far, value = rotated_copies(call)
+    q_near, k_near, q_far, k_far, value = rotated_copies(call, expand=False)  # expanded by the tiles only
     return two_pass_attention(q_near, k_near, q_far, k_far, value, _allowed(call), call.diagonal, call.posenc.window,
                               call.scaling), None
 
