@@ -67,11 +67,11 @@ def test_a_shared_comparison_refuses_a_base_whose_heads_the_ranks_cannot_share()
 
 
 def test_the_heads_must_divide_by_sp_size():
-    model = SimpleNamespace(config=SimpleNamespace(num_attention_heads=9, num_key_value_heads=3))
-    sequence_parallel.check_model(model, TrainConfig(sp_size=3, seq_len=30))
+    config = SimpleNamespace(num_attention_heads=9, num_key_value_heads=3)
+    sequence_parallel.check_model(config, TrainConfig(sp_size=3, seq_len=30))
     with pytest.raises(ValueError, match="train.sp_size=2 must divide the model's 9 attention heads"):
-        sequence_parallel.check_model(model, TrainConfig(sp_size=2, seq_len=30))
-    gqa = SimpleNamespace(config=SimpleNamespace(num_attention_heads=12, num_key_value_heads=4))
+        sequence_parallel.check_model(config, TrainConfig(sp_size=2, seq_len=30))
+    gqa = SimpleNamespace(num_attention_heads=12, num_key_value_heads=4)
     sequence_parallel.check_model(gqa, TrainConfig(sp_size=2, seq_len=30))  # 2 KV heads per rank
     with pytest.raises(ValueError, match="key/value heads: one must divide the other"):
         sequence_parallel.check_model(gqa, TrainConfig(sp_size=6, seq_len=30))

@@ -405,13 +405,11 @@ def _shared_accelerator(cfg: CompareConfig, train: TrainConfig):
 
 def _check_heads(source, train: TrainConfig) -> None:
     """Refuse, before anything runs, a base whose attention heads ``train.sp_size`` ranks cannot share."""
-    from types import SimpleNamespace
-
     from transformers import AutoConfig
 
     config = AutoConfig.from_pretrained(source.path, **({"gguf_file": source.gguf_file} if source.gguf_file else {}))
     try:
-        sequence_parallel.check_model(SimpleNamespace(config=config), train)
+        sequence_parallel.check_model(config, train)
     except ValueError as err:
         raise ConfigError(str(err)) from err
 

@@ -92,13 +92,12 @@ def check_launch(accelerator, cfg: TrainConfig) -> None:
                          f"{groups} sequence-parallel groups of this launch; allowed: multiples of {groups}.")
 
 
-def check_model(model, cfg: TrainConfig) -> None:
-    """Refuse a model whose heads cannot be shared by ``train.sp_size`` ranks.
+def check_model(config, cfg: TrainConfig) -> None:
+    """Refuse a model (its ``config``, loaded or not) whose heads cannot be shared by ``train.sp_size`` ranks.
 
     Raises:
         ValueError: The query heads do not divide by ``sp_size``, or the KV heads neither divide by it nor divide it.
     """
-    config = model.config
     heads = config.num_attention_heads
     kv_heads = getattr(config, "num_key_value_heads", None) or heads
     if heads % cfg.sp_size:

@@ -149,7 +149,7 @@ def train(accelerator, model, windows: torch.Tensor, cfg: TrainConfig, ckpt_root
     scheduler = get_cosine_schedule_with_warmup(optimizer, cfg.warmup_steps, cfg.steps)
     shared = sequence_parallel.enabled(cfg)  # each window shared by train.sp_size processes
     if shared:
-        sequence_parallel.check_model(model, cfg)
+        sequence_parallel.check_model(model.config, cfg)
         sequence_parallel.bind_attention(accelerator, model, cfg)
         per_batch = sequence_parallel.loader_batch_size(cfg)
         windows = _whole_batches(windows, per_batch)
