@@ -5,7 +5,7 @@ rotation depends on the key alone would rotate the whole cache again at every de
 ReRoPE (https://arxiv.org/abs/2401.01325, https://kexue.fm/archives/9708) rotate every cached key twice,
 contextual RoPE (https://arxiv.org/abs/2405.18719) recomputes every width, running sum and rotation. Those
 rotations never change once a key is cached, so a :class:`RotatedKeys` store keeps them, one per cache layer,
-and a decode step rotates its new keys only.
+and a decode step rotates its new keys only (Self-Extend/ReRoPE also their near band, ``window`` rows).
 
 **When the stored rows are used.** Only beside a ``DynamicLayer`` (the default cache's layers), whose
 ``update`` appends by concatenation: the keys it returns start with the keys it held before. The forward

@@ -23,8 +23,6 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-import torch
-
 from .. import registry
 from ..config import PosEncConfig, check_positive
 from .windowed_rope_attention import TwoPositionRope, check_every_layer

@@ -7,8 +7,10 @@ give far keys another, smaller distance. The attention that merges the two regim
 The position modules (:class:`TwoPositionRope` and its subclasses) rotate with the model's own RoPE
 frequencies and scaling (every ``rope_type``, from transformers' ``ROPE_INIT_FUNCTIONS`` via
 :class:`~hf_posenc.encodings.rope.RotaryPosition`): conversion neutralises the stock rotation, so the KV
-cache holds unrotated keys. Both rotations of a cached key never change, so generation keeps them beside the
-cache (:mod:`hf_posenc.rotated_keys`) and a decode step rotates its new keys only.
+cache holds unrotated keys. A cached key's rotations never change, so generation keeps them beside the cache
+(:mod:`hf_posenc.rotated_keys`): a prefill keeps both, and decode keeps the far ones only, as one key tensor with
+the near band rotated relative to the query (:meth:`TwoPositionRope.decode_keys`), so that a decode step is one
+attention call that rotates its new far key and the band (``window`` rows), not the cache.
 """
 
 from __future__ import annotations

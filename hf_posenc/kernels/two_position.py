@@ -33,6 +33,10 @@ How :class:`_TwoPassAttention` runs it (any device; the fused CPU flash kernel w
 (attention weights), logit soft-capping, attention dropout and ``torch.compile`` use it
 (:func:`hf_posenc.kernels.select.select` chooses). The position module gives the rotated copies
 (``posenc.near_and_far``, :class:`hf_posenc.encodings.windowed_rope_attention.TwoPositionRope`).
+
+A decode step (one query row, no gradient) needs neither pass: :func:`decode_step` rotates the query once, at its
+far position, and reads the far keys and the near band rotated relative to it (``posenc.decode_keys``) with one
+SDPA call.
 """
 
 from __future__ import annotations
