@@ -46,7 +46,7 @@ REQUIRED_METHODS: dict[tuple[str, str], tuple[str, ...]] = {
     ("route", "rotate"): ("rotate",),
     ("route", "bias"): ("bias",),
     ("route", "attend"): ("attend",),
-    ("route", "two_position_rope"): ("near_and_far", "far_positions"),
+    ("route", "two_position_rope"): ("near_and_far", "decode_keys", "far_positions"),
     ("bias_form", "diagonal"): ("bias_diagonals",),
     ("bias_form", "banded"): ("bias_diagonals", "banded_diagonals"),
     ("bias_form", "rows"): ("row_bias",),

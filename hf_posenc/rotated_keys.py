@@ -5,7 +5,7 @@ rotation depends on the key alone would rotate the whole cache again at every de
 ReRoPE (https://arxiv.org/abs/2401.01325, https://kexue.fm/archives/9708) rotate every cached key twice,
 contextual RoPE (https://arxiv.org/abs/2405.18719) recomputes every width, running sum and rotation. Those
 rotations never change once a key is cached, so a :class:`RotatedKeys` store keeps them, one per cache layer,
-and a decode step rotates its new keys only.
+and a decode step rotates its new keys only (Self-Extend/ReRoPE also their near band, ``window`` rows).
 
 **When the stored rows are used.** Only beside a ``DynamicLayer`` (the default cache's layers), whose
 ``update`` appends by concatenation: the keys it returns start with the keys it held before. The forward
@@ -57,6 +57,7 @@ class RotatedKeys:
         self.rows = 0
         self._signature: tuple = ()
         self._buffers: dict[str, torch.Tensor] = {}
+        self._valid: dict[str, int] = {}  # per buffer: its leading rows that hold rotations (the rest is scratch)
         #: Per-encoding running state that goes with the rows (e.g. a running sum), reset with them.
         self.state: dict = {}
 
@@ -72,27 +73,59 @@ class RotatedKeys:
             self._signature = signature
         return self.rows
 
-    def extend(self, name: str, new_rows: torch.Tensor, start: int) -> torch.Tensor:
-        """Write ``new_rows`` ``[B, Hkv, m, D]`` at rows ``start..start+m`` of buffer ``name``.
+    def rows_of(self, name: str) -> int:
+        """How many leading rows of buffer ``name`` hold rotations (0 when there is no such buffer)."""
+        return self._valid.get(name, 0)
+
+    def view(self, name: str) -> torch.Tensor:
+        """The rows of buffer ``name`` that hold rotations."""
+        return self._buffers[name][..., :self.rows_of(name), :]
+
+    def view_to(self, name: str, stop: int) -> torch.Tensor:
+        """Rows ``:stop`` of buffer ``name``, scratch rows included."""
+        return self._buffers[name][..., :stop, :]
+
+    def drop(self, name: str) -> None:
+        """Free buffer ``name`` (its rows are computed again if asked for)."""
+        self._buffers.pop(name, None)
+        self._valid.pop(name, None)
+
+    def slots(self, name: str, start: int, stop: int, like: torch.Tensor, *, scratch: bool = False) -> torch.Tensor:
+        """Rows ``start..stop`` of buffer ``name``, for the caller to write (the buffer grows as needed).
+
+        Args:
+            name: The buffer.
+            start, stop: The rows.
+            like: A tensor with the buffer's leading dimensions, head dimension, dtype and device (``[..., m, D]``).
+            scratch: The rows are for this call only (the buffer's rotations then end at ``start``); otherwise
+                they hold rotations from now on.
+
+        Returns:
+            A view ``[..., stop - start, D]`` of the buffer.
+        """
+        buffer = self._buffers.get(name)
+        fits = (buffer is not None and buffer.shape[:-2] == like.shape[:-2] and buffer.shape[-1] == like.shape[-1]
+                and buffer.dtype == like.dtype and buffer.device == like.device)
+        if not fits and start:
+            raise RuntimeError(f"rotated_keys: buffer {name!r} does not match the rows appended to it (stale store).")
+        if not fits or buffer.shape[-2] < stop:
+            shape = (*like.shape[:-2], max(stop, 2 * (buffer.shape[-2] if fits else 0), 64), like.shape[-1])
+            grown = like.new_empty(shape)
+            if start:
+                grown[..., :start, :] = buffer[..., :start, :]
+            buffer = self._buffers[name] = grown
+        self._valid[name] = min(self.rows_of(name), start) if scratch else stop
+        return buffer[..., start:stop, :]
+
+    def extend(self, name: str, new_rows: torch.Tensor, start: int, *, scratch: bool = False) -> torch.Tensor:
+        """Write ``new_rows`` ``[B, Hkv, m, D]`` at rows ``start..start+m`` of buffer ``name`` (see :meth:`slots`).
 
         Returns:
             A view of rows ``:start+m`` of the buffer.
         """
-        end = start + new_rows.shape[-2]
-        buffer = self._buffers.get(name)
-        fits = (buffer is not None and buffer.shape[:-2] == new_rows.shape[:-2]
-                and buffer.shape[-1] == new_rows.shape[-1] and buffer.dtype == new_rows.dtype
-                and buffer.device == new_rows.device)
-        if not fits and start:
-            raise RuntimeError(f"rotated_keys: buffer {name!r} does not match the rows appended to it (stale store).")
-        if not fits or buffer.shape[-2] < end:
-            shape = (*new_rows.shape[:-2], max(end, 2 * (buffer.shape[-2] if fits else 0), 64), new_rows.shape[-1])
-            grown = new_rows.new_empty(shape)
-            if start:
-                grown[..., :start, :] = buffer[..., :start, :]
-            buffer = self._buffers[name] = grown
-        buffer[..., start:end, :] = new_rows
-        return buffer[..., :end, :]
+        stop = start + new_rows.shape[-2]
+        self.slots(name, start, stop, new_rows, scratch=scratch).copy_(new_rows)
+        return self._buffers[name][..., :stop, :]
 
     def covers(self, keys: torch.Tensor) -> None:
         """Record that the stored rows are those of ``keys`` (the cache layer's tensor after its update)."""

@@ -16,9 +16,10 @@ from transformers import AutoModelForCausalLM, DynamicCache
 import hf_posenc
 from hf_posenc import rotated_keys
 from hf_posenc._hf import cache_kwargs
-from hf_posenc.encodings import contextual_rope, cope, rope
+from hf_posenc.encodings import contextual_rope, cope, rope, windowed_rope_attention
 from hf_posenc.encodings.cope import cope_attention
 from hf_posenc.encodings.rerope import ReRoPE
+from hf_posenc.encodings.self_extend import SelfExtend
 from hf_posenc.kernels import two_position
 from hf_posenc.kernels.two_position import two_pass_attention
 
@@ -82,7 +83,8 @@ def test_cached_decode_equals_no_cache_and_the_full_rerotation(monkeypatch, name
 
 @pytest.mark.parametrize("name", STORED)
 def test_a_decode_step_rotates_its_new_key_only(monkeypatch, name):
-    """With the store a decode step rotates one row per rotation (the query, the new key); the store then holds
+    """With the store a decode step rotates one row per rotation (the query, the key that just became far; for
+    Self-Extend/ReRoPE also the near band, ``window`` rows, rotated relative to the query); the store then covers
     every cached key. Without the store (before it existed) the step rotated the whole cache."""
     rows = []
 
@@ -92,7 +94,7 @@ def test_a_decode_step_rotates_its_new_key_only(monkeypatch, name):
             return original(x, cos, sin, *args, **kwargs)
         return rotate_pairs
 
-    for module in (rope, contextual_rope):
+    for module in (rope, contextual_rope, windowed_rope_attention):
         monkeypatch.setattr(module, "rotate_pairs", counting(module.rotate_pairs))
     model = model_of(name)
     ids = input_ids(1, 12)
@@ -101,7 +103,8 @@ def test_a_decode_step_rotates_its_new_key_only(monkeypatch, name):
     rows.clear()
     with torch.no_grad():
         model(ids[:, 11:], **cache_kwargs(model, cache), use_cache=True)
-    assert rows and max(rows) == 1, rows
+    band = KINDS[name].get("window", KINDS[name].get("neighbor_window", 1))
+    assert rows and max(rows) == band < 12, rows
     for layer in cache.layers:
         store = rotated_keys._STORES[layer]
         assert store.rows == 12 and store.holds(layer.keys)
@@ -294,23 +297,84 @@ def test_rerope_keeps_no_rotated_copy_of_its_far_keys():
         assert torch.equal(reference[3], module.rotate_at(key, torch.zeros(9, dtype=torch.long), 9))
 
 
-@pytest.mark.parametrize("kv_heads", [1, 2])
+def _rotate_fp64(x: torch.Tensor, positions: torch.Tensor, theta: float = 10000.0) -> torch.Tensor:
+    """RoPE (half layout) in fp64 at ``positions`` (``[n]`` or ``[B, n]``), written from the paper's definition."""
+    dim = x.shape[-1]
+    inv_freq = theta ** (-torch.arange(0, dim, 2, dtype=torch.float64) / dim)
+    angles = positions.double()[..., None] * inv_freq  # [(B,) n, D / 2]
+    if angles.dim() == 3:
+        angles = angles[:, None]  # per row: broadcast over heads
+    cos, sin = torch.cat((angles.cos(), angles.cos()), -1), torch.cat((angles.sin(), angles.sin()), -1)
+    x1, x2 = x.double()[..., : dim // 2], x.double()[..., dim // 2:]
+    return x.double() * cos + torch.cat((-x2, x1), -1) * sin
+
+
+DECODE_MODULES = {
+    "self_extend": lambda p: SelfExtend(p, 16, 64, group_size=3, neighbor_window=7),
+    "rerope": lambda p: ReRoPE(p, 16, 64, window=7),
+    "leaky_rerope": lambda p: ReRoPE(p, 16, 64, window=7, leak=2.5),
+}
+
+
+def _far_fp64(name: str, q: torch.Tensor, k: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The far regime's rotation positions from the papers: Self-Extend (G=3, W=7), ReRoPE (w=7), Leaky (k=2.5)."""
+    if name == "self_extend":
+        return torch.div(q, 3, rounding_mode="floor") + 7 - 7 // 3, torch.div(k, 3, rounding_mode="floor")
+    if name == "rerope":
+        return torch.full_like(q, 7.0, dtype=torch.float64), torch.zeros_like(k, dtype=torch.float64)
+    return q / 2.5 + 7 - 7 / 2.5, k / 2.5
+
+
+@pytest.mark.parametrize("kv_heads", [1, 2, 4])
 @pytest.mark.parametrize("padded", [False, True])
-def test_a_grouped_decode_row_reads_the_cache_without_expanding_it(monkeypatch, kv_heads, padded):
-    """GQA: the one-row path takes ``[B, Hkv, kv, D]`` keys and values as they are (no expanded copy of the cache
-    per step) and equals the row over expanded heads (query head ``h`` reads key/value head ``h // (H / Hkv)``)."""
-    g = torch.Generator().manual_seed(kv_heads)
-    q_near, q_far = (torch.randn(2, 4, 1, 8, generator=g) for _ in range(2))
-    k_near, k_far, value = (torch.randn(2, kv_heads, 30, 8, generator=g) for _ in range(3))
-    allowed = None
-    if padded:
-        allowed = torch.ones(2, 1, 1, 30, dtype=torch.bool)
-        allowed[1, ..., :5] = False
-    expand = lambda x: x.repeat_interleave(4 // kv_heads, dim=1)  # noqa: E731
-    expanded = []
+@pytest.mark.parametrize("name", list(DECODE_MODULES))
+def test_a_decode_step_is_one_attention_call_equal_to_the_definition(monkeypatch, name, padded, kv_heads):
+    """A Self-Extend/ReRoPE decode step (one query row, no gradient) is one SDPA call over one key tensor: far keys
+    rotated at their far positions, the near band rotated relative to the query's far position. Consecutive steps
+    with the store (far rows kept, pairs of the prefill freed) and without it equal the papers' definition in fp64:
+    distance ``i - j`` below the window, the far positions beyond; left pads (Self-Extend groups a padded row by its
+    model positions); GQA read in place, no expanded copy of the cache."""
+    from hf_posenc.kernels.call import Call
+
+    module = DECODE_MODULES[name]({"rope_type": "default", "rope_theta": 10000.0})
+    g = torch.Generator().manual_seed(kv_heads + 10 * padded)
+    key, value = torch.randn(2, kv_heads, 40, 16, generator=g), torch.randn(2, kv_heads, 40, 16, generator=g)
+    pads = torch.tensor([0, 5 if padded else 0])
+    store = rotated_keys.RotatedKeys()
+    cache = key[:, :, :30].clone()
+    with torch.no_grad():  # a prefill of 30 keys leaves its pairs in the store: the first step takes the far half
+        module.near_and_far(torch.randn(2, 4, 30, 16), cache, torch.arange(30), torch.arange(30), live=True,
+                            position_ids=(torch.arange(30) - pads[:, None]).clamp(min=0), store=store)
+    calls, expanded = [], []
+    sdpa = torch.nn.functional.scaled_dot_product_attention
+    monkeypatch.setattr(torch.nn.functional, "scaled_dot_product_attention",
+                        lambda *a, **k: calls.append(a[1].shape) or sdpa(*a, **k))
     monkeypatch.setattr(two_position, "expand_kv", lambda x, heads: expanded.append(x) or x)
-    with torch.no_grad():
-        got = two_pass_attention(q_near, k_near, q_far, k_far, value, allowed, 29, 6, 0.3)
-        reference = two_pass_attention(q_near, expand(k_near), q_far, expand(k_far), expand(value), allowed, 29, 6, 0.3)
-    assert not expanded and got.shape == (2, 4, 1, 8)
-    torch.testing.assert_close(got, reference, rtol=1e-5, atol=1e-6)  # other GEMM shapes: rounding only
+    for i in range(30, 40):
+        old, cache = cache, torch.cat((cache, key[:, :, i:i + 1]), dim=2)  # as a DynamicLayer appends
+        if not store.holds(old):
+            store.clear()
+        query = torch.randn(2, 4, 1, 16, generator=g)
+        mask = (torch.arange(i + 1) >= pads[:, None])[:, None, None]  # [B, 1, 1, kv]
+        outs = []
+        for kept in (store, None):
+            call = Call(device="cpu", dtype=torch.float32, backend="sdpa", queries=1, query=query, key=cache,
+                        value=value[:, :, :i + 1], attention_mask=mask if padded else None,
+                        q_pos=torch.tensor([i]), k_pos=torch.arange(i + 1), past=i, scaling=0.3, posenc=module,
+                        position_ids=torch.tensor([[i]]) - pads[:, None], rotated_keys=kept)
+            with torch.no_grad():
+                outs.append(two_position.two_position_tiled(call)[0])
+        assert set(store._buffers) == {"far"} and store.rows_of("far") == i + 1 - 7 and store.holds(cache)
+        # The definition in fp64: model positions per row, the regime by cache distance.
+        q_model, k_model = torch.tensor([i]) - pads[:, None], torch.arange(i + 1) - pads[:, None]  # [B, 1], [B, kv]
+        q_far, k_far = _far_fp64(name, q_model, k_model)
+        group = 4 // kv_heads
+        k_all, v_all = key[:, :, :i + 1].repeat_interleave(group, 1), value[:, :, :i + 1].repeat_interleave(group, 1)
+        near = (i - torch.arange(i + 1)) < 7
+        scores = torch.where(near, _rotate_fp64(query, q_model) @ _rotate_fp64(k_all, k_model).mT,
+                             _rotate_fp64(query, q_far) @ _rotate_fp64(k_all, k_far).mT) * 0.3
+        scores = scores.masked_fill(~mask, float("-inf"))
+        expected = torch.softmax(scores, -1) @ v_all.double()
+        for out in outs:
+            torch.testing.assert_close(out.double(), expected, rtol=1e-5, atol=2e-6)
+    assert calls == [(2, kv_heads, i + 1, 16) for i in range(30, 40) for _ in range(2)] and not expanded

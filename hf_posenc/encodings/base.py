@@ -10,7 +10,8 @@ entry (``hf_posenc.registry.Capabilities.route``), one of four:
 * ``attend(...)``: the whole attention, for encodings that need the logits (CoPE), or
 * ``near_and_far(query, key, q_pos, k_pos, ...)``: unrotated q/k rotated at two position sets
   (``two_position_rope``: Self-Extend and ReRoPE), which the two-position kernels
-  (:mod:`hf_posenc.kernels.two_position`) merge exactly.
+  (:mod:`hf_posenc.kernels.two_position`) merge exactly; a decode step asks ``decode_keys`` for one key tensor
+  that one attention call reads.
 """
 
 from __future__ import annotations

@@ -71,16 +71,56 @@ def _causal_limit(stop: int, kv_len: int, diagonal: int | None) -> int:
 
 
 def _block_mask(allowed, start: int, stop: int, limit: int, diagonal: int | None, device) -> torch.Tensor | None:
-    """Bool mask of one block in reversed key order, ``[B|1, 1, qb, limit]`` (None: every key allowed)."""
+    """Bool mask of one block in reversed key order, ``[B|1, 1, qb, m]``: it covers the first ``m <= limit`` keys,
+    every key after them is allowed (None: every key allowed)."""
     if allowed is not None:
         return allowed[:, :, start:stop, :limit].flip(-1)
     # Reversed position jr holds key j = limit - 1 - jr; row r sees j <= r + diagonal, so its first visible
     # position is (limit - 1 - diagonal) - r. None where the block's first row already sees every key (decode).
-    if diagonal is None or limit - 1 - diagonal - start <= 0:
+    # Only the first (limit - 1 - diagonal - start) positions hide a key from some row (a tile's triangle at the
+    # diagonal): the mask covers those, so that filling it costs a tile's width, not the whole block's.
+    hidden = min(limit, limit - 1 - diagonal - start) if diagonal is not None else 0
+    if hidden <= 0:
         return None
     rows = torch.arange(start, stop, device=device)
     first_visible = (limit - 1 - diagonal) - rows  # [qb]: smallest jr visible to the row
-    return (torch.arange(limit, device=device)[None, :] >= first_visible[:, None])[None, None]
+    return (torch.arange(hidden, device=device)[None, :] >= first_visible[:, None])[None, None]
+
+
+def _gates_and_positions(qk: torch.Tensor, hidden: torch.Tensor | None, npos_max: int):
+    """Gates and clamped positions ``[B, H, qb, n]`` of a block's first ``n <= kb`` keys (reversed order), ``n``
+    reaching at least the point where every row's position is clamped at ``npos_max - 1``.
+
+    Past that point no key needs its gate or position (they all take the top score), so the sigmoid and the
+    running sum stop there instead of covering every key: chunks of keys, from ``4 * npos_max`` and doubling,
+    with one host sync per chunk (under ``torch.compile``: every key, no sync).
+
+    Args:
+        qk: Scaled logits ``[B, H, qb, kb]``.
+        hidden: Bool ``[B|1, 1, qb, m]``: keys ``< m`` hidden from a row (their gates count 0), or None.
+        npos_max: Number of integer positions.
+    """
+    kb, top = qk.shape[-1], npos_max - 1
+    gates, positions = [], []
+    start, size, carry = 0, max(256, 4 * npos_max), None
+    while start < kb:
+        stop = kb if torch.compiler.is_compiling() else min(kb, start + size)
+        chunk = torch.sigmoid(qk[..., start:stop])
+        if hidden is not None and start < hidden.shape[-1]:
+            end = min(stop, hidden.shape[-1])
+            chunk[..., :end - start].masked_fill_(hidden[..., start:end], 0.0)
+        running = chunk.cumsum(-1)
+        if carry is not None:
+            running.add_(carry)
+        gates.append(chunk)
+        positions.append(running)
+        carry = running[..., -1:]
+        start, size = stop, 2 * size
+        if start < kb and bool(carry.min() >= top):  # every row clamped: the remaining keys need nothing
+            break
+    if len(gates) == 1:
+        return gates[0], positions[0].clamp_(max=top)
+    return torch.cat(gates, -1), torch.cat(positions, -1).clamp_(max=top)
 
 
 def _block_forward(q, k_rev, mask, pos_emb, scaling, softcap=None, qk=None):
@@ -89,7 +129,8 @@ def _block_forward(q, k_rev, mask, pos_emb, scaling, softcap=None, qk=None):
     Args:
         q: ``[B, H, qb, D]`` fp32.
         k_rev: ``[B, H, kb, D]`` fp32, nearest key first (unused when ``qk`` is given).
-        mask: Bool ``[B|1, 1, qb, kb]`` in the same order, or None.
+        mask: Bool ``[B|1, 1, qb, m]`` in the same order for the first ``m <= kb`` keys (the keys after them are
+            allowed), or None.
         pos_emb: ``E``, ``[D, npos_max]`` fp32.
         scaling: Logit scale.
         softcap: Soft-capping constant ``c`` of the logits (None: none); the gates see the raw ``q . k``.
@@ -98,18 +139,17 @@ def _block_forward(q, k_rev, mask, pos_emb, scaling, softcap=None, qk=None):
 
     Returns:
         ``scores`` (masked logits incl. the position term, soft-capped, ``[B, H, qb, kb]``) and, for backward, ``gates``
-        (``[B, H, qb, kb]``), ``frac`` (``p - floor p``) and ``slope`` (``z[floor p + 1] - z[floor p]``) on
-        the first ``width`` keys (``[B, H, qb, width]``), and ``bounds`` ``[B, H, qb, npos_max - 1]`` (the
-        first key of each run ``floor p >= n``, ``n = 1..npos_max-1``). From key ``width`` on, every row's
-        position is clamped at the top: the term is the constant ``z[npos_max - 1]`` with no slope.
+        (``[B, H, qb, n]``, at least the first ``width`` keys), ``frac`` (``p - floor p``) and ``slope``
+        (``z[floor p + 1] - z[floor p]``) on the first ``width`` keys (``[B, H, qb, width]``), and ``bounds``
+        ``[B, H, qb, npos_max - 1]`` (the first key of each run ``floor p >= n``, ``n = 1..npos_max-1``). From key
+        ``width`` on, every row's position is clamped at the top: the term is the constant ``z[npos_max - 1]`` with
+        no slope.
     """
     npos_max = pos_emb.shape[-1]
     if qk is None:
         qk = torch.matmul(q, k_rev.transpose(-1, -2)).mul_(scaling)  # [B, H, qb, kb]
-    gates = torch.sigmoid(qk)
-    if mask is not None:
-        gates = gates.masked_fill_(~mask, 0.0)
-    positions = gates.cumsum(-1).clamp_(max=npos_max - 1)  # non-decreasing along keys
+    hidden = None if mask is None else ~mask
+    gates, positions = _gates_and_positions(qk, hidden, npos_max)  # non-decreasing positions along keys
     z = torch.matmul(q, pos_emb)  # [B, H, qb, npos_max]
     # d_n = z_{n+1} - z_n, and 0 at the top position (clamped p has no slope).
     slopes = F.pad(z.diff(dim=-1), (0, 1))  # [B, H, qb, npos_max]
@@ -140,8 +180,8 @@ def _block_forward(q, k_rev, mask, pos_emb, scaling, softcap=None, qk=None):
     scores[..., width:].add_(z[..., -1:])
     if softcap is not None:
         scores = scores.div_(softcap).tanh_().mul_(softcap)
-    if mask is not None:
-        scores = scores.masked_fill_(~mask, _NEG)
+    if hidden is not None:
+        scores[..., :hidden.shape[-1]].masked_fill_(hidden, _NEG)
     return scores, gates, frac, slope, bounds
 
 

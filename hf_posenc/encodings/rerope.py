@@ -18,8 +18,6 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-import torch
-
 from .. import registry
 from ..config import PosEncConfig, check_positive, fail_field
 from .windowed_rope_attention import TwoPositionRope, check_every_layer
@@ -68,11 +66,12 @@ class ReRoPE(TwoPositionRope):
                  *, window: int, leak: float | None = None):
         super().__init__(rope_parameters, head_dim, max_position_embeddings, layout, window=window)
         self.leak = None if leak is None else float(leak)
+        self.integer_positions = leak is None  # Leaky ReRoPE's are fractional
 
-    def far_positions(self, q_pos: torch.Tensor, k_pos: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def far_positions(self, q_pos, k_pos):
         w = float(self.window)
-        if self.leak is None:
-            return torch.full_like(q_pos, self.window), torch.zeros_like(k_pos)
+        if self.leak is None:  # int tensors or Python ints alike
+            return q_pos * 0 + self.window, k_pos * 0
         # Divided in fp64: rotate_at casts to its angle precision.
         k = self.leak
         return q_pos.double() / k + (w - w / k), k_pos.double() / k

@@ -117,7 +117,7 @@ def rotation_cos_sin(positions: torch.Tensor, inv_freq: torch.Tensor, scaling: f
 
 
 def rotate_pairs(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, rotary_dim: int, layout: str,
-                 inverse: bool = False) -> torch.Tensor:
+                 inverse: bool = False, out: torch.Tensor | None = None) -> torch.Tensor:
     """``x [..., n, head_dim]`` with its first ``rotary_dim`` dimensions rotated pair by pair; the rest pass.
 
     Args:
@@ -126,10 +126,13 @@ def rotate_pairs(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, rotary_d
         rotary_dim: Rotated dimensions.
         layout: ``"half"`` (``i`` pairs with ``i + rotary_dim / 2``) or ``"interleaved"`` (``2i`` with ``2i + 1``).
         inverse: Rotate by the opposite angles (the transposed rotation: gradients, undoing a rotation).
+        out: Where to write the result (no autograd; e.g. rows of a kept buffer), or None for a new tensor.
     """
     # In place into one output tensor (fast decode), except where autograd or dynamo (no `out=` ops) trace.
     if layout == "half" and not (torch.is_grad_enabled() and x.requires_grad) and not torch.compiler.is_compiling():
-        return _rotate_half_layout_into(x, cos, sin, rotary_dim, -1.0 if inverse else 1.0)
+        return _rotate_half_layout_into(x, cos, sin, rotary_dim, -1.0 if inverse else 1.0, out)
+    if out is not None:
+        return out.copy_(rotate_pairs(x, cos, sin, rotary_dim, layout, inverse))
     if inverse:
         sin = -sin
     if layout == "half":
@@ -143,7 +146,7 @@ def rotate_pairs(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, rotary_d
 
 
 def _rotate_half_layout_into(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, rotary_dim: int,
-                             direction: float = 1.0) -> torch.Tensor:
+                             direction: float = 1.0, out: torch.Tensor | None = None) -> torch.Tensor:
     """The half-layout rotation written into one output tensor (no autograd: inference, decode, backward).
 
     Decode re-rotates the whole cache every step; the differentiable form makes four cache-sized
@@ -152,10 +155,11 @@ def _rotate_half_layout_into(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tens
     Args:
         x: ``[..., n, head_dim]``; cos, sin: ``[..., n, rotary_dim / 2]`` in ``x``'s dtype.
         direction: 1.0, or -1.0 for the opposite angles.
+        out: A tensor shaped like ``x`` to write into (None: a new one).
     """
     half = rotary_dim // 2
     x1, x2 = x[..., :half], x[..., half:rotary_dim]
-    out = torch.empty_like(x)
+    out = torch.empty_like(x) if out is None else out
     low, high = out[..., :half], out[..., half:rotary_dim]
     torch.mul(x1, cos, out=low).addcmul_(x2, sin, value=-direction)  # x1 cos - x2 sin
     torch.mul(x2, cos, out=high).addcmul_(x1, sin, value=direction)  # x2 cos + x1 sin
@@ -202,14 +206,20 @@ class RotaryPosition(PositionModule):
         rope_parameters = with_longrope_factor(layer.rope_parameters, layer.max_position_embeddings)
         return cls(rope_parameters, layer.head_dim, original, layer.rope_layout, **params)
 
-    def frequencies(self, seq_len: int, device) -> tuple[torch.Tensor, float]:
-        """Inverse frequencies ``[rotary_dim // 2]`` (fp32) and the cos/sin scaling for ``seq_len`` keys."""
+    def _frequency_key(self, seq_len: int, device) -> tuple:
+        """What the frequencies depend on: the device, and the length where the rope type depends on it."""
         rope_type = self.rope_parameters.get("rope_type", "default")
         # dynamic and longrope depend on the length beyond the original context; the others do not. The key is
         # the length alone (no state carried between calls): a long forward never changes a later short one.
         length_key = (seq_len if rope_type in LENGTH_DEPENDENT_ROPE_TYPES and seq_len > self.max_position_embeddings
                       else 0)
-        key = (str(device), length_key)
+        return str(device), length_key
+
+    def frequencies(self, seq_len: int, device) -> tuple[torch.Tensor, float]:
+        """Inverse frequencies ``[rotary_dim // 2]`` (fp32) and the cos/sin scaling for ``seq_len`` keys."""
+        rope_type = self.rope_parameters.get("rope_type", "default")
+        key = self._frequency_key(seq_len, device)
+        length_key = key[1]
         if key not in self._cache:
             if len(self._cache) > 64:  # dynamic scaling makes one entry per length while generating
                 self._cache.clear()
@@ -257,6 +267,18 @@ class RotaryPosition(PositionModule):
             positions = positions[:, None]
         cos, sin = rotation_cos_sin(positions, inv_freq, scaling, x.dtype)  # [(B, H,) n, rotary_dim / 2]
         return rotate_pairs(x, cos, sin, self.rotary_dim, self.layout)
+
+    def table(self, stop: int, seq_len: int, device, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        """Per-pair ``cos, sin`` ``[n, rotary_dim / 2]`` (``n >= stop``) of the integer positions ``0..n-1``, as
+        :meth:`rotate_at` computes them (times the cos/sin factor, in ``dtype``), kept between calls: a decode step
+        rotates at positions it has rotated at before, and a slice of the table is a view, not a computation."""
+        inv_freq, scaling = self.frequencies(seq_len, device)
+        key = ("table", dtype, *self._frequency_key(seq_len, device))
+        held = self._cache.get(key)
+        if held is None or held[0].shape[0] < stop:
+            length = max(stop, 2 * (held[0].shape[0] if held is not None else 0), 256)
+            held = self._cache[key] = rotation_cos_sin(torch.arange(length, device=device), inv_freq, scaling, dtype)
+        return held
 
     def rotate_at_sets(self, x: torch.Tensor, positions: torch.Tensor, seq_len: int) -> torch.Tensor:
         """``x [B, H, n, head_dim]`` rotated at each of ``S`` position sets at once, ``[B, H, S, n, head_dim]``.

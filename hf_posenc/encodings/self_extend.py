@@ -23,8 +23,6 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-import torch
-
 from .. import registry
 from ..config import PosEncConfig, check_positive
 from .windowed_rope_attention import TwoPositionRope, check_every_layer
@@ -69,16 +67,18 @@ class SelfExtend(TwoPositionRope):
     """
 
     shift_variant = True
+    integer_positions = True
 
     def __init__(self, rope_parameters: dict, head_dim: int, max_position_embeddings: int, layout: str = "half",
                  *, group_size: int, neighbor_window: int):
         super().__init__(rope_parameters, head_dim, max_position_embeddings, layout, window=neighbor_window)
         self.group_size = int(group_size)
 
-    def far_positions(self, q_pos: torch.Tensor, k_pos: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def far_positions(self, q_pos, k_pos):
         g, w = self.group_size, self.window
-        # Integer floor division (also right for the negative positions of left pads, which are masked).
-        return torch.div(q_pos, g, rounding_mode="floor") + (w - w // g), torch.div(k_pos, g, rounding_mode="floor")
+        # Floor division (int tensors or Python ints alike; also right for the negative positions of left pads,
+        # which are masked).
+        return q_pos // g + (w - w // g), k_pos // g
 
     def extra_repr(self) -> str:
         return super().extra_repr() + f", group_size={self.group_size}"

@@ -33,6 +33,10 @@ How :class:`_TwoPassAttention` runs it (any device; the fused CPU flash kernel w
 (attention weights), logit soft-capping, attention dropout and ``torch.compile`` use it
 (:func:`hf_posenc.kernels.select.select` chooses). The position module gives the rotated copies
 (``posenc.near_and_far``, :class:`hf_posenc.encodings.windowed_rope_attention.TwoPositionRope`).
+
+A decode step (one query row, no gradient) needs neither pass: :func:`decode_step` rotates the query once, at its
+far position, and reads the far keys and the near band rotated relative to it (``posenc.decode_keys``) with one
+SDPA call.
 """
 
 from __future__ import annotations
@@ -203,45 +207,36 @@ class _TwoPassAttention(torch.autograd.Function):
 
 def two_pass_attention(q_near, k_near, q_far, k_far, value, allowed, diagonal: int, window: int, scale: float):
     """Exact, memory-bounded two-position attention; arguments as :class:`_TwoPassAttention`, except that k/v may
-    keep fewer (grouped, GQA) heads ``[B, Hkv, kv, D]``: a decode row reads them as they are, the tiles expand them.
-    """
-    if _one_row(q_near, k_near, q_far, k_far, value):
-        return _decode_row(q_near, k_near, q_far, k_far, value, allowed, diagonal, window, scale)
+    keep fewer (grouped, GQA) heads ``[B, Hkv, kv, D]``: the tiles expand them."""
     heads = q_near.shape[1]
     k_near, k_far, value = expand_kv(k_near, heads), expand_kv(k_far, heads), expand_kv(value, heads)
     return _TwoPassAttention.apply(q_near, k_near, q_far, k_far, value, allowed, diagonal, window, scale)
 
 
-def _one_row(*tensors) -> bool:
-    """Whether :func:`_decode_row` takes the call: one query row, fp32/fp64, no gradient."""
-    query = tensors[0]
-    return query.shape[2] == 1 and query.dtype in (torch.float32, torch.float64) and not (
-        torch.is_grad_enabled() and any(t.requires_grad for t in tensors))
-
-
-def _decode_row(q_near, k_near, q_far, k_far, value, allowed, diagonal: int, window: int, scale: float):
-    """One query row without gradient (a decode step): the far keys' and the near band's scores side by side in
-    one ``[B, H, 1, kv]`` row and one softmax, instead of two fused calls and a log-sum-exp merge. Every visible
-    key is read once, as stock attention reads its cache; a row of ``kv`` scores is cheap to hold. fp32/fp64
-    only: the reduced-precision inputs keep the fused kernel, which accumulates in fp32 without casting the
-    cached keys. Grouped key/value heads (GQA, ``[B, Hkv, kv, D]``) are read in place: the query heads of a group
-    become that group's rows, so no expanded copy of the cache is made. Arguments as
-    :class:`_TwoPassAttention`; returns ``[B, H, 1, D]``.
+def decode_step(call: Call) -> torch.Tensor:
+    """One query row without gradient (a decode step) as one attention call: the query rotated at its far
+    position over the far keys and the near band rotated relative to it
+    (:meth:`~hf_posenc.encodings.windowed_rope_attention.TwoPositionRope.decode_keys`), so that every visible
+    key is read once, by one fused SDPA call, as stock attention reads its cache. Grouped key/value heads (GQA)
+    are read in place: the query heads of a group become that group's rows. Returns ``[B, H, 1, D]``.
     """
-    batch, heads, _, dim = q_near.shape
-    kv_heads, kv_len = k_near.shape[1], k_near.shape[2]
+    query, key, dtype = call.query, call.key, call.dtype
+    batch, heads, _, dim = query.shape
+    kv_heads, kv_len = key.shape[1], key.shape[2]
+    diagonal = call.diagonal
     limit = max(0, min(kv_len, diagonal + 1))  # keys after this are in the future
-    split = max(0, min(limit, diagonal - window + 1))  # keys before this are far
+    split = max(0, min(limit, diagonal - call.posenc.window + 1))  # keys before this are far
     if limit == 0:  # no visible key (not reachable from a causal layer): zeros, like the tiled path
-        return torch.zeros_like(q_near)
-    if kv_heads != heads:  # [B, Hkv, G, D]: a group's query heads as rows (the query heads of a group are adjacent)
-        q_near, q_far = q_near.reshape(batch, kv_heads, -1, dim), q_far.reshape(batch, kv_heads, -1, dim)
-    scores = torch.cat([torch.matmul(q_far, k_far[:, :, :split].transpose(-1, -2)),
-                        torch.matmul(q_near, k_near[:, :, split:limit].transpose(-1, -2))], dim=-1)  # [B, H|Hkv, ., kv]
-    scores = scores * scale
-    if allowed is not None:
-        scores = scores.masked_fill(~allowed[..., :limit], torch.finfo(scores.dtype).min)
-    return torch.matmul(torch.softmax(scores, dim=-1), value[:, :, :limit]).reshape(batch, heads, 1, dim)
+        return torch.zeros(query.shape, dtype=dtype, device=query.device)
+    q_far, keys = call.posenc.decode_keys(query, key, call.q_pos, call.k_pos, split, limit,
+                                          position_ids=call.position_ids, store=call.key_store)
+    allowed = _allowed(call)
+    # [B, Hkv, H / Hkv, D]: the query heads of a group are adjacent (transformers' repeat_kv)
+    rows = q_far.to(dtype).reshape(batch, kv_heads, heads // kv_heads, dim)
+    out = torch.nn.functional.scaled_dot_product_attention(
+        rows, keys.to(dtype), call.value[:, :, :limit].to(dtype),
+        attn_mask=None if allowed is None else allowed[..., :limit], scale=call.scaling)
+    return out.reshape(batch, heads, 1, dim)
 
 
 def explicit_attention(q_near, k_near, q_far, k_far, value, near, allowed, scale, softcap=None, dropout=0.0,
@@ -290,7 +285,10 @@ def _allowed(call: Call) -> torch.Tensor | None:
 
 
 def two_position_tiled(call: Call) -> tuple[torch.Tensor, None]:
-    """Kernel ``two_position_tiled`` (:func:`two_pass_attention`). Returns ``(output [B, H, q, D], None)``."""
+    """Kernel ``two_position_tiled`` (:func:`two_pass_attention`; a decode step: :func:`decode_step`). Returns
+    ``(output [B, H, q, D], None)``."""
+    if call.queries == 1 and not call.grad and not call.compiling:
+        return decode_step(call), None
     q_near, k_near, q_far, k_far, value = rotated_copies(call, expand=False)  # expanded by the tiles only
     return two_pass_attention(q_near, k_near, q_far, k_far, value, _allowed(call), call.diagonal, call.posenc.window,
                               call.scaling), None
