@@ -20,7 +20,7 @@ from hf_posenc.encodings import contextual_rope, cope, rope, windowed_rope_atten
 from hf_posenc.encodings.cope import cope_attention
 from hf_posenc.encodings.rerope import ReRoPE
 from hf_posenc.encodings.self_extend import SelfExtend
-from hf_posenc.kernels import two_position
+from hf_posenc.kernels import flex_attention, two_position
 from hf_posenc.kernels.two_position import two_pass_attention
 
 KINDS = {
@@ -364,6 +364,8 @@ def test_a_decode_step_is_one_attention_call_equal_to_the_definition(monkeypatch
                         position_ids=torch.tensor([[i]]) - pads[:, None], rotated_keys=kept)
             with torch.no_grad():
                 outs.append(two_position.two_position_tiled(call)[0])
+                if kept is None:  # the CUDA kernel takes a decode step the same way (run here on CPU tensors)
+                    outs.append(flex_attention.two_position_flex(call)[0])
         assert set(store._buffers) == {"far"} and store.rows_of("far") == i + 1 - 7 and store.holds(cache)
         # The definition in fp64: model positions per row, the regime by cache distance.
         q_model, k_model = torch.tensor([i]) - pads[:, None], torch.arange(i + 1) - pads[:, None]  # [B, 1], [B, kv]
@@ -377,4 +379,4 @@ def test_a_decode_step_is_one_attention_call_equal_to_the_definition(monkeypatch
         expected = torch.softmax(scores, -1) @ v_all.double()
         for out in outs:
             torch.testing.assert_close(out.double(), expected, rtol=1e-5, atol=2e-6)
-    assert calls == [(2, kv_heads, i + 1, 16) for i in range(30, 40) for _ in range(2)] and not expanded
+    assert calls == [(2, kv_heads, i + 1, 16) for i in range(30, 40) for _ in range(3)] and not expanded
