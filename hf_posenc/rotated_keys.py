@@ -117,14 +117,14 @@ class RotatedKeys:
         self._valid[name] = min(self.rows_of(name), start) if scratch else stop
         return buffer[..., start:stop, :]
 
-    def extend(self, name: str, new_rows: torch.Tensor, start: int, *, scratch: bool = False) -> torch.Tensor:
+    def extend(self, name: str, new_rows: torch.Tensor, start: int) -> torch.Tensor:
         """Write ``new_rows`` ``[B, Hkv, m, D]`` at rows ``start..start+m`` of buffer ``name`` (see :meth:`slots`).
 
         Returns:
             A view of rows ``:start+m`` of the buffer.
         """
         stop = start + new_rows.shape[-2]
-        self.slots(name, start, stop, new_rows, scratch=scratch).copy_(new_rows)
+        self.slots(name, start, stop, new_rows).copy_(new_rows)
         return self._buffers[name][..., :stop, :]
 
     def covers(self, keys: torch.Tensor) -> None:

@@ -45,7 +45,8 @@ class TwoPositionRope(RotaryPosition):
         window: Keys at distance ``i - j < window`` keep RoPE's exact positions.
     """
 
-    #: Decode keeps both rotations of every cached key beside the cache (:mod:`hf_posenc.rotated_keys`).
+    #: Generation keeps rotated keys beside the cache (:mod:`hf_posenc.rotated_keys`): both rotations after a
+    #: prefill, the far ones in decode.
     keeps_rotated_keys = True
     #: Whether the far positions are integers (a decode step then reads cos/sin from a kept table).
     integer_positions = False
@@ -208,11 +209,11 @@ class TwoPositionRope(RotaryPosition):
         """:meth:`decode_keys`' rotations where every row of the batch has the same integer positions (Self-Extend
         without left pads, ReRoPE): positions are Python ints and cos/sin rows of a kept table, the near band a
         slice of it (``f - (i - j)`` is consecutive), so a step computes no angle and few operations. Returns
-        ``(q_far, far(start, stop, out), near_band(out))``, or None where a position would be negative. ``i`` and
+        ``(q_far, far(start, stop, out), near_band(out))``, or None where a position could be negative. ``i`` and
         ``k0`` are the cache positions of the query and of the first key."""
         f, _ = self.far_positions(i - shift, 0)
         first = f - (i - k0 - split)  # the band's first rotation position
-        if first < 0:
+        if first < 0 or k0 - shift < 0:  # (a key before the row's first token, a left pad: computed angles)
             return None
         # Every far key position is at most the query's (floor(j / G) <= floor(i / G); ReRoPE's 0).
         cos, sin = self.table(f + 1, seq_len, key.device, key.dtype)
