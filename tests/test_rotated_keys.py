@@ -326,20 +326,21 @@ def _far_fp64(name: str, q: torch.Tensor, k: torch.Tensor) -> tuple[torch.Tensor
 
 
 @pytest.mark.parametrize("kv_heads", [1, 2, 4])
-@pytest.mark.parametrize("padded", [False, True])
+@pytest.mark.parametrize("pads", [(0, 0), (0, 5), (5, 5)])
 @pytest.mark.parametrize("name", list(DECODE_MODULES))
-def test_a_decode_step_is_one_attention_call_equal_to_the_definition(monkeypatch, name, padded, kv_heads):
+def test_a_decode_step_is_one_attention_call_equal_to_the_definition(monkeypatch, name, pads, kv_heads):
     """A Self-Extend/ReRoPE decode step (one query row, no gradient) is one SDPA call over one key tensor: far keys
     rotated at their far positions, the near band rotated relative to the query's far position. Consecutive steps
     with the store (far rows kept, pairs of the prefill freed) and without it equal the papers' definition in fp64:
-    distance ``i - j`` below the window, the far positions beyond; left pads (Self-Extend groups a padded row by its
-    model positions); GQA read in place, no expanded copy of the cache."""
+    distance ``i - j`` below the window, the far positions beyond; left pads, per row or the same for the batch
+    (Self-Extend groups a padded row by its model positions); GQA read in place, no expanded copy of the cache."""
     from hf_posenc.kernels.call import Call
 
     module = DECODE_MODULES[name]({"rope_type": "default", "rope_theta": 10000.0})
-    g = torch.Generator().manual_seed(kv_heads + 10 * padded)
+    padded = any(pads)
+    g = torch.Generator().manual_seed(kv_heads + 10 * sum(pads))
     key, value = torch.randn(2, kv_heads, 40, 16, generator=g), torch.randn(2, kv_heads, 40, 16, generator=g)
-    pads = torch.tensor([0, 5 if padded else 0])
+    pads = torch.tensor(pads)
     store = rotated_keys.RotatedKeys()
     cache = key[:, :, :30].clone()
     with torch.no_grad():  # a prefill of 30 keys leaves its pairs in the store: the first step takes the far half
