@@ -656,7 +656,7 @@ def markdown(records: list[dict]) -> str:
 
 
 def targets(records: list[dict]) -> str:
-    """Issue 5's targets checked against the model-scope records that are present (one line each)."""
+    """Issues 5's and 22's targets checked against the model-scope records that are present (one line each)."""
     by = {(r["encoding"], r["T"], r["mode"]): r for r in records if r["scope"] == "model"}
     lines = ["| target | measured | met |", "|---|---|---|"]
 
@@ -685,6 +685,9 @@ def targets(records: list[dict]) -> str:
     short, long = by.get(("cope", 1024, "decode")), by.get(("cope", 4096, "decode"))
     if short and long:
         add("cope decode per token, 4k / 1k context", long["time_s"] / short["time_s"], 5.0)
+    for enc in ("self_extend", "rerope", "contextual_rope", "cope"):  # issue 22, item 6
+        add(f"{enc} decode per token vs sdpa, 4k context", ratio(enc, 4096, "decode"), 1.3)
+        add(f"{enc} fwd+bwd vs sdpa, T=4096", ratio(enc, 4096, "forward_backward"), 1.5 if enc == "cope" else 1.3)
     for (enc, length, mode), r in sorted(by.items()):
         if mode == "lora_train" and enc not in ("stock_sdpa", "stock_eager", "cope_naive"):
             limit = 2.0 if enc == "cope" else 1.1
@@ -752,7 +755,7 @@ def main(argv=None) -> list[dict]:
     log(f"done in {time.perf_counter() - started:.0f} s")
     if args.json and not args.from_json:
         args.json.write_text(json.dumps(records, indent=1))
-    table = markdown(records) + "\n**Issue 5 targets (model scope)**\n\n" + targets(records)
+    table = markdown(records) + "\n**Targets (model scope; issues 5 and 22)**\n\n" + targets(records)
     if args.markdown:
         args.markdown.write_text(table + "\n")
     print(table)
