@@ -9,7 +9,7 @@ import sys
 
 import pytest
 import torch
-from tiny_models import BIAS_KINDS, KINDS, example_params, input_ids, randomize_position_tables, tiny_model
+from tiny_models import KINDS, example_params, input_ids, randomize_position_tables, tiny_model
 
 import hf_posenc
 from hf_posenc import PosEncConfig, kernels, registry
@@ -18,6 +18,9 @@ from hf_posenc.kernels import flex_attention as flex
 LOGIT_TOL = 5e-5
 GRAD_TOL = 1e-3  # relative, on each parameter's gradient
 TWO_POSITION_KINDS = [k for k in KINDS if registry.get(k).capabilities.route == "two_position_rope"]
+#: Biases that take flex: position biases, and a row bias that is a per-key term up to a row constant (FoX).
+FLEX_KINDS = [k for k in KINDS if (c := registry.get(k).capabilities).route == "bias"
+              and (c.bias_form != "rows" or "key_term_fold" in c.kernels)]
 
 
 def pair(kind, arch="llama"):
@@ -53,12 +56,18 @@ def assert_grads_close(got, expected):
         assert error < GRAD_TOL, f"{name}: relative gradient error {error:.2e}"
 
 
-@pytest.mark.parametrize("kind", BIAS_KINDS)
-def test_flex_equals_sdpa_forward_and_backward_on_a_padded_batch(kind):
+@pytest.mark.parametrize("kind", FLEX_KINDS)
+def test_flex_equals_sdpa_forward_and_backward_on_a_padded_batch(monkeypatch, kind):
+    """Every bias that takes flex (FoX as its per-key terms ``-F_j``, a learned gate's gradient through score_mod)
+    runs the flex kernel and equals the sdpa backend, forward and backward."""
     sdpa_model, flex_model = pair(kind)
     ids, mask = padded_batch()
     logits, grads = run(sdpa_model, ids, mask)
+    used = []
+    kernel = kernels.KERNELS["flex"]
+    monkeypatch.setitem(kernels.KERNELS, "flex", lambda call: used.append(call.queries) or kernel(call))
     flex_logits, flex_grads = run(flex_model, ids, mask)
+    assert used, "the flex kernel ran"
     torch.testing.assert_close(flex_logits, logits, rtol=0, atol=LOGIT_TOL)
     assert_grads_close(flex_grads, grads)
     tables = [n for n in grads if ".posenc." in n]
@@ -90,7 +99,7 @@ def test_flex_on_an_encoder_equals_sdpa(kind):
     torch.testing.assert_close(got, expected, rtol=0, atol=LOGIT_TOL)
 
 
-@pytest.mark.parametrize("kind", ["alibi", "kerple", "rope", "cope"])
+@pytest.mark.parametrize("kind", ["alibi", "kerple", "rope", "cope", "fox"])
 def test_flex_backend_generates_with_a_cache_like_sdpa(kind):
     sdpa_model, flex_model = pair(kind)
     ids = input_ids(1, 8)

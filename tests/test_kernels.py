@@ -110,10 +110,11 @@ def call(**changes) -> kernels.Call:
         # devices keep the dense bias.
         (FOX_LIKE, {}, "key_term_fold_cpu"),
         (FOX_LIKE, {"grad": True}, "key_term_fold_cpu"),
-        (FOX_LIKE, {"backend": "flex_attention"}, "key_term_fold_cpu"),  # flex cannot read the keys' gates
+        (FOX_LIKE, {"backend": "flex_attention"}, "flex"),  # its per-key terms as a score_mod
         (FOX_LIKE, {"dtype": torch.bfloat16}, "sdpa"),
         (FOX_LIKE, {"queries": 1}, "sdpa"),
-        (FOX_LIKE, {"device": "cuda"}, "sdpa"),
+        (FOX_LIKE, {"device": "cuda"}, "flex_compiled"),
+        (FOX_LIKE, {"device": "cuda", "queries": 1}, "sdpa"),  # a decode step: a [B, H, 1, kv] bias row
         (FOX_LIKE, {"fused_cpu": False}, "sdpa"),
         (FOX_LIKE, {"dropout": 0.1}, "sdpa"),
         (FOX_LIKE, {"compiling": True}, "sdpa"),

@@ -61,9 +61,10 @@ def select(capabilities: Capabilities, call: Call) -> str:
     """The name of the kernel (a key of :data:`hf_posenc.kernels.KERNELS`) for an encoding with
     ``capabilities`` in ``call``."""
     route = capabilities.route
-    # Flex has neither weights nor dropout, and a row bias (FIRE, FoX) is built from the call's keys and mask,
-    # which a score_mod of positions does not see: those take the dense kernels.
-    flex_fits = not call.explicit and call.dropout == 0 and capabilities.bias_form != "rows"
+    # Flex has neither weights nor dropout. A row bias built from the call's keys fits a score_mod where it is a
+    # per-key term up to a row constant (FoX's key_terms); FIRE's MLP of normalised distances takes its own kernels.
+    rows_fit = capabilities.bias_form != "rows" or "key_term_fold" in capabilities.kernels
+    flex_fits = not call.explicit and call.dropout == 0 and rows_fit
     if route == "two_position_rope":
         if call.device == "cuda" and flex_fits and not call.compiling:
             # The fused pieces of two_position_tiled call a CPU-only ATen op; flex gives the log-sum-exp on CUDA.
