@@ -130,11 +130,17 @@ class FireBias(PositionModule):
         the MLP's hidden units unrolled, its parameters and each query's normaliser ``[B, q]`` as buffers (their
         gradients flow back through them); nothing of size ``[q, kv]`` beyond the mask's own reach. ``allowed``
         as in :meth:`row_bias`."""
-        if allowed is None and call.causal:
-            allowed = allowed_keys(None, call.q_pos, call.k_pos, True)
         q_pos, k_pos = call.q_pos.to(torch.float32), call.k_pos.to(torch.float32)
-        distance = (q_pos[:, None] - k_pos[None, :]).abs()[None, None]  # [1, 1, q, kv]
-        reach = (distance if allowed is None else distance.masked_fill(~allowed, 0)).amax(-1)[:, 0]  # [B|1, q]
+        # Each query's farthest visible key from the first and last key it sees (no [q, kv] float tensor).
+        if allowed is None:
+            first, last = k_pos[:1], k_pos[-1:] if not call.causal else q_pos  # a causal query sees keys up to itself
+            reach = torch.maximum(q_pos - first, last - q_pos)[None]  # [1, q]
+        else:
+            visible = allowed[:, 0].to(torch.uint8)  # [B|1, q, kv]
+            first = k_pos[visible.argmax(-1)]  # [B|1, q]
+            last = k_pos[visible.shape[-1] - 1 - visible.flip(-1).argmax(-1)]
+            reach = torch.maximum(q_pos - first, last - q_pos).clamp(min=0)
+            reach = torch.where(visible.any(-1), reach, 0.0)  # a row that sees no key (a pad): as the dense path
         c = _projected(self.c.float(), C_MIN)
         normaliser = torch.log1p(c * torch.maximum(reach, _projected(self.threshold.float(), THRESHOLD_MIN)))
         normaliser = normaliser.expand(call.query.shape[0], -1)  # [B, q]
