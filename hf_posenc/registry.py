@@ -34,7 +34,7 @@ BIAS_FORMS = ("dense", "diagonal", "banded", "rows")
 #: ``key_fold``: a causal bias ``-m_h (i - j)`` folded into an extra head dimension (ALiBi); ``key_term_fold``: a
 #: causal bias that is a differentiable per-key term up to a row constant, folded the same way (FoX);
 #: ``row_tiles``: a ``rows`` bias computed tile by tile of query rows, recomputed in backward (FIRE).
-KERNEL_FAMILIES = ("dense", "diagonal_tiles", "key_fold", "key_term_fold", "row_tiles", "cope_triton")
+KERNEL_FAMILIES = ("dense", "diagonal_tiles", "key_fold", "key_term_fold", "row_tiles", "flex_rows", "cope_triton")
 #: The families an encoding of the attend route may declare: CoPE's own Triton kernel (CUDA).
 ATTEND_KERNELS = ("cope_triton",)
 #: The backends our attention functions implement (``hf_posenc_eager`` / ``hf_posenc_sdpa`` /
@@ -54,6 +54,7 @@ REQUIRED_METHODS: dict[tuple[str, str], tuple[str, ...]] = {
     ("kernel", "key_fold"): ("slopes",),
     ("kernel", "key_term_fold"): ("key_terms",),
     ("kernel", "row_tiles"): ("tile_bias",),
+    ("kernel", "flex_rows"): ("row_score_mod",),
 }
 
 

@@ -18,9 +18,9 @@ from hf_posenc.kernels import flex_attention as flex
 LOGIT_TOL = 5e-5
 GRAD_TOL = 1e-3  # relative, on each parameter's gradient
 TWO_POSITION_KINDS = [k for k in KINDS if registry.get(k).capabilities.route == "two_position_rope"]
-#: Biases that take flex: position biases, and a row bias that is a per-key term up to a row constant (FoX).
+#: Biases that take flex: position biases, and row biases that give a score_mod (FoX's key terms, FIRE's MLP).
 FLEX_KINDS = [k for k in KINDS if (c := registry.get(k).capabilities).route == "bias"
-              and (c.bias_form != "rows" or "key_term_fold" in c.kernels)]
+              and (c.bias_form != "rows" or "flex_rows" in c.kernels)]
 
 
 def pair(kind, arch="llama"):
@@ -58,8 +58,9 @@ def assert_grads_close(got, expected):
 
 @pytest.mark.parametrize("kind", FLEX_KINDS)
 def test_flex_equals_sdpa_forward_and_backward_on_a_padded_batch(monkeypatch, kind):
-    """Every bias that takes flex (FoX as its per-key terms ``-F_j``, a learned gate's gradient through score_mod)
-    runs the flex kernel and equals the sdpa backend, forward and backward."""
+    """Every bias that takes flex (FoX as its per-key terms ``-F_j``, FIRE's MLP of the normalised distance with a
+    padded row's own normaliser; learned parameters' gradients through score_mod) runs the flex kernel and equals
+    the sdpa backend, forward and backward."""
     sdpa_model, flex_model = pair(kind)
     ids, mask = padded_batch()
     logits, grads = run(sdpa_model, ids, mask)
@@ -75,7 +76,7 @@ def test_flex_equals_sdpa_forward_and_backward_on_a_padded_batch(monkeypatch, ki
         assert tables, "a learned table gets its gradient through score_mod"
 
 
-@pytest.mark.parametrize("kind", ["alibi", "t5_bias"])
+@pytest.mark.parametrize("kind", ["alibi", "t5_bias", "fire"])
 def test_flex_sliding_window_and_packed_sequences(kind):
     # starcoder2's tiny config has a sliding window shorter than the sequence; packed sequences are position_ids
     # that restart, which transformers turns into a block-diagonal mask.
@@ -88,7 +89,7 @@ def test_flex_sliding_window_and_packed_sequences(kind):
     torch.testing.assert_close(got, expected, rtol=0, atol=LOGIT_TOL)
 
 
-@pytest.mark.parametrize("kind", ["alibi", "t5_bias"])
+@pytest.mark.parametrize("kind", ["alibi", "t5_bias", "fire"])
 def test_flex_on_an_encoder_equals_sdpa(kind):
     """Bidirectional (symmetric) biases, with padding."""
     sdpa_model, flex_model = pair(kind, "modernbert")
@@ -99,7 +100,7 @@ def test_flex_on_an_encoder_equals_sdpa(kind):
     torch.testing.assert_close(got, expected, rtol=0, atol=LOGIT_TOL)
 
 
-@pytest.mark.parametrize("kind", ["alibi", "kerple", "rope", "cope", "fox"])
+@pytest.mark.parametrize("kind", ["alibi", "kerple", "rope", "cope", "fox", "fire"])
 def test_flex_backend_generates_with_a_cache_like_sdpa(kind):
     sdpa_model, flex_model = pair(kind)
     ids = input_ids(1, 8)

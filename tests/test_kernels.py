@@ -21,9 +21,9 @@ DENSE = Capabilities(route="bias", bias_form="dense", kernels=("dense",))
 ATTEND = Capabilities(route="attend", needs_logits=True, causal_only=True)
 TWO_POSITION_ROPE = Capabilities(route="two_position_rope", causal_only=True, extends_rope=True)
 COPE = Capabilities(route="attend", needs_logits=True, causal_only=True, kernels=("cope_triton",))
-FOX_LIKE = Capabilities(route="bias", bias_form="rows", kernels=("dense", "key_term_fold"), rotates=True,
+FOX_LIKE = Capabilities(route="bias", bias_form="rows", kernels=("dense", "key_term_fold", "flex_rows"), rotates=True,
                         causal_only=True)
-FIRE_LIKE = Capabilities(route="bias", bias_form="rows", kernels=("dense", "row_tiles"))
+FIRE_LIKE = Capabilities(route="bias", bias_form="rows", kernels=("dense", "row_tiles", "flex_rows"))
 PREFILL = kernels.Call(device="cpu", dtype=torch.float32, backend="sdpa", queries=16)
 
 
@@ -122,8 +122,9 @@ def call(**changes) -> kernels.Call:
         # FIRE: tiles of query rows on any device and dtype, but for decode steps, dropout, encoders, weights.
         (FIRE_LIKE, {}, "row_tiles"),
         (FIRE_LIKE, {"dtype": torch.bfloat16, "grad": True}, "row_tiles"),
-        (FIRE_LIKE, {"device": "cuda"}, "row_tiles"),
-        (FIRE_LIKE, {"backend": "flex_attention"}, "row_tiles"),
+        (FIRE_LIKE, {"device": "cuda"}, "flex_compiled"),  # its MLP as a score_mod
+        (FIRE_LIKE, {"device": "cuda", "queries": 1}, "sdpa"),  # a decode step: a [B, H, 1, kv] bias row
+        (FIRE_LIKE, {"backend": "flex_attention"}, "flex"),
         (FIRE_LIKE, {"queries": 1}, "sdpa"),
         (FIRE_LIKE, {"dropout": 0.1}, "sdpa"),
         (FIRE_LIKE, {"causal": False}, "sdpa"),

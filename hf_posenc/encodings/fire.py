@@ -19,7 +19,9 @@ The normaliser depends on the query's own reach, not on ``i - j`` alone, so the 
 a ``[B|1, H, q, kv]`` bias per call (``bias_form="rows"``). Causal calls of more than one query compute it tile
 by tile of query rows (kernel ``row_tiles``, :meth:`FireBias.tile_bias`), recomputed in backward, so that
 neither the bias nor the MLP's ``[q, kv, width]`` hidden layer exists whole; decode steps, encoders and the
-eager backend take the dense kernels.
+eager backend take the dense kernels. On the ``flex_attention`` backend and for CUDA prefills the bias is a
+FlexAttention ``score_mod`` (:meth:`FireBias.row_score_mod`: the MLP unrolled per score, each query's normaliser
+a buffer).
 """
 
 from __future__ import annotations
@@ -123,6 +125,29 @@ class FireBias(PositionModule):
         distance = self.normalised_distance(call.q_pos[rows], call.k_pos[:limit], allowed)
         return own_heads(call.heads, self.mlp(distance), dim=1)
 
+    def row_score_mod(self, call, allowed: torch.Tensor | None):
+        """The bias as a FlexAttention ``score_mod``: ``f_theta(psi(|i - j|) / psi(max(L, reach_i)))`` for each score,
+        the MLP's hidden units unrolled, its parameters and each query's normaliser ``[B, q]`` as buffers (their
+        gradients flow back through them); nothing of size ``[q, kv]`` beyond the mask's own reach. ``allowed``
+        as in :meth:`row_bias`."""
+        q_pos, k_pos = call.q_pos.to(torch.float32), call.k_pos.to(torch.float32)
+        # Each query's farthest visible key from the first and last key it sees (no [q, kv] float tensor).
+        if allowed is None:
+            first, last = k_pos[:1], k_pos[-1:] if not call.causal else q_pos  # a causal query sees keys up to itself
+            reach = torch.maximum(q_pos - first, last - q_pos)[None]  # [1, q]
+        else:
+            visible = allowed[:, 0].to(torch.uint8)  # [B|1, q, kv]
+            first = k_pos[visible.argmax(-1)]  # [B|1, q]
+            last = k_pos[visible.shape[-1] - 1 - visible.flip(-1).argmax(-1)]
+            reach = torch.maximum(q_pos - first, last - q_pos).clamp(min=0)
+            reach = torch.where(visible.any(-1), reach, 0.0)  # a row that sees no key (a pad): as the dense path
+        c = _projected(self.c.float(), C_MIN)
+        normaliser = torch.log1p(c * torch.maximum(reach, _projected(self.threshold.float(), THRESHOLD_MIN)))
+        normaliser = normaliser.expand(call.query.shape[0], -1)  # [B, q]
+        output_weight = own_heads(call.heads, self.output_weight.float())  # [H, width]
+        return _fire_score_mod(self.width), (q_pos, k_pos, c, normaliser, self.hidden_weight.float(),
+                                             self.hidden_bias.float(), output_weight)
+
     def bias(self, q_pos: torch.Tensor, k_pos: torch.Tensor, causal: bool) -> torch.Tensor:
         """``[1, H, q, kv]`` bias of unpadded rows (every key of a causal query up to itself visible)."""
         allowed = allowed_keys(None, q_pos, k_pos, True) if causal else None
@@ -130,6 +155,16 @@ class FireBias(PositionModule):
 
     def extra_repr(self) -> str:
         return f"num_heads={self.num_heads}, width={self.width}"
+
+
+def _fire_score_mod(width: int):
+    """FIRE's ``score_mod`` for an MLP of ``width`` hidden units (see :meth:`FireBias.row_score_mod`)."""
+    def score_mod(score, b, h, q_idx, kv_idx, q_pos, k_pos, c, normaliser, hidden_weight, hidden_bias, output_weight):
+        x = torch.log1p(c[0] * (q_pos[q_idx] - k_pos[kv_idx]).abs()) / normaliser[b, q_idx]
+        for unit in range(width):  # unrolled: one scalar expression per score, which flex fuses
+            score = score + output_weight[h, unit] * torch.relu(hidden_weight[unit] * x + hidden_bias[unit])
+        return score
+    return score_mod
 
 
 @dataclass(frozen=True)
@@ -164,7 +199,7 @@ registry.register(registry.Encoding(
     module_class=FireBias,
     build=lambda config, layer: FireBias(layer.num_heads, config.width, config.init_c, config.init_threshold),
     capabilities=registry.Capabilities(
-        route="bias", bias_form="rows", kernels=("dense", "row_tiles"),
+        route="bias", bias_form="rows", kernels=("dense", "row_tiles", "flex_rows"),
         tables=("hidden_weight", "hidden_bias", "output_weight", "c", "threshold"),
     ),
     display_name="FIRE",

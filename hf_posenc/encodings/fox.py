@@ -103,6 +103,13 @@ class ForgetGate(PositionModule):
             return None
         return -self.log_forget(call.key, call.heads).cumsum(-1)
 
+    def row_score_mod(self, call, allowed: torch.Tensor | None):
+        """The bias as a FlexAttention ``score_mod``: the per-key terms of :meth:`key_terms` (the softmax ignores the
+        row constant ``F_i``), ``score + t[b, h, kv_idx]``; their gradient reaches the gate through the buffer.
+        None as in :meth:`row_bias`."""
+        terms = self.key_terms(call)  # [B, H, kv] fp32
+        return None if terms is None else (_add_key_terms, (terms.float(),))
+
     def row_bias(self, call, allowed: torch.Tensor | None) -> torch.Tensor | None:
         """``[B, H, q, kv]`` fp32 bias of one attention call, or None while every exponent is 0 (the identity).
 
@@ -150,12 +157,17 @@ def _build(config: FoxConfig, layer: registry.LayerSpec) -> ForgetGate:
     return ForgetGate(layer.num_heads, layer.head_dim, rope)
 
 
+def _add_key_terms(score, b, h, q_idx, kv_idx, terms):
+    return score + terms[b, h, kv_idx]  # terms [B, H, kv]
+
+
 registry.register(registry.Encoding(
     kind="fox",
     config_class=FoxConfig,
     module_class=ForgetGate,
     build=_build,
-    capabilities=registry.Capabilities(route="bias", bias_form="rows", kernels=("dense", "key_term_fold"), rotates=True,
+    capabilities=registry.Capabilities(route="bias", bias_form="rows", kernels=("dense", "key_term_fold", "flex_rows"),
+                                       rotates=True,
                                        extends_rope=True, causal_only=True,
                                        tables=("gate_weight", "gate_bias", "gate_scale")),
     display_name="FoX",

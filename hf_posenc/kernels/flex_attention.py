@@ -13,8 +13,8 @@ each query may see as a ``BlockMask``, and Self-Extend/ReRoPE as two masked pass
 
 The bias of a layer reaches ``score_mod`` through :func:`score_mod_of`: a position module that defines
 ``flex_score_mod(q_pos, k_pos, causal, heads)`` gives its own; otherwise a ``diagonal``/``banded`` bias is read once
-per diagonal (``bias_diagonals``), a row bias that is a per-key term up to a row constant (FoX's ``F_i - F_j``,
-https://arxiv.org/abs/2503.02130) from its ``key_terms(call)`` ``[B, H, kv]``, and a ``dense`` one from its whole
+per diagonal (``bias_diagonals``), a row bias built from the call by the module's ``row_score_mod`` (FoX's per-key
+gate terms, FIRE's MLP of the normalised distance), and a ``dense`` one from its whole
 ``[1, H, q, kv]`` bias. The values are
 tensors passed to ``score_mod`` as arguments (``score_mod_other_buffers``), so a learned table's gradient
 flows back through them.
@@ -52,12 +52,9 @@ def _add_dense(score, b, h, q_idx, kv_idx, bias):
     return score + bias[0, h, q_idx, kv_idx]  # bias [1, H, q, kv]
 
 
-def _add_key_terms(score, b, h, q_idx, kv_idx, terms):
-    return score + terms[b, h, kv_idx]  # terms [B, H, kv]: the bias up to a constant per row
-
-
 def score_mod_of(posenc, capabilities, q_pos: torch.Tensor, k_pos: torch.Tensor, causal: bool,
-                 heads: Heads | None = None, call: Call | None = None) -> ScoreMod | None:
+                 heads: Heads | None = None, call: Call | None = None,
+                 allowed: torch.Tensor | None = None) -> ScoreMod | None:
     """The layer's bias as a ``score_mod`` and the tensors it reads (None: the layer adds no bias).
 
     Args:
@@ -66,14 +63,14 @@ def score_mod_of(posenc, capabilities, q_pos: torch.Tensor, k_pos: torch.Tensor,
         causal: The layer is causal.
         heads: The query heads this call holds (sequence parallelism; None: all): ``score_mod`` indexes the
             bias by the call's local head index.
-        call: The attention call, for a bias that its keys give (FoX's per-key terms ``key_terms(call)``: the
-            logit gains ``t_j`` up to a constant per query row, which the softmax ignores).
+        call, allowed: The attention call and the bool ``[B|1, 1, q, kv]`` keys each query sees (None: all, or
+            plain causality), for a row bias built from them (``bias_form="rows"``: the module's
+            ``row_score_mod(call, allowed)``; FoX reads the keys, FIRE the mask).
     """
     if capabilities.route != "bias":
         return None
-    if capabilities.bias_form == "rows":
-        terms = posenc.key_terms(call)  # [B, H, kv] fp32, differentiable; None: the identity
-        return None if terms is None else (_add_key_terms, (terms.float(),))
+    if capabilities.bias_form == "rows":  # built from the call: its keys (FoX), its mask (FIRE)
+        return posenc.row_score_mod(call, allowed)
     own = getattr(posenc, "flex_score_mod", None)
     if own is not None:
         return own(q_pos, k_pos, causal, heads)
@@ -195,7 +192,8 @@ def _identity(score, b, h, q_idx, kv_idx):
 # ---------------------------------------------------------------------------------------------------
 def _flex_call(call: Call, compiled: bool) -> tuple[torch.Tensor, None]:
     query, key, value, allowed = prepared(call)
-    mod = score_mod_of(call.posenc, call.capabilities, call.q_pos, call.k_pos, call.causal, call.heads, call)
+    mod = score_mod_of(call.posenc, call.capabilities, call.q_pos, call.k_pos, call.causal, call.heads, call,
+                       allowed)
     block_mask = block_mask_of(allowed, call.q_pos, call.k_pos, call.causal, query.shape[0])
     return run_flex(query, key, value, mod, block_mask, call.scaling, compiled=compiled), None
 

@@ -61,9 +61,9 @@ def select(capabilities: Capabilities, call: Call) -> str:
     """The name of the kernel (a key of :data:`hf_posenc.kernels.KERNELS`) for an encoding with
     ``capabilities`` in ``call``."""
     route = capabilities.route
-    # Flex has neither weights nor dropout. A row bias built from the call's keys fits a score_mod where it is a
-    # per-key term up to a row constant (FoX's key_terms); FIRE's MLP of normalised distances takes its own kernels.
-    rows_fit = capabilities.bias_form != "rows" or "key_term_fold" in capabilities.kernels
+    # Flex has neither weights nor dropout. A row bias built from the call fits where the module gives it as a
+    # score_mod (family "flex_rows": FoX's per-key terms, FIRE's MLP).
+    rows_fit = capabilities.bias_form != "rows" or "flex_rows" in capabilities.kernels
     flex_fits = not call.explicit and call.dropout == 0 and rows_fit
     if route == "two_position_rope":
         if call.device == "cuda" and flex_fits and not call.compiling:
