@@ -33,7 +33,9 @@ BIAS_FORMS = ("dense", "diagonal", "banded", "rows")
 #: ``dense``: a materialised bias on eager/SDPA; ``diagonal_tiles``: causal tiles of per-diagonal biases;
 #: ``key_fold``: a causal bias ``-m_h (i - j)`` folded into an extra head dimension (ALiBi); ``key_term_fold``: a
 #: causal bias that is a differentiable per-key term up to a row constant, folded the same way (FoX);
-#: ``row_tiles``: a ``rows`` bias computed tile by tile of query rows, recomputed in backward (FIRE).
+#: ``row_tiles``: a ``rows`` bias computed tile by tile of query rows, recomputed in backward (FIRE); ``flex_rows``: a
+#: ``rows`` bias that the module gives as a FlexAttention ``score_mod`` built from the call (``row_score_mod``: FoX's
+#: per-key terms, FIRE's MLP).
 KERNEL_FAMILIES = ("dense", "diagonal_tiles", "key_fold", "key_term_fold", "row_tiles", "flex_rows", "cope_triton")
 #: The families an encoding of the attend route may declare: CoPE's own Triton kernel (CUDA).
 ATTEND_KERNELS = ("cope_triton",)
