@@ -99,9 +99,13 @@ class FireBias(PositionModule):
         distance = (q_pos[:, None] - k_pos[None, :]).abs().to(torch.float32)[None, None]  # [1, 1, q, kv]
         visible = distance if allowed is None else distance.masked_fill(~allowed, 0)
         reach = visible.amax(-1, keepdim=True)  # [B|1, 1, q, 1]: farthest key each query sees
+        c, normaliser = self._normaliser(reach)
+        return torch.log1p(c * distance) / normaliser
+
+    def _normaliser(self, reach: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """``c`` (projected) and ``psi(max(L, reach))`` for each query's farthest visible distance ``reach``."""
         c = _projected(self.c.float(), C_MIN)
-        threshold = _projected(self.threshold.float(), THRESHOLD_MIN)
-        return torch.log1p(c * distance) / torch.log1p(c * torch.maximum(reach, threshold))
+        return c, torch.log1p(c * torch.maximum(reach, _projected(self.threshold.float(), THRESHOLD_MIN)))
 
     def mlp(self, x: torch.Tensor) -> torch.Tensor:
         """``f_theta``: ``[B, 1, q, kv]`` inputs to ``[B, H, q, kv]`` fp32 biases."""
@@ -141,8 +145,7 @@ class FireBias(PositionModule):
             last = k_pos[visible.shape[-1] - 1 - visible.flip(-1).argmax(-1)]
             reach = torch.maximum(q_pos - first, last - q_pos).clamp(min=0)
             reach = torch.where(visible.any(-1), reach, 0.0)  # a row that sees no key (a pad): as the dense path
-        c = _projected(self.c.float(), C_MIN)
-        normaliser = torch.log1p(c * torch.maximum(reach, _projected(self.threshold.float(), THRESHOLD_MIN)))
+        c, normaliser = self._normaliser(reach)
         normaliser = normaliser.expand(call.query.shape[0], -1)  # [B, q]
         output_weight = own_heads(call.heads, self.output_weight.float())  # [H, width]
         return _fire_score_mod(self.width), (q_pos, k_pos, c, normaliser, self.hidden_weight.float(),

@@ -34,7 +34,7 @@ from torch.nn.attention import flex_attention as fa
 from ..positions import allowed_keys
 from .call import Call, Heads, own_heads
 from .dense import expand_kv, prepared
-from .two_position import decode_step, rotated_copies
+from .two_position import decode_step, is_decode_step, rotated_copies
 
 #: ``score_mod(score, b, h, q_idx, kv_idx, *buffers) -> score``, with the tensors it reads.
 ScoreMod = tuple[Callable[..., torch.Tensor], tuple[torch.Tensor, ...]]
@@ -213,7 +213,7 @@ def two_position_flex(call: Call) -> tuple[torch.Tensor, None]:
     its row log-sum-exp, merged exactly; a decode step (one row, no gradient) is one SDPA call instead
     (:func:`~hf_posenc.kernels.two_position.decode_step`: no block masks built per step). Returns
     ``(output [B, H, q, D], None)``."""
-    if call.queries == 1 and not call.grad and not call.compiling:
+    if is_decode_step(call):
         return decode_step(call), None
     q_near, k_near, q_far, k_far, value = rotated_copies(call)
     allowed = None

@@ -213,6 +213,11 @@ def two_pass_attention(q_near, k_near, q_far, k_far, value, allowed, diagonal: i
     return _TwoPassAttention.apply(q_near, k_near, q_far, k_far, value, allowed, diagonal, window, scale)
 
 
+def is_decode_step(call: Call) -> bool:
+    """Whether :func:`decode_step` takes the call: one query row, no gradient, outside ``torch.compile``."""
+    return call.queries == 1 and not call.grad and not call.compiling
+
+
 def decode_step(call: Call) -> torch.Tensor:
     """One query row without gradient (a decode step) as one attention call: the query rotated at its far
     position over the far keys and the near band rotated relative to it
@@ -287,7 +292,7 @@ def _allowed(call: Call) -> torch.Tensor | None:
 def two_position_tiled(call: Call) -> tuple[torch.Tensor, None]:
     """Kernel ``two_position_tiled`` (:func:`two_pass_attention`; a decode step: :func:`decode_step`). Returns
     ``(output [B, H, q, D], None)``."""
-    if call.queries == 1 and not call.grad and not call.compiling:
+    if is_decode_step(call):
         return decode_step(call), None
     q_near, k_near, q_far, k_far, value = rotated_copies(call, expand=False)  # expanded by the tiles only
     return two_pass_attention(q_near, k_near, q_far, k_far, value, _allowed(call), call.diagonal, call.posenc.window,
