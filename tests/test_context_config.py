@@ -304,3 +304,41 @@ def test_records_written_while_a_later_setting_was_in_the_payload_are_reused(tmp
     other = grid.Cell("run", compare._fingerprint(cfg, full))
     done = grid.run_grid([other], lambda c: {"fingerprint": c.fingerprint, "value": 2}, tmp_path, progress=False)
     assert done.computed == 1 and done.records["run"]["value"] == 2
+
+
+def test_checkpoints_logging_and_resuming_leave_a_run_s_fingerprint_alone(tmp_path):
+    """How often a fine-tune saves a checkpoint or logs, and whether it resumes, change how it is carried out,
+    not its record (a resumed run ends on the same weights: test_recipes_finetune): turning checkpoints on in a
+    long comparison reuses its finished records. Records written while these settings were still in the payload
+    as set are reused too; a setting that changes the result still makes them stale."""
+    cfg = load_config(CompareConfig, CONFIGS / "compare_drope.yaml")
+    variant = next(v for v in cfg.variants if v.name == "rope_yarn_finetuned")
+    current = compare._fingerprint(cfg, variant)
+    operational = {"checkpoint_every": 4, "log_every": 1, "resume": False}
+
+    shared = cfg.model_copy(update={"train": cfg.train.model_copy(update=operational)})
+    own = variant.model_copy(update={"train": variant.train.model_copy(update={"checkpoint_every": 3})})
+    assert compare._fingerprint(shared, variant) == current
+    assert compare._fingerprint(cfg, own) == current
+    assert compare._fingerprint(shared, own) == current
+
+    # What code before the declaration wrote for `shared`: every setting as set (sp_size and full_model left out
+    # at their defaults, as SINCE_RECORDED has it).
+    as_set = {"variant": variant.model_dump(mode="json"),
+              "train": shared.variant_train(variant).model_dump(mode="json"),
+              "lora": cfg.variant_lora(variant).model_dump(mode="json"), "model": cfg.model.model_dump(mode="json"),
+              "data": cfg.data.model_dump(mode="json"), "eval": cfg.eval.model_dump(mode="json")}
+    del as_set["variant"]["train"]["sp_size"], as_set["train"]["sp_size"]
+    del as_set["variant"]["lora"]["full_model"], as_set["lora"]["full_model"]
+    assert as_set["train"]["checkpoint_every"] == 4
+    earlier = compare._earlier_fingerprints(shared, variant)
+    assert grid.fingerprint(as_set) != current and grid.fingerprint(as_set) in earlier
+
+    cell = grid.Cell("run", compare._fingerprint(shared, variant), earlier=earlier)
+    grid.save_record(tmp_path / "run.json", {"fingerprint": grid.fingerprint(as_set), "value": 1})
+    done = grid.run_grid([cell], lambda c: pytest.fail("recomputed a reusable record"), tmp_path, progress=False)
+    assert done.reused == 1 and done.records["run"]["value"] == 1
+
+    more_steps = cfg.model_copy(update={"train": shared.train.model_copy(update={"steps": cfg.train.steps + 1})})
+    assert compare._fingerprint(more_steps, variant) != current
+    assert grid.fingerprint(as_set) not in compare._earlier_fingerprints(more_steps, variant)

@@ -28,6 +28,7 @@ from typing import Annotated, Any, ClassVar, TypeVar, get_args, get_origin
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, PlainSerializer, PlainValidator, ValidationError
 from pydantic import PositiveInt as Positive  # noqa: F401  (re-exported: the sections' positive integer)
+from pydantic.fields import FieldInfo
 
 from .. import presets
 from ..config import PosEncConfig
@@ -42,6 +43,12 @@ Fraction = Annotated[float, Field(ge=0.0, le=1.0)]
 #: runs computed: :func:`fingerprint_settings` leaves it out while it has its default, so that adding it does not
 #: make every recorded run stale (a grid resumes from the records whose fingerprint matches).
 SINCE_RECORDED = {"fingerprint": "omit_at_default"}
+
+#: ``json_schema_extra`` of a setting that changes how a run is carried out, not what it computes: how often it
+#: saves a checkpoint or logs, whether it resumes from one (a resumed run ends on the same weights as one never
+#: stopped). :func:`fingerprint_settings` reads it at its default, so a long comparison can turn checkpoints on
+#: halfway without making its finished records stale.
+OPERATIONAL = {"fingerprint": "read_at_default"}
 
 
 class ConfigError(ValueError):
@@ -85,42 +92,51 @@ Config = TypeVar("Config", bound=Section)
 
 
 def fingerprint_settings(section: Section, keep: Collection[str] = ()) -> dict[str, Any]:
-    """``section.model_dump(mode="json")`` as a run's fingerprint reads it: settings declared with
-    :data:`SINCE_RECORDED` are left out while they have their default, in nested sections too.
+    """``section.model_dump(mode="json")`` as a run's fingerprint reads it, in nested sections too: settings
+    declared :data:`SINCE_RECORDED` are left out while they have their default, and settings declared
+    :data:`OPERATIONAL` read as their default whatever they are set to.
 
     Args:
         section: The settings.
-        keep: Names of :data:`SINCE_RECORDED` settings to keep even at their default: the payload that code
-            from before a later setting was declared so wrote (see :func:`since_recorded_names`).
+        keep: Names of declared settings to write as they are (a :data:`SINCE_RECORDED` one even at its default,
+            an :data:`OPERATIONAL` one at its value): the payload that code from before their declaration wrote
+            (see :func:`declared_names`).
     """
-    return _drop_since_recorded(section, section.model_dump(mode="json"), frozenset(keep))
+    return _fingerprint_view(section, section.model_dump(mode="json"), frozenset(keep))
 
 
-def since_recorded_names(section: Section) -> set[str]:
-    """The names of the :data:`SINCE_RECORDED` settings in ``section`` and its nested sections."""
+def declared_names(section: Section) -> set[str]:
+    """The names of the settings declared :data:`SINCE_RECORDED` or :data:`OPERATIONAL` in ``section`` and its
+    nested sections: those whose place in a fingerprint changed after runs were recorded."""
     names: set[str] = set()
     for name, info in type(section).model_fields.items():
         value = getattr(section, name)
-        if (info.json_schema_extra or {}).get("fingerprint") == "omit_at_default":
+        if _declaration(info):
             names.add(name)
         for item in value if isinstance(value, list | tuple) else [value]:
             if isinstance(item, Section):
-                names |= since_recorded_names(item)
+                names |= declared_names(item)
     return names
 
 
-def _drop_since_recorded(section: Section, dumped: dict[str, Any], keep: frozenset[str]) -> dict[str, Any]:
+def _declaration(info: FieldInfo) -> str | None:
+    return (info.json_schema_extra or {}).get("fingerprint")
+
+
+def _fingerprint_view(section: Section, dumped: dict[str, Any], keep: frozenset[str]) -> dict[str, Any]:
     for name, info in type(section).model_fields.items():
         value = getattr(section, name)
-        if ((info.json_schema_extra or {}).get("fingerprint") == "omit_at_default" and value == info.default
-                and name not in keep):
+        declaration = _declaration(info) if name not in keep else None
+        if declaration == SINCE_RECORDED["fingerprint"] and value == info.default:
             dumped.pop(name, None)
+        elif declaration == OPERATIONAL["fingerprint"]:
+            dumped[name] = info.default
         elif isinstance(value, Section):
-            _drop_since_recorded(value, dumped[name], keep)
+            _fingerprint_view(value, dumped[name], keep)
         elif isinstance(value, list | tuple):
             for item, item_dumped in zip(value, dumped[name]):
                 if isinstance(item, Section):
-                    _drop_since_recorded(item, item_dumped, keep)
+                    _fingerprint_view(item, item_dumped, keep)
     return dumped
 
 

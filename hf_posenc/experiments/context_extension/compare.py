@@ -36,7 +36,7 @@ import torch
 
 from ... import parallel
 from .. import grid
-from ..config import ConfigError, encoding_dict, fingerprint_settings, load_config, since_recorded_names
+from ..config import ConfigError, declared_names, encoding_dict, fingerprint_settings, load_config
 from ..intervals import merge_seeds
 from . import sequence_parallel
 from .config import CompareConfig, TrainConfig, VariantConfig
@@ -64,8 +64,9 @@ def _fingerprint(cfg: CompareConfig, variant: VariantConfig, keep: Collection[st
 
 def _earlier_fingerprints(cfg: CompareConfig, variant: VariantConfig) -> tuple[str, ...]:
     """The fingerprints earlier code wrote for the same settings: between a setting's arrival and its
-    :data:`~hf_posenc.experiments.config.SINCE_RECORDED` declaration, records carried it at its default."""
-    names = sorted(since_recorded_names(cfg) | since_recorded_names(variant))
+    :data:`~hf_posenc.experiments.config.SINCE_RECORDED` declaration, records carried it at its default; before
+    the :data:`~hf_posenc.experiments.config.OPERATIONAL` declaration, they carried those settings as set."""
+    names = sorted(declared_names(cfg) | declared_names(variant))
     subsets = (kept for size in range(1, len(names) + 1) for kept in itertools.combinations(names, size))
     return tuple(dict.fromkeys(_fingerprint(cfg, variant, kept) for kept in subsets))
 

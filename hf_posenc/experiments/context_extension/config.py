@@ -10,7 +10,7 @@ from typing import Annotated, ClassVar, Literal
 
 from pydantic import Field, create_model, model_validator
 
-from ..config import SINCE_RECORDED, Encoding, Fraction, Positive, PositiveFloat, Section
+from ..config import OPERATIONAL, SINCE_RECORDED, Encoding, Fraction, Positive, PositiveFloat, Section
 
 #: ``model.name_or_path`` of the base model the project pretrains itself (no download).
 BUILTIN_MODEL = "hf_posenc:tiny-stdlib-llama"
@@ -158,11 +158,12 @@ class TrainConfig(Section):
     weight_decay: float = 0.0
     max_grad_norm: float = 1.0
     seed: int = 0
-    #: Save an Accelerate checkpoint every N optimizer steps (0: only at the end).
-    checkpoint_every: Annotated[int, Field(ge=0)] = 0
+    #: Save an Accelerate checkpoint every N optimizer steps (0: only at the end). This and the next two change
+    #: how a run is carried out, not its result (:data:`OPERATIONAL`).
+    checkpoint_every: Annotated[int, Field(ge=0, json_schema_extra=OPERATIONAL)] = 0
     #: Continue from the newest checkpoint in ``output.dir`` when there is one.
-    resume: bool = True
-    log_every: Positive = 10
+    resume: Annotated[bool, Field(json_schema_extra=OPERATIONAL)] = True
+    log_every: Annotated[Positive, Field(json_schema_extra=OPERATIONAL)] = 10
     mixed_precision: Literal["no", "bf16", "fp16"] | None = None
     #: Sequence parallelism (DeepSpeed Ulysses, https://arxiv.org/abs/2309.14509): this many processes share
     #: each window, each holding ``seq_len / sp_size`` tokens. 1: off. Above 1 it needs the ``sp`` extra and a
@@ -187,7 +188,8 @@ def _patch_of(section: type[Section]) -> type[Section]:
         __base__=Section,
         __doc__=(f"Some keys of the shared section, each with the type and bounds it has in "
                  f":class:`{section.__name__}`."),
-        # A key left unset (None) inherits; one the section declares SINCE_RECORDED stays out of fingerprints too.
+        # A key left unset (None) inherits; one the section declares SINCE_RECORDED or OPERATIONAL is read so
+        # in fingerprints too.
         **{name: (info.rebuild_annotation() | None, Field(None, json_schema_extra=info.json_schema_extra))
            for name, info in section.model_fields.items()},
     )
