@@ -77,13 +77,9 @@ class RotatedKeys:
         """How many leading rows of buffer ``name`` hold rotations (0 when there is no such buffer)."""
         return self._valid.get(name, 0)
 
-    def view(self, name: str) -> torch.Tensor:
-        """The rows of buffer ``name`` that hold rotations."""
-        return self._buffers[name][..., :self.rows_of(name), :]
-
-    def view_to(self, name: str, stop: int) -> torch.Tensor:
-        """Rows ``:stop`` of buffer ``name``, scratch rows included."""
-        return self._buffers[name][..., :stop, :]
+    def view(self, name: str, stop: int | None = None) -> torch.Tensor:
+        """Rows ``:stop`` of buffer ``name`` (default: the rows that hold rotations; past them, scratch rows)."""
+        return self._buffers[name][..., :self.rows_of(name) if stop is None else stop, :]
 
     def drop(self, name: str) -> None:
         """Free buffer ``name`` (its rows are computed again if asked for)."""
@@ -125,7 +121,7 @@ class RotatedKeys:
         """
         stop = start + new_rows.shape[-2]
         self.slots(name, start, stop, new_rows).copy_(new_rows)
-        return self._buffers[name][..., :stop, :]
+        return self.view(name, stop)
 
     def covers(self, keys: torch.Tensor) -> None:
         """Record that the stored rows are those of ``keys`` (the cache layer's tensor after its update)."""

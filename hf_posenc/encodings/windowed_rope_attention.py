@@ -203,7 +203,7 @@ class TwoPositionRope(RotaryPosition):
         store.drop("near_and_far")
         near_band(out=store.slots("far", split, limit, key, scratch=True))
         store.covers(key)
-        return q_far, store.view_to("far", limit)  # [B, Hkv, limit, D]
+        return q_far, store.view("far", limit)  # [B, Hkv, limit, D]
 
     def _table_rotations(self, query, key, i: int, k0: int, split, limit, seq_len, shift: int):
         """:meth:`decode_keys`' rotations where every row of the batch has the same integer positions (Self-Extend
