@@ -27,7 +27,7 @@ from . import presets, registry
 from .architectures import MODEL_TYPE_PREFIX
 from .config import CONFIG_KEY, PosEncConfig
 from .convert import convert, is_native_checkpoint
-from .experiments.context_extension.compare import compare_command
+from .experiments.context_extension import compare
 from .hub import HubPushError, push_to_hub
 from .loading import check_source, load_model, load_tokenizer
 from .modeling import TASKS
@@ -134,7 +134,7 @@ def cmd_info(args: argparse.Namespace) -> int:
 
 
 def cmd_compare(args: argparse.Namespace) -> int:
-    compare_command(args.config, args.out, args.overrides, readme=args.readme, readme_assets=args.readme_assets)
+    compare.command_from_args(args)
     return 0
 
 
@@ -228,16 +228,9 @@ def build_parser() -> argparse.ArgumentParser:
     info.add_argument("folder")
     info.set_defaults(func=cmd_info)
 
-    compare = sub.add_parser("compare", help="run a context-extension comparison grid (recipes/compare.py)")
-    compare.add_argument("config", help="a compare YAML, or a shipped preset name (quick, tiny, smollm2; "
-                                        "`hf-posenc recipes` lists them)")
-    compare.add_argument("--out", required=True, help="output folder (finished variants are reused)")
-    compare.add_argument("--readme", help="Markdown file whose compare section is replaced by the results")
-    compare.add_argument("--readme-assets", help="where --readme copies the outputs (default: "
-                                                  "recipes/results/<out name> beside a root README, "
-                                                  "else results/<out name> next to it)")
-    compare.add_argument("overrides", nargs="*", help="key.sub=value overrides")
-    compare.set_defaults(func=cmd_compare)
+    compare_parser = sub.add_parser("compare", help="run a context-extension comparison grid (recipes/compare.py)")
+    compare.add_command_arguments(compare_parser)
+    compare_parser.set_defaults(func=cmd_compare)
 
     recipes = sub.add_parser("recipes", help="list the shipped presets and recipes, copy one, or print its path")
     recipes.set_defaults(func=cmd_recipes, action="ls")

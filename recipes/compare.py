@@ -21,21 +21,15 @@ if (_CHECKOUT / "hf_posenc" / "__init__.py").is_file():
     sys.path.insert(0, str(_CHECKOUT))
 
 from hf_posenc.experiments.config import ConfigError  # noqa: E402
-from hf_posenc.experiments.context_extension.compare import compare_command  # noqa: E402
+from hf_posenc.experiments.context_extension import compare  # noqa: E402
 
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("config", help="a compare YAML, or a shipped preset name (quick, tiny, smollm2)")
-    parser.add_argument("--out", required=True, help="output folder (resumable)")
-    parser.add_argument("--readme", help="Markdown file whose compare section is replaced by the results")
-    parser.add_argument("--no-progress", action="store_true")
-    parser.add_argument("overrides", nargs="*", help="key.sub=value changes")
+    compare.add_command_arguments(parser)  # the same arguments as `hf-posenc compare`
     args = parser.parse_intermixed_args(argv)  # overrides may follow --out
     try:
-        # The same function as `hf-posenc compare`.
-        return compare_command(args.config, args.out, args.overrides, progress=not args.no_progress,
-                               readme=args.readme)
+        return compare.command_from_args(args)
     except (ConfigError, FileNotFoundError) as err:
         sys.exit(f"config error: {err}")
 

@@ -174,6 +174,28 @@ def test_cli_compare_resumes_prints_the_table_and_fills_a_readme(compared, tmp_p
     assert "](results/" in readme.read_text() and (tmp_path / "results" / out.name / "results.json").is_file()
 
 
+def test_both_entry_points_take_the_same_arguments(monkeypatch):
+    """``hf-posenc compare`` and ``recipes/compare.py`` are one command: the same words reach the comparison the
+    same way (before, the first refused ``--no-progress`` and the second ``--readme-assets``)."""
+    import importlib.util
+
+    from hf_posenc import cli
+    from hf_posenc.experiments.context_extension import compare
+
+    spec = importlib.util.spec_from_file_location("compare_recipe", ROOT / "recipes" / "compare.py")
+    recipe = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(recipe)
+    calls = []
+    monkeypatch.setattr(compare, "compare_command", lambda *args, **kwargs: calls.append((args, kwargs)) or {})
+    words = [str(TINY), "--out", "runs/x", "--no-progress", "--readme", "R.md", "--readme-assets", "assets",
+             "train.steps=2"]
+    assert cli.main(["compare", *words]) == 0
+    recipe.main(words)
+    assert len(calls) == 2 and calls[0] == calls[1]
+    assert calls[0] == ((str(TINY), "runs/x", ["train.steps=2"]),
+                        {"progress": False, "readme": "R.md", "readme_assets": "assets"})
+
+
 # -- seeds and spread ----------------------------------------------------------------------------------
 
 

@@ -20,6 +20,7 @@ group's timeout bounds (DeepSpeed's default 10 min, torch's 30; one variant of t
 
 from __future__ import annotations
 
+import argparse
 import itertools
 import json
 import logging
@@ -440,6 +441,27 @@ def _shared_grid(accelerator, cells: Sequence[grid.Cell], compute: Callable[[gri
     for name in names:
         compute(by_name[name])
     return None
+
+
+def add_command_arguments(parser: argparse.ArgumentParser) -> None:
+    """The arguments of ``hf-posenc compare`` and ``recipes/compare.py``: one command with two entry points, so
+    both take the same options (:func:`command_from_args` runs it)."""
+    parser.add_argument("config", help="a compare YAML, or a shipped preset name (quick, tiny, smollm2; "
+                                       "`hf-posenc recipes` lists them)")
+    parser.add_argument("--out", required=True, help="output folder (finished variants are reused)")
+    parser.add_argument("--readme", help="Markdown file whose compare section is replaced by the results")
+    parser.add_argument("--readme-assets", help="where --readme copies the outputs (default: "
+                                                 "recipes/results/<out name> beside a root README, "
+                                                 "else results/<out name> next to it)")
+    parser.add_argument("--no-progress", action="store_true",
+                        help="no progress bars, the log lines only (for nohup and CI logs)")
+    parser.add_argument("overrides", nargs="*", help="key.sub=value overrides")
+
+
+def command_from_args(args: argparse.Namespace) -> dict[str, Path]:
+    """:func:`compare_command` with the arguments :func:`add_command_arguments` parsed."""
+    return compare_command(args.config, args.out, args.overrides, progress=not args.no_progress,
+                           readme=args.readme, readme_assets=args.readme_assets)
 
 
 def compare_command(config: str | Path, out_dir: str | Path, overrides: list[str] | tuple[str, ...] = (),
